@@ -1,0 +1,63 @@
+"""The ``multiverse`` command line: one subcommand per module.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+this file only dispatches, importing the module lazily so optional extras stay optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("multiverse.inspect", "parse, validate and show statistics of Multiverse text"),
+    "generate": ("multiverse.engine.cli", "generate with the fork/join engine"),
+    "serve": ("multiverse.server", "OpenAI-compatible server"),
+    "train": ("multiverse.train.cli", "fine-tune a causal LM with Multiverse Attention"),
+    "eval": ("multiverse.evaluate", "accuracy, # parallel and speedup on a benchmark"),
+    "grade-traces": ("multiverse.grade_traces", "grade real Multiverse-32B traces"),
+    "curate": ("multiverse.curator", "turn sequential chains into Multiverse text with an LLM"),
+    "demo": ("multiverse.demo", "the end-to-end demo run by `make demo`"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (mod, helptext) in COMMANDS.items():
+        if importlib.util.find_spec(mod) is not None:
+            out[name] = (mod, helptext)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib.util  # noqa: F401  (find_spec lives there)
+
+    parser = argparse.ArgumentParser(prog="multiverse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (mod, helptext) in _available().items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.set_defaults(_module=mod)
+        importlib.import_module(mod).add_arguments(p)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from multiverse import __version__
+
+    return f"multiverse {__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
