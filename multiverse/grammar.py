@@ -293,7 +293,7 @@ class _Parser:
             if tok.kind == "text":
                 self.i += 1
                 if tok.text.strip():
-                    self._issue(tok, "text outside <Goal>/<Path>/<Conclusion> inside <Parallel> (dropped)")
+                    self._issue(_first_char(tok), "text outside <Goal>/<Path>/<Conclusion> inside <Parallel> (dropped)")
                 continue
             self._next()
             if tok.closing and tok.name == "Parallel":
@@ -363,7 +363,7 @@ class _Parser:
             if tok.kind == "text":
                 self.i += 1
                 if tok.text.strip():
-                    self._issue(tok, "text outside <Outline> inside <Goal> (dropped)")
+                    self._issue(_first_char(tok), "text outside <Outline> inside <Goal> (dropped)")
                 continue
             if tok.closing and tok.name == "Goal":
                 self._next()
@@ -389,6 +389,10 @@ class _Parser:
             if not rest:
                 body.pop(0)
         return Path(label, body)
+
+
+def _first_char(tok: _Tok) -> int:
+    return tok.offset + len(tok.text) - len(tok.text.lstrip())
 
 
 def _append_text(out: list[Item], text: str) -> None:
