@@ -83,46 +83,23 @@ Summary: all parts agree, so the result holds. Answer: 42
 """
 
 
-# TEMPORARY fallback until multiverse.grammar lands (same order as grammar.TAGS).
-_FALLBACK_TAGS = (
-    "<Think>", "</Think>", "<Parallel>", "</Parallel>", "<Goal>", "</Goal>",
-    "<Outline>", "</Outline>", "<Path>", "</Path>", "<Conclusion>", "</Conclusion>",
-)  # fmt: skip
-
-
 def _tags() -> tuple[str, ...]:
-    try:
-        from multiverse import grammar
-    except ImportError:
-        return _FALLBACK_TAGS
+    from multiverse import grammar
+
     return tuple(grammar.TAGS)
 
 
 def _add_tags(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    try:
-        from multiverse import grammar
-    except ImportError:
-        from tokenizers import AddedToken
+    from multiverse import grammar
 
-        tokenizer.add_special_tokens(
-            {
-                "additional_special_tokens": [
-                    AddedToken(t, special=True, normalized=False) for t in _FALLBACK_TAGS
-                ]
-            },
-            replace_extra_special_tokens=False,
-        )
-        return {t: tokenizer.convert_tokens_to_ids(t) for t in _FALLBACK_TAGS}
     return grammar.add_tags_to_tokenizer(tokenizer)
 
 
 def default_corpus() -> list[str]:
     """The text the default tokenizer is trained on: generic text + synthetic task records."""
     texts = [_GENERIC_TEXT]
-    try:
-        from multiverse import tasks
-    except ImportError:  # pragma: no cover - tasks is part of the package
-        return texts
+    from multiverse import tasks
+
     texts.extend(tasks.corpus_text())
     return texts
 

@@ -54,7 +54,7 @@ def test_tags_follow_grammar_order_when_available(tok):
 
 
 def test_vocab_size_and_specials(tok):
-    assert len(tok) <= 512  # == 512 once the task corpus is in (see test_tasks)
+    assert len(tok) == 512
     assert tok.eos_token == EOS_TOKEN and tok.pad_token == EOS_TOKEN
     assert tok.eos_token_id == tok.pad_token_id
     for special in (EOS_TOKEN, IM_START, IM_END):
