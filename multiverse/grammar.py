@@ -189,6 +189,7 @@ class _Parser:
         self.i = 0
         self.lines = _LineIndex(text)
         self.issues: list[Issue] = []
+        self.path_depth = 0
 
     # helpers -----------------------------------------------------------------
     def _issue(self, tok_or_offset: _Tok | int, message: str) -> None:
@@ -254,6 +255,10 @@ class _Parser:
                 self._next()
                 out.append(self.block(tok))
                 continue
+            if context == "Path" and (tok.tag in ("<Path>", "<Conclusion>", "</Parallel>")):
+                # the path was never closed: the block around it goes on (engine-cut paths)
+                self._issue(tok, f"<Path> opened at {self._where(opener)} is not closed before {tok.text}")
+                return out
             self._next()
             if tok.closing and tok.name == "Think" and context == "Path":
                 self._issue(tok, "stray </Think> inside a <Path> (ignored)")
@@ -301,7 +306,7 @@ class _Parser:
                 break
             if tok.closing:
                 self._issue(tok, f"unexpected {tok.text} inside <Parallel> opened at {self._where(opener)}")
-                if tok.name in ("Think", "Path"):
+                if tok.name == "Think" or (tok.name == "Path" and self.path_depth > 0):
                     # the enclosing context closes: the block was never closed
                     self.i -= 1
                     self._issue(tok, f"<Parallel> opened at {self._where(opener)} is not closed")
@@ -380,7 +385,9 @@ class _Parser:
         return outlines
 
     def path(self, opener: _Tok) -> Path:
+        self.path_depth += 1
         body = self.items("Path", opener)
+        self.path_depth -= 1
         label = None
         if body and isinstance(body[0], str):
             first = body[0][1:] if body[0].startswith("\n") else body[0]
