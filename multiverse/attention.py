@@ -177,12 +177,27 @@ class Layout:
     def allowed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """May query index ``q`` attend key index ``k``? Broadcasting over index tensors; the
         single definition every mask below is built from."""
-        ok = (k <= q) & (self.doc_ids[q] == self.doc_ids[k])
+        return (k <= q) & self.compatible(q, k)
+
+    def compatible(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The membership part of :meth:`allowed` (causality left out): same document and no
+        level where q and k share a block but lie in different paths."""
+        ok = self.doc_ids[q] == self.doc_ids[k]
         for level in range(self.num_levels):
             bq, bk = self.block_ids[level][q], self.block_ids[level][k]
             pq, pk = self.path_ids[level][q], self.path_ids[level][k]
             ok = ok & ~((bq == bk) & (bq >= 0) & (pq != pk))
         return ok
+
+    def segments(self) -> torch.Tensor:
+        """Start index of every run of tokens with identical membership (document, block and
+        path at every level); tokens in one run are interchangeable for the mask."""
+        n = len(self)
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long)
+        rows = torch.cat([self.doc_ids[None], self.block_ids, self.path_ids], 0)
+        change = (rows[:, 1:] != rows[:, :-1]).any(0)
+        return torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(change).flatten() + 1])
 
     def dense_mask(self, rows: slice | None = None) -> torch.Tensor:
         """Reference boolean mask ``[n, n]`` (or ``[rows, n]``); True where q may attend k."""
@@ -202,14 +217,57 @@ class Layout:
         return mask_mod
 
     def block_mask(self, block_size: int = 128, device: Any = None):
-        """A flex_attention ``BlockMask`` built tile row by tile row from the membership (peak
-        extra memory ``block_size x n`` booleans, never ``n x n``)."""
+        """A flex_attention ``BlockMask`` built from the membership, never from an ``n x n``
+        tensor: from the membership runs when there are few (the usual case), else tile row by
+        tile row (peak extra memory ``block_size x n`` booleans)."""
         from torch.nn.attention.flex_attention import BlockMask
 
         lay = self if device is None else self.to(device)
         n = len(lay)
-        nb = -(-n // block_size)
         dev = lay.position_ids.device
+        seg = lay.segments()
+        if len(seg) <= 4096:
+            partial, full = lay._tiles_from_segments(seg, block_size)
+        else:
+            partial, full = lay._tiles_by_rows(block_size)
+        kv_num, kv_idx = _to_indices(partial)
+        full_num, full_idx = _to_indices(full)
+        return BlockMask.from_kv_blocks(
+            kv_num.to(dev), kv_idx.to(dev), full_num.to(dev), full_idx.to(dev),
+            BLOCK_SIZE=block_size, mask_mod=lay.mask_mod(), seq_lengths=(n, n),
+        )  # fmt: skip
+
+    def _tiles_from_segments(self, seg: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile classification from the (few) membership runs: a tile strictly below the
+        diagonal is full iff every pair of runs it touches is compatible, listed iff one is;
+        diagonal tiles are partial (causal). Exact, O(runs^2 + tiles)."""
+        n = len(self)
+        nb = -(-n // block_size)
+        compat = self.compatible(seg[:, None], seg[None, :]).cpu().to(torch.int32)  # [S, S]
+        s = len(seg)
+        pre = torch.zeros(s + 1, s + 1, dtype=torch.int64)
+        pre[1:, 1:] = compat.cumsum(0).cumsum(1)
+        starts = torch.arange(nb) * block_size
+        ends = torch.clamp(starts + block_size, max=n) - 1
+        seg_c = seg.cpu()
+        a = torch.searchsorted(seg_c, starts, right=True) - 1  # first run of each tile
+        b = torch.searchsorted(seg_c, ends, right=True) - 1  # last run of each tile
+        qa, qb = a[:, None], b[:, None] + 1
+        ka, kb = a[None, :], b[None, :] + 1
+        count = pre[qb, kb] - pre[qa, kb] - pre[qb, ka] + pre[qa, ka]
+        pairs = (qb - qa) * (kb - ka)
+        below = torch.tril(torch.ones(nb, nb, dtype=torch.bool), -1)
+        diag = torch.eye(nb, dtype=torch.bool)
+        full = below & (count == pairs)
+        partial = (below & (count > 0) & ~full) | diag
+        return partial, full
+
+    def _tiles_by_rows(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile classification by evaluating the mask one tile row at a time (any membership,
+        peak memory ``block_size x n`` booleans)."""
+        n = len(self)
+        nb = -(-n // block_size)
+        dev = self.position_ids.device
         partial = torch.zeros(nb, nb, dtype=torch.bool)
         full = torch.zeros(nb, nb, dtype=torch.bool)
         keys = torch.arange(nb * block_size, device=dev)
@@ -217,21 +275,19 @@ class Layout:
         keys_c = keys.clamp(max=n - 1)
         for i in range(nb):
             q = torch.arange(i * block_size, (i + 1) * block_size, device=dev)
-            valid_q = q < n
             kk = (i + 1) * block_size
-            m = lay.allowed(q.clamp(max=n - 1)[:, None], keys_c[None, :kk])
-            m &= valid_q[:, None] & valid_k[None, :kk]
-            tiles = m.view(block_size, i + 1, block_size).transpose(0, 1).reshape(i + 1, -1)
-            anyv = tiles.any(1).cpu()
-            allv = tiles.all(1).cpu()
+            valid = (q < n)[:, None] & valid_k[None, :kk]
+            m = self.allowed(q.clamp(max=n - 1)[:, None], keys_c[None, :kk]) & valid
+
+            def per_tile(x: torch.Tensor, i: int = i) -> torch.Tensor:
+                return x.view(block_size, i + 1, block_size).transpose(0, 1).reshape(i + 1, -1)
+
+            anyv = per_tile(m).any(1).cpu()
+            allv = per_tile(m | ~valid).all(1).cpu()  # padding beyond n never counts
+            allv[i] = False  # diagonal tiles stay partial (causal), as in the run-based path
             full[i, : i + 1] = allv
             partial[i, : i + 1] = anyv & ~allv
-        kv_num, kv_idx = _to_indices(partial)
-        full_num, full_idx = _to_indices(full)
-        return BlockMask.from_kv_blocks(
-            kv_num.to(dev), kv_idx.to(dev), full_num.to(dev), full_idx.to(dev),
-            BLOCK_SIZE=block_size, mask_mod=lay.mask_mod(), seq_lengths=(n, n),
-        )  # fmt: skip
+        return partial, full
 
     def hf_attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """4-D additive mask ``[1, 1, n, n]`` (0 where allowed, dtype's min elsewhere) that

@@ -242,6 +242,11 @@ def test_property_flex_mask_equals_dense(items, block_size):
     pad[:n, :n] = dense
     tiles = pad.view(nb, block_size, nb, block_size).any(3).any(1)
     assert torch.equal(bm.to_dense()[0, 0].bool(), tiles)
+    # the two tile classifiers (membership runs / row by row) agree exactly
+    seg_partial, seg_full = lay._tiles_from_segments(lay.segments(), block_size)
+    row_partial, row_full = lay._tiles_by_rows(block_size)
+    assert torch.equal(seg_full, row_full)
+    assert torch.equal(seg_partial | seg_full, row_partial | row_full)
     # element-level: flex_attention with the BlockMask == SDPA with the dense mask
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 8) for _ in range(3))
