@@ -1,0 +1,455 @@
+"""``multiverse eval``: pass@1, # parallel, trigger rate and speedup of a model on a benchmark.
+
+One run generates every prompt twice with greedy decoding, in batches of ``--batch-size``:
+once with forking on (the Multiverse engine) and once with forking off (plain sequential
+decoding of the same model), same prompts, same batch size, same process (SPEC 2). Batches
+alternate which mode goes first, and one untimed warm-up call per mode precedes the timing.
+
+Reported (``results.json``, ``results.md``, ``speedup.png`` in ``--output``):
+  - ``accuracy``: pass@1 of the forking-on outputs with :func:`multiverse.grading.grade`
+    (``accuracy_sequential`` for the forking-off outputs);
+  - ``parallel_degree``: mean over samples of the engine's ``usage.parallel_degree``
+    (all generated tokens / sequential depth; 1.0 for an output without blocks);
+  - ``trigger_rate``: share of forking-on outputs with at least one ``<Parallel>`` block;
+  - ``speedup``: total forking-off time / total forking-on time. Per batch too: with
+    ``--batch-size 1`` that is per sample, which is what ``speedup.png`` plots against
+    # parallel.
+
+The logic (:func:`evaluate`) takes any object with the engine's ``generate(prompts, params)``
+and an injectable clock, so it is unit-tested with a scripted stand-in model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multiverse import grammar
+from multiverse.benchmarks_data import BENCHMARKS, Problem, load_benchmark
+from multiverse.grading import KINDS, extract_answer, grade
+
+Clock = Callable[[], float]
+CLOCK: Clock = time.perf_counter
+"""The wall clock :func:`evaluate` uses unless given one."""
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def user_prompt(question: str, parallel: bool = True) -> str:
+    """SPEC 1.3 user turn. A question that already ends its instructions with the sequential
+    phrase (GPQA's) gets it replaced instead of a second instruction appended."""
+    seq = grammar.PROMPT_SUFFIX_SEQUENTIAL.strip()
+    suffix = grammar.PROMPT_SUFFIX_PARALLEL if parallel else grammar.PROMPT_SUFFIX_SEQUENTIAL
+    if seq in question:
+        return question.replace(seq, suffix.strip(), 1)
+    return question + suffix
+
+
+def chat_prompt(tokenizer: Any, question: str, parallel: bool = True) -> str:
+    """The prompt string: the tokenizer's chat template with a generation prompt (plain user
+    text plus a newline for a tokenizer without a template)."""
+    user = user_prompt(question, parallel)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    return user + "\n"
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """One problem. Times and speedup are those of the sample's batch."""
+
+    id: str
+    kind: str
+    reference: str
+    text: str
+    extracted: str | None
+    correct: bool
+    parallel_degree: float
+    depth_tokens: int
+    completion_tokens: int
+    blocks: int
+    max_depth: int
+    batch: int
+    time_parallel_s: float
+    text_sequential: str | None = None
+    correct_sequential: bool | None = None
+    completion_tokens_sequential: int | None = None
+    time_sequential_s: float | None = None
+    speedup: float | None = None
+
+
+@dataclass(slots=True)
+class EvalResult:
+    benchmark: str
+    model: str
+    batch_size: int
+    max_tokens: int
+    prompt: str  # "parallel" | "sequential"
+    samples: list[SampleResult] = field(default_factory=list)
+    time_parallel_s: float = 0.0
+    time_sequential_s: float | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.samples
+        triggered = [x for x in s if x.blocks]
+        seq = [x.correct_sequential for x in s if x.correct_sequential is not None]
+        speedup = (
+            self.time_sequential_s / self.time_parallel_s
+            if self.time_sequential_s is not None and self.time_parallel_s > 0
+            else None
+        )
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "n": self.n,
+            "accuracy": _mean([float(x.correct) for x in s]),
+            "accuracy_sequential": _mean([float(v) for v in seq]) if seq else None,
+            "parallel_degree": _mean([x.parallel_degree for x in s]),
+            "parallel_degree_triggered": _mean([x.parallel_degree for x in triggered]),
+            "trigger_rate": _mean([float(bool(x.blocks)) for x in s]),
+            "speedup": round(speedup, 4) if speedup is not None else None,
+            "time_parallel_s": round(self.time_parallel_s, 4),
+            "time_sequential_s": (
+                round(self.time_sequential_s, 4) if self.time_sequential_s is not None else None
+            ),
+            "completion_tokens": sum(x.completion_tokens for x in s),
+            "depth_tokens": sum(x.depth_tokens for x in s),
+            "batch_size": self.batch_size,
+            "max_tokens": self.max_tokens,
+            "prompt": self.prompt,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "samples": [asdict(x) for x in self.samples]}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _usage(out: Any, name: str, default: Any) -> Any:
+    usage = getattr(out, "usage", None)
+    value = getattr(usage, name, None) if usage is not None else None
+    return default if value is None else value
+
+
+def _default_params() -> Callable[..., Any]:
+    from multiverse import SamplingParams
+
+    return SamplingParams
+
+
+def evaluate(
+    llm: Any,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    benchmark: str = "custom",
+    model: str = "",
+    batch_size: int = 1,
+    max_tokens: int = 1024,
+    speedup: bool = True,
+    parallel_prompt: bool = True,
+    params: Callable[..., Any] | None = None,
+    clock: Clock | None = None,
+    warmup: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Generate, grade and time ``problems`` with ``llm`` (see the module docstring).
+
+    ``llm.generate(prompts, params)`` must return one output per prompt, in order, with
+    ``.text`` and ``.usage`` (``parallel_degree``, ``depth_tokens``, ``completion_tokens``);
+    ``params(temperature=, max_tokens=, parallel=)`` builds the sampling parameters
+    (default :class:`multiverse.SamplingParams`).
+    """
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch_size and max_tokens must be >= 1 (got {batch_size}, {max_tokens})")
+    make = params or _default_params()
+    now = clock or CLOCK
+    on = make(temperature=0.0, max_tokens=max_tokens, parallel=True)
+    off = make(temperature=0.0, max_tokens=max_tokens, parallel=False)
+    prompts = [chat_prompt(tokenizer, p.question, parallel_prompt) for p in problems]
+    result = EvalResult(
+        benchmark=benchmark,
+        model=model,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        prompt="parallel" if parallel_prompt else "sequential",
+        time_sequential_s=0.0 if speedup else None,
+    )
+    if warmup and prompts:
+        short = min(8, max_tokens)
+        llm.generate(prompts[:1], make(temperature=0.0, max_tokens=short, parallel=True))
+        if speedup:
+            llm.generate(prompts[:1], make(temperature=0.0, max_tokens=short, parallel=False))
+
+    def timed(batch: list[str], sp: Any) -> tuple[list[Any], float]:
+        start = now()
+        outs = list(llm.generate(batch, sp))
+        elapsed = now() - start
+        if len(outs) != len(batch):
+            raise RuntimeError(f"generate returned {len(outs)} outputs for {len(batch)} prompts")
+        return outs, elapsed
+
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[start : start + batch_size]
+        seq_outs: list[Any] | None = None
+        t_seq: float | None = None
+        if speedup and b % 2 == 1:  # alternate which mode runs first
+            seq_outs, t_seq = timed(batch, off)
+        par_outs, t_par = timed(batch, on)
+        if speedup and b % 2 == 0:
+            seq_outs, t_seq = timed(batch, off)
+        result.time_parallel_s += t_par
+        if t_seq is not None and result.time_sequential_s is not None:
+            result.time_sequential_s += t_seq
+        for k, out in enumerate(par_outs):
+            prob = problems[start + k]
+            result.samples.append(
+                _sample(prob, out, b, t_par, seq_outs[k] if seq_outs else None, t_seq)
+            )
+        if progress is not None:
+            s = result.summary()
+            progress(
+                f"{result.n}/{len(prompts)} accuracy={s['accuracy']} # parallel={s['parallel_degree']}"
+            )
+    return result
+
+
+def _sample(
+    prob: Problem, out: Any, batch: int, t_par: float, seq: Any | None, t_seq: float | None
+) -> SampleResult:
+    text = str(getattr(out, "text", ""))
+    doc, _ = grammar.read(text)
+    st = grammar.stats(doc)
+    completion = int(_usage(out, "completion_tokens", len(getattr(out, "token_ids", []) or [])))
+    sample = SampleResult(
+        id=prob.id,
+        kind=prob.kind,
+        reference=prob.answer,
+        text=text,
+        extracted=extract_answer(text),
+        correct=grade(text, prob.answer, prob.kind),
+        parallel_degree=float(_usage(out, "parallel_degree", 1.0)),
+        depth_tokens=int(_usage(out, "depth_tokens", completion)),
+        completion_tokens=completion,
+        blocks=st.blocks,
+        max_depth=st.max_depth,
+        batch=batch,
+        time_parallel_s=round(t_par, 6),
+    )
+    if seq is not None and t_seq is not None:
+        seq_text = str(getattr(seq, "text", ""))
+        sample.text_sequential = seq_text
+        sample.correct_sequential = grade(seq_text, prob.answer, prob.kind)
+        sample.completion_tokens_sequential = int(
+            _usage(seq, "completion_tokens", len(getattr(seq, "token_ids", []) or []))
+        )
+        sample.time_sequential_s = round(t_seq, 6)
+        sample.speedup = round(t_seq / t_par, 4) if t_par > 0 else None
+    return sample
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def format_markdown(result: EvalResult) -> str:
+    s = result.summary()
+    rows = [
+        "| benchmark | n | pass@1 (forking on) | pass@1 (forking off) | # parallel | trigger rate "
+        "| speedup | time on (s) | time off (s) | batch | max tokens |",
+        "|" + "---|" * 11,
+        f"| {s['benchmark']} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['accuracy_sequential'])} "
+        f"| {_num(s['parallel_degree'])} | {_pct(s['trigger_rate'])} | {_num(s['speedup'])} "
+        f"| {_num(s['time_parallel_s'])} | {_num(s['time_sequential_s'])} | {s['batch_size']} "
+        f"| {s['max_tokens']} |",
+        "",
+        f"model: `{s['model']}`; prompt: {s['prompt']}; # parallel over outputs with blocks: "
+        f"{_num(s['parallel_degree_triggered'])}",
+    ]
+    return "\n".join(rows)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def batch_points(result: EvalResult) -> list[tuple[float, float]]:
+    """(mean # parallel, speedup) per batch: per sample when the batch size is 1."""
+    points = []
+    batches = sorted({x.batch for x in result.samples})
+    for b in batches:
+        xs = [x for x in result.samples if x.batch == b]
+        if xs[0].speedup is None:
+            continue
+        points.append((sum(x.parallel_degree for x in xs) / len(xs), xs[0].speedup))
+    return points
+
+
+def plot_speedup(result: EvalResult, path: Path) -> bool:
+    """Write ``speedup.png``: speedup against # parallel (per batch). False if nothing to plot
+    or matplotlib is missing."""
+    points = batch_points(result)
+    if not points:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "multiverse eval: matplotlib missing, no speedup.png (pip install 'multiverse[viz]')",
+            file=sys.stderr,
+        )
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.7)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    unit = "sample" if result.batch_size == 1 else f"batch of {result.batch_size}"
+    ax.set_xlabel("# parallel (generated tokens / sequential depth)")
+    ax.set_ylabel("speedup (time off / time on)")
+    ax.set_title(f"{result.benchmark}: one point per {unit}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, results.md and (when there are timings) speedup.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md"}
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    paths["md"].write_text(format_markdown(result) + "\n")
+    if plot_speedup(result, out / "speedup.png"):
+        paths["png"] = out / "speedup.png"
+    return paths
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, metavar="DIR", help="model directory (config, weights, tokenizer)"
+    )
+    p.add_argument(
+        "--benchmark",
+        required=True,
+        metavar="NAME|FILE",
+        help=f"one of {', '.join(BENCHMARKS)}, or a JSON/JSONL file of question/answer records",
+    )
+    p.add_argument(
+        "--limit", type=int, help="first N problems (synthetic: how many to draw; default 100)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="prompts per generate call (default 1)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=1024, help="sequential-depth budget per output"
+    )
+    p.add_argument(
+        "--output", metavar="DIR", help="where results go (default runs/eval/<benchmark>)"
+    )
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="benchmark files (default ../shared/data/benchmarks)"
+    )
+    p.add_argument("--kind", choices=KINDS, help="grading kind (default: from the benchmark)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic test problems")
+    p.add_argument(
+        "--no-speedup", action="store_true", help="skip the forking-off pass (no speedup)"
+    )
+    p.add_argument(
+        "--sequential-prompt",
+        action="store_true",
+        help='use " Think step by step before answering." (AR models) instead of the parallel one',
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)"
+    )
+
+
+def _tokenizer_of(llm: Any, model_dir: str) -> Any:
+    for attr in ("tokenizer", "get_tokenizer"):
+        tok = getattr(llm, attr, None)
+        tok = tok() if callable(tok) and attr == "get_tokenizer" else tok
+        if tok is not None:
+            return tok
+    from multiverse.tokenizer import load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    err = "multiverse eval: error:"
+    try:
+        problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind)
+    except ValueError as e:
+        print(f"{err} {e}", file=sys.stderr)
+        return 2
+    if not problems:
+        print(f"{err} {args.benchmark}: no problems", file=sys.stderr)
+        return 2
+    if not Path(args.model).exists():
+        print(f"{err} --model {args.model}: no such directory", file=sys.stderr)
+        return 2
+    try:
+        from multiverse import LLM
+    except ImportError as e:
+        print(f"{err} the engine is not available ({e})", file=sys.stderr)
+        return 2
+    try:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        tokenizer = _tokenizer_of(llm, args.model)
+    except (OSError, ValueError) as e:
+        print(f"{err} cannot load model {args.model}: {e}", file=sys.stderr)
+        return 2
+    name = Path(args.benchmark).stem if args.benchmark not in BENCHMARKS else args.benchmark
+    try:
+        result = evaluate(
+            llm,
+            tokenizer,
+            problems,
+            benchmark=name,
+            model=str(args.model),
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            speedup=not args.no_speedup,
+            parallel_prompt=not args.sequential_prompt,
+            progress=lambda line: print(line, file=sys.stderr),
+        )
+    except ValueError as e:
+        print(f"{err} {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output) if args.output else Path("runs") / "eval" / name
+    paths = write_outputs(result, out_dir)
+    print(format_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(json.dumps(result.summary()))
+    return 0
