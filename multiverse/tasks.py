@@ -20,11 +20,14 @@ Invariants (tests check each):
     within one call are distinct problems.
   - Answers are integers and equal the computation written out in the chain.
 
-Tasks (all small numbers, few templates, chains of about 40-200 project-tokenizer tokens):
-  ``sum_products``  sum of the products of 2-6 pairs (a factor over 9 is split into tens + ones)
-  ``max_total``     largest total among 2-5 lists of 2-5 digits
-  ``vowel_sum``     vowels counted in each of 2-5 words, counts added
-  ``nested_max``    largest group total, each group a sum of products (depth 2)
+Tasks (small numbers, few templates; with the project tokenizer an assistant turn is about
+100-300 tokens, mean ~180, and a chat prompt about 75-100):
+  ``sum_products``  sum of the products of 2-5 pairs (a factor over 9 is split into tens + ones)
+  ``max_total``     largest total among 2-4 lists of 2-4 digits
+  ``vowel_sum``     vowels counted in each of 2-6 words (a fixed list of 40), counts added
+  ``nested_max``    largest total of 2-3 groups, each a sum of 1-3 products (depth 2)
+
+``python -m multiverse.tasks OUT.jsonl --n 1000 --split train --seed 0`` writes a data set.
 """
 
 from __future__ import annotations
@@ -417,3 +420,26 @@ def corpus_text(n: int = 240, seed: int = 12345) -> list[str]:
         out.append(assistant_text(rec, parallel=True))
         out.append(assistant_text(rec, parallel=False))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m multiverse.tasks", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("output", help="JSONL file to write")
+    p.add_argument("--n", type=int, default=1000, help="number of problems (default 1000)")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tasks", nargs="+", choices=sorted(TASKS), help="subset of tasks (default all)"
+    )
+    args = p.parse_args(argv)
+    count = write_jsonl(args.output, generate(args.n, args.seed, args.split, args.tasks))
+    print(f"wrote {count} {args.split} problems to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

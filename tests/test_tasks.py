@@ -176,3 +176,11 @@ def test_bad_arguments():
         generate(1, tasks=["nope"])
     with pytest.raises(ValueError, match="n must be"):
         generate(-1)
+
+
+def test_module_main_writes_jsonl(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    assert tasks.main([str(out), "--n", "7", "--split", "test", "--tasks", "vowel_sum"]) == 0
+    recs = tasks.read_jsonl(out)
+    assert len(recs) == 7 and {r.task for r in recs} == {"vowel_sum"}
+    assert recs == generate(7, 0, "test", ["vowel_sum"])
