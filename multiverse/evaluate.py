@@ -152,6 +152,13 @@ def _usage(out: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Ids that end an answer besides EOS: the chat turn end ``<|im_end|>`` and
+    ``<|endoftext|>``, where the tokenizer has them as single tokens."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
+
+
 def _default_params() -> Callable[..., Any]:
     from multiverse import SamplingParams
 
@@ -178,15 +185,17 @@ def evaluate(
 
     ``llm.generate(prompts, params)`` must return one output per prompt, in order, with
     ``.text`` and ``.usage`` (``parallel_degree``, ``depth_tokens``, ``completion_tokens``);
-    ``params(temperature=, max_tokens=, parallel=)`` builds the sampling parameters
-    (default :class:`multiverse.SamplingParams`).
+    ``params(temperature=, max_tokens=, parallel=, stop_token_ids=)`` builds the sampling
+    parameters (default :class:`multiverse.SamplingParams`); generation stops at EOS and at
+    :func:`stop_token_ids`.
     """
     if batch_size < 1 or max_tokens < 1:
         raise ValueError(f"batch_size and max_tokens must be >= 1 (got {batch_size}, {max_tokens})")
     make = params or _default_params()
     now = clock or CLOCK
-    on = make(temperature=0.0, max_tokens=max_tokens, parallel=True)
-    off = make(temperature=0.0, max_tokens=max_tokens, parallel=False)
+    stop = stop_token_ids(tokenizer)
+    on = make(temperature=0.0, max_tokens=max_tokens, parallel=True, stop_token_ids=stop)
+    off = make(temperature=0.0, max_tokens=max_tokens, parallel=False, stop_token_ids=stop)
     prompts = [chat_prompt(tokenizer, p.question, parallel_prompt) for p in problems]
     result = EvalResult(
         benchmark=benchmark,
@@ -198,9 +207,9 @@ def evaluate(
     )
     if warmup and prompts:
         short = min(8, max_tokens)
-        llm.generate(prompts[:1], make(temperature=0.0, max_tokens=short, parallel=True))
-        if speedup:
-            llm.generate(prompts[:1], make(temperature=0.0, max_tokens=short, parallel=False))
+        for mode in (True, False) if speedup else (True,):
+            warm = make(temperature=0.0, max_tokens=short, parallel=mode, stop_token_ids=stop)
+            llm.generate(prompts[:1], warm)
 
     def timed(batch: list[str], sp: Any) -> tuple[list[Any], float]:
         start = now()

@@ -45,6 +45,7 @@ class Params:
     temperature: float
     max_tokens: int
     parallel: bool
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 class FakeClock:
@@ -126,6 +127,9 @@ def test_metrics_batch_1_by_hand():
     assert all(p.temperature == 0.0 for _, p in llm.calls)
     assert [p.parallel for _, p in llm.calls[2:]] == [True, False, False, True, True, False]
     assert all(p.max_tokens == 64 for _, p in llm.calls[2:])
+    tok = llm.tokenizer
+    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    assert all(p.stop_token_ids == stop for _, p in llm.calls)
 
 
 def test_same_prompts_and_batches_in_both_modes():
