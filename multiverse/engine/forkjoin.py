@@ -1,0 +1,318 @@
+"""The Map / Reduce state machine of SPEC section 4: what happens after a branch's tokens are
+computed or a token is sampled. Plain Python over :mod:`multiverse.engine.sequence` state and
+the :class:`KVManager`; positions only from each branch's ``LayoutState``.
+
+* Fork: a branch that samples ``</Goal>`` in phase goal gets ``\\n`` (forced, status FORKING);
+  once both are computed, :meth:`ForkJoin.try_fork` reads the Outlines
+  (:func:`multiverse.grammar.outline_labels`) and makes one child per Outline. Child ``i`` holds
+  references to all of the parent's slots, attends what the parent's ``\\n`` attends plus itself,
+  and starts with ``<Path>\\n{label}:`` (forced). A refused fork (limits, no Outline, no memory)
+  just lets the branch sample on.
+* Path end: a child that samples ``</Path>`` outside any block of its own gets ``\\n``; EOS, a
+  stop string, the budget, or a tag that would break its parent's block (``<Path>``,
+  ``<Conclusion>``, ``</Parallel>``, dropped) end it with ``</Path>\\n`` (first ``</Parallel>\\n``
+  per block it left open).
+* Merge: when every child has ENDED and holds its K/V, the parent's K/V list becomes prefix +
+  child 1 + child 2 + ... (outline order): references move, nothing is copied or recomputed. The
+  parent's state is ``LayoutState.join``-ed and ``<Conclusion>\\n`` (forced) follows.
+* Budgets are checked before a sampled token is taken, leaving room for the closing tokens
+  every open fork still needs, so ``max_tokens`` (depth) and ``max_total_tokens`` always hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from multiverse import grammar
+from multiverse.engine.kv_manager import KVManager
+from multiverse.engine.sampling import branch_seed
+from multiverse.engine.sequence import BlockRecord, Branch, Request, Status
+
+_BREAKING = ("<Path>", "<Conclusion>", "</Parallel>")  # end a child when at its base depth
+_LIVE = (Status.RUNNING, Status.FORKING)
+
+
+@dataclass(slots=True)
+class Specials:
+    """Token ids the engine inserts, read from the tokenizer."""
+
+    tag_ids: dict[str, int]
+    newline: list[int]
+    close_path: list[int]  # "</Path>\n"
+    close_block: list[int]  # "</Parallel>\n"
+    conclusion: list[int]  # "<Conclusion>\n"
+    eos: int | None
+    tokenizer: Any
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, tag_ids: dict[str, int]) -> Specials:
+        def enc(text: str) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+        nl = enc("\n")
+        return cls(tag_ids, nl, [tag_ids["</Path>"], *nl], [tag_ids["</Parallel>"], *nl],
+                   [tag_ids["<Conclusion>"], *nl], tokenizer.eos_token_id, tokenizer)  # fmt: skip
+
+    def path_start(self, label: str) -> list[int]:
+        return [self.tag_ids["<Path>"], *self.tokenizer.encode(f"\n{label}:", add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class ForkJoin:
+    """Transitions of every branch of every request (see the module docstring)."""
+
+    def __init__(self, kv: KVManager, specials: Specials | None, free_slots: Callable[[], int],
+                 on_release: Callable[[Branch], None] = lambda b: None) -> None:  # fmt: skip
+        self.kv = kv
+        self.sp = specials
+        self.free_slots = free_slots
+        self.on_release = on_release
+
+    # -- appending -------------------------------------------------------------------------
+    def _append(self, br: Branch, token: int, *, forced: bool, logprob: float | None = None,
+                mark: bool = True) -> None:  # fmt: skip
+        br.append(token, forced=forced, logprob=logprob, mark=mark)
+        br.request.num_generated += 1
+        ids = br.request.forced_ids
+        if ids is not None and br.cursor < br.cursor_end and ids[br.cursor] == token:
+            br.cursor += 1
+
+    def _insert(self, br: Branch, tokens: list[int], mark: bool = True) -> None:
+        for t in tokens:
+            self._append(br, t, forced=True, mark=mark)
+
+    def forced_token(self, br: Branch) -> int | None:
+        """Test hook: the token ``forced_output`` makes this branch write (-1 = its part ended)."""
+        ids = br.request.forced_ids
+        if ids is None:
+            return None
+        return ids[br.cursor] if br.cursor < br.cursor_end else -1
+
+    # -- budgets ---------------------------------------------------------------------------
+    def _closing_cost(self, br: Branch, depth: int) -> int:
+        """Positions still needed after ``br``'s next token to close every fork around it."""
+        sp, cost, x, d = self.sp, 0, br, depth
+        while x.parent is not None and sp is not None:
+            cost += len(sp.close_block) * max(0, d - x.base_depth) + len(sp.close_path) + len(sp.conclusion)
+            x = x.parent
+            d = x.state.depth
+        return cost
+
+    def _total_reserve(self, req: Request) -> int:
+        """Tokens all branches of ``req`` still need to close their open forks."""
+        sp, need = self.sp, 0
+        if sp is None:
+            return 0
+        for b in req.branches():
+            if b.status is Status.WAITING:
+                need += len(sp.conclusion)
+            if b.parent is not None and b.status in (*_LIVE, Status.WAITING):
+                need += len(sp.close_block) * max(0, b.state.depth - b.base_depth) + len(sp.close_path)
+        return need
+
+    def _admit(self, br: Branch, token: int, tag: str | None, extra: int) -> bool:
+        """May ``br`` take this sampled token (followed by ``extra`` forced tokens)?"""
+        req, p = br.request, br.request.params
+        if tag is None:
+            pos, depth = br.state.next_pos, br.state.depth
+        else:
+            st = br.state.clone()
+            pos = st.step(tag)
+            depth = st.depth
+        limit = req.gen_start + p.max_tokens  # positions must stay below this
+        top = pos if br.parent is None else max(pos, br.max_pos)
+        if top + 1 + extra + self._closing_cost(br, depth) > limit:
+            return False
+        if p.max_total_tokens is not None:
+            grow = len(self.sp.close_block) if (self.sp and tag == "<Parallel>" and br.parent) else 0
+            if req.num_generated + 1 + extra + grow + self._total_reserve(req) > p.max_total_tokens:
+                return False
+        return True
+
+    # -- transitions -----------------------------------------------------------------------
+    def on_computed(self, br: Branch) -> bool:
+        """``br``'s pending tokens are all computed; returns True when it must sample now."""
+        if br.status is Status.FORKING:
+            if self.try_fork(br):
+                return False
+            br.status = Status.RUNNING
+        if br.status is Status.RUNNING:
+            return True
+        if br.status is Status.CLOSING:
+            br.status = Status.ENDED
+        if br.status is Status.ENDED and br.parent is not None:
+            self.try_merge(br.parent)
+        return False
+
+    def on_sampled(self, br: Branch, token: int, logprob: float | None) -> None:
+        """Take (or refuse) the token ``br`` sampled; -1 = the forced output ended (EOS)."""
+        req, p = br.request, br.request.params
+        eos = self.sp.eos if self.sp else None
+        if token < 0 or token in p.stop_token_ids or (token == eos and not p.ignore_eos):
+            self.end_branch(br, "stop")
+            return
+        tag = req.tag_names.get(token)
+        child = br.parent is not None
+        at_base = child and br.state.depth == br.base_depth
+        if at_base and tag in _BREAKING:
+            self.end_branch(br, "stop")
+            return
+        opens_fork = req.parallel and tag == "</Goal>" and br.state.phase == "goal"
+        ends_path = at_base and tag == "</Path>"
+        extra = len(self.sp.newline) if (self.sp and (opens_fork or ends_path)) else 0
+        if not self._admit(br, token, tag, extra):
+            self.end_branch(br, "length")
+            return
+        self._append(br, token, forced=False, logprob=logprob)
+        if opens_fork or ends_path:
+            self._insert(br, self.sp.newline)
+            br.status = Status.FORKING if opens_fork else Status.CLOSING
+        elif p.stop and self._hit_stop(br):
+            if child:
+                self.end_branch(br, "stop")
+            else:
+                self.finish(req, "stop", cut_stop=True)
+
+    def _hit_stop(self, br: Branch) -> bool:
+        stops = br.request.params.stop
+        window = max(len(s) for s in stops) + 8
+        tail = self.sp.decode(br.own_ids[-window:]) if self.sp else ""
+        return any(s in tail for s in stops)
+
+    def end_branch(self, br: Branch, reason: str) -> None:
+        """EOS / stop / budget: a child is closed (``</Parallel>\\n`` per block it left open,
+        then ``</Path>\\n``); the root finishes the request."""
+        if br.parent is None:
+            self.finish(br.request, reason)
+            return
+        for _ in range(br.state.depth - br.base_depth):
+            self._insert(br, self.sp.close_block)
+        self._insert(br, self.sp.close_path)
+        br.status = Status.CLOSING
+
+    # -- Map -------------------------------------------------------------------------------
+    def try_fork(self, br: Branch) -> bool:
+        req, p, sp = br.request, br.request.params, self.sp
+        if sp is None or not br.open_at or br.state.phase != "goal":
+            return False
+        goal_start = br.open_at[-1] - br.prefix_len
+        labels = grammar.outline_labels(sp.decode(br.own_ids[max(goal_start, 0) :]))
+        k = len(labels)
+        live = sum(1 for b in req.branches() if b.status in (*_LIVE, Status.CLOSING))
+        if k == 0 or k > p.max_paths or br.level + 1 > p.max_depth or live - 1 + k > p.max_live_branches:
+            return False
+        starts = [sp.path_start(lab) for lab in labels]
+        inserted = sum(len(s) for s in starts)
+        # depth: every child must fit its start, one token and its closing
+        s = br.state.next_pos
+        child_close = len(sp.close_path) + len(sp.conclusion) + self._closing_cost(br, br.state.depth)
+        if s + max(len(x) for x in starts) + 1 + child_close > req.gen_start + p.max_tokens:
+            return False
+        if p.max_total_tokens is not None:
+            need = inserted + k * (1 + len(sp.close_path)) + len(sp.conclusion)
+            if req.num_generated + need + self._total_reserve(req) > p.max_total_tokens:
+                return False
+        if self.free_slots() < inserted + k + len(sp.conclusion):
+            return False
+        self._fork(br, labels, starts)
+        return True
+
+    def _fork(self, br: Branch, labels: list[str], starts: list[list[int]]) -> None:
+        req = br.request
+        ranges, resume = self._forced_ranges(br, len(labels))
+        br.status = Status.WAITING
+        for label, state, start, (c0, c1) in zip(labels, br.state.fork(len(labels)), starts, ranges, strict=True):
+            child = Branch(req, state, parent=br, label=label, prefix_len=len(br.kv), level=br.level + 1,
+                           base_depth=br.state.depth, open_at=list(br.open_at), cursor=c0, cursor_end=c1,
+                           id=req.new_branch_id())  # fmt: skip
+            child.seed = branch_seed(req.root.seed, child.path_label())
+            self.kv.share(child, br.kv)
+            child.kv, child.attend = list(br.kv), list(br.attend)
+            self._insert(child, start, mark=False)  # visibility set right above: prefix + itself
+            br.children.append(child)
+        br.cursor = resume
+        req.num_blocks += 1
+        req.num_branches += len(labels)
+
+    def _forced_ranges(self, br: Branch, k: int) -> tuple[list[tuple[int, int]], int]:
+        """Test hook: the part of ``forced_output`` each child writes (from the layout of the
+        prompt + forced text) and where the parent resumes after the merge."""
+        req, lay = br.request, br.request.forced_layout
+        if req.forced_ids is None or lay is None:
+            return [(-1, -1)] * k, -1
+        n, g = len(req.forced_ids), req.prompt_len + br.cursor
+        end = [(n, n)] * k
+        if br.cursor >= n or req.tag_names.get(req.forced_ids[br.cursor]) != "<Path>":
+            return end, br.cursor
+        levels = [lvl for lvl in range(lay.num_levels) if int(lay.block_ids[lvl, g]) >= 0]
+        if not levels:
+            return end, br.cursor
+        level = levels[-1]
+        block = int(lay.block_ids[level, g])
+        idx = (lay.block_ids[level] == block).nonzero()[:, 0].tolist()
+        paths = lay.path_ids[level, idx].tolist()
+        spans: dict[int, list[int]] = {}
+        for i, pid in zip(idx, paths, strict=True):
+            spans.setdefault(pid, [i, i])[1] = i
+        ordered = [spans[pid] for pid in sorted(spans)]
+        off = req.prompt_len
+        ranges = [(a - off, b + 1 - off) for a, b in ordered] + end
+        return ranges[:k], idx[-1] + 1 - off
+
+    # -- Reduce ----------------------------------------------------------------------------
+    def try_merge(self, parent: Branch) -> None:
+        kids = parent.children
+        if parent.status is not Status.WAITING or not parent.resident or parent.num_pending:
+            return
+        if any(c.status is not Status.ENDED or c.num_pending or not c.resident for c in kids):
+            return
+        parent.state = parent.state.join([c.state for c in kids])
+        moved: list[int] = []
+        paths = []
+        for c in kids:
+            paths.append(parent.extend_merged(c))
+            moved += c.kv[c.prefix_len :]
+        self.kv.share(parent, moved)
+        parent.kv += moved
+        parent.attend += moved
+        parent.num_computed = len(parent.own_ids)
+        for c in kids:
+            self._release(c)
+        parent.children = []
+        parent.blocks.append(BlockRecord(paths))
+        parent.status = Status.RUNNING
+        self._insert(parent, self.sp.conclusion, mark=False)  # sees prefix + every path
+
+    # -- end of a request ------------------------------------------------------------------
+    def finish(self, req: Request, reason: str, cut_stop: bool = False) -> None:
+        """Finish ``req``: fold any unmerged children into the output (a request cut short by
+        the KV capacity) and release every slot its branches hold."""
+        if req.finished:
+            return
+        self._fold(req.root)
+        req.finished, req.finish_reason = True, reason
+        req.root.status = Status.FINISHED
+        if cut_stop:
+            req.stop_offset = -1  # the output builder cuts the text at the stop string
+        self._release(req.root)
+
+    def _fold(self, br: Branch) -> None:
+        if not br.children:
+            return
+        paths = []
+        for c in br.children:
+            self._fold(c)
+            paths.append(br.extend_merged(c))
+            self._release(c)
+        br.children = []
+        br.blocks.append(BlockRecord(paths))
+
+    def _release(self, br: Branch) -> None:
+        self.kv.release_if_held(br)
+        br.kv, br.attend = [], []
+        br.attached = br.parent is None
+        self.on_release(br)

@@ -1,0 +1,278 @@
+"""Public API of the fork/join engine: ``LLM(model_dir).generate(prompts, SamplingParams(...))``.
+
+One engine step = schedule (:mod:`.scheduler`), run (:mod:`.runner`), postprocess: prompt
+logprobs, the fork/join transitions (:mod:`.forkjoin`), sampling (:mod:`.sampling`). Outputs are
+in canonical order: ``token_ids`` is the text a trainer would see (all branches merged in
+outline order), ``forced`` marks the tokens the engine inserted itself.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from multiverse import grammar
+from multiverse.attention import LayoutState, layout_tags
+from multiverse.engine.forkjoin import ForkJoin, Specials
+from multiverse.engine.kv_manager import KVManager
+from multiverse.engine.radix import RadixCache
+from multiverse.engine.runner import ModelRunner
+from multiverse.engine.sampling import SamplingParams, make_generator, sample, token_logprobs
+from multiverse.engine.scheduler import Scheduler, Work
+from multiverse.engine.sequence import Branch, Request
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "Usage"]
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # all branches, engine-inserted tokens included
+    depth_tokens: int  # final position + 1 - the prompt's next position
+    parallel_degree: float  # completion_tokens / depth_tokens (# parallel, SPEC 2)
+    forced_tokens: int  # tokens the engine inserted (``<Path>\n1:``, ``\n``, ``<Conclusion>\n``...)
+    blocks: int  # forked blocks
+    branches: int  # child branches created
+    seconds: float  # from the call to generate until this request finished
+    tokens_per_s: float  # completion_tokens / seconds
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    forced: list[bool]
+    logprobs: list[float | None] | None
+    prompt_logprobs: list[float | None] | None
+    position_ids: list[int]  # the layout rule's position of each generated token
+    tree: dict[str, Any]
+    usage: Usage
+    finish_reason: str
+    outputs: list[RequestOutput] = field(default_factory=list)  # vLLM style: [self]
+
+
+class LLM:
+    """The engine. ``LLM(model_dir, device="cpu", dtype="float32", **engine_config)``.
+
+    engine_config: ``num_kv_slots`` (pool size in tokens) or ``kv_memory`` (bytes; on CUDA a
+    float <= 1 is a fraction of free memory), ``max_batch_tokens``, ``prefill_chunk``,
+    ``enable_prefix_cache``, ``gguf_file``, ``tokenizer`` (overrides the checkpoint's).
+    """
+
+    def __init__(self, model: Any, device: str = "cpu", dtype: str = "float32", **engine_config: Any) -> None:
+        tokenizer = engine_config.pop("tokenizer", None)
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from multiverse.engine.loader import load_model
+
+            model, loaded_tok, _ = load_model(model, dtype=dtype, device=device,
+                                              gguf_file=engine_config.pop("gguf_file", None))  # fmt: skip
+            tokenizer = tokenizer or loaded_tok
+        if tokenizer is None:
+            raise ValueError("LLM needs a tokenizer: the model directory has none; pass tokenizer=")
+        self._setup(model, tokenizer, **engine_config)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, **engine_config: Any) -> LLM:
+        """An engine over an already loaded :class:`~multiverse.engine.model.CausalLM`."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, **engine_config)
+        return self
+
+    def _setup(self, model: Any, tokenizer: Any, num_kv_slots: int | None = None,
+               kv_memory: float | None = None, max_batch_tokens: int = 2048, prefill_chunk: int = 512,
+               enable_prefix_cache: bool = True, seed: int = 0) -> None:  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        slots = num_kv_slots or _default_slots(model, kv_memory)
+        self.kv = KVManager(slots)
+        self.radix = RadixCache(self.kv) if enable_prefix_cache else None
+        self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
+        self.runner = ModelRunner(model, slots)
+        try:
+            tags = grammar.tag_ids(tokenizer)
+        except ValueError:
+            tags = None  # a plain model: every request decodes sequentially
+        self.specials = Specials.from_tokenizer(tokenizer, tags) if tags else None
+        self._tag_names = {v: k for k, v in tags.items()} if tags else {}
+        self.forkjoin = ForkJoin(self.kv, self.specials, self.scheduler.free_slots, self.runner.forget)
+        self.requests: list[Request] = []
+        self._rng = random.Random(seed)
+        self._next_id = 0
+
+    # -- requests --------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        vocab = self.model.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token id out of range [0, {vocab}): {[t for t in ids if not 0 <= t < vocab][:5]}")
+        names = self._tag_names if params.parallel else {}
+        req = Request(self._next_id, ids, params, names, t_arrival=time.perf_counter())
+        self._next_id += 1
+        root = Branch(req, LayoutState())
+        req.root = root
+        for t in ids:
+            root.append(t, forced=False)
+        if root.marks:  # a prompt with Multiverse structure: prefill it with the layout's mask
+            root.masked_until, root.marks = len(ids), []
+        req.gen_start = root.state.next_pos
+        root.seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req.prompt_logprobs = [None] * len(ids)
+        if params.forced_output is not None:
+            forced = params.forced_output
+            req.forced_ids = (self.tokenizer.encode(forced, add_special_tokens=False)
+                              if isinstance(forced, str) else list(forced))  # fmt: skip
+            full = ids + req.forced_ids
+            req.forced_layout = layout_tags([names.get(t) for t in full])
+            root.cursor, root.cursor_end = 0, len(req.forced_ids)
+        self.requests.append(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return any(not r.finished for r in self.requests)
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one engine step; returns the requests that finished in it."""
+        active = [r for r in self.requests if not r.finished]
+        works = self.scheduler.schedule(active)
+        if not works:  # nothing fits: the first request alone exceeds the KV pool
+            self.forkjoin.finish(active[0], "kv_capacity")
+        else:
+            out = self.runner.run(works)
+            self._postprocess(works, out)
+        done = [r for r in active if r.finished]
+        self.requests = [r for r in self.requests if not r.finished]
+        return done
+
+    def _postprocess(self, works: list[Work], out: Any) -> None:
+        to_sample: list[tuple[Branch, int]] = []
+        for i, w in enumerate(works):
+            br, req = w.branch, w.branch.request
+            if w.prompt_rows:
+                rows = out.prompt_rows[i]
+                nxt = [req.prompt_ids[w.start + r + 1] for r in w.prompt_rows]
+                lps = token_logprobs(out.logits[rows[0] : rows[-1] + 1], nxt)
+                for r, lp in zip(w.prompt_rows, lps, strict=True):
+                    req.prompt_logprobs[w.start + r + 1] = lp
+            if br.parent is None and not req.prompt_cached and br.num_computed >= req.prompt_len:
+                req.prompt_cached = True
+                if self.radix is not None:
+                    self.radix.insert(req.prompt_ids, br.kv[: req.prompt_len], namespace=req.parallel)
+            if w.completes and not req.finished and self.forkjoin.on_computed(br):
+                to_sample.append((br, out.sample_row[i]))
+        if not to_sample:
+            return
+        params, gens, forced, want = [], [], [], []
+        for br, _ in to_sample:
+            p = br.request.params
+            if br.generator is None and not p.greedy:
+                br.generator = make_generator(br.seed, out.logits.device)
+            params.append(p)
+            gens.append(br.generator)
+            forced.append(self.forkjoin.forced_token(br))
+            want.append(bool(p.logprobs) or forced[-1] is not None)
+        rows = torch.tensor([r for _, r in to_sample], device=out.logits.device)
+        tokens, lps = sample(out.logits.index_select(0, rows), params, gens, forced, want)
+        for (br, _), tok, lp in zip(to_sample, tokens, lps, strict=True):
+            if not br.request.finished:
+                self.forkjoin.on_sampled(br, tok, lp)
+
+    # -- generate --------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
+        """One output per prompt, in order. Prompts are strings or token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        start = time.perf_counter()
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        bar = _progress(len(reqs)) if use_tqdm else None
+        pending = {r.id for r in reqs}
+        while pending:
+            for r in self.step():
+                r.t_finish = time.perf_counter()
+                if r.id in pending:
+                    pending.discard(r.id)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [self._output(r, p if isinstance(p, str) else None, start) for r, p in zip(reqs, prompts, strict=True)]
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
+        """Apply the tokenizer's chat template (generation prompt added) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _output(self, req: Request, prompt: str | None, start: float) -> RequestOutput:
+        root, n0 = req.root, req.prompt_len
+        ids = root.own_ids[n0:]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if req.stop_offset is not None:
+            cut = max((text.rfind(s) for s in req.params.stop), default=-1)
+            text = text[:cut] if cut >= 0 else text
+        pos = root.own_pos[n0:]
+        depth = (max(pos) + 1 - req.gen_start) if pos else 0
+        secs = max(req.t_finish - start, 1e-9)
+        usage = Usage(n0, len(ids), depth, len(ids) / depth if depth > 0 else 1.0, sum(root.own_forced[n0:]),
+                      req.num_blocks, req.num_branches, secs, len(ids) / secs)  # fmt: skip
+        tree = {"start": 0, "end": len(ids), "blocks": [b.to_dict(n0) for b in root.blocks]}
+        lps = root.own_logprobs[n0:] if req.params.logprobs else None
+        plp = req.prompt_logprobs if req.params.prompt_logprobs else None
+        o = RequestOutput(prompt, list(req.prompt_ids), text, ids, root.own_forced[n0:], lps, plp, pos, tree,
+                          usage, req.finish_reason or "length")  # fmt: skip
+        o.outputs = [o]
+        return o
+
+
+def _default_slots(model: Any, kv_memory: float | None) -> int:
+    per = 2 * model.num_layers * model.num_kv_heads * model.head_dim * model.dtype.itemsize
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        budget = free * (kv_memory if kv_memory is not None and kv_memory <= 1 else 0.5)
+        if kv_memory is not None and kv_memory > 1:
+            budget = kv_memory
+    else:
+        budget = kv_memory if kv_memory is not None and kv_memory > 1 else 1 << 30
+    return max(256, min(int(budget // per), 1 << 22))
+
+
+class _progress:  # a tqdm bar when tqdm is installed, else a one-line counter on stderr
+    def __init__(self, total: int) -> None:
+        try:
+            from tqdm import tqdm
+
+            self.bar: Any = tqdm(total=total, desc="generate")
+        except ImportError:
+            self.bar, self.total, self.done = None, total, 0
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            import sys
+
+            self.done += n
+            print(f"\rgenerate: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            import sys
+
+            print(file=sys.stderr)

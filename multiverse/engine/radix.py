@@ -1,0 +1,169 @@
+"""Radix-tree prefix cache across requests: token ids -> KV slots, LRU eviction. Pure Python.
+
+What may be cached: the K/V of token ``i`` depends on token ids ``0..i`` only, because the layout
+rule (positions and visibility, :mod:`multiverse.attention`) is decided left to right: a prefix's
+layout is the prefix of the full sequence's layout. So the K/V of any prompt prefix can be reused
+by any later prompt that starts with the same ids *and is laid out by the same rule*. The engine
+keeps one namespace per rule ("multiverse" layout vs plain positions with ``parallel=False``) and
+caches prompts only (never generated branches).
+
+Ownership: every node holds references to its slots in the :class:`KVManager` (holder = the node).
+A request that hits the cache takes its own references (``KVManager.share``), so evicting a node
+never frees K/V a running branch still reads; eviction only frees slots nobody else holds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+from multiverse.engine.kv_manager import KVManager
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    key: list[int]  # token ids on the edge into this node
+    slots: list[int]  # their KV slots, same length
+    parent: _Node | None = None
+    children: dict[int, _Node] = field(default_factory=dict)
+    last_used: int = 0
+
+
+class RadixCache:
+    """Longest-prefix matching of token-id sequences to cached KV slots."""
+
+    def __init__(self, kv: KVManager) -> None:
+        self.kv = kv
+        self._roots: dict[Hashable, _Node] = {}
+        self._clock = itertools.count(1)
+
+    def _root(self, namespace: Hashable) -> _Node:
+        if namespace not in self._roots:
+            self._roots[namespace] = _Node([], [])
+        return self._roots[namespace]
+
+    # -- lookup ----------------------------------------------------------------------------
+    def match(self, tokens: Sequence[int], namespace: Hashable = None) -> list[int]:
+        """Slots of the longest cached prefix of ``tokens`` (may end inside an edge)."""
+        node, i, out = self._root(namespace), 0, []
+        now = next(self._clock)
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            n = _common(child.key, tokens, i)
+            out.extend(child.slots[:n])
+            child.last_used = now
+            i += n
+            if n < len(child.key):
+                break
+            node = child
+        return out
+
+    # -- insertion -------------------------------------------------------------------------
+    def insert(self, tokens: Sequence[int], slots: Sequence[int], namespace: Hashable = None) -> int:
+        """Cache ``tokens`` -> ``slots`` (the caller's computed K/V); returns how many tokens
+        were newly cached. Already-cached parts keep their existing slots."""
+        if len(tokens) != len(slots):
+            raise ValueError(f"insert: {len(tokens)} tokens but {len(slots)} slots")
+        node, i = self._root(namespace), 0
+        now = next(self._clock)
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                leaf = _Node(list(tokens[i:]), list(slots[i:]), node, last_used=now)
+                self.kv.share(leaf, leaf.slots)
+                node.children[tokens[i]] = leaf
+                return len(tokens) - i
+            n = _common(child.key, tokens, i)
+            child.last_used = now
+            if n < len(child.key):
+                self._split(child, n)
+                child = node.children[tokens[i]]  # the new middle node, fully matched
+            node, i = child, i + n
+        return 0
+
+    def _split(self, node: _Node, n: int) -> None:
+        """Cut ``node``'s edge after ``n`` tokens: a new middle node takes the first ``n``."""
+        parent = node.parent
+        assert parent is not None
+        mid = _Node(node.key[:n], node.slots[:n], parent, {node.key[n]: node}, node.last_used)
+        self.kv.transfer(node, mid, mid.slots)
+        parent.children[node.key[0]] = mid
+        node.key, node.slots, node.parent = node.key[n:], node.slots[n:], mid
+
+    # -- eviction --------------------------------------------------------------------------
+    def _evictable(self, node: _Node) -> bool:
+        return not node.children and all(self.kv.refcount(s) == 1 for s in node.slots)
+
+    def _leaves(self) -> list[_Node]:
+        out, stack = [], [c for r in self._roots.values() for c in r.children.values()]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            elif self._evictable(node):
+                out.append(node)
+        return out
+
+    def evictable_slots(self) -> int:
+        """Slots that :meth:`evict` could free right now: nodes held by the cache alone whose
+        whole subtree is too."""
+
+        def walk(node: _Node) -> tuple[bool, int]:
+            ok, total = all(self.kv.refcount(s) == 1 for s in node.slots), 0
+            for child in node.children.values():
+                c_ok, c_total = walk(child)
+                ok, total = ok and c_ok, total + c_total
+            return ok, total + (len(node.slots) if ok else 0)
+
+        return sum(walk(c)[1] for r in self._roots.values() for c in r.children.values())
+
+    def evict(self, num_slots: int) -> int:
+        """Free at least ``num_slots`` slots if possible, least recently used leaves first;
+        nodes whose slots a request still holds are kept. Returns the slots freed."""
+        heap = [(n.last_used, id(n), n) for n in self._leaves()]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_slots:
+            _, _, node = heapq.heappop(heap)
+            freed += self._drop(node)
+            parent = node.parent
+            if parent is not None and parent.parent is not None and self._evictable(parent):
+                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+        return freed
+
+    def _drop(self, node: _Node) -> int:
+        assert node.parent is not None and not node.children
+        del node.parent.children[node.key[0]]
+        node.parent = None
+        return self.kv.release(node)
+
+    def clear(self) -> int:
+        """Drop every cached prefix (slots still held by requests stay allocated)."""
+        freed = 0
+        for root in self._roots.values():
+            stack = list(root.children.values())
+            while stack:
+                node = stack.pop()
+                stack.extend(node.children.values())
+                freed += self.kv.release(node)
+            root.children.clear()
+        return freed
+
+    def num_cached_tokens(self) -> int:
+        total, stack = 0, [c for r in self._roots.values() for c in r.children.values()]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            total += len(node.key)
+        return total
+
+
+def _common(key: Sequence[int], tokens: Sequence[int], start: int) -> int:
+    n, limit = 0, min(len(key), len(tokens) - start)
+    while n < limit and key[n] == tokens[start + n]:
+        n += 1
+    return n

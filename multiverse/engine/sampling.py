@@ -1,0 +1,148 @@
+"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, seeded, forced).
+
+Reproducibility: every branch owns a ``torch.Generator`` seeded from the request's seed and the
+branch's path labels (:func:`branch_seed`), so a branch draws the same tokens whatever else is in
+the batch, however the scheduler interleaves requests, and across preemption.
+
+Logprobs are those of the raw model distribution (``log_softmax`` of the logits, before
+temperature / top-k / top-p), for the token actually taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request generation settings (vLLM-shaped).
+
+    ``max_tokens`` bounds the *sequential depth* of the output (final position + 1 - the prompt's
+    next position), as the released Multiverse engine did; ``max_total_tokens`` optionally bounds
+    the tokens of all branches together. Limits on forking (``max_depth``: nesting of forked
+    blocks, ``max_paths``: paths per block, ``max_live_branches``: branches decoding at once per
+    request) make the engine refuse a fork, never fail: the branch then continues sequentially.
+
+    ``forced_output`` is a test hook: a text (or token ids) that the "model" writes instead of
+    sampling (each branch writes its own part of it; logprobs are still the model's). When it
+    runs out, the branch behaves as if it sampled EOS.
+    """
+
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: bool | int = False
+    prompt_logprobs: bool | int = False
+    parallel: bool = True
+    max_total_tokens: int | None = None
+    max_depth: int = 4
+    max_paths: int = 16
+    max_live_branches: int = 64
+    forced_output: str | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_total_tokens is None or self.max_total_tokens >= 1,
+             f"max_total_tokens must be >= 1 or None, got {self.max_total_tokens}"),
+            (self.max_depth >= 0, f"max_depth must be >= 0, got {self.max_depth}"),
+            (self.max_paths >= 1, f"max_paths must be >= 1, got {self.max_paths}"),
+            (self.max_live_branches >= 1,
+             f"max_live_branches must be >= 1, got {self.max_live_branches}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams: {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def branch_seed(seed: int, path: Sequence[str]) -> int:
+    """A 63-bit seed for the branch at ``path`` (labels from the root) of a request seeded ``seed``."""
+    if not path:
+        return seed & ((1 << 63) - 1)
+    digest = hashlib.blake2b(f"{seed}/{'/'.join(path)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    forced: Sequence[int | None],
+    want_logprobs: Sequence[bool],
+) -> tuple[list[int], list[float | None]]:
+    """One token per row of ``logits`` ``[R, vocab]`` (float32).
+
+    Row ``r`` takes ``forced[r]`` when given (a negative id means "end": returned as is, no
+    logprob), else argmax (greedy) or a draw with ``generators[r]``. Returns the tokens and,
+    where ``want_logprobs[r]``, the raw model logprob of each.
+    """
+    rows = logits.shape[0]
+    tokens: list[int | None] = list(forced)
+    todo_greedy = [r for r in range(rows) if tokens[r] is None and params[r].greedy]
+    if todo_greedy:
+        idx = torch.tensor(todo_greedy, device=logits.device)
+        for r, t in zip(todo_greedy, logits.index_select(0, idx).argmax(-1).tolist(), strict=True):
+            tokens[r] = t
+    for r in range(rows):
+        if tokens[r] is None:
+            tokens[r] = _draw(logits[r], params[r], generators[r])
+    out_tokens = [int(t) for t in tokens]  # type: ignore[arg-type]
+    logprobs: list[float | None] = [None] * rows
+    need = [r for r in range(rows) if want_logprobs[r] and out_tokens[r] >= 0]
+    if need:
+        idx = torch.tensor(need, device=logits.device)
+        toks = torch.tensor([out_tokens[r] for r in need], device=logits.device)
+        lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+        for r, v in zip(need, lp.gather(1, toks[:, None])[:, 0].tolist(), strict=True):
+            logprobs[r] = v
+    return out_tokens, logprobs
+
+
+def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    scores = row.float() / p.temperature  # [vocab]
+    if p.top_k > 0 and p.top_k < scores.shape[0]:
+        kth = torch.topk(scores, p.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # drop a token when the tokens strictly before it already reach top_p
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def token_logprobs(logits: torch.Tensor, next_ids: Sequence[int]) -> list[float]:
+    """Logprob of ``next_ids[i]`` under row ``i`` of ``logits`` (prompt logprobs)."""
+    if not next_ids:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    idx = torch.tensor(list(next_ids), device=logits.device)
+    return lp.gather(1, idx[:, None])[:, 0].tolist()

@@ -1,0 +1,136 @@
+"""Which branches run in the next step, with how many tokens, in which KV slots. Plain Python.
+
+Continuous batching: every unfinished request's branches are candidates every step; new requests
+join and finished ones leave between steps. A branch with pending tokens runs a chunk of them
+(prompt prefill in chunks of ``prefill_chunk``, one token when decoding, the few tokens the engine
+inserts at a fork or merge); all live branches of all requests decode in one batch.
+
+Priority is (request arrival, branch pre-order in its tree): a parent before its children, path 1
+before path 2. When the pool is full the scheduler first evicts the prefix cache, then preempts
+the lowest-priority branch that holds K/V (its slots are released, its tokens kept, and it is
+recomputed later from its own tokens with the layout rule's mask: same positions, same results).
+Taking the last branch in pre-order first means a parent goes only after all its descendants:
+whole families are preempted. A branch never preempts one of higher priority, so the highest
+one always progresses; if even it cannot get a single slot, its request alone exceeds the pool
+and is finished early (``finish_reason="kv_capacity"``) rather than hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from multiverse.engine.kv_manager import KVManager
+from multiverse.engine.radix import RadixCache
+from multiverse.engine.sequence import Branch, Request, Status
+
+
+@dataclass(slots=True)
+class Work:
+    """One branch's share of a step: own tokens ``[start, start + count)`` into ``slots``."""
+
+    branch: Branch
+    start: int
+    count: int
+    slots: list[int]
+    masked: bool  # computed with the layout rule's mask over all of ``branch.kv``
+    completes: bool  # the branch has no pending tokens after this chunk
+    prompt_rows: list[int] = field(default_factory=list)  # chunk rows whose logits give prompt logprobs
+
+
+class Scheduler:
+    def __init__(self, kv: KVManager, radix: RadixCache | None, max_batch_tokens: int = 2048,
+                 prefill_chunk: int = 512) -> None:  # fmt: skip
+        if max_batch_tokens < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch_tokens and prefill_chunk must be >= 1")
+        self.kv = kv
+        self.radix = radix
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk = prefill_chunk
+        self.num_preemptions = 0
+
+    def free_slots(self) -> int:
+        """Slots obtainable without preempting anyone."""
+        return self.kv.num_free + (self.radix.evictable_slots() if self.radix else 0)
+
+    def schedule(self, requests: list[Request]) -> list[Work]:
+        order = [b for r in requests if not r.finished for b in r.branches()]
+        budget = self.max_batch_tokens
+        works: list[Work] = []
+        for i, br in enumerate(order):
+            if budget <= 0:
+                break
+            if br.num_pending == 0 or br.status is Status.FINISHED or not _ready(br):
+                continue
+            if not br.attached:  # a preempted child takes the (recomputed) prefix back
+                parent = br.parent
+                assert parent is not None
+                prefix = parent.kv[: br.prefix_len]
+                self.kv.share(br, prefix)
+                br.kv, br.attend, br.attached = list(prefix), [], True
+            if br.parent is None and br.num_computed == 0:
+                self._match_prefix(br)
+            n = min(br.num_pending, budget, self.prefill_chunk)
+            if not self._make_room(n, order[i + 1 :]):
+                continue
+            n = min(n, self.kv.num_free)
+            works.append(self._take(br, n))
+            budget -= n
+        return works
+
+    def _take(self, br: Branch, n: int) -> Work:
+        req, start = br.request, br.num_computed
+        slots = self.kv.allocate(br, n)
+        masked = req.parallel and br.needs_mask(start, n)
+        br.kv += slots
+        if not masked:
+            br.attend += slots
+        br.num_computed += n
+        if br.marks and br.marks[0] < start + n:
+            br.marks = [m for m in br.marks if m >= start + n]
+        rows: list[int] = []
+        if br.parent is None and req.params.prompt_logprobs:
+            rows = list(range(max(0, min(n, req.prompt_len - 1 - start))))
+        return Work(br, start, n, slots, masked, br.num_pending == 0, rows)
+
+    def _match_prefix(self, root: Branch) -> None:
+        req = root.request
+        if self.radix is None or req.params.prompt_logprobs or req.prompt_len < 2:
+            return
+        slots = self.radix.match(req.prompt_ids[:-1], namespace=req.parallel)
+        if slots:
+            self.kv.share(root, slots)
+            root.kv, root.attend = list(slots), list(slots)
+            root.attend_version += 1
+            root.num_computed = len(slots)
+
+    def _make_room(self, n: int, lower: list[Branch]) -> bool:
+        """Free slots until ``n`` are free (or at least one): evict the prefix cache, then
+        preempt branches of lower priority, last first. False if not even one slot is free."""
+        if self.kv.num_free >= n:
+            return True
+        if self.radix is not None:
+            self.radix.evict(n - self.kv.num_free)
+        for victim in reversed(lower):
+            if self.kv.num_free >= n:
+                break
+            if self.kv.held(victim):
+                self.preempt(victim)
+        return self.kv.num_free > 0
+
+    def preempt(self, br: Branch) -> None:
+        """Release ``br``'s K/V; it keeps its tokens and is recomputed when it runs again."""
+        self.kv.release_if_held(br)
+        br.kv, br.attend = [], []
+        br.attend_version += 1
+        br.attached = br.parent is None
+        br.num_computed = 0
+        br.marks = []
+        if br.request.parallel:
+            br.masked_until = len(br.own_ids)
+        self.num_preemptions += 1
+
+
+def _ready(br: Branch) -> bool:
+    """A child can run once its parent's K/V (its prefix) is all there."""
+    p = br.parent
+    return p is None or (p.resident and p.num_pending == 0)

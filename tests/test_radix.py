@@ -1,0 +1,75 @@
+"""Radix prefix cache: longest-prefix match, edge splits, LRU eviction that never frees in-use KV."""
+
+from multiverse.engine.kv_manager import KVManager
+from multiverse.engine.radix import RadixCache
+
+
+def _cache(n=32):
+    kv = KVManager(n)
+    return kv, RadixCache(kv)
+
+
+def _prompt(kv, holder, tokens):
+    """A request that computed ``tokens`` into fresh slots and then finished caching them."""
+    slots = kv.allocate(holder, len(tokens))
+    return slots
+
+
+def test_match_insert_and_split():
+    kv, rc = _cache()
+    a = _prompt(kv, "r1", [1, 2, 3, 4])
+    assert rc.insert([1, 2, 3, 4], a) == 4
+    kv.release("r1")  # request done: the cache alone keeps the K/V
+    assert kv.num_used == 4
+    assert rc.match([1, 2, 3, 4, 5]) == a
+    assert rc.match([1, 2, 9]) == a[:2]  # ends inside an edge
+    assert rc.match([7]) == []
+    b = _prompt(kv, "r2", [1, 2, 7, 8])
+    assert rc.insert([1, 2, 7, 8], b) == 2  # shares [1, 2], adds [7, 8] after a split
+    assert rc.match([1, 2, 7, 8]) == a[:2] + b[2:]
+    kv.release("r2")
+    assert kv.num_used == 6  # b[:2] were duplicates and are free again
+    assert rc.num_cached_tokens() == 6
+    kv.check_invariants()
+
+
+def test_namespaces_are_separate():
+    kv, rc = _cache()
+    a = _prompt(kv, "r", [1, 2])
+    rc.insert([1, 2], a, namespace="multiverse")
+    assert rc.match([1, 2], namespace="plain") == []
+    assert rc.match([1, 2], namespace="multiverse") == a
+
+
+def test_lru_eviction_skips_in_use_prefixes():
+    kv, rc = _cache(16)
+    old = _prompt(kv, "old", [1, 1, 1])
+    rc.insert([1, 1, 1], old)
+    kv.release("old")
+    new = _prompt(kv, "new", [2, 2, 2])
+    rc.insert([2, 2, 2], new)
+    kv.release("new")
+    hit = rc.match([2, 2, 2])  # most recent use
+    kv.share("reader", hit)  # a running request reads it
+    assert rc.evictable_slots() == 3
+    assert rc.evict(100) == 3  # only the unread, least recently used prefix goes
+    assert rc.match([1, 1, 1]) == [] and rc.match([2, 2, 2]) == new
+    kv.release("reader")
+    assert rc.evict(1) == 3
+    assert kv.num_free == 16
+    kv.check_invariants()
+
+
+def test_eviction_is_lru_and_climbs_to_parents():
+    kv, rc = _cache(16)
+    for i, toks in enumerate(([5, 6, 1], [5, 6, 2], [9])):
+        rc.insert(toks, _prompt(kv, i, toks))
+        kv.release(i)
+    rc.match([9])  # touch [9]: the 5-6 family is older
+    assert rc.evict(2) == 2  # leaves [1] and [2] go first (LRU), one slot each
+    assert rc.match([9]) != []
+    assert rc.evict(2) == 2  # now [5, 6] is a leaf and goes before [9]
+    assert rc.match([9]) != [] and rc.match([5, 6]) == []
+    rc.clear()
+    assert kv.num_free == 16
+    kv.check_invariants()
