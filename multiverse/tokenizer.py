@@ -11,10 +11,14 @@ Invariants (tests check each):
     the BPE ids first (the three chat special tokens, 256 byte symbols, merges), then the 12 tags of :data:`multiverse.grammar.TAGS`
     as single special tokens with consecutive ids in that order (the last 12 ids).
   - Special tokens: ``<|endoftext|>`` (eos and pad, id 0), ``<|im_start|>``, ``<|im_end|>``.
-  - ``"\\n"`` is always its own token (never merged with anything), so the ``\\n`` after
-    ``</Goal>`` or ``</Path>`` that the engine inserts is the same token a trainer sees.
+  - Same pipeline as transformers' ``Qwen2Tokenizer`` (NFC, Qwen2's pre-tokenizer pattern,
+    byte-level BPE): a directory holding this tokenizer and a Qwen2 ``config.json`` loads
+    through ``AutoTokenizer`` (which then picks ``Qwen2Tokenizer``) with identical ids.
+  - ``"\\n"`` alone is one token, so a ``\\n`` next to a tag (after ``</Goal>``, ``</Path>``,
+    before ``<Path>``: what the engine inserts) is the same token a trainer sees. (Inside
+    text, a newline may merge with punctuation before it or with further newlines.)
   - Digits are pre-tokenized one by one, so every number is a sequence of single-digit tokens.
-  - Byte-level: ``decode(encode(text)) == text`` for any text, tags included.
+  - Byte-level: ``decode(encode(text)) == text`` for any NFC text, tags included.
   - Deterministic: the same ``vocab_size`` and corpus give the same vocabulary and merges.
 
 The chat template is Qwen2.5-style: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message,
@@ -39,17 +43,13 @@ SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_VOCAB_SIZE = 512
 
-# One piece per: an English contraction; an optional leading non-letter (usually a space) plus a
-# run of letters; a single digit (optionally after a space); an optional space plus a run of punctuation; a single "\n";
-# runs of other whitespace. "\n" never joins a piece, so it always encodes to one token.
+# Qwen2's pre-tokenizer pattern. transformers loads any tokenizer saved next to a Qwen2
+# config.json through ``Qwen2Tokenizer``, which rebuilds the pipeline with this pattern, NFC and
+# byte-level; using the same pipeline makes both load paths tokenize identically. Digits are
+# isolated one by one (``\p{N}``), a lone "\n" is one piece.
 PRETOKENIZE_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
-    r"| ?\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+"
-    r"|\n"
-    r"|[^\S\n]+(?!\S)"
-    r"|[^\S\n]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 CHAT_TEMPLATE = (
@@ -113,7 +113,7 @@ def build_tokenizer(
     bound when the corpus is too small to learn that many merges); it must leave room for the
     256 byte symbols, the 3 chat specials and the tags.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tags = _tags()
@@ -125,6 +125,7 @@ def build_tokenizer(
         raise ValueError("corpus is empty: give at least one string to train the BPE on")
 
     bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),

@@ -73,22 +73,48 @@ def test_round_trip_is_exact(tok):
         assert tok.decode(ids, skip_special_tokens=False) == text
 
 
-def test_newline_is_one_token_and_never_merged(tok):
+def test_newline_next_to_tags_is_one_token(tok):
     nl = tok.encode("\n", add_special_tokens=False)
     assert len(nl) == 1
-    for text in ["a.\nb", "12\n", "x\n\n\ny", ":\n1:", "</Path>\n<Path>\n2:"]:
-        ids = tok.encode(text, add_special_tokens=False)
-        pieces = [tok.decode([i]) for i in ids]
-        assert all(p == "\n" or "\n" not in p for p in pieces), pieces
-        assert pieces.count("\n") == text.count("\n")
+    ids = tok.encode(MV_TEXT, add_special_tokens=False)
+    tag_ids = {tok.convert_tokens_to_ids(t) for t in TAGS}
+    for k, i in enumerate(ids):
+        if i in tag_ids and k + 1 < len(ids):
+            # every tag in canonical text is followed by exactly the "\n" token
+            assert ids[k + 1] == nl[0], tok.convert_ids_to_tokens(ids[k : k + 2])
+    # the text the engine inserts at a fork tokenizes the same alone and inside a chain
+    inserted = tok.encode("<Path>\n2:", add_special_tokens=False)
+    start = ids.index(tok.convert_tokens_to_ids("<Path>"), ids.index(inserted[0]) + 1)
+    assert ids[start : start + len(inserted)] == inserted
 
 
 def test_digits_are_single_tokens(tok):
     ids = tok.encode("1234 + 5678 = 6912", add_special_tokens=False)
     pieces = [tok.decode([i]) for i in ids]
     digits = [p for p in pieces if any(c.isdigit() for c in p)]
-    assert all(sum(c.isdigit() for c in p) == 1 for p in digits), pieces
-    assert len(digits) == 12
+    assert digits == list("123456786912"), pieces
+
+
+def test_same_ids_through_autotokenizer_with_qwen2_config(tok, tmp_path):
+    """transformers loads a tokenizer saved beside a Qwen2 config.json as Qwen2Tokenizer,
+    which rebuilds the pre-tokenizer: ours must be the same pipeline."""
+    from transformers import AutoTokenizer, Qwen2Config
+    from transformers.models.qwen2 import tokenization_qwen2
+
+    from multiverse.tokenizer import PRETOKENIZE_PATTERN
+
+    assert PRETOKENIZE_PATTERN == tokenization_qwen2.PRETOKENIZE_REGEX
+    Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path)  # fmt: skip
+    tok.save_pretrained(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    text = MV_TEXT + " x 1234 + 5678 = 6912.\n\n  tabs\tand\r\nmore.\n\n\nend"
+    assert auto.encode(text) == tok.encode(text)
+    assert len(auto) == len(tok)
+    assert auto.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False) == (
+        tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False)
+    )
+    assert auto.convert_tokens_to_ids("</Path>") == tok.convert_tokens_to_ids("</Path>")
 
 
 def test_chat_template(tok):
