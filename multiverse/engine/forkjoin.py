@@ -6,7 +6,8 @@ the :class:`KVManager`; positions only from each branch's ``LayoutState``.
   once both are computed, :meth:`ForkJoin.try_fork` reads the Outlines
   (:func:`multiverse.grammar.outline_labels`) and makes one child per Outline. Child ``i`` holds
   references to all of the parent's slots, attends what the parent's ``\\n`` attends plus itself,
-  and starts with ``<Path>\\n{label}:`` (forced). A refused fork (limits, no Outline, no memory)
+  and starts with ``<Path>\\n{label}:`` (forced). A refused fork (limits, no Outline, a request
+  that would no longer fit the KV pool)
   just lets the branch sample on.
 * Path end: a child that samples ``</Path>`` outside any block of its own gets ``\\n``; EOS, a
   stop string, the budget, or a tag that would break its parent's block (``<Path>``,
@@ -65,11 +66,10 @@ class Specials:
 class ForkJoin:
     """Transitions of every branch of every request (see the module docstring)."""
 
-    def __init__(self, kv: KVManager, specials: Specials | None, free_slots: Callable[[], int],
+    def __init__(self, kv: KVManager, specials: Specials | None,
                  on_release: Callable[[Branch], None] = lambda b: None) -> None:  # fmt: skip
         self.kv = kv
         self.sp = specials
-        self.free_slots = free_slots
         self.on_release = on_release
 
     # -- appending -------------------------------------------------------------------------
@@ -216,7 +216,9 @@ class ForkJoin:
             need = inserted + k * (1 + len(sp.close_path)) + len(sp.conclusion)
             if req.num_generated + need + self._total_reserve(req) > p.max_total_tokens:
                 return False
-        if self.free_slots() < inserted + k + len(sp.conclusion):
+        # memory: refused only when the whole request could no longer fit the pool; transient
+        # pressure is the scheduler's (preemption), so results do not depend on the batch
+        if req.prompt_len + req.num_generated + inserted + k + len(sp.conclusion) > self.kv.num_slots:
             return False
         self._fork(br, labels, starts)
         return True

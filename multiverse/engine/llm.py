@@ -100,7 +100,7 @@ class LLM:
             tags = None  # a plain model: every request decodes sequentially
         self.specials = Specials.from_tokenizer(tokenizer, tags) if tags else None
         self._tag_names = {v: k for k, v in tags.items()} if tags else {}
-        self.forkjoin = ForkJoin(self.kv, self.specials, self.scheduler.free_slots, self.runner.forget)
+        self.forkjoin = ForkJoin(self.kv, self.specials, self.runner.forget)
         self.requests: list[Request] = []
         self._rng = random.Random(seed)
         self._next_id = 0
