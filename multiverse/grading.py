@@ -31,6 +31,7 @@ from fractions import Fraction
 KINDS = ("math", "choice", "exact")
 
 _THINK_END_RE = re.compile(r"</think>", re.IGNORECASE)
+_CHAT_MARKER_RE = re.compile(r"<\|(?:im_end|im_start|endoftext|eot_id|end_of_text)\|>")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*(\{)?", re.IGNORECASE)
 _FINAL_RE = re.compile(r"final answer is\s*[:：]?\s*(.*)", re.IGNORECASE)
 _ANSWER_RE = re.compile(r"(?:^|\n)[ \t*#]*(?:final )?answer[ \t*]*[:：][ \t*]*(.*)", re.IGNORECASE)
@@ -120,7 +121,9 @@ def extract_answer(text: str) -> str | None:
     """The final answer written in ``text``, or None when there is none (e.g. truncated).
 
     Text that is itself a bare answer (``"294.0"``, ``"\\frac{1}{2}"``) is its own answer.
+    Chat markers a decoder left in (``<|im_end|>``, ``<|endoftext|>``) end a line.
     """
+    text = _CHAT_MARKER_RE.sub("\n", text)
     ends = list(_THINK_END_RE.finditer(text))
     tail = _candidates(text[ends[-1].end() :]) if ends else (None, None, None)
     whole = _candidates(text)

@@ -295,3 +295,76 @@ def test_cli_with_stand_in_engine(tmp_path, monkeypatch, capsys):
     assert cli.main(["eval", "--model", str(tmp_path), "--benchmark", "nope"]) == 2
     assert cli.main(["eval", "--model", str(tmp_path / "x"), "--benchmark", "synthetic"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real engine
+
+
+def _tiny_model_dir(path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = default_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_eval_with_real_engine_on_tiny_random_model(tmp_path, capsys):
+    """Integration: the real engine on a tiny random model; answers are garbage, so only the
+    structure of the results is checked."""
+    pytest.importorskip("multiverse.engine.llm", reason="engine LLM not available yet")
+    from multiverse import cli
+
+    model = _tiny_model_dir(tmp_path / "tiny")
+    out = tmp_path / "res"
+    argv = ["eval", "--model", str(model), "--benchmark", "synthetic", "--limit", "3",
+            "--batch-size", "2", "--max-tokens", "12", "--output", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["n"] == 3 and len(data["samples"]) == 3
+    assert 0.0 <= data["accuracy"] <= 1.0 and 0.0 <= data["trigger_rate"] <= 1.0
+    assert data["parallel_degree"] >= 1.0
+    assert data["speedup"] is not None and data["speedup"] > 0
+    for s in data["samples"]:
+        assert 1 <= s["depth_tokens"] <= 12
+        assert s["completion_tokens"] >= s["depth_tokens"]
+        assert isinstance(s["text"], str) and isinstance(s["text_sequential"], str)
+    assert (out / "results.md").read_text().startswith("| benchmark |")
+    assert (out / "speedup.png").exists()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 3
+
+
+def test_eval_real_engine_forced_multiverse_answer(tmp_path):
+    """Integration: the real engine writes a known Multiverse answer (its forced-output test
+    hook) for a nested synthetic problem; forking on must yield the same canonical text, the
+    layout rule's # parallel, a correct grade, and forking off the same text sequentially."""
+    pytest.importorskip("multiverse.engine.llm", reason="engine LLM not available yet")
+    from multiverse import LLM, SamplingParams, attention, grammar, tasks
+    from multiverse.benchmarks_data import problems_from_records
+
+    llm = LLM(str(_tiny_model_dir(tmp_path / "tiny")))
+    rec = tasks.generate(1, seed=0, split="test", tasks=["nested_max"])[0]
+    forced = tasks.assistant_text(rec) + "<|im_end|>"
+    res = evaluate.evaluate(
+        llm, llm.tokenizer, problems_from_records([rec.to_dict()], "synthetic"),
+        max_tokens=400, params=lambda **kw: SamplingParams(**kw, forced_output=forced),
+    )  # fmt: skip
+    x = res.samples[0]
+    assert x.text == tasks.assistant_text(rec) == x.text_sequential
+    assert x.correct and x.correct_sequential and x.extracted == str(rec.answer)
+    assert x.blocks == 2 and x.max_depth == 2
+    tok = llm.tokenizer
+    ids = tok.encode(x.text, add_special_tokens=False)
+    lay = attention.layout(ids, grammar.tag_ids(tok))
+    assert x.depth_tokens == lay.depth_tokens(0)
+    assert x.parallel_degree == pytest.approx(len(ids) / lay.depth_tokens(0))
+    assert x.parallel_degree > 1.1
+    s = res.summary()
+    assert s["trigger_rate"] == 1.0 and s["speedup"] is not None

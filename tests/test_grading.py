@@ -299,3 +299,9 @@ def test_grade_real_traces(shared_data):
     assert sets["math500"]["accuracy"] > 0.5
     assert 0 < sets["math500"]["trigger_rate"] < 1
     assert sets["math500"]["parallel_degree"] > 1.0
+
+
+def test_chat_markers_left_by_the_decoder():
+    assert extract_answer("<Think>\nx\n</Think>\n\nAnswer: 42<|im_end|>") == "42"
+    assert grade("Answer: 42<|endoftext|><|endoftext|>", "42", "exact")
+    assert extract_answer("7<|im_end|>") == "7"
