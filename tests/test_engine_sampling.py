@@ -1,0 +1,150 @@
+"""Sampling, stopping and the public API surface: seeds, top-k/top-p, stop strings/ids, EOS,
+chat, loading from a directory, clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from _engine_util import assert_no_leak, block, check_output, tiny_pair  # noqa: E402
+
+from multiverse import LLM, SamplingParams  # noqa: E402
+from multiverse.engine.sampling import branch_seed, sample  # noqa: E402
+from multiverse.tokenizer import default_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pair(tok):
+    return tiny_pair(tok)
+
+
+@pytest.fixture()
+def llm(pair, tok):
+    return LLM.from_model(pair[1], tok, num_kv_slots=4096)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm, pair, tok):
+    sp = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=30, seed=7, logprobs=True, ignore_eos=True)
+    a = llm.generate(["x"], sp)[0]
+    b = llm.generate(["y", "x", "z"], [SamplingParams(temperature=1.0, max_tokens=30, seed=1), sp,
+                                       SamplingParams(temperature=0.5, max_tokens=9)])[1]  # fmt: skip
+    assert a.token_ids == b.token_ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    c = llm.generate(["x"], SamplingParams(temperature=1.0, top_p=0.95, max_tokens=30, seed=8, ignore_eos=True))[0]
+    assert c.token_ids != a.token_ids
+    check_output(pair[0], tok, a)
+
+
+def test_children_draw_from_their_own_seeded_streams(llm, pair, tok):
+    # force the Goal only: the two paths then sample freely, each with its own generator
+    goal = "<Think>\n<Parallel>\n<Goal>\n<Outline>\n1: a\n</Outline>\n<Outline>\n2: b\n</Outline>\n</Goal>\n<Path>\n1:"
+    forced = tok.encode(goal, add_special_tokens=False)
+    sp = SamplingParams(temperature=1.0, max_tokens=40, seed=3, logprobs=True, max_total_tokens=120)
+    outs = [llm.generate(["q"], SamplingParams(**{**_fields(sp), "forced_output": forced}))[0] for _ in range(2)]
+    assert outs[0].token_ids == outs[1].token_ids and outs[0].usage.blocks == 1
+    check_output(pair[0], tok, outs[0])
+    assert branch_seed(3, ("1",)) != branch_seed(3, ("2",)) and branch_seed(3, ()) == 3
+
+
+def _fields(sp):
+    return {f: getattr(sp, f) for f in sp.__slots__}
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(llm):
+    greedy = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True))[0]
+    for sp in (SamplingParams(temperature=2.0, top_k=1, max_tokens=15, seed=1, ignore_eos=True),
+               SamplingParams(temperature=0.7, top_p=1e-6, max_tokens=15, seed=1, ignore_eos=True)):  # fmt: skip
+        assert llm.generate(["abc"], sp)[0].token_ids == greedy.token_ids
+
+
+def test_sampler_forced_rows_and_logprobs():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0]])
+    greedy = SamplingParams(temperature=0.0)
+    toks, lps = sample(logits, [greedy, greedy], [None, None], [None, 2], [True, True])
+    assert toks == [1, 2]
+    ref = torch.log_softmax(logits, -1)
+    assert lps == pytest.approx([ref[0, 1].item(), ref[1, 2].item()])
+    toks, lps = sample(logits[:1], [greedy], [None], [-1], [True])
+    assert toks == [-1] and lps == [None]
+
+
+def test_stop_strings_stop_token_ids_and_eos(llm, tok):
+    text = "alpha beta STOP gamma"
+    out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output=text, stop=["STOP"]))[0]
+    assert out.text == "alpha beta " and out.finish_reason == "stop"
+    stop_id = tok.encode(" gamma", add_special_tokens=False)[0]
+    out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output=text, stop_token_ids=[stop_id]))[0]
+    assert out.text == "alpha beta STOP" and out.finish_reason == "stop"
+    out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|endoftext|>cd"))[0]
+    assert out.text == "ab" and out.finish_reason == "stop"
+    out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|endoftext|>cd", ignore_eos=True))[0]
+    assert out.text == "ab<|endoftext|>cd"
+
+
+def test_stop_string_inside_a_path_ends_only_that_path(llm, tok):
+    text = "<Think>\n" + block([("1", "one STOP more"), ("2", "two")]) + "</Think>"
+    out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output=text, stop=["STOP"]))[0]
+    s = tok.decode(out.token_ids, skip_special_tokens=False)
+    assert "1: one STOP</Path>\n<Path>\n2: two\n</Path>" in s and out.finish_reason == "stop"
+
+
+def test_prompts_as_token_ids_and_prompt_logprobs(llm, pair, tok):
+    ids = tok.encode("hello there", add_special_tokens=False)
+    outs = llm.generate([ids, "hello there"], SamplingParams(temperature=0.0, max_tokens=5, prompt_logprobs=True))
+    assert outs[0].token_ids == outs[1].token_ids and outs[0].prompt is None
+    assert outs[0].prompt_logprobs == pytest.approx(outs[1].prompt_logprobs)
+    check_output(pair[0], tok, outs[0])
+
+
+def test_chat_applies_the_template(llm, tok):
+    msgs = [{"role": "user", "content": "hi"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=4))[0]
+    expect = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert out.prompt == expect and out.outputs[0] is out
+
+
+def test_llm_from_a_saved_directory(pair, tok, tmp_path):
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), num_kv_slots=512)
+    text = "<Think>\n" + block([("1", "a"), ("2", "b")]) + "</Think>"
+    out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output=text, logprobs=True))[0]
+    assert out.text == text and out.usage.blocks == 1
+    check_output(hf, tok, out)
+    assert_no_leak(llm)
+
+
+def test_bad_input_gives_clear_errors(llm):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate([""], SamplingParams())
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([[1, 10**6]], SamplingParams())
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        llm.generate(["a"], [SamplingParams(), SamplingParams()])
+
+
+def test_model_without_tags_decodes_plainly(tok):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(97 + i): i for i in range(26)} | {"<eos>": 26}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    t = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    _, ours = tiny_pair(t)
+    llm = LLM.from_model(ours, t, num_kv_slots=256)
+    out = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    assert len(out.token_ids) == 6 and out.usage.parallel_degree == 1.0
