@@ -323,7 +323,8 @@ def forms_for(
     on the Multiverse form, autoregressive mode on the sequential form). With curriculum
     (multiverse mode only): ``epochs`` passes over the records in file order, cut into the 8
     equal segments of SPEC section 6; within segment ``s`` the Multiverse examples are spread
-    evenly so that their share is :data:`CURRICULUM_MV_SHARES` ``[s]``. Never shuffled.
+    evenly: ``floor(size * share)`` of them with ``share`` = :data:`CURRICULUM_MV_SHARES` ``[s]``.
+    Never shuffled.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
