@@ -225,3 +225,21 @@ def test_request_status_after_generate(pair, tok):
     while llm.has_unfinished():
         llm.step()
     assert req.finished and req.root.status is Status.FINISHED and req.finish_reason == "length"
+
+
+def test_requests_join_between_steps(pair, tok):
+    """Continuous batching: a request added while another is mid-fork gets the same result as
+    when it runs alone."""
+    prompts, params = _mixed_batch()
+    llm = _llm(pair, tok, num_kv_slots=4096)
+    first = llm.add_request(prompts[0], params[0])
+    while not first.root.children:  # run until it has forked
+        llm.step()
+    late = llm.add_request(prompts[1], params[1])
+    while llm.has_unfinished():
+        llm.step()
+    alone = _llm(pair, tok, num_kv_slots=4096).generate(prompts[:2], params[:2])
+    assert llm.output(first).token_ids == alone[0].token_ids
+    assert llm.output(late).token_ids == alone[1].token_ids
+    check_output(pair[0], tok, llm.output(late))
+    assert_no_leak(llm)

@@ -146,6 +146,8 @@ class ForkJoin:
             br.status = Status.ENDED
         if br.status is Status.ENDED and br.parent is not None:
             self.try_merge(br.parent)
+        elif br.status is Status.WAITING:  # recomputed after preemption
+            self.try_merge(br)
         return False
 
     def on_sampled(self, br: Branch, token: int, logprob: float | None) -> None:

@@ -61,8 +61,9 @@ class RequestOutput:
 class LLM:
     """The engine. ``LLM(model_dir, device="cpu", dtype="float32", **engine_config)``.
 
-    engine_config: ``num_kv_slots`` (pool size in tokens) or ``kv_memory`` (bytes; on CUDA a
-    float <= 1 is a fraction of free memory), ``max_batch_tokens``, ``prefill_chunk``,
+    engine_config: ``num_kv_slots`` (pool size in tokens) or ``kv_memory`` (bytes, or a fraction
+    <= 1 of the free device memory / available RAM; default: half the free GPU memory, 1 GiB on
+    CPU), ``max_batch_tokens``, ``prefill_chunk``,
     ``enable_prefix_cache``, ``gguf_file``, ``tokenizer`` (overrides the checkpoint's).
     """
 
@@ -140,7 +141,8 @@ class LLM:
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that finished in it."""
+        """Run one engine step; returns the requests that finished in it. Requests may be added
+        (:meth:`add_request`) between steps."""
         active = [r for r in self.requests if not r.finished]
         works = self.scheduler.schedule(active)
         if not works:  # nothing fits: the first request alone exceeds the KV pool
@@ -149,6 +151,9 @@ class LLM:
             out = self.runner.run(works)
             self._postprocess(works, out)
         done = [r for r in active if r.finished]
+        now = time.perf_counter()
+        for r in done:
+            r.t_finish = now
         self.requests = [r for r in self.requests if not r.finished]
         return done
 
@@ -162,7 +167,7 @@ class LLM:
                 lps = token_logprobs(out.logits[rows[0] : rows[-1] + 1], nxt)
                 for r, lp in zip(w.prompt_rows, lps, strict=True):
                     req.prompt_logprobs[w.start + r + 1] = lp
-            if br.parent is None and not req.prompt_cached and br.num_computed >= req.prompt_len:
+            if br.parent is None and not req.finished and not req.prompt_cached and br.num_computed >= req.prompt_len:
                 req.prompt_cached = True
                 if self.radix is not None:
                     self.radix.insert(req.prompt_ids, br.kv[: req.prompt_len], namespace=req.parallel)
@@ -202,14 +207,13 @@ class LLM:
         pending = {r.id for r in reqs}
         while pending:
             for r in self.step():
-                r.t_finish = time.perf_counter()
                 if r.id in pending:
                     pending.discard(r.id)
                     if bar is not None:
                         bar.update(1)
         if bar is not None:
             bar.close()
-        return [self._output(r, p if isinstance(p, str) else None, start) for r, p in zip(reqs, prompts, strict=True)]
+        return [self.output(r, p if isinstance(p, str) else None, start) for r, p in zip(reqs, prompts, strict=True)]
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
@@ -218,7 +222,11 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _output(self, req: Request, prompt: str | None, start: float) -> RequestOutput:
+    def output(self, req: Request, prompt: str | None = None, start: float | None = None) -> RequestOutput:
+        """The output of a finished request (``start``: when its timing begins; default its arrival)."""
+        if not req.finished:
+            raise ValueError(f"request {req.id} has not finished yet")
+        start = req.t_arrival if start is None else start
         root, n0 = req.root, req.prompt_len
         ids = root.own_ids[n0:]
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -246,8 +254,12 @@ def _default_slots(model: Any, kv_memory: float | None) -> int:
         budget = free * (kv_memory if kv_memory is not None and kv_memory <= 1 else 0.5)
         if kv_memory is not None and kv_memory > 1:
             budget = kv_memory
+    elif kv_memory is not None and kv_memory <= 1:  # a fraction of the available RAM
+        import os
+
+        budget = kv_memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     else:
-        budget = kv_memory if kv_memory is not None and kv_memory > 1 else 1 << 30
+        budget = kv_memory if kv_memory is not None else 1 << 30
     return max(256, min(int(budget // per), 1 << 22))
 
 

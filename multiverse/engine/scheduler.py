@@ -48,10 +48,6 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.num_preemptions = 0
 
-    def free_slots(self) -> int:
-        """Slots obtainable without preempting anyone."""
-        return self.kv.num_free + (self.radix.evictable_slots() if self.radix else 0)
-
     def schedule(self, requests: list[Request]) -> list[Work]:
         order = [b for r in requests if not r.finished for b in r.branches()]
         budget = self.max_batch_tokens
