@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", nargs="+", type=int, default=[2, 4, 8])
     ap.add_argument("--path-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared CPU, multi-threaded small matmuls stall)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     rows = [r for m in args.models for r in run_model(m, args.paths, args.path_tokens, args.repeats)]
     print(json.dumps({"benchmark": "fork_speed", "threads": torch.get_num_threads(), "rows": rows}))
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,7 +55,11 @@ class RequestOutput:
     tree: dict[str, Any]
     usage: Usage
     finish_reason: str
-    outputs: list[RequestOutput] = field(default_factory=list)  # vLLM style: [self]
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        """vLLM style access (``out.outputs[0].text``): one completion per request, itself."""
+        return [self]
 
 
 class LLM:
@@ -243,7 +247,6 @@ class LLM:
         plp = req.prompt_logprobs if req.params.prompt_logprobs else None
         o = RequestOutput(prompt, list(req.prompt_ids), text, ids, root.own_forced[n0:], lps, plp, pos, tree,
                           usage, req.finish_reason or "length")  # fmt: skip
-        o.outputs = [o]
         return o
 
 
