@@ -309,3 +309,22 @@ def test_autoregressive_loss_is_plain_causal(tok, tag_ids, records):
     ids = ex.input_ids
     nll = [-float(logp[t - 1, ids[t]]) for t in range(prompt_len, len(ids))]
     assert float(loss) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_flex_attention_forward_matches_sdpa(tok, tag_ids, records):
+    """The GPU path (BlockMask through transformers' flex_attention) against the SDPA path, on
+    CPU in inference mode (flex_attention has no CPU backward; compiling takes a while)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    model = tiny_model(tok)
+    exs = [example(tok, r) for r in records[:2]]
+    for pack in (True, False):
+        batch = MultiverseCollator(tag_ids, tok.pad_token_id, pack=pack, pad_to_multiple_of=128)(
+            exs
+        )
+        with torch.no_grad():
+            model.set_attn_implementation("sdpa")
+            want = float(multiverse_forward_loss(model, batch, "sdpa"))
+            model.set_attn_implementation("flex_attention")
+            got = float(multiverse_forward_loss(model, batch, "flex"))
+        assert got == pytest.approx(want, rel=1e-4)
