@@ -313,3 +313,5 @@ def test_model_without_tags_gets_them(tmp_path, data_file):
     assert sorted(ids.values()) == list(range(len(tok), len(tok) + 12))
     rows = AutoModelForCausalLM.from_pretrained(str(out)).get_input_embeddings().weight.shape[0]
     assert rows % 64 == 0 and rows >= len(tok) + 12
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == [saved.convert_tokens_to_ids("<|im_end|>"), saved.eos_token_id]

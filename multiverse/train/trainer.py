@@ -152,7 +152,6 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
         grammar.add_tags_to_model(model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _set_stop_tokens(model, tokenizer)
     return model, tokenizer
 
 
@@ -403,6 +402,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     )
     trainer.train(resume_from_checkpoint=resume or None)
     model.config.use_cache = True  # the Trainer turns it off for training; generation wants it
+    _set_stop_tokens(model, tokenizer)  # after train(): the Trainer re-aligns special tokens
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output))
