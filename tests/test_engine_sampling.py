@@ -148,3 +148,24 @@ def test_model_without_tags_decodes_plainly(tok):
     llm = LLM.from_model(ours, t, num_kv_slots=256)
     out = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
     assert len(out.token_ids) == 6 and out.usage.parallel_degree == 1.0
+    # EOS ends a plain (tagless) model's request too
+    out = llm.generate(["abc"], SamplingParams(temperature=0.0, forced_output=[0, 1, 26, 2, 3]))[0]
+    assert out.token_ids == [0, 1] and out.finish_reason == "stop"
+
+
+def test_generation_config_eos_ids_are_honoured(pair, tok, tmp_path):
+    """A chat model ends turns with <|im_end|>: the directory's generation_config lists it."""
+    import json
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, tok.eos_token_id]}))
+    llm = LLM(str(tmp_path), num_kv_slots=512)
+    assert im_end in llm.eos_token_ids and tok.eos_token_id in llm.eos_token_ids
+    out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|im_end|>cd"))[0]
+    assert out.text == "ab" and out.finish_reason == "stop"
+    plain = LLM.from_model(llm.model, tok, num_kv_slots=512)  # no generation_config: only the tokenizer's EOS
+    out = plain.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|im_end|>cd"))[0]
+    assert out.text == "ab<|im_end|>cd"

@@ -67,10 +67,12 @@ class ForkJoin:
     """Transitions of every branch of every request (see the module docstring)."""
 
     def __init__(self, kv: KVManager, specials: Specials | None,
-                 on_release: Callable[[Branch], None] = lambda b: None) -> None:  # fmt: skip
+                 on_release: Callable[[Branch], None] = lambda b: None,
+                 eos_ids: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.kv = kv
         self.sp = specials
         self.on_release = on_release
+        self.eos_ids = eos_ids  # the tokenizer's EOS and the checkpoint's generation_config EOS ids
 
     # -- appending -------------------------------------------------------------------------
     def _append(self, br: Branch, token: int, *, forced: bool, logprob: float | None = None,
@@ -153,8 +155,7 @@ class ForkJoin:
     def on_sampled(self, br: Branch, token: int, logprob: float | None) -> None:
         """Take (or refuse) the token ``br`` sampled; -1 = the forced output ended (EOS)."""
         req, p = br.request, br.request.params
-        eos = self.sp.eos if self.sp else None
-        if token < 0 or token in p.stop_token_ids or (token == eos and not p.ignore_eos):
+        if token < 0 or token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             self.end_branch(br, "stop")
             return
         tag = req.tag_names.get(token)

@@ -68,7 +68,9 @@ class LLM:
     engine_config: ``num_kv_slots`` (pool size in tokens) or ``kv_memory`` (bytes, or a fraction
     <= 1 of the free device memory / available RAM; default: half the free GPU memory, 1 GiB on
     CPU), ``max_batch_tokens``, ``prefill_chunk``,
-    ``enable_prefix_cache``, ``gguf_file``, ``tokenizer`` (overrides the checkpoint's).
+    ``enable_prefix_cache``, ``gguf_file``, ``tokenizer`` (overrides the checkpoint's),
+    ``eos_token_ids`` (extra EOS ids; by default the tokenizer's EOS plus the directory's
+    ``generation_config.json`` ``eos_token_id``, e.g. ``<|im_end|>`` for chat models).
     """
 
     def __init__(self, model: Any, device: str = "cpu", dtype: str = "float32", **engine_config: Any) -> None:
@@ -76,9 +78,11 @@ class LLM:
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from multiverse.engine.loader import load_model
 
+            path = model
             model, loaded_tok, _ = load_model(model, dtype=dtype, device=device,
                                               gguf_file=engine_config.pop("gguf_file", None))  # fmt: skip
             tokenizer = tokenizer or loaded_tok
+            engine_config.setdefault("eos_token_ids", _generation_eos(path))
         if tokenizer is None:
             raise ValueError("LLM needs a tokenizer: the model directory has none; pass tokenizer=")
         self._setup(model, tokenizer, **engine_config)
@@ -92,7 +96,8 @@ class LLM:
 
     def _setup(self, model: Any, tokenizer: Any, num_kv_slots: int | None = None,
                kv_memory: float | None = None, max_batch_tokens: int = 2048, prefill_chunk: int = 512,
-               enable_prefix_cache: bool = True, seed: int = 0) -> None:  # fmt: skip
+               enable_prefix_cache: bool = True, seed: int = 0,
+               eos_token_ids: Sequence[int] | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         slots = num_kv_slots or _default_slots(model, kv_memory)
         self.kv = KVManager(slots)
@@ -105,7 +110,11 @@ class LLM:
             tags = None  # a plain model: every request decodes sequentially
         self.specials = Specials.from_tokenizer(tokenizer, tags) if tags else None
         self._tag_names = {v: k for k, v in tags.items()} if tags else {}
-        self.forkjoin = ForkJoin(self.kv, self.specials, self.runner.forget)
+        eos = {int(i) for i in (eos_token_ids or [])}
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_token_ids = frozenset(eos)
+        self.forkjoin = ForkJoin(self.kv, self.specials, self.runner.forget, self.eos_token_ids)
         self.requests: list[Request] = []
         self._rng = random.Random(seed)
         self._next_id = 0
@@ -248,6 +257,23 @@ class LLM:
         o = RequestOutput(prompt, list(req.prompt_ids), text, ids, root.own_forced[n0:], lps, plp, pos, tree,
                           usage, req.finish_reason or "length")  # fmt: skip
         return o
+
+
+def _generation_eos(path: Any) -> list[int]:
+    """EOS ids from a checkpoint directory's ``generation_config.json`` (an int or a list)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "generation_config.json"
+    if not cfg.is_file():
+        return []
+    try:
+        eos = json.loads(cfg.read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(x) for x in eos]
 
 
 def _default_slots(model: Any, kv_memory: float | None) -> int:
