@@ -130,10 +130,10 @@ def device_of(requested: str) -> torch.device:
 def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tuple[Any, Any]:
     """The model and tokenizer of ``cfg``, the tags added to both when missing."""
     if cfg.config is not None:
-        from multiverse.tokenizer import build_tokenizer, load_tokenizer
+        from multiverse.tokenizer import build_tokenizer
         from multiverse.train.presets import build_model
 
-        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()
+        tokenizer = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()
         grammar.add_tags_to_tokenizer(tokenizer)
         model = build_model(cfg.config, tokenizer, attn_implementation, seed=cfg.seed)
     else:
@@ -186,11 +186,11 @@ def load_pretrained_tokenizer(directory: str | Path) -> Any:
 
 def _set_stop_tokens(model: Any, tokenizer: Any) -> None:
     """Generation stops at the chat end-of-turn token as well as at EOS."""
-    stops = []
+    vocab = tokenizer.get_vocab()
+    stops: list[int] = []
     for token in ("<|im_end|>", tokenizer.eos_token):
-        tid = tokenizer.convert_tokens_to_ids(token) if token else None
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in stops:
-            stops.append(tid)
+        if token and token in vocab and vocab[token] not in stops:
+            stops.append(vocab[token])
     if model.generation_config is not None and stops:
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         model.generation_config.pad_token_id = tokenizer.pad_token_id
