@@ -11,7 +11,11 @@ for each one:
   * prints # parallel (all generated tokens / sequential depth, SPEC 2) and the blocks,
     branches and engine-inserted tokens of the request;
   * generates the same prompt again with forking off (same model, same process) and prints
-    the wall-clock speedup, forking-off time / forking-on time, at batch size 1.
+    the wall-clock speedup, forking-off time / forking-on time, at batch size 1 (SPEC 2), with
+    what forking off wrote (tokens, right or wrong): a model trained only on Multiverse
+    Attention is not made to decode its format causally, so that text can differ;
+  * when the autoregressive twin is there (``twin_dir``, default ``autoregressive-tiny`` next
+    to the model), solves the problem with it too (sequential prompt) for comparison.
 
 Invariants: the problems are held out (``split="test"``, disjoint from any training file
 made by ``python -m multiverse.tasks --split train``) and fixed (same seed, same problems on
@@ -35,6 +39,16 @@ MAX_TOKENS = 600
 
 
 @dataclass(slots=True)
+class TwinResult:
+    """The autoregressive twin on the same problem (sequential prompt, forking off)."""
+
+    answer: str | None
+    correct: bool
+    tokens: int
+    seconds: float
+
+
+@dataclass(slots=True)
 class DemoResult:
     """One problem solved twice (forking on, then off)."""
 
@@ -52,6 +66,9 @@ class DemoResult:
     branches: int
     seconds_on: float
     seconds_off: float
+    tokens_off: int
+    correct_off: bool
+    twin: TwinResult | None = None
 
     @property
     def speedup(self) -> float:
@@ -67,27 +84,41 @@ def demo_problems(n: int, seed: int = DEMO_SEED) -> list[Any]:
     return [next(streams[names[k % len(names)]]) for k in range(n)]
 
 
-def solve(llm: Any, record: Any, max_tokens: int = MAX_TOKENS) -> DemoResult:
-    """Solve ``record`` with forking on (the answer shown) and off (the timing baseline)."""
+def _timed(llm: Any, question: str, parallel: bool, prompt_parallel: bool, max_tokens: int):
+    """One greedy generation: (output, seconds)."""
     from multiverse import SamplingParams
     from multiverse.evaluate import chat_prompt, stop_token_ids
-    from multiverse.grading import extract_answer, grade
 
     tok = llm.tokenizer
-    prompt = chat_prompt(tok, record.question, parallel=True)
-    stop = stop_token_ids(tok)
+    prompt = chat_prompt(tok, question, parallel=prompt_parallel)
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=max_tokens,
+        parallel=parallel,
+        stop_token_ids=stop_token_ids(tok),
+    )
+    start = time.perf_counter()
+    out = llm.generate([prompt], params)[0]
+    return out, time.perf_counter() - start
 
-    def timed(parallel: bool) -> tuple[Any, float]:
-        params = SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, parallel=parallel, stop_token_ids=stop
-        )
-        start = time.perf_counter()
-        out = llm.generate([prompt], params)[0]
-        return out, time.perf_counter() - start
 
-    out, t_on = timed(True)
-    _, t_off = timed(False)
+def solve(llm: Any, record: Any, max_tokens: int = MAX_TOKENS, twin: Any = None) -> DemoResult:
+    """Solve ``record`` with forking on (the answer shown) and off (the timing baseline), and
+    with the autoregressive ``twin`` engine when given."""
+    from multiverse.grading import extract_answer, grade
+
     reference = str(record.answer)
+    out, t_on = _timed(llm, record.question, True, True, max_tokens)
+    off, t_off = _timed(llm, record.question, False, True, max_tokens)
+    twin_result = None
+    if twin is not None:
+        tw, t_tw = _timed(twin, record.question, False, False, max_tokens)
+        twin_result = TwinResult(
+            extract_answer(tw.text),
+            grade(tw.text, reference, kind="exact"),
+            len(tw.token_ids),
+            t_tw,
+        )
     u = out.usage
     return DemoResult(
         task=record.task,
@@ -104,6 +135,9 @@ def solve(llm: Any, record: Any, max_tokens: int = MAX_TOKENS) -> DemoResult:
         branches=u.branches,
         seconds_on=t_on,
         seconds_off=t_off,
+        tokens_off=len(off.token_ids),
+        correct_off=grade(off.text, reference, kind="exact"),
+        twin=twin_result,
     )
 
 
@@ -129,18 +163,32 @@ def format_result(k: int, n: int, r: DemoResult, counter: Any) -> str:
         f"{r.depth_tokens}; {r.blocks} block(s), {r.branches} branch(es), "
         f"{r.forced_tokens} tokens inserted by the engine)",
         f"time: forking on {r.seconds_on:.2f} s, forking off {r.seconds_off:.2f} s  ->  "
-        f"speedup {r.speedup:.2f}x (batch 1)",
-        "",
+        f"speedup {r.speedup:.2f}x (batch 1; forking off wrote {r.tokens_off} tokens, "
+        f"{'right' if r.correct_off else 'wrong'} answer)",
     ]
+    if r.twin is not None:
+        t = r.twin
+        lines.append(
+            f"autoregressive twin: {t.tokens} tokens in {t.seconds:.2f} s, answer "
+            f"{t.answer if t.answer is not None else '(none)'} ({'right' if t.correct else 'wrong'})"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
-def run_model_demo(model_dir: str | Path, n_problems: int = 3, out: Any = None) -> int:
+def run_model_demo(
+    model_dir: str | Path, n_problems: int = 3, out: Any = None, twin_dir: str | Path | None = None
+) -> int:
     """Run the demo on the model in ``model_dir``; print to ``out`` (default stdout).
 
-    Returns 0, or 2 with a one-line message when the model cannot be loaded."""
+    ``twin_dir``: the autoregressive twin to compare with (default: ``autoregressive-tiny``
+    next to ``model_dir`` when it exists; ``""`` for none). Returns 0, or 2 with a one-line
+    message when a model cannot be loaded."""
     out = out or sys.stdout
     model_dir = Path(model_dir)
+    if twin_dir is None:
+        default = model_dir.parent / "autoregressive-tiny"
+        twin_dir = default if (default / "config.json").is_file() and default != model_dir else ""
     if n_problems < 1:
         print(f"multiverse demo: error: --problems must be >= 1, got {n_problems}", file=sys.stderr)
         return 2
@@ -149,8 +197,9 @@ def run_model_demo(model_dir: str | Path, n_problems: int = 3, out: Any = None) 
 
     try:
         llm = LLM(str(model_dir), device="cpu", dtype="float32")
+        twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
     except (OSError, ValueError) as e:
-        print(f"multiverse demo: error: cannot load model {model_dir}: {e}", file=sys.stderr)
+        print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
         return 2
     counter = Counter(str(model_dir))
     print(
@@ -160,11 +209,12 @@ def run_model_demo(model_dir: str | Path, n_problems: int = 3, out: Any = None) 
     )
     problems = demo_problems(n_problems)
     warm = SamplingParams(temperature=0.0, max_tokens=4)
-    llm.generate(["warm up"], warm)  # first-call costs stay out of the timings
+    for engine in (llm, twin) if twin is not None else (llm,):
+        engine.generate(["warm up"], warm)  # first-call costs stay out of the timings
 
     results = []
     for k, rec in enumerate(problems, 1):
-        r = solve(llm, rec)
+        r = solve(llm, rec, twin=twin)
         results.append(r)
         print(format_result(k, len(problems), r, counter), file=out, flush=True)
 
@@ -172,9 +222,15 @@ def run_model_demo(model_dir: str | Path, n_problems: int = 3, out: Any = None) 
     mean_par = sum(r.parallel_degree for r in results) / len(results)
     t_on = sum(r.seconds_on for r in results)
     t_off = sum(r.seconds_off for r in results)
-    print(
+    line = (
         f"summary: {correct}/{len(results)} correct, mean # parallel {mean_par:.2f}, "
-        f"forking on {t_on:.2f} s vs off {t_off:.2f} s: speedup {t_off / t_on:.2f}x",
-        file=out,
+        f"forking on {t_on:.2f} s vs off {t_off:.2f} s: speedup {t_off / t_on:.2f}x"
     )
+    twins = [r.twin for r in results if r.twin is not None]
+    if twins:
+        line += (
+            f"; autoregressive twin {sum(t.correct for t in twins)}/{len(twins)} correct "
+            f"in {sum(t.seconds for t in twins):.2f} s"
+        )
+    print(line, file=out)
     return 0

@@ -163,3 +163,4 @@ def test_demo_runs_on_the_shipped_model():
     text = buf.getvalue()
     assert "Parallel:" in text and "Path 1" in text
     assert "speedup" in text and "1/1 correct" in text
+    assert "autoregressive twin" in text  # the twin next to the model is compared
