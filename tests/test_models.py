@@ -319,9 +319,10 @@ def _mixed_batch(ours: CausalLM, kv: KVPool, seed: int):
     for q, n, custom in specs:
         seq_slots = torch.tensor([free.pop() for _ in range(n)])
         # the cached part of the sequence is already in the pool (arbitrary contents)
-        kv.kv[:, seq_slots[: n - q]] = torch.randn(
-            kv.kv[:, seq_slots[: n - q]].shape, generator=gen
-        )
+        cached = seq_slots[: n - q]
+        shape = (kv.num_layers, n - q, 2, kv.num_kv_heads, kv.head_dim)
+        values = torch.randn(shape, generator=gen)
+        kv.kv[:, cached.to(kv.device)] = values.to(device=kv.device, dtype=kv.dtype)
         ids.append(torch.randint(0, ours.vocab_size, (q,), generator=gen))
         pos.append(torch.randint(0, 50, (q,), generator=gen))
         slots.append(seq_slots[n - q :])
@@ -374,15 +375,22 @@ def test_fast_decode_equals_reference(kv_lens):
         masks=[None] * b,
     )
     plan = build_attention_plan(batch)
-    assert plan.q_index is None and not plan.fresh_causal
+    assert plan.q_index is None and not plan.fresh_causal and not plan.fold_gqa
     assert (plan.attn_mask is None) == (len(set(kv_lens)) == 1)
+    folded = build_attention_plan(batch, fold_gqa=True)  # the CUDA default
+    assert folded.fold_gqa
     kv_ref = KVPool.for_model(ours, num_slots=64)
     kv_ref.kv.copy_(kv.kv)
+    kv_fold = KVPool.for_model(ours, num_slots=64)
+    kv_fold.kv.copy_(kv.kv)
+    args = (batch.input_ids, batch.position_ids, batch.slot_mapping)
     with torch.inference_mode():
         fast = ours(batch, kv)
+        fold = ours.step(*args, kv_fold.kv, folded, None)
         ref = ours(batch, kv_ref, reference=True)
     assert fast.shape == (b, VOCAB) and fast.dtype == torch.float32
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(fold, ref, atol=ATOL, rtol=0)
 
 
 def test_default_logits_rows_are_last_token_of_each_sequence():
@@ -579,3 +587,61 @@ def test_smollm2_gguf_answers_chat_prompt():
             )  # fmt: skip
     answer = tokenizer.decode(tokens[len(ids) :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+# ------------------------------------------------------------------- CUDA (benchmarks/gpu_check.sh)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_float32_matches_cpu(arch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    hf = _hf_model(arch, seed=80)
+    cpu = _ours(hf)
+    gpu = CausalLM(hf.config, device="cuda")
+    gpu.load_hf_state_dict(hf.state_dict())
+    kv_cpu = KVPool.for_model(cpu, num_slots=96)
+    batch = _mixed_batch(cpu, kv_cpu, seed=81)
+    kv_gpu = KVPool.for_model(gpu, num_slots=96)
+    kv_gpu.kv.copy_(kv_cpu.kv)
+    to = dict(device="cuda")
+    gpu_batch = ForwardBatch(
+        batch.input_ids.to(**to),
+        batch.position_ids.to(**to),
+        batch.slot_mapping.to(**to),
+        batch.q_lens,
+        [ix.to(**to) for ix in batch.kv_indices],
+        [None if m is None else m.to(**to) for m in batch.masks],
+        logits_rows=batch.logits_rows.to(**to),
+    )
+    with torch.inference_mode():
+        want = cpu(batch, kv_cpu)
+        fast = gpu(gpu_batch, kv_gpu).cpu()
+        full = gpu.forward_full(batch.input_ids[:1].cuda()).cpu()
+        full_cpu = cpu.forward_full(batch.input_ids[:1])
+    torch.testing.assert_close(fast, want, atol=1e-3, rtol=0)
+    torch.testing.assert_close(full, full_cpu, atol=1e-3, rtol=0)
+
+
+@cuda
+def test_cuda_bfloat16_fast_path_equals_reference():
+    hf = _hf_model("qwen2", seed=90)
+    gpu = CausalLM(hf.config, dtype="bfloat16", device="cuda")
+    gpu.load_hf_state_dict(hf.state_dict())
+    kv_fast = KVPool.for_model(gpu, num_slots=96)
+    batch = _mixed_batch(gpu, kv_fast, seed=91)
+    batch = ForwardBatch(
+        batch.input_ids.cuda(), batch.position_ids.cuda(), batch.slot_mapping.cuda(), batch.q_lens,
+        [ix.cuda() for ix in batch.kv_indices], [None if m is None else m.cuda() for m in batch.masks],
+        logits_rows=batch.logits_rows.cuda(),
+    )  # fmt: skip
+    kv_ref = KVPool.for_model(gpu, num_slots=96)
+    kv_ref.kv.copy_(kv_fast.kv)
+    with torch.inference_mode():
+        fast = gpu(batch, kv_fast)
+        ref = gpu(batch, kv_ref, reference=True)
+    scale = ref.abs().max()
+    assert (fast - ref).abs().max() < 0.03 * scale

@@ -1,5 +1,10 @@
 """The engine's tensor side: our own forward pass for Qwen2/Qwen2.5, Llama and Qwen3 checkpoints.
 
+Interface additions (all optional, the agreed interface is unchanged): ``forward(batch, kv,
+reference=False)``; ``forward_full``'s ``position_ids`` / ``mask`` default to arange / causal;
+``KVPool.kv`` (the one buffer behind ``k`` / ``v``), ``KVPool.for_model(model, num_slots)``;
+``CausalLM.step(...)`` (the fast step as a function of tensors), ``CausalLM.load_hf_state_dict``.
+
 The engine never runs a transformers model. It runs :class:`CausalLM`, a small re-implementation
 of the decoder (RMSNorm, RoPE with caller-given position ids, GQA attention, SiLU MLP) that reads
 the K/V of every sequence out of one preallocated token-granular :class:`KVPool`.
@@ -35,6 +40,8 @@ Internal layout (invisible to callers, but the pool's contents depend on it):
   RoPE layout (dims ``i`` and ``i + D/2`` rotate together) to the interleaved layout (dims ``2i``
   and ``2i+1``), so RoPE is one complex multiply. Attention scores are unchanged (q and k are
   permuted alike; v is not permuted); keys stored in :class:`KVPool` are in the permuted layout.
+- RMSNorm is ``F.rms_norm`` (one rounding); in bf16/fp16 logits therefore differ from
+  transformers' (which rounds before the weight multiply) by rounding, not in fp32.
 - :class:`KVPool` stores K and V interleaved in one buffer ``kv[layer, slot, 2, kv_head, dim]``;
   ``KVPool.k`` / ``KVPool.v`` are (non-contiguous) views of it, so one index_copy writes both.
 """
@@ -323,10 +330,16 @@ class AttentionPlan:
     q_index: torch.Tensor | None = None  # [B * max_q] long
     out_index: torch.Tensor | None = None  # [T] long
     attn_mask: torch.Tensor | None = None  # Bool [B, 1, max_q, max_kv]
+    fold_gqa: bool = False  # decode only: the G query heads of a KV head become G query rows
 
 
-def build_attention_plan(batch: ForwardBatch) -> AttentionPlan:
-    """Validate a batch's per-sequence lists and build the fast path's tensors (no device sync)."""
+def build_attention_plan(batch: ForwardBatch, fold_gqa: bool | None = None) -> AttentionPlan:
+    """Validate a batch's per-sequence lists and build the fast path's tensors (no device sync).
+
+    ``fold_gqa`` (default: on CUDA) lets a decode step (every ``q_len == 1``) attend with queries
+    ``[B, Hk, G, D]`` against un-repeated K/V, so SDPA needs no GQA support next to a mask
+    (CUDA's fused kernels with a mask lack it); on CPU ``enable_gqa`` is faster.
+    """
     q_lens = batch.q_lens
     num_seqs = len(q_lens)
     if num_seqs == 0:
@@ -390,7 +403,12 @@ def build_attention_plan(batch: ForwardBatch) -> AttentionPlan:
                 if m is not None:
                     attn_mask[i, : q_lens[i], : kv_lens[i]] = m.to(device=device, dtype=torch.bool)
         attn_mask = attn_mask[:, None]
-    return AttentionPlan(num_seqs, max_q, max_kv, False, gather, q_index, out_index, attn_mask)
+    if fold_gqa is None:
+        fold_gqa = device.type == "cuda"
+    fold_gqa = fold_gqa and max_q == 1
+    return AttentionPlan(
+        num_seqs, max_q, max_kv, False, gather, q_index, out_index, attn_mask, fold_gqa
+    )
 
 
 def reference_attention(
@@ -778,15 +796,20 @@ class CausalLM(nn.Module):
                 gathered = pool.index_select(0, plan.gather).view(b, max_kv, 2, hk, d)
                 k = gathered[:, :, 0].transpose(1, 2)  # [B, Hk, max_kv, D]
                 v = gathered[:, :, 1].transpose(1, 2)
-                if plan.q_index is not None:
-                    q = q.index_select(0, plan.q_index)
-                qh = q.view(b, max_q, hq, d).transpose(1, 2)  # [B, Hq, max_q, D]
-                out = F.scaled_dot_product_attention(
-                    qh, k, v, attn_mask=plan.attn_mask, enable_gqa=True
-                )
-                attn = out.transpose(1, 2).reshape(b * max_q, hq * d)
-                if plan.out_index is not None:
-                    attn = attn.index_select(0, plan.out_index)
+                if plan.fold_gqa:  # decode: [B, Hk, G, D] queries, mask broadcast over rows
+                    qh = q.view(b, hk, hq // hk, d)
+                    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.attn_mask)
+                    attn = out.reshape(b, hq * d)
+                else:
+                    if plan.q_index is not None:
+                        q = q.index_select(0, plan.q_index)
+                    qh = q.view(b, max_q, hq, d).transpose(1, 2)  # [B, Hq, max_q, D]
+                    out = F.scaled_dot_product_attention(
+                        qh, k, v, attn_mask=plan.attn_mask, enable_gqa=True
+                    )
+                    attn = out.transpose(1, 2).reshape(b * max_q, hq * d)
+                    if plan.out_index is not None:
+                        attn = attn.index_select(0, plan.out_index)
             x = self._finish_layer(x, attn, w)
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
