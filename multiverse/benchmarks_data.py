@@ -120,18 +120,23 @@ def load_benchmark(
     data_dir: str | Path | None = None,
     seed: int = 0,
     kind: str | None = None,
+    tasks: list[str] | None = None,
 ) -> list[Problem]:
     """Problems of a named benchmark (:data:`BENCHMARKS`) or of a JSON/JSONL file path.
 
     ``synthetic`` draws ``limit`` (default 100) problems from the test split of
-    :mod:`multiverse.tasks` with ``seed``. ``limit`` keeps the first N of a fixed set.
+    :mod:`multiverse.tasks` with ``seed`` (only ``tasks`` when given). ``limit`` keeps the first N of a fixed set.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    task_names = tasks
     if name == "synthetic":
         from multiverse import tasks
 
-        recs = tasks.generate(limit or 100, seed=seed, split="test")
+        try:
+            recs = tasks.generate(limit or 100, seed=seed, split="test", tasks=task_names)
+        except ValueError as e:
+            raise ValueError(f"--tasks: {e}") from None
         return problems_from_records([r.to_dict() for r in recs], "synthetic", kind)
     if name in BENCHMARK_FILES:
         files, default_kind = BENCHMARK_FILES[name]

@@ -42,6 +42,11 @@ CLOCK: Clock = time.perf_counter
 # ----------------------------------------------------------------------------- prompts
 
 
+BASELINES = ("serial", "plain")
+"""Forking-off modes for the speedup: ``serial`` (same output, branches one after another) or
+``plain`` (the model decoded without forking: tags are ordinary tokens, causal attention)."""
+
+
 def user_prompt(question: str, parallel: bool = True) -> str:
     """SPEC 1.3 user turn. A question that already ends its instructions with the sequential
     phrase (GPQA's) gets it replaced instead of a second instruction appended."""
@@ -176,6 +181,7 @@ def evaluate(
     max_tokens: int = 1024,
     speedup: bool = True,
     parallel_prompt: bool = True,
+    baseline: str = "serial",
     params: Callable[..., Any] | None = None,
     clock: Clock | None = None,
     warmup: bool = True,
@@ -195,7 +201,10 @@ def evaluate(
     now = clock or CLOCK
     stop = stop_token_ids(tokenizer)
     on = make(temperature=0.0, max_tokens=max_tokens, parallel=True, stop_token_ids=stop)
-    off = make(temperature=0.0, max_tokens=max_tokens, parallel=False, stop_token_ids=stop)
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    off_mode = {"parallel": False} if baseline == "plain" else {"parallel": True, "serial_branches": True}
+    off = make(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop, **off_mode)
     prompts = [chat_prompt(tokenizer, p.question, parallel_prompt) for p in problems]
     result = EvalResult(
         benchmark=benchmark,
@@ -207,8 +216,9 @@ def evaluate(
     )
     if warmup and prompts:
         short = min(8, max_tokens)
-        for mode in (True, False) if speedup else (True,):
-            warm = make(temperature=0.0, max_tokens=short, parallel=mode, stop_token_ids=stop)
+        modes = [{"parallel": True}, off_mode] if speedup else [{"parallel": True}]
+        for mode in modes:
+            warm = make(temperature=0.0, max_tokens=short, stop_token_ids=stop, **mode)
             llm.generate(prompts[:1], warm)
 
     def timed(batch: list[str], sp: Any) -> tuple[list[Any], float]:
@@ -394,6 +404,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-speedup", action="store_true", help="skip the forking-off pass (no speedup)"
     )
     p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default="serial",
+        help="forking-off mode timed for the speedup: serial = the same output with its branches "
+        "decoded one after another (like for like, default); plain = the model decoded plainly "
+        "(tags as ordinary tokens, causal attention)",
+    )
+    p.add_argument(
+        "--tasks", nargs="+", metavar="TASK", help="synthetic only: subset of multiverse.tasks tasks"
+    )
+    p.add_argument(
         "--sequential-prompt",
         action="store_true",
         help='use " Think step by step before answering." (AR models) instead of the parallel one',
@@ -418,7 +439,7 @@ def _tokenizer_of(llm: Any, model_dir: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     err = "multiverse eval: error:"
     try:
-        problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind)
+        problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind, args.tasks)
     except ValueError as e:
         print(f"{err} {e}", file=sys.stderr)
         return 2
@@ -451,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             speedup=not args.no_speedup,
             parallel_prompt=not args.sequential_prompt,
+            baseline=args.baseline,
             progress=lambda line: print(line, file=sys.stderr),
         )
     except ValueError as e:

@@ -26,6 +26,8 @@ Tasks (small numbers, few templates; with the project tokenizer an assistant tur
   ``max_total``     largest total among 2-4 lists of 2-4 digits
   ``vowel_sum``     vowels counted in each of 2-6 words (a fixed list of 40), counts added
   ``nested_max``    largest total of 2-3 groups, each a sum of 1-3 products (depth 2)
+  ``wide_max``      largest total among 4-6 lists of 5-8 digits (long paths: # parallel ~2-3;
+                    the task the shipped tiny models are trained and evaluated on)
 
 ``python -m multiverse.tasks OUT.jsonl --n 1000 --split train --seed 0`` writes a data set.
 """
@@ -316,12 +318,40 @@ def _nested_max(rng: random.Random) -> _Plan:
     )
 
 
+def _wide_max(rng: random.Random) -> _Plan:
+    """Many long, independent paths and a short Map/Reduce overhead: # parallel about 2-3."""
+    k = rng.randint(4, 6)
+    lists = [[rng.randint(1, 9) for _ in range(rng.randint(5, 8))] for _ in range(k)]
+    totals: list[int] = []
+    paths: list[list[str | _Block]] = []
+    for values in lists:
+        adds, total = _add_chain(values)
+        totals.append(total)
+        paths.append([adds])
+    best = max(totals)
+    described = " ".join(f"List {i + 1}: {', '.join(map(str, v))}." for i, v in enumerate(lists))
+    block = _Block(
+        outlines=[f"list {i + 1}" for i in range(k)],
+        paths=paths,
+        conclusion=f"Totals: {', '.join(map(str, totals))}.",
+    )
+    return _Plan(
+        task="wide_max",
+        question=f"{described} What is the largest list total?",
+        body=["Add each list, then take the largest.", block, f"The largest is {best}."],
+        answer=best,
+    )
+
+
 TASKS: dict[str, Callable[[random.Random], _Plan]] = {
     "sum_products": _sum_products,
     "max_total": _max_total,
     "vowel_sum": _vowel_sum,
     "nested_max": _nested_max,
+    "wide_max": _wide_max,
 }
+TOKENIZER_TASKS = ("sum_products", "max_total", "vowel_sum", "nested_max")
+"""The tasks whose text trains the project tokenizer (fixed, so its vocabulary never changes)."""
 
 
 # ----------------------------------------------------------------------------- public API
@@ -415,7 +445,7 @@ def assistant_text(record: Record, parallel: bool = True) -> str:
 def corpus_text(n: int = 240, seed: int = 12345) -> list[str]:
     """Text for training the project tokenizer: questions, both chains and answers."""
     out = []
-    for rec in generate(n, seed=seed, split="train"):
+    for rec in generate(n, seed=seed, split="train", tasks=TOKENIZER_TASKS):
         out.append(user_text(rec, parallel=True))
         out.append(assistant_text(rec, parallel=True))
         out.append(assistant_text(rec, parallel=False))

@@ -46,6 +46,7 @@ class Params:
     max_tokens: int
     parallel: bool
     stop_token_ids: list[int] = field(default_factory=list)
+    serial_branches: bool = False
 
 
 class FakeClock:
@@ -73,9 +74,8 @@ class ScriptedLLM:
         for prompt in prompts:
             key = next(q for q in self.script if q in prompt)
             outs.append(self.script[key][0 if params.parallel else 1])
-        steps = max(
-            o.usage.depth_tokens if params.parallel else o.usage.completion_tokens for o in outs
-        )
+        forking = params.parallel and not params.serial_branches  # serial: same text, one token a step
+        steps = max(o.usage.depth_tokens if forking else o.usage.completion_tokens for o in outs)
         self.clock.t += steps
         return outs
 
@@ -101,9 +101,20 @@ def _run(batch_size: int, **kw):
     llm = ScriptedLLM(clock, SCRIPT)
     res = evaluate.evaluate(
         llm, llm.tokenizer, PROBLEMS, benchmark="toy", model="scripted", batch_size=batch_size,
-        max_tokens=64, params=Params, clock=clock, **kw,
+        max_tokens=64, params=Params, clock=clock, **{"baseline": "plain", **kw},
     )  # fmt: skip
     return res, llm
+
+
+def test_serial_baseline_times_the_same_output_sequentially():
+    res, llm = _run(1, baseline="serial")
+    s = res.summary()
+    assert s["accuracy_sequential"] == s["accuracy"] == round(2 / 3, 4)  # the same texts
+    assert s["time_parallel_s"] == 50 and s["time_sequential_s"] == 64  # depths vs tokens
+    off = [p for _, p in llm.calls[2:] if p.serial_branches]
+    assert len(off) == 3 and all(p.parallel for p in off)
+    with pytest.raises(ValueError, match="baseline"):
+        _run(1, baseline="nope")
 
 
 def test_metrics_batch_1_by_hand():

@@ -77,6 +77,10 @@ def test_answers_recomputed_from_question():
         elif rec.task == "max_total":
             lists = re.findall(r"[A-F]: ([\d, ]+)\.", q)
             expect = max(sum(int(x) for x in item.split(", ")) for item in lists)
+        elif rec.task == "wide_max":
+            lists = re.findall(r"List \d+: ([\d, ]+)\.", q)
+            assert 4 <= len(lists) <= 6
+            expect = max(sum(int(x) for x in item.split(", ")) for item in lists)
         elif rec.task == "vowel_sum":
             words = q.split(": ", 1)[1].rstrip(".").split(", ")
             expect = sum(ch in "aeiou" for w in words for ch in w)
@@ -148,10 +152,26 @@ def test_chain_lengths_with_project_tokenizer(train):
     from multiverse.tokenizer import default_tokenizer
 
     tok = default_tokenizer()
-    lengths = [len(tok.encode(tasks.assistant_text(r))) for r in train]
+    lengths = [len(tok.encode(tasks.assistant_text(r))) for r in train if r.task != "wide_max"]
     assert min(lengths) >= 60
     assert sum(lengths) / len(lengths) <= 220
     assert max(lengths) <= 320
+    wide = [len(tok.encode(tasks.assistant_text(r))) for r in tasks.generate(40, seed=5, tasks=["wide_max"])]
+    assert 250 <= min(wide) and max(wide) <= 700
+
+
+def test_wide_max_has_high_parallelism():
+    """The reference chains of wide_max reach # parallel >= 2 on average (layout rule)."""
+    from multiverse.attention import layout
+    from multiverse.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    tag_ids = grammar.tag_ids(tok)
+    degrees = [
+        layout(tok.encode(tasks.assistant_text(r)), tag_ids).parallel_degree(0)
+        for r in tasks.generate(60, seed=7, split="test", tasks=["wide_max"])
+    ]
+    assert sum(degrees) / len(degrees) >= 2.0 and min(degrees) > 1.5
 
 
 def test_jsonl_round_trip(train, tmp_path):

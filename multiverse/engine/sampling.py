@@ -27,6 +27,10 @@ class SamplingParams:
     blocks, ``max_paths``: paths per block, ``max_live_branches``: branches decoding at once per
     request) make the engine refuse a fork, never fail: the branch then continues sequentially.
 
+    ``serial_branches`` forks as usual but decodes one branch of the request at a time (path 1
+    to its end, then path 2, ...): the same output token for token as forking on, generated
+    sequentially - the like-for-like baseline of the speedup (SPEC 2).
+
     ``forced_output`` is a test hook: a text (or token ids) that the "model" writes instead of
     sampling (each branch writes its own part of it; logprobs are still the model's). When it
     runs out, the branch behaves as if it sampled EOS.
@@ -48,6 +52,7 @@ class SamplingParams:
     max_paths: int = 16
     max_live_branches: int = 64
     forced_output: str | list[int] | None = None
+    serial_branches: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

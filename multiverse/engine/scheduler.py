@@ -6,7 +6,8 @@ join and finished ones leave between steps. A branch with pending tokens runs a 
 inserts at a fork or merge); all live branches of all requests decode in one batch.
 
 Priority is (request arrival, branch pre-order in its tree): a parent before its children, path 1
-before path 2. When the pool is full the scheduler first evicts the prefix cache, then preempts
+before path 2. A request with ``serial_branches`` runs only its first runnable branch in that
+order each step (path 1 to its end, then path 2, ...): the sequential baseline of one output. When the pool is full the scheduler first evicts the prefix cache, then preempts
 the lowest-priority branch that holds K/V (its slots are released, its tokens kept, and it is
 recomputed later from its own tokens with the layout rule's mask: same positions, same results).
 Taking the last branch in pre-order first means a parent goes only after all its descendants:
@@ -52,10 +53,14 @@ class Scheduler:
         order = [b for r in requests if not r.finished for b in r.branches()]
         budget = self.max_batch_tokens
         works: list[Work] = []
+        serial_busy: set[int] = set()  # requests with serial_branches that already run a branch
         for i, br in enumerate(order):
             if budget <= 0:
                 break
             if br.num_pending == 0 or br.status is Status.FINISHED or not _ready(br):
+                continue
+            serial = br.request.params.serial_branches
+            if serial and br.request.id in serial_busy:
                 continue
             if not br.attached:  # a preempted child takes the (recomputed) prefix back
                 parent = br.parent
@@ -71,6 +76,8 @@ class Scheduler:
             n = min(n, self.kv.num_free)
             works.append(self._take(br, n))
             budget -= n
+            if serial:
+                serial_busy.add(br.request.id)
         return works
 
     def _take(self, br: Branch, n: int) -> Work:
