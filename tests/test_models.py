@@ -21,6 +21,7 @@ from multiverse.engine.model import (
     ModelSpec,
     build_attention_plan,
     causal_mask,
+    reference_attention,
     resolve_dtype,
 )
 
@@ -166,6 +167,21 @@ def test_custom_positions_and_mask_match_transformers(pair):
         causal = ours.forward_full(ids, positions)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (got - causal).abs().max() > 1e-2  # the mask matters
+
+
+def test_reference_attention_chunks_queries_without_changing_results():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(n, h, 8, generator=gen) for n, h in [(11, 4), (13, 2), (13, 2)])
+    mask = causal_mask(11, 13) & (torch.rand(11, 13, generator=gen) < 0.7)
+    mask[:, 0] = True
+    whole = reference_attention(q, k, v, mask)
+    chunked = reference_attention(q, k, v, mask, max_score_bytes=4 * 4 * 13 * 3)  # 3 rows
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    # by hand for one query/head: softmax over the visible keys of kv head 0 (heads 0, 1 share it)
+    qi, h = 5, 1
+    keys = mask[qi].nonzero()[:, 0]
+    w = torch.softmax(k[keys, 0] @ q[qi, h] / 8**0.5, dim=0)
+    torch.testing.assert_close(whole[qi, h * 8 : (h + 1) * 8], w @ v[keys, 0], atol=1e-6, rtol=0)
 
 
 def test_multiverse_layout_mask_matches_transformers(pair):

@@ -29,7 +29,8 @@ Attention has two implementations with a parity test between them (``tests/test_
   ``scaled_dot_product_attention`` call per layer with a small Bool mask (key padding for decode;
   ``[B, 1, max_q, max_kv]`` for prefill chunks and custom masks). A single fresh sequence
   (prefill, no cached prefix) attends its own new K/V with ``is_causal`` and reads nothing back.
-  Never a dense float ``[L, L]`` mask.
+  On CUDA a decode step folds each KV head's G query heads into G query rows (no GQA support
+  needed next to a mask). Never a dense float ``[L, L]`` mask.
 - the *reference* path (``forward(..., reference=True)`` and :meth:`CausalLM.forward_full`): per
   sequence, explicit fp32 softmax(QK^T) V with a Bool mask, GQA by repeating K/V heads.
 
@@ -412,20 +413,29 @@ def build_attention_plan(batch: ForwardBatch, fold_gqa: bool | None = None) -> A
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    max_score_bytes: int = 1 << 28,
 ) -> torch.Tensor:
     """Plain attention for one sequence: fp32 softmax, GQA by repeating K/V heads.
 
-    q ``[n, Hq, D]``, k/v ``[m, Hk, D]``, mask Bool ``[n, m]`` -> ``[n, Hq * D]``.
+    q ``[n, Hq, D]``, k/v ``[m, Hk, D]``, mask Bool ``[n, m]`` -> ``[n, Hq * D]``. Queries are
+    processed in row chunks so the fp32 score tensor stays under ``max_score_bytes``.
     """
     n, num_heads, head_dim = q.shape
+    m = k.shape[0]
     rep = num_heads // k.shape[1]
     k = k.repeat_interleave(rep, dim=1).float()  # [m, Hq, D]
     v = v.repeat_interleave(rep, dim=1).float()
-    scores = torch.einsum("nhd,mhd->hnm", q.float(), k) * head_dim**-0.5
-    scores = scores.masked_fill(~mask[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("hnm,mhd->nhd", probs, v)
+    rows = max(1, max_score_bytes // (4 * num_heads * max(m, 1)))
+    out = torch.empty(n, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        scores = torch.einsum("nhd,mhd->hnm", q[lo:hi].float(), k) * head_dim**-0.5
+        scores = scores.masked_fill(~mask[None, lo:hi], float("-inf"))
+        out[lo:hi] = torch.einsum("hnm,mhd->nhd", torch.softmax(scores, dim=-1), v)
     return out.reshape(n, num_heads * head_dim).to(q.dtype)
 
 
