@@ -399,16 +399,16 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
     hf_runs, model_runs = {}, {}
     for wname, (ps, lens) in workloads.items():
         useful = sum(lens)
-        best_model = min(
-            (run_model(model, ps, lens) for _ in range(args.repeats)), key=lambda r: r.total_s
-        )
-        best_hf = None
-        if not args.skip_hf:
-            best_hf = min(
-                (run_hf(hf, ps, lens, pad_id) for _ in range(args.repeats)),
-                key=lambda r: r.total_s,
-            )
-        floor = floor_ms(model, len(ps), args.floor_reps)
+        # contenders alternate, so a burst of load from other processes hits them alike
+        model_tries, hf_tries, floors = [], [], []
+        for _ in range(args.repeats):
+            model_tries.append(run_model(model, ps, lens))
+            if not args.skip_hf:
+                hf_tries.append(run_hf(hf, ps, lens, pad_id))
+            floors.append(floor_ms(model, len(ps), args.floor_reps))
+        best_model = min(model_tries, key=lambda r: r.total_s)
+        best_hf = min(hf_tries, key=lambda r: r.total_s) if hf_tries else None
+        floor = min(floors)
         entry: dict[str, Any] = {
             "requests": len(ps),
             "prompt_tokens": [len(p) for p in ps] if len(ps) == 1 else sum(len(p) for p in ps),
@@ -477,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; 1 is steadier on a loaded machine)",
     )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--single-tokens", type=int, default=64)
