@@ -201,8 +201,12 @@ def draw_tree(doc: g.Document, counter: Counter | None = None, width: int = 60) 
                 plast = j == len(x.paths) - 1 and x.conclusion is None
                 pb, pc = ("└─ ", "   ") if plast else ("├─ ", "│  ")
                 ntok = sum(counter.count(t) for t in p.body if isinstance(t, str))
-                lines.append(f"{inner}{pb}Path {p.label or j + 1} ({ntok} tok)")
-                items(p.body, inner + pc)
+                head = f"{inner}{pb}Path {p.label or j + 1} ({ntok} tok)"
+                if all(isinstance(t, str) for t in p.body):  # a leaf path: one line
+                    lines.append(f"{head}: {_short(''.join(p.body), width - 10)}")
+                else:
+                    lines.append(head)
+                    items(p.body, inner + pc)
             if x.conclusion is not None:
                 lines.append(f"{inner}└─ Conclusion: {_short(x.conclusion, width - 14)}")
 
