@@ -34,11 +34,15 @@ class EngineThread:
         self.llm = llm
         self.inbox: queue.Queue[tuple[Any, SamplingParams, Future]] = queue.Queue()
         self.stopped = threading.Event()
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="multiverse-engine", daemon=True)
         self.thread.start()
 
     def submit(self, prompt: str | list[int], params: SamplingParams) -> Future:
         fut: Future = Future()
+        if self.error is not None or not self.thread.is_alive():
+            fut.set_exception(RuntimeError(f"engine thread is not running ({self.error!r})"))
+            return fut
         self.inbox.put((prompt, params, fut))
         return fut
 
@@ -48,6 +52,18 @@ class EngineThread:
 
     def _loop(self) -> None:
         live: dict[int, tuple[Any, Future, float]] = {}
+        try:
+            self._serve(live)
+        except BaseException as e:  # the thread must not die silently with clients waiting
+            for _, fut, _ in live.values():
+                if not fut.done():
+                    fut.set_exception(RuntimeError(f"engine thread failed: {e!r}"))
+            while not self.inbox.empty():
+                self.inbox.get_nowait()[2].set_exception(RuntimeError(f"engine thread failed: {e!r}"))
+            self.error = e
+            raise
+
+    def _serve(self, live: dict[int, tuple[Any, Future, float]]) -> None:
         while not self.stopped.is_set():
             try:  # block only when idle
                 item = self.inbox.get(timeout=0.05) if not live else self.inbox.get_nowait()
@@ -77,7 +93,10 @@ class EngineThread:
                 req.t_finish = time.perf_counter()
                 if req.id in live:
                     prompt, fut, start = live.pop(req.id)
-                    fut.set_result(self.llm._output(req, prompt if isinstance(prompt, str) else None, start))
+                    try:
+                        fut.set_result(self.llm.output(req, prompt if isinstance(prompt, str) else None, start))
+                    except Exception as e:  # never leave a client waiting
+                        fut.set_exception(e)
 
 
 def _params(body: dict[str, Any], eos_ids: list[int]) -> SamplingParams:
@@ -134,6 +153,10 @@ def create_app(llm: Any, model_name: str = "multiverse") -> Any:
             return engine.submit(prompt, params).result(timeout=float(body.get("timeout", 600)))
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
+        except TimeoutError:
+            raise HTTPException(504, "generation did not finish within the request timeout") from None
+        except RuntimeError as e:
+            raise HTTPException(500, str(e)) from None
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -36,7 +36,7 @@ def test_models_and_health(client):
 
 
 def test_completion(client):
-    body = {"prompt": "Sum the products.", "max_tokens": 12, "temperature": 0}
+    body = {"prompt": "Sum the products.", "max_tokens": 12, "temperature": 0, "timeout": 60}
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     d = r.json()
@@ -50,7 +50,8 @@ def test_completion(client):
 
 def test_chat_and_concurrency(client):
     bodies = [
-        {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 5 + i, "temperature": 0}
+        {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 5 + i, "temperature": 0,
+         "timeout": 60}
         for i in range(6)
     ]
     with ThreadPoolExecutor(6) as ex:
@@ -71,4 +72,23 @@ def test_bad_requests_are_400(client):
     assert client.post("/v1/completions", json={"prompt": [10**9]}).status_code == 400
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
     assert r.status_code == 400 and "messages" in r.json()["detail"]
-    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "timeout": 60}).status_code == 200
+
+
+def test_engine_failure_is_an_error_not_a_hang():
+    """A failing engine answers every waiting client (500) instead of leaving it hanging."""
+
+    class Broken:
+        tokenizer = default_tokenizer()
+
+        def add_request(self, prompt, params):
+            return type("R", (), {"id": 1})()
+
+        def step(self):
+            raise RuntimeError("boom")
+
+    app = create_app(Broken(), "broken")
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "timeout": 30})
+        assert r.status_code == 500 and "boom" in r.json()["detail"]
+    app.state.engine.close()
