@@ -17,3 +17,19 @@ def shared_data() -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The project's own tokenizer (12 tags, chat template), built in-process."""
+    from multiverse.tokenizer import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def pair(tok):
+    """(transformers Qwen2ForCausalLM, our CausalLM) with the same tiny random weights."""
+    from _engine_util import tiny_pair
+
+    return tiny_pair(tok)

@@ -9,21 +9,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _engine_util import assert_no_leak, block, check_output, tiny_pair  # noqa: E402
+from _engine_util import assert_no_leak, block, check_output  # noqa: E402
 
 from multiverse import LLM, SamplingParams  # noqa: E402
 from multiverse.engine.sequence import Status  # noqa: E402
-from multiverse.tokenizer import default_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pair(tok):
-    return tiny_pair(tok)
 
 
 def _llm(pair, tok, **cfg):

@@ -12,17 +12,6 @@ from _engine_util import assert_no_leak, block, check_output, tiny_pair  # noqa:
 
 from multiverse import LLM, SamplingParams  # noqa: E402
 from multiverse.engine.sampling import branch_seed, sample  # noqa: E402
-from multiverse.tokenizer import default_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pair(tok):
-    return tiny_pair(tok)
 
 
 @pytest.fixture()

@@ -58,20 +58,8 @@ def load_model(
     config = AutoConfig.from_pretrained(path)
     torch_dtype = _pick_dtype(dtype, config)
     model = CausalLM(config, dtype=torch_dtype, device=device)
-    unknown = []
     with torch.inference_mode():
-        for name, tensor in iter_checkpoint_tensors(path):
-            try:
-                model.load_hf_tensor(name, tensor)
-            except KeyError:
-                unknown.append(name)
-    if unknown:
-        raise ValueError(
-            f"checkpoint {path} has tensors the {model.spec.model_type} model does not use: "
-            + ", ".join(unknown[:8])
-            + (f" ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
-        )
-    model.check_loaded(f"checkpoint {path}")
+        model.load_hf_state_dict(iter_checkpoint_tensors(path), source=f"checkpoint {path}")
     return model, _load_tokenizer(path), config
 
 

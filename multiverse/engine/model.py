@@ -50,6 +50,7 @@ Internal layout (invisible to callers, but the pool's contents depend on it):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -670,11 +671,15 @@ class CausalLM(nn.Module):
             raise ValueError(f"{source} is missing weights: {shown}")
 
     def load_hf_state_dict(
-        self, state_dict: dict[str, torch.Tensor], source: str = "state dict"
+        self,
+        state_dict: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        source: str = "state dict",
     ) -> None:
-        """Load a whole HF-named state dict; unknown names and missing weights raise ``ValueError``."""
+        """Load a whole HF-named state dict (a mapping, or ``(name, tensor)`` pairs read lazily);
+        unknown names and missing weights raise ``ValueError``."""
         unknown = []
-        for name, tensor in state_dict.items():
+        items = state_dict.items() if isinstance(state_dict, dict) else state_dict
+        for name, tensor in items:
             try:
                 self.load_hf_tensor(name, tensor)
             except KeyError:
