@@ -324,10 +324,12 @@ def _wide_max(rng: random.Random) -> _Plan:
     lists = [[rng.randint(1, 9) for _ in range(rng.randint(5, 8))] for _ in range(k)]
     totals: list[int] = []
     paths: list[list[str | _Block]] = []
-    for values in lists:
+    for i, values in enumerate(lists):
         adds, total = _add_chain(values)
         totals.append(total)
-        paths.append([adds])
+        # "List i:" repeats the question's key: the path finds its list by an exact match, and
+        # the sequential form says which list each line is about
+        paths.append([f"List {i + 1}: {adds}"])
     best = max(totals)
     described = " ".join(f"List {i + 1}: {', '.join(map(str, v))}." for i, v in enumerate(lists))
     block = _Block(
