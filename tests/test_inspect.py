@@ -112,3 +112,20 @@ def test_html_renders_in_headless_chromium(tmp_path):
     subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
                    capture_output=True, timeout=120)  # fmt: skip
     assert shot.exists() and shot.stat().st_size > 5_000
+
+
+def test_real_tokenizer_counts(tmp_path, capsys):
+    from multiverse import grammar
+    from multiverse.attention import layout
+    from multiverse.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    assert main(["inspect", str(EXAMPLE), "--json", "--tokenizer", str(tmp_path / "tok")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    ids = tok.encode(EXAMPLE.read_text(), add_special_tokens=False)
+    lay = layout(ids, grammar.tag_ids(tok))
+    assert "builtin" not in d["tokenizer"] and str(tmp_path / "tok") in d["tokenizer"]
+    assert d["total_tokens"] == len(ids) and d["depth_tokens"] == lay.depth_tokens(0)
+    assert main(["inspect", str(EXAMPLE), "--tokenizer", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
