@@ -33,7 +33,11 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="multiverse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="multiverse",
+        description="Multiverse: natively parallel generation (Map / Process / Reduce).",
+        epilog="`multiverse COMMAND --help` for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (mod, helptext) in _available().items():
