@@ -348,8 +348,8 @@ class _Parser:
                 self._issue(end, f"<Parallel> opened at {self._where(opener)} has no <Conclusion>")
         if goal_seen and blk.closed:
             self._check_labels(blk, goal_tok, path_toks)
-        if blk.conclusion is None:
-            blk.conclusion = None if not blk.closed else ""
+        if blk.conclusion is None and blk.closed:
+            blk.conclusion = ""  # reported above; a closed block reads as an empty Conclusion
         return blk
 
     def _check_labels(self, blk: Block, goal_tok: _Tok | None, path_toks: list[_Tok]) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.engine.sampling import SamplingParams
+from multiverse.evaluate import stop_token_ids
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny"
 
@@ -137,8 +138,7 @@ def create_app(llm: Any, model_name: str = "multiverse") -> Any:
     app = FastAPI(title="Multiverse", version="0.1")
     app.state.engine = engine
     tok = llm.tokenizer
-    eos_ids = sorted({i for i in (tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
-                      if isinstance(i, int) and i != tok.unk_token_id})  # fmt: skip
+    eos_ids = stop_token_ids(tok)  # chat turn end + EOS, as `multiverse eval` stops
 
     def run(prompt: Any, body: dict[str, Any]) -> Any:
         if body.get("stream"):

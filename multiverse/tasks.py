@@ -216,35 +216,32 @@ def _sum_products(rng: random.Random) -> _Plan:
     )
 
 
-def _max_total(rng: random.Random) -> _Plan:
-    k = rng.randint(2, 4)
-    names = LETTERS[:k]
-    lists = [[rng.randint(1, 9) for _ in range(rng.randint(2, 4))] for _ in range(k)]
+def _largest_total(task: str, keys: list[str], lists: list[list[int]], outlines: list[str],
+                   keyed_paths: bool) -> _Plan:  # fmt: skip
+    """"``key: digits.`` for each list; which total is largest?" One path per list (prefixed
+    with its key when ``keyed_paths``) adds it up; the Reduce takes the largest total."""
     totals: list[int] = []
     paths: list[list[str | _Block]] = []
-    for values in lists:
+    for key, values in zip(keys, lists, strict=True):
         adds, total = _add_chain(values)
         totals.append(total)
-        paths.append([adds])
+        paths.append([f"{key}: {adds}" if keyed_paths else adds])
     best = max(totals)
-    described = " ".join(
-        f"{n}: {', '.join(map(str, v))}." for n, v in zip(names, lists, strict=True)
-    )
-    block = _Block(
-        outlines=[f"total of {n}" for n in names],
-        paths=paths,
-        conclusion=f"Totals: {', '.join(map(str, totals))}.",
-    )
+    described = " ".join(f"{key}: {', '.join(map(str, v))}." for key, v in zip(keys, lists, strict=True))
+    block = _Block(outlines=outlines, paths=paths, conclusion=f"Totals: {', '.join(map(str, totals))}.")
     return _Plan(
-        task="max_total",
+        task=task,
         question=f"{described} What is the largest list total?",
-        body=[
-            "Add each list, then take the largest.",
-            block,
-            f"The largest is {best}.",
-        ],
+        body=["Add each list, then take the largest.", block, f"The largest is {best}."],
         answer=best,
     )
+
+
+def _max_total(rng: random.Random) -> _Plan:
+    k = rng.randint(2, 4)
+    names = list(LETTERS[:k])
+    lists = [[rng.randint(1, 9) for _ in range(rng.randint(2, 4))] for _ in range(k)]
+    return _largest_total("max_total", names, lists, [f"total of {n}" for n in names], keyed_paths=False)
 
 
 def _vowel_line(word: str) -> tuple[str, int]:
@@ -319,30 +316,13 @@ def _nested_max(rng: random.Random) -> _Plan:
 
 
 def _wide_max(rng: random.Random) -> _Plan:
-    """Many long, independent paths and a short Map/Reduce overhead: # parallel about 2-3."""
+    """Many long, independent paths and a short Map/Reduce overhead: # parallel about 2-3.
+    Each path repeats the question's key ("List 3:"): the path finds its list by an exact
+    match, and the sequential form says which list each line is about."""
     k = rng.randint(4, 6)
     lists = [[rng.randint(1, 9) for _ in range(rng.randint(5, 8))] for _ in range(k)]
-    totals: list[int] = []
-    paths: list[list[str | _Block]] = []
-    for i, values in enumerate(lists):
-        adds, total = _add_chain(values)
-        totals.append(total)
-        # "List i:" repeats the question's key: the path finds its list by an exact match, and
-        # the sequential form says which list each line is about
-        paths.append([f"List {i + 1}: {adds}"])
-    best = max(totals)
-    described = " ".join(f"List {i + 1}: {', '.join(map(str, v))}." for i, v in enumerate(lists))
-    block = _Block(
-        outlines=[f"list {i + 1}" for i in range(k)],
-        paths=paths,
-        conclusion=f"Totals: {', '.join(map(str, totals))}.",
-    )
-    return _Plan(
-        task="wide_max",
-        question=f"{described} What is the largest list total?",
-        body=["Add each list, then take the largest.", block, f"The largest is {best}."],
-        answer=best,
-    )
+    keys = [f"List {i + 1}" for i in range(k)]
+    return _largest_total("wide_max", keys, lists, [f"list {i + 1}" for i in range(k)], keyed_paths=True)
 
 
 TASKS: dict[str, Callable[[random.Random], _Plan]] = {
