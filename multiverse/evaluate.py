@@ -2,7 +2,8 @@
 
 One run generates every prompt twice with greedy decoding, in batches of ``--batch-size``:
 once with forking on (the Multiverse engine) and once with forking off (plain sequential
-decoding of the same model), same prompts, same batch size, same process (SPEC 2). Batches
+decoding of the same model, by default the same output with its branches decoded one after
+another), same prompts, same batch size, same process (SPEC 2). Batches
 alternate which mode goes first, and one untimed warm-up call per mode precedes the timing.
 
 Reported (``results.json``, ``results.md``, ``speedup.png`` in ``--output``):
@@ -13,7 +14,9 @@ Reported (``results.json``, ``results.md``, ``speedup.png`` in ``--output``):
   - ``trigger_rate``: share of forking-on outputs with at least one ``<Parallel>`` block;
   - ``speedup``: total forking-off time / total forking-on time. Per batch too: with
     ``--batch-size 1`` that is per sample, which is what ``speedup.png`` plots against
-    # parallel.
+    # parallel. ``--batch-size 1 8`` reruns both modes at each further size in the same run
+    (accuracy and # parallel come from the first size): ``speedup_by_batch`` and
+    ``by_batch`` in ``results.json``, one row per size in ``results.md``.
 
 The logic (:func:`evaluate`) takes any object with the engine's ``generate(prompts, params)``
 and an injectable clock, so it is unit-tested with a scripted stand-in model.
@@ -105,6 +108,8 @@ class EvalResult:
     samples: list[SampleResult] = field(default_factory=list)
     time_parallel_s: float = 0.0
     time_sequential_s: float | None = None
+    by_batch: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Summaries of timing passes at further batch sizes (``--batch-size 1 8``), by size."""
 
     @property
     def n(self) -> int:
@@ -138,7 +143,14 @@ class EvalResult:
             "batch_size": self.batch_size,
             "max_tokens": self.max_tokens,
             "prompt": self.prompt,
-        }
+        } | self._batches(speedup)
+
+    def _batches(self, speedup: float | None) -> dict[str, Any]:
+        if not self.by_batch:
+            return {}
+        by_size = {str(self.batch_size): round(speedup, 4) if speedup is not None else None}
+        by_size |= {str(b): r["speedup"] for b, r in self.by_batch.items()}
+        return {"speedup_by_batch": by_size, "by_batch": {str(b): r for b, r in self.by_batch.items()}}
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "samples": [asdict(x) for x in self.samples]}
@@ -297,10 +309,15 @@ def format_markdown(result: EvalResult) -> str:
         "| benchmark | n | pass@1 (forking on) | pass@1 (forking off) | # parallel | trigger rate "
         "| speedup | time on (s) | time off (s) | batch | max tokens |",
         "|" + "---|" * 11,
-        f"| {s['benchmark']} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['accuracy_sequential'])} "
-        f"| {_num(s['parallel_degree'])} | {_pct(s['trigger_rate'])} | {_num(s['speedup'])} "
-        f"| {_num(s['time_parallel_s'])} | {_num(s['time_sequential_s'])} | {s['batch_size']} "
-        f"| {s['max_tokens']} |",
+    ]
+    for r in [s, *result.by_batch.values()]:
+        rows.append(
+            f"| {s['benchmark']} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['accuracy_sequential'])} "
+            f"| {_num(r['parallel_degree'])} | {_pct(r['trigger_rate'])} | {_num(r['speedup'])} "
+            f"| {_num(r['time_parallel_s'])} | {_num(r['time_sequential_s'])} | {r['batch_size']} "
+            f"| {r['max_tokens']} |"
+        )
+    rows += [
         "",
         f"model: `{s['model']}`; prompt: {s['prompt']}; # parallel over outputs with blocks: "
         f"{_num(s['parallel_degree_triggered'])}",
@@ -387,7 +404,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--limit", type=int, help="first N problems (synthetic: how many to draw; default 100)"
     )
     p.add_argument(
-        "--batch-size", type=int, default=1, help="prompts per generate call (default 1)"
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="B",
+        help="prompts per generate call (default 1); several sizes (--batch-size 1 8) rerun the "
+        "timing at each further size in the same run: speedup_by_batch in results.json",
     )
     p.add_argument(
         "--max-tokens", type=int, default=1024, help="sequential-depth budget per output"
@@ -423,6 +446,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)"
     )
+
+
+_BATCH_KEYS = ("n", "accuracy", "accuracy_sequential", "parallel_degree", "trigger_rate", "speedup",
+               "time_parallel_s", "time_sequential_s", "batch_size", "max_tokens")  # fmt: skip
 
 
 def _tokenizer_of(llm: Any, model_dir: str) -> Any:
@@ -461,23 +488,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"{err} cannot load model {args.model}: {e}", file=sys.stderr)
         return 2
     name = Path(args.benchmark).stem if args.benchmark not in BENCHMARKS else args.benchmark
+    sizes = list(dict.fromkeys(args.batch_size))
     try:
-        result = evaluate(
-            llm,
-            tokenizer,
-            problems,
-            benchmark=name,
-            model=str(args.model),
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            speedup=not args.no_speedup,
-            parallel_prompt=not args.sequential_prompt,
-            baseline=args.baseline,
-            progress=lambda line: print(line, file=sys.stderr),
-        )
+        runs = []
+        for size in sizes:
+            if len(sizes) > 1:
+                print(f"batch size {size}:", file=sys.stderr)
+            runs.append(
+                evaluate(
+                    llm,
+                    tokenizer,
+                    problems,
+                    benchmark=name,
+                    model=str(args.model),
+                    batch_size=size,
+                    max_tokens=args.max_tokens,
+                    speedup=not args.no_speedup,
+                    parallel_prompt=not args.sequential_prompt,
+                    baseline=args.baseline,
+                    warmup=len(runs) == 0,
+                    progress=lambda line: print(line, file=sys.stderr),
+                )
+            )
     except ValueError as e:
         print(f"{err} {e}", file=sys.stderr)
         return 2
+    result = runs[0]
+    for extra in runs[1:]:
+        summary = extra.summary()
+        result.by_batch[extra.batch_size] = {k: summary[k] for k in _BATCH_KEYS}
     out_dir = Path(args.output) if args.output else Path("runs") / "eval" / name
     paths = write_outputs(result, out_dir)
     print(format_markdown(result))

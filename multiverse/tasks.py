@@ -26,8 +26,11 @@ Tasks (small numbers, few templates; with the project tokenizer an assistant tur
   ``max_total``     largest total among 2-4 lists of 2-4 digits
   ``vowel_sum``     vowels counted in each of 2-6 words (a fixed list of 40), counts added
   ``nested_max``    largest total of 2-3 groups, each a sum of 1-3 products (depth 2)
-  ``wide_max``      largest total among 4-6 lists of 5-8 digits (long paths: # parallel ~2-3;
-                    the task the shipped tiny models are trained and evaluated on)
+  ``wide_max``      largest total among 4-6 lists of 5-8 digits (long paths: # parallel ~2.3)
+  ``countdown``     six counters r-w count down by 3 from 50-99; add the ends (long paths made
+                    by a local rule: # parallel ~2.65 on the reference chains; the task the
+                    shipped tiny models are trained and evaluated on)
+  ``countdown_warmup``  the same with starts 10-39 (short paths): a training warm-up only
 
 ``python -m multiverse.tasks OUT.jsonl --n 1000 --split train --seed 0`` writes a data set.
 """
@@ -325,12 +328,50 @@ def _wide_max(rng: random.Random) -> _Plan:
     return _largest_total("wide_max", keys, lists, [f"list {i + 1}" for i in range(k)], keyed_paths=True)
 
 
+COUNTERS = "rstuvw"
+"""Names of the countdown counters (each `` r`` ... `` w`` is one token of the project BPE)."""
+COUNTDOWN_STEP = 3
+
+
+def _countdown(rng: random.Random, low: int = 50, high: int = 99, task: str = "countdown") -> _Plan:
+    """Six long paths made by a local rule, little Map/Reduce overhead (# parallel about 2.6).
+
+    Each path finds its counter's start by name (the one lookup), then counts down by 3 (every
+    number depends only on the one before it) until the next step would go below 0; the Reduce
+    adds the ends (``x mod 3``), so the answer needs every path. The counter name is written
+    with a space before it everywhere (question, Outline, path), so it is the same token."""
+    d = COUNTDOWN_STEP
+    keys = list(COUNTERS)
+    starts = [rng.randint(low, high) for _ in keys]
+    paths: list[list[str | _Block]] = [
+        [f"- {key} {' '.join(map(str, range(x, -1, -d)))}."]
+        for key, x in zip(keys, starts, strict=True)
+    ]
+    ends = [x % d for x in starts]
+    adds, total = _add_chain(ends)
+    block = _Block(outlines=keys, paths=paths, conclusion=f"Ends: {', '.join(map(str, ends))}.")
+    shown = ", ".join(f"{key} {x}" for key, x in zip(keys, starts, strict=True))
+    return _Plan(
+        task=task,
+        question=f"Count down by {d} from {shown} as far as it goes. What is the sum of the ends?",
+        body=[block, adds],
+        answer=total,
+    )
+
+
+def _countdown_warmup(rng: random.Random) -> _Plan:
+    """``countdown`` with starts 10-39: short paths, a training warm-up (curriculum) only."""
+    return _countdown(rng, 10, 39, task="countdown_warmup")
+
+
 TASKS: dict[str, Callable[[random.Random], _Plan]] = {
     "sum_products": _sum_products,
     "max_total": _max_total,
     "vowel_sum": _vowel_sum,
     "nested_max": _nested_max,
     "wide_max": _wide_max,
+    "countdown": _countdown,
+    "countdown_warmup": _countdown_warmup,
 }
 TOKENIZER_TASKS = ("sum_products", "max_total", "vowel_sum", "nested_max")
 """The tasks whose text trains the project tokenizer (fixed, so its vocabulary never changes)."""

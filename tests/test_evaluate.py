@@ -303,6 +303,15 @@ def test_cli_with_stand_in_engine(tmp_path, monkeypatch, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["n"] == 4 and last["accuracy"] == 1.0 and last["speedup"] == 1.5
     assert (out_dir / "results.json").exists() and (out_dir / "speedup.png").exists()
+    assert "speedup_by_batch" not in last  # one batch size: no per-size table
+    # several batch sizes in one run: the first gives accuracy and # parallel, each size a speedup
+    argv[argv.index("--batch-size") + 1 : argv.index("--batch-size") + 2] = ["2", "1", "2"]
+    assert cli.main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["batch_size"] == 2 and last["speedup_by_batch"] == {"2": 1.5, "1": 1.5}
+    assert last["by_batch"]["1"]["n"] == 4 and last["by_batch"]["1"]["batch_size"] == 1
+    rows = (out_dir / "results.md").read_text().splitlines()
+    assert [r.split("|")[-3].strip() for r in rows[2:4]] == ["2", "1"]
     assert cli.main(["eval", "--model", str(tmp_path), "--benchmark", "nope"]) == 2
     assert cli.main(["eval", "--model", str(tmp_path / "x"), "--benchmark", "synthetic"]) == 2
     assert "no such directory" in capsys.readouterr().err

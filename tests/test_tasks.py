@@ -11,6 +11,8 @@ from multiverse import grammar, tasks
 from multiverse.tasks import Record, generate
 
 N = 120
+LONG = ("wide_max", "countdown", "countdown_warmup")
+"""Tasks built for a high # parallel (long paths), tested apart."""
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,11 @@ def test_answers_recomputed_from_question():
             lists = re.findall(r"List \d+: ([\d, ]+)\.", q)
             assert 4 <= len(lists) <= 6
             expect = max(sum(int(x) for x in item.split(", ")) for item in lists)
+        elif rec.task in ("countdown", "countdown_warmup"):
+            d = int(re.match(r"Count down by (\d+) from ", q).group(1))
+            starts = [int(x) for x in re.findall(r"\b[r-w] (\d+)", q)]
+            assert len(starts) == 6
+            expect = sum(x % d for x in starts)
         elif rec.task == "vowel_sum":
             words = q.split(": ", 1)[1].rstrip(".").split(", ")
             expect = sum(ch in "aeiou" for w in words for ch in w)
@@ -152,7 +159,7 @@ def test_chain_lengths_with_project_tokenizer(train):
     from multiverse.tokenizer import default_tokenizer
 
     tok = default_tokenizer()
-    lengths = [len(tok.encode(tasks.assistant_text(r))) for r in train if r.task != "wide_max"]
+    lengths = [len(tok.encode(tasks.assistant_text(r))) for r in train if r.task not in LONG]
     assert min(lengths) >= 60
     assert sum(lengths) / len(lengths) <= 220
     assert max(lengths) <= 320
@@ -160,8 +167,9 @@ def test_chain_lengths_with_project_tokenizer(train):
     assert 250 <= min(wide) and max(wide) <= 700
 
 
-def test_wide_max_has_high_parallelism():
-    """The reference chains of wide_max reach # parallel >= 2 on average (layout rule)."""
+@pytest.mark.parametrize("task, mean_at_least, min_above", [("wide_max", 2.0, 1.5), ("countdown", 2.5, 2.2)])
+def test_long_path_tasks_have_high_parallelism(task, mean_at_least, min_above):
+    """The reference chains of the long-path tasks reach a high # parallel (layout rule)."""
     from multiverse.attention import layout
     from multiverse.tokenizer import default_tokenizer
 
@@ -169,9 +177,31 @@ def test_wide_max_has_high_parallelism():
     tag_ids = grammar.tag_ids(tok)
     degrees = [
         layout(tok.encode(tasks.assistant_text(r)), tag_ids).parallel_degree(0)
-        for r in tasks.generate(60, seed=7, split="test", tasks=["wide_max"])
+        for r in tasks.generate(60, seed=7, split="test", tasks=[task])
     ]
-    assert sum(degrees) / len(degrees) >= 2.0 and min(degrees) > 1.5
+    assert sum(degrees) / len(degrees) >= mean_at_least and min(degrees) > min_above
+
+
+@pytest.mark.parametrize("task, low, high", [("countdown", 50, 99), ("countdown_warmup", 10, 39)])
+def test_countdown_paths_follow_the_rule(task, low, high):
+    """Each countdown path is its counter, the start from the question, then steps of -d down
+    to start mod d; the Conclusion lists those ends in path order."""
+    for rec in tasks.generate(40, seed=2, tasks=[task]):
+        d = int(re.match(r"Count down by (\d+) from ", rec.question).group(1))
+        starts = dict(re.findall(r"\b([r-w]) (\d+)", rec.question))
+        assert all(low <= int(x) <= high for x in starts.values())
+        blk = grammar.parse(rec.chain).blocks[0]
+        assert [o.text.strip() for o in blk.outlines] == list(tasks.COUNTERS)
+        ends = []
+        for k, path in enumerate(blk.paths):
+            dash, key, *numbers = _path_text(path).rstrip(".\n").split()
+            assert path.label == str(k + 1) and dash == "-" and key == tasks.COUNTERS[k]
+            values = list(map(int, numbers))
+            assert values[0] == int(starts[key]) and 0 <= values[-1] < d
+            assert all(a - b == d for a, b in zip(values, values[1:]))
+            ends.append(values[-1])
+        assert blk.conclusion.strip() == f"Ends: {', '.join(map(str, ends))}."
+        assert rec.answer == sum(ends)
 
 
 def test_jsonl_round_trip(train, tmp_path):
