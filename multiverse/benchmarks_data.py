@@ -125,7 +125,9 @@ def load_benchmark(
     """Problems of a named benchmark (:data:`BENCHMARKS`) or of a JSON/JSONL file path.
 
     ``synthetic`` draws ``limit`` (default 100) problems from the test split of
-    :mod:`multiverse.tasks` with ``seed`` (only ``tasks`` when given). ``limit`` keeps the first N of a fixed set.
+    :mod:`multiverse.tasks` with ``seed`` (only ``tasks`` when given, else every task but the
+    training-only warm-up, :data:`multiverse.tasks.EVAL_TASKS`). ``limit`` keeps the first N of
+    a fixed set.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
@@ -134,7 +136,7 @@ def load_benchmark(
         from multiverse import tasks
 
         try:
-            recs = tasks.generate(limit or 100, seed=seed, split="test", tasks=task_names)
+            recs = tasks.generate(limit or 100, seed=seed, split="test", tasks=task_names or tasks.EVAL_TASKS)
         except ValueError as e:
             raise ValueError(f"--tasks: {e}") from None
         return problems_from_records([r.to_dict() for r in recs], "synthetic", kind)

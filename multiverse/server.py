@@ -27,6 +27,10 @@ from multiverse.evaluate import stop_token_ids
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny"
 
+DEFAULT_MAX_TOKENS = 1024
+"""Sequential-depth budget of a request that sets no ``max_tokens`` (the shipped tiny model's
+answers need up to ~300 with forking, its autoregressive twin's up to ~850)."""
+
 
 class EngineThread:
     """Owns the engine; ``submit(prompt, params)`` returns a Future of a RequestOutput."""
@@ -107,7 +111,7 @@ def _params(body: dict[str, Any], eos_ids: list[int]) -> SamplingParams:
         top_p=float(body.get("top_p", 1.0)),
         top_k=int(body.get("top_k", -1)),
         seed=body.get("seed"),
-        max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 256),
+        max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS),
         stop=stop,
         stop_token_ids=list(body.get("stop_token_ids") or []) + eos_ids,
         logprobs=bool(body.get("logprobs", False)),

@@ -373,6 +373,10 @@ TASKS: dict[str, Callable[[random.Random], _Plan]] = {
     "countdown": _countdown,
     "countdown_warmup": _countdown_warmup,
 }
+TRAINING_ONLY = ("countdown_warmup",)
+"""Tasks that exist to warm a model up in training (a curriculum), not to be evaluated on."""
+EVAL_TASKS = tuple(t for t in TASKS if t not in TRAINING_ONLY)
+"""The default mix of ``multiverse eval --benchmark synthetic``."""
 TOKENIZER_TASKS = ("sum_products", "max_total", "vowel_sum", "nested_max")
 """The tasks whose text trains the project tokenizer (fixed, so its vocabulary never changes)."""
 

@@ -388,3 +388,12 @@ def test_eval_real_engine_forced_multiverse_answer(tmp_path):
     assert x.parallel_degree > 1.1
     s = res.summary()
     assert s["trigger_rate"] == 1.0 and s["speedup"] is not None
+
+
+def test_synthetic_default_mix_leaves_out_the_warm_up():
+    from multiverse import tasks
+
+    problems = load_benchmark("synthetic", limit=60)
+    assert not any(p.id.startswith("countdown_warmup-") for p in problems)
+    assert "countdown_warmup" in tasks.TASKS and "countdown_warmup" not in tasks.EVAL_TASKS
+    assert {p.id.split("-")[0] for p in load_benchmark("synthetic", 5, tasks=["countdown"])} == {"countdown"}

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="file with one prompt per line ('-' = stdin)")
     p.add_argument("--raw", action="store_true", help="send prompts as is (default: chat template)")
     p.add_argument("--no-parallel", action="store_true", help="decode sequentially (forking off)")
-    p.add_argument("--max-tokens", type=int, default=512, help="sequential depth budget")
+    p.add_argument("--max-tokens", type=int, default=1024, help="sequential depth budget (default 1024)")
     p.add_argument("--max-total-tokens", type=int, default=None, help="budget over all branches")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
