@@ -150,7 +150,10 @@ class EvalResult:
             return {}
         by_size = {str(self.batch_size): round(speedup, 4) if speedup is not None else None}
         by_size |= {str(b): r["speedup"] for b, r in self.by_batch.items()}
-        return {"speedup_by_batch": by_size, "by_batch": {str(b): r for b, r in self.by_batch.items()}}
+        out: dict[str, Any] = {"by_batch": {str(b): r for b, r in self.by_batch.items()}}
+        if any(v is not None for v in by_size.values()):  # not with --no-speedup
+            out["speedup_by_batch"] = by_size
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.summary(), "samples": [asdict(x) for x in self.samples]}
