@@ -57,6 +57,26 @@ def test_forced_multiverse_output_matches_full_forward(pair, tok, text):
     assert_no_leak(llm)
 
 
+def test_cascade_attention_keeps_logprobs_equal_to_the_full_forward(pair, tok):
+    """Shared-prefix decode attention forced on (every sibling group, however small): the
+    engine's logprobs still equal one full forward, nested blocks and preemption included."""
+    for text in (UNEVEN, EIGHT, NESTED3):
+        llm = _llm(pair, tok, num_kv_slots=2048)
+        llm.runner.cascade, llm.runner.cascade_min_saved_rows = True, 0
+        sp = SamplingParams(temperature=0.0, max_tokens=600, forced_output=text, logprobs=True)
+        out = llm.generate(["Question: 3 + 4?"], sp)[0]
+        assert out.text == text and check_output(pair[0], tok, out) > 0
+        assert llm.runner.cascade_steps > 0
+        assert_no_leak(llm)
+    prompts, params = _mixed_batch()
+    small = _llm(pair, tok, num_kv_slots=400, max_batch_tokens=64, prefill_chunk=16)
+    small.runner.cascade, small.runner.cascade_min_saved_rows = True, 0
+    for out in small.generate(prompts, params):
+        check_output(pair[0], tok, out)
+    assert small.scheduler.num_preemptions > 0 and small.runner.cascade_steps > 0
+    assert_no_leak(small)
+
+
 def test_tree_records_paths_in_outline_order(pair, tok):
     llm = _llm(pair, tok, num_kv_slots=2048)
     out = llm.generate(["q"], SamplingParams(temperature=0.0, max_tokens=600, forced_output=NESTED3))[0]

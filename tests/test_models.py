@@ -409,6 +409,78 @@ def test_fast_decode_equals_reference(kv_lens):
     torch.testing.assert_close(fold, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cascade_decode_equals_reference(arch):
+    """Shared-prefix ("cascade") decode attention == the reference path: two families of
+    siblings over different prefixes (ragged own suffixes, one family of one), plus a lone
+    sequence, scheduled interleaved."""
+    ours = _ours(_hf_model(arch, seed=40))
+    kv = KVPool.for_model(ours, num_slots=128)
+    gen = torch.Generator().manual_seed(41)
+    kv.kv.normal_(generator=gen)
+    free = torch.randperm(128, generator=gen).tolist()
+
+    def take(n: int) -> torch.Tensor:
+        return torch.tensor([free.pop() for _ in range(n)])
+
+    p1, p2 = take(9), take(4)
+    seqs = [  # (group, kv_indices)
+        (0, torch.cat([p1, take(3)])),
+        (1, torch.cat([p2, take(1)])),
+        (0, torch.cat([p1, take(1)])),
+        (2, take(6)),
+        (0, torch.cat([p1, take(5)])),
+        (1, torch.cat([p2, take(2)])),
+    ]
+    prefixes = [p1, p2, seqs[3][1][:-1]]
+    groups = [(prefixes[g], [i for i, (gg, _) in enumerate(seqs) if gg == g]) for g in range(3)]
+    kv_indices = [ix for _, ix in seqs]
+    b = len(seqs)
+    common = dict(
+        input_ids=torch.randint(0, VOCAB, (b,), generator=gen),
+        position_ids=torch.tensor([len(ix) - 1 for ix in kv_indices]),
+        slot_mapping=torch.stack([ix[-1] for ix in kv_indices]),
+        q_lens=[1] * b,
+        kv_indices=kv_indices,
+        masks=[None] * b,
+    )
+    cascade = ForwardBatch(**common, groups=groups)
+    assert build_attention_plan(cascade).cascade is not None
+    kv_ref = KVPool.for_model(ours, num_slots=128)
+    kv_ref.kv.copy_(kv.kv)
+    kv_plain = KVPool.for_model(ours, num_slots=128)
+    kv_plain.kv.copy_(kv.kv)
+    with torch.inference_mode():
+        fast = ours(cascade, kv)
+        plain = ours(ForwardBatch(**common), kv_plain)
+        ref = ours(cascade, kv_ref, reference=True)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(plain, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(kv.kv, kv_ref.kv, atol=1e-5, rtol=0)
+
+
+def test_cascade_groups_are_validated():
+    ours = _ours(_hf_model("qwen2", seed=42))
+    kv = KVPool.for_model(ours, num_slots=16)
+    ix = [torch.arange(0, 4), torch.arange(4, 8)]
+    base = dict(input_ids=torch.tensor([1, 2]), position_ids=torch.tensor([3, 3]),
+                slot_mapping=torch.tensor([3, 7]), q_lens=[1, 1], kv_indices=ix, masks=[None, None])  # fmt: skip
+    bad = {
+        "in no group": [(ix[0][:3], [0])],
+        "in two groups": [(ix[0][:3], [0]), (ix[1][:3], [1]), (ix[1][:2], [1])],
+        "no K/V after the shared prefix": [(ix[0], [0]), (ix[1][:3], [1])],
+        "no members": [(ix[0][:3], [0]), (ix[1][:3], [1]), (ix[1][:2], [])],
+        "does not start with the group's prefix": [(ix[0][:3], [0, 1])],
+    }
+    for message, groups in bad.items():
+        with pytest.raises(ValueError, match=message):
+            ours(ForwardBatch(**base, groups=groups), kv)
+    prefill = dict(base, q_lens=[2], input_ids=torch.tensor([1, 2]), kv_indices=[ix[0]], masks=[None],
+                   position_ids=torch.tensor([2, 3]), slot_mapping=torch.tensor([2, 3]))  # fmt: skip
+    with pytest.raises(ValueError, match="decode steps only"):
+        ours(ForwardBatch(**prefill, groups=[(ix[0][:2], [0])]), kv)
+
+
 def test_default_logits_rows_are_last_token_of_each_sequence():
     ours = _ours(_hf_model("llama", seed=40))
     kv = KVPool.for_model(ours, num_slots=32)

@@ -110,6 +110,11 @@ class ForwardBatch:
     logits_rows: torch.Tensor | None = (
         None  # [R] long rows of T; None = last token of each sequence
     )
+    groups: list[tuple[torch.Tensor, list[int]]] | None = None
+    """Decode steps only (every ``q_len == 1``, no masks): sequences sharing a K/V prefix, as
+    ``(prefix slots, member sequence indices)``; every sequence in exactly one group and every
+    member's ``kv_indices`` starting with the group's prefix. The fast path then reads a shared
+    prefix once per group ("cascade" attention); the reference path ignores it."""
 
 
 class KVPool:
@@ -314,6 +319,98 @@ def _interleave_perm(head_dim: int) -> torch.Tensor:
 
 
 @dataclass(slots=True)
+class CascadePlan:
+    """Shared-prefix decode attention: each of G groups attends as ONE sequence whose keys are
+    its prefix followed by its members' own suffixes (``union``, padded to U slots) and whose
+    M query rows are its members; a member's row sees the prefix and its own suffix only."""
+
+    groups: int
+    members: int
+    union_len: int
+    gather: torch.Tensor  # [G * U] long (padding: slot 0, masked)
+    mask: torch.Tensor  # Bool [G, 1, M, U]
+    member_rows: torch.Tensor  # [G * M] long: sequence of each (group, member), padding -> 0
+    seq_slot: torch.Tensor  # [N] long: flat (group, member) index of each sequence
+
+
+def build_cascade_plan(batch: ForwardBatch) -> CascadePlan:
+    """Validate ``batch.groups`` (see :class:`ForwardBatch`) and build the cascade tensors."""
+    groups = batch.groups or []
+    n = len(batch.q_lens)
+    if any(q != 1 for q in batch.q_lens) or any(m is not None for m in batch.masks):
+        raise ValueError("ForwardBatch.groups is for decode steps only (q_len 1, no masks)")
+    owner = [-1] * n
+    device = batch.input_ids.device
+    for g, (prefix, members) in enumerate(groups):
+        if not members:
+            raise ValueError(f"group {g} has no members")
+        for i in members:
+            if not 0 <= i < n or owner[i] != -1:
+                raise ValueError(f"group {g}: sequence {i} is out of range or in two groups")
+            owner[i] = g
+            if batch.kv_indices[i].shape[0] <= prefix.shape[0]:
+                raise ValueError(f"group {g}: sequence {i} has no K/V after the shared prefix")
+            if not torch.equal(batch.kv_indices[i][: prefix.shape[0]], prefix.to(device)):
+                raise ValueError(f"group {g}: sequence {i} does not start with the group's prefix")
+    if -1 in owner:
+        raise ValueError(f"sequence {owner.index(-1)} is in no group")
+    num_groups = len(groups)
+    max_m = max(len(m) for _, m in groups)
+    unions, starts, ends, plens = [], [], [], []
+    member_rows = torch.zeros(num_groups, max_m, dtype=torch.long)
+    slot = [0] * n
+    for g, (prefix, members) in enumerate(groups):
+        p = int(prefix.shape[0])
+        parts, at, st, en = [prefix.to(device)], p, [], []
+        for m, i in enumerate(members):
+            own = batch.kv_indices[i][p:]
+            parts.append(own)
+            st.append(at)
+            en.append(at + int(own.shape[0]))
+            at += int(own.shape[0])
+            slot[i] = g * max_m + m
+        pad = max_m - len(members)
+        starts.append(st + [0] * pad)  # padding rows see key 0 only (a harmless non-empty row)
+        ends.append(en + [1] * pad)
+        plens.append(p)
+        unions.append(torch.cat(parts))
+        member_rows[g, : len(members)] = torch.tensor(members, dtype=torch.long)
+    gather = torch.nn.utils.rnn.pad_sequence(unions, batch_first=True)  # [G, U]
+    u = gather.shape[1]
+    keys = torch.arange(u, device=device)[None, None, :]
+    lo = torch.tensor(starts, dtype=torch.long, device=device)[:, :, None]
+    hi = torch.tensor(ends, dtype=torch.long, device=device)[:, :, None]
+    plen = torch.tensor(plens, dtype=torch.long, device=device)[:, None, None]
+    mask = (keys < plen) | ((keys >= lo) & (keys < hi))  # [G, M, U]
+    return CascadePlan(
+        groups=num_groups,
+        members=max_m,
+        union_len=u,
+        gather=gather.reshape(-1),
+        mask=mask[:, None],
+        member_rows=member_rows.reshape(-1).to(device),
+        seq_slot=torch.tensor(slot, dtype=torch.long, device=device),
+    )
+
+
+def cascade_attention(
+    q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan, num_kv_heads: int
+) -> torch.Tensor:
+    """Decode attention with shared prefixes: q ``[N, Hq * D]``, pool ``[S, 2, Hk, D]`` ->
+    ``[N, Hq * D]``. A group's prefix K/V is read once for all its members (one SDPA call per
+    step and layer over the groups)."""
+    hk, d = num_kv_heads, pool.shape[-1]
+    hq = q.shape[1] // d
+    g, m, u = plan.groups, plan.members, plan.union_len
+    kv = pool.index_select(0, plan.gather).view(g, u, 2, hk, d)
+    k = kv[:, :, 0].transpose(1, 2)  # [G, Hk, U, D]
+    v = kv[:, :, 1].transpose(1, 2)
+    qg = q.index_select(0, plan.member_rows).view(g, m, hq, d).transpose(1, 2)  # [G, Hq, M, D]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=plan.mask, enable_gqa=True)
+    return out.transpose(1, 2).reshape(g * m, hq * d).index_select(0, plan.seq_slot)
+
+
+@dataclass(slots=True)
 class AttentionPlan:
     """Index and mask tensors for the fast attention path, built once per step, shared by layers.
 
@@ -333,6 +430,7 @@ class AttentionPlan:
     out_index: torch.Tensor | None = None  # [T] long
     attn_mask: torch.Tensor | None = None  # Bool [B, 1, max_q, max_kv]
     fold_gqa: bool = False  # decode only: the G query heads of a KV head become G query rows
+    cascade: CascadePlan | None = None  # decode with shared prefixes (ForwardBatch.groups)
 
 
 def build_attention_plan(batch: ForwardBatch, fold_gqa: bool | None = None) -> AttentionPlan:
@@ -368,6 +466,8 @@ def build_attention_plan(batch: ForwardBatch, fold_gqa: bool | None = None) -> A
     max_q, max_kv = max(q_lens), max(kv_lens)
     device = batch.input_ids.device
     has_masks = any(m is not None for m in batch.masks)
+    if batch.groups is not None:
+        return AttentionPlan(num_seqs, max_q, max_kv, cascade=build_cascade_plan(batch))
 
     if num_seqs == 1 and kv_lens[0] == q_lens[0] and not has_masks:
         return AttentionPlan(1, max_q, max_kv, fresh_causal=True)
@@ -801,7 +901,9 @@ class CausalLM(nn.Module):
             pool = kv_buffer[layer]  # [S, 2, Hk, D]
             pool.index_copy_(0, slot_mapping, new_kv)
             q = qkv[:, : hq * d]
-            if plan.fresh_causal:
+            if plan.cascade is not None:
+                attn = cascade_attention(q, pool, plan.cascade, hk)
+            elif plan.fresh_causal:
                 qh = q.view(1, t, hq, d).transpose(1, 2)
                 k = new_kv[:, 0].view(1, t, hk, d).transpose(1, 2)
                 v = new_kv[:, 1].view(1, t, hk, d).transpose(1, 2)

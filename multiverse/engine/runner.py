@@ -10,7 +10,9 @@ Per branch the K/V list handed to the model is
     and ``branch.attend`` is reset to what the chunk's last token may see.
 
 A per-branch tensor mirror of ``attend`` grows in place between steps, so a decode step does not
-rebuild an ``O(context)`` index tensor per branch.
+rebuild an ``O(context)`` index tensor per branch. On CPU, a decode step whose siblings share a
+long prefix also hands the model ``ForwardBatch.groups`` (cascade attention: a family's prefix
+K/V read once per layer, not once per branch); the logits are the same.
 """
 
 from __future__ import annotations
@@ -38,12 +40,24 @@ class StepOutput:
     prompt_rows: list[list[int]]  # per work: rows for the prompt logprobs of work.prompt_rows
 
 
+CASCADE_MIN_SAVED_ROWS = 1024
+"""Group siblings only when that saves this many gathered K/V rows per layer. Measured with
+``benchmarks/cascade.py`` (shipped tiny model, 2-core CPU, one thread, forking on): one request
+with six branches (~750 rows saved) gains nothing (0.99x with every family grouped), eight
+requests 1.07-1.13x, sixteen 1.19-1.23x."""
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_slots: int) -> None:
+    def __init__(self, model: CausalLM, num_slots: int, cascade: bool | None = None) -> None:
         self.model = model
         self.device = model.device
         self.pool = KVPool.for_model(model, num_slots)
         self._mirrors: dict[tuple[int, int], _Mirror] = {}
+        # shared-prefix decode attention (ForwardBatch.groups); default: on CPU, where the
+        # per-branch gather of a shared prefix is a large part of a forked decode step
+        self.cascade = self.device.type == "cpu" if cascade is None else cascade
+        self.cascade_min_saved_rows = CASCADE_MIN_SAVED_ROWS
+        self.cascade_steps = 0  # decode steps that ran with groups (for tests and profiling)
 
     def forget(self, br: Branch) -> None:
         self._mirrors.pop((br.request.id, br.id), None)
@@ -116,7 +130,45 @@ class ModelRunner:
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
+        groups = self._groups(works, kv_indices, self.cascade_min_saved_rows) if self.cascade else None
+        self.cascade_steps += groups is not None
         batch = ForwardBatch(t(ids), t(pos), t(slots), q_lens, kv_indices, masks,
-                             t(rows) if rows else t([offset - 1]))  # fmt: skip
+                             t(rows) if rows else t([offset - 1]), groups)  # fmt: skip
         logits = self.model(batch, self.pool)
         return StepOutput(logits, sample_row, prompt_rows)
+
+    @staticmethod
+    def _groups(
+        works: list[Work], kv_indices: list[torch.Tensor], min_saved_rows: int = 0
+    ) -> list[tuple[torch.Tensor, list[int]]] | None:
+        """Sibling branches decoding in this step, grouped with the K/V prefix they share (the
+        parent's visible K/V at the fork), for cascade attention. None unless every work is
+        one unmasked token and grouping saves at least ``min_saved_rows`` gathered K/V rows.
+        A family whose lists do not agree on the shared part is split into one-member groups
+        (never wrong, only slower)."""
+        if any(w.count != 1 or w.masked for w in works):
+            return None
+        families: dict[tuple[int, int, int], list[int]] = {}
+        solos: list[int] = []
+        for i, w in enumerate(works):
+            br = w.branch
+            if br.parent is None:
+                solos.append(i)
+            else:
+                families.setdefault((id(br.request), id(br.parent), br.prefix_len), []).append(i)
+        groups: list[tuple[torch.Tensor, list[int]]] = []
+        for members in families.values():
+            shared = {len(kv_indices[i]) - (len(works[i].branch.kv) - works[i].branch.prefix_len)
+                      for i in members}  # fmt: skip
+            first = kv_indices[members[0]]
+            a = next(iter(shared))
+            if (len(members) < 2 or len(shared) != 1 or a < 1
+                    or not all(torch.equal(kv_indices[i][:a], first[:a]) for i in members[1:])):  # fmt: skip
+                solos.extend(members)
+                continue
+            groups.append((first[:a], members))
+        saved = sum((len(members) - 1) * len(prefix) for prefix, members in groups)
+        if not groups or saved < max(1, min_saved_rows):
+            return None
+        groups.extend((kv_indices[i][:-1], [i]) for i in solos)
+        return groups
