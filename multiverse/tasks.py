@@ -20,8 +20,9 @@ Invariants (tests check each):
     within one call are distinct problems.
   - Answers are integers and equal the computation written out in the chain.
 
-Tasks (small numbers, few templates; with the project tokenizer an assistant turn is about
-100-320 tokens, mean ~195, and a chat prompt about 75-115):
+Tasks (small numbers, few templates; with the project tokenizer an assistant turn of the first
+four is about 100-320 tokens, mean ~195, of ``wide_max`` 250-700, of ``countdown`` 530-750 (mean ~640),
+and a chat prompt about 75-115):
   ``sum_products``  sum of the products of 2-5 pairs (a factor over 9 is split into tens + ones)
   ``max_total``     largest total among 2-4 lists of 2-4 digits
   ``vowel_sum``     vowels counted in each of 2-6 words (a fixed list of 40), counts added
