@@ -30,12 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multiverse.evaluate import DEFAULT_MAX_TOKENS as MAX_TOKENS
+
 DEMO_SEED = 2026
 """Seed of the held-out problems the demo draws (any seed gives test-split problems)."""
-
-MAX_TOKENS = 1024
-"""Sequential-depth budget per answer (a countdown solution written sequentially, as the
-autoregressive twin does, is up to ~850 tokens)."""
 
 
 @dataclass(slots=True)

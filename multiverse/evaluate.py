@@ -45,6 +45,11 @@ CLOCK: Clock = time.perf_counter
 # ----------------------------------------------------------------------------- prompts
 
 
+DEFAULT_MAX_TOKENS = 1024
+"""Sequential-depth budget per answer when none is given, shared by ``eval``, ``generate``,
+``serve`` and the demo (the shipped tiny model needs up to ~300 with forking, its
+autoregressive twin up to ~850)."""
+
 BASELINES = ("serial", "plain")
 """Forking-off modes for the speedup: ``serial`` (same output, branches one after another) or
 ``plain`` (the model decoded without forking: tags are ordinary tokens, causal attention)."""
@@ -193,7 +198,7 @@ def evaluate(
     benchmark: str = "custom",
     model: str = "",
     batch_size: int = 1,
-    max_tokens: int = 1024,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
     speedup: bool = True,
     parallel_prompt: bool = True,
     baseline: str = "serial",
@@ -416,7 +421,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "timing at each further size in the same run: speedup_by_batch in results.json",
     )
     p.add_argument(
-        "--max-tokens", type=int, default=1024, help="sequential-depth budget per output"
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"sequential-depth budget per output (default {DEFAULT_MAX_TOKENS})",
     )
     p.add_argument(
         "--output", metavar="DIR", help="where results go (default runs/eval/<benchmark>)"

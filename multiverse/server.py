@@ -22,14 +22,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from multiverse.demo import DEFAULT_MODEL
 from multiverse.engine.sampling import SamplingParams
-from multiverse.evaluate import stop_token_ids
-
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny"
-
-DEFAULT_MAX_TOKENS = 1024
-"""Sequential-depth budget of a request that sets no ``max_tokens`` (the shipped tiny model's
-answers need up to ~300 with forking, its autoregressive twin's up to ~850)."""
+from multiverse.evaluate import DEFAULT_MAX_TOKENS, stop_token_ids
 
 
 class EngineThread:

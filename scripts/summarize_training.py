@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def summarize(model_dir: Path, hardware: str, reproduce: str, wall_s: float | No
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     cfg = summary["config"]
     return {
         "model": model_dir.name,
@@ -58,13 +59,6 @@ def summarize(model_dir: Path, hardware: str, reproduce: str, wall_s: float | No
         "train_loss_mean": final.get("train_loss"),
         "loss_curve": {str(s): round(v, 5) for s, v in losses if s % every == 0 or s == losses[-1][0]},
     }
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from multiverse import attention, grammar
+from multiverse.evaluate import DEFAULT_MAX_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 MV_DIR = REPO / "models" / "multiverse-tiny"
 AR_DIR = REPO / "models" / "autoregressive-tiny"
-MAX_TOKENS = 1024
+MAX_TOKENS = DEFAULT_MAX_TOKENS
 TIE_GAP = 1e-4  # a differing argmax is accepted only as a float-rounding tie
 
 pytestmark = pytest.mark.skipif(

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "multiverse-tiny"
+from multiverse.demo import DEFAULT_MODEL
+from multiverse.evaluate import DEFAULT_MAX_TOKENS, stop_token_ids
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="file with one prompt per line ('-' = stdin)")
     p.add_argument("--raw", action="store_true", help="send prompts as is (default: chat template)")
     p.add_argument("--no-parallel", action="store_true", help="decode sequentially (forking off)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="sequential depth budget (default 1024)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"sequential depth budget (default {DEFAULT_MAX_TOKENS})")  # fmt: skip
     p.add_argument("--max-total-tokens", type=int, default=None, help="budget over all branches")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"loading {model} ...", file=sys.stderr)
     llm = LLM(str(model), device=args.device, dtype=args.dtype)
-    sp.stop_token_ids = _stop_ids(llm.tokenizer)
+    sp.stop_token_ids = stop_token_ids(llm.tokenizer)
     texts = prompts if args.raw or not getattr(llm.tokenizer, "chat_template", None) else [
         llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                           add_generation_prompt=True) for p in prompts
@@ -78,14 +80,6 @@ def run(args: argparse.Namespace) -> int:
               f"# parallel {u.parallel_degree:.2f}, {u.blocks} blocks, {u.branches} branches, "
               f"{u.seconds:.2f} s, {u.tokens_per_s:.1f} tok/s, finish: {o.finish_reason}")  # fmt: skip
     return 0
-
-
-def _stop_ids(tokenizer: Any = None) -> list[int]:
-    """Chat turn ends stop generation, as in ``multiverse eval``."""
-    if tokenizer is None:
-        return []
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab]
 
 
 def _usage(o: Any) -> dict[str, Any]:

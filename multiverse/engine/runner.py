@@ -48,14 +48,14 @@ requests 1.07-1.13x, sixteen 1.19-1.23x."""
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_slots: int, cascade: bool | None = None) -> None:
+    def __init__(self, model: CausalLM, num_slots: int) -> None:
         self.model = model
         self.device = model.device
         self.pool = KVPool.for_model(model, num_slots)
         self._mirrors: dict[tuple[int, int], _Mirror] = {}
         # shared-prefix decode attention (ForwardBatch.groups); default: on CPU, where the
         # per-branch gather of a shared prefix is a large part of a forked decode step
-        self.cascade = self.device.type == "cpu" if cascade is None else cascade
+        self.cascade = self.device.type == "cpu"
         self.cascade_min_saved_rows = CASCADE_MIN_SAVED_ROWS
         self.cascade_steps = 0  # decode steps that ran with groups (for tests and profiling)
 
