@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from multiverse import LLM, SamplingParams  # noqa: E402
-from multiverse.benchmarks_data import load_benchmark  # noqa: E402
 from multiverse.engine.runner import CASCADE_MIN_SAVED_ROWS  # noqa: E402
-from multiverse.evaluate import chat_prompt, stop_token_ids  # noqa: E402
+from multiverse.eval.datasets import load_benchmark  # noqa: E402
+from multiverse.format.prompts import chat_prompt, stop_token_ids  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "multiverse-tiny"
 

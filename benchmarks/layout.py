@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from multiverse.attention import layout, layout_tags
-from multiverse.grammar import TAGS
+from multiverse.format.grammar import TAGS
+from multiverse.format.layout import layout, layout_tags
 
 
 def synthetic_tags(n_tokens: int, n_blocks: int, seed: int = 0) -> list[str | None]:

@@ -1,6 +1,6 @@
 """Training step time: Multiverse attention vs plain causal attention on the same tokens.
 
-One packed row of synthetic Multiverse task examples (``multiverse.tasks``), a preset Qwen2
+One packed row of synthetic Multiverse task examples (``multiverse.eval.tasks``), a preset Qwen2
 model, AdamW. A step = mask construction from the batch's layouts + forward + backward +
 optimizer step (:func:`multiverse.train.trainer.multiverse_forward_loss`, the Trainer's own
 loss). The causal baseline runs the same tokens and targets with positions ``0..n-1`` and no
@@ -21,8 +21,10 @@ import time
 
 import torch
 
-from multiverse import attention, grammar, tasks
-from multiverse.tokenizer import default_tokenizer
+from multiverse.eval import tasks
+from multiverse.format import grammar
+from multiverse.format import layout as attention
+from multiverse.format.tokenizer import default_tokenizer
 from multiverse.train import data as D
 from multiverse.train.collate import MultiverseCollator
 from multiverse.train.masks import ATTN_IMPLEMENTATION, resolve_backend

@@ -21,8 +21,8 @@ WORK=${WORK:-$(mktemp -d)}   # training data and logs (kept out of the model dir
 DATA=$WORK/train.jsonl
 mkdir -p "$OUT" "$WORK"
 pids=()
-$PY -m multiverse.tasks "$WORK/warmup.jsonl" --n 11200 --split train --seed 0 --tasks countdown_warmup
-$PY -m multiverse.tasks "$WORK/main.jsonl" --n 9600 --split train --seed 0 --tasks countdown
+$PY -m multiverse.eval.tasks "$WORK/warmup.jsonl" --n 11200 --split train --seed 0 --tasks countdown_warmup
+$PY -m multiverse.eval.tasks "$WORK/main.jsonl" --n 9600 --split train --seed 0 --tasks countdown
 cat "$WORK/warmup.jsonl" "$WORK/main.jsonl" > "$DATA"   # warm-up first: trained in file order
 for mode in multiverse autoregressive; do
   name=$mode-tiny

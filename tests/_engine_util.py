@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from multiverse import grammar
-from multiverse.attention import layout
 from multiverse.engine.llm import LLM
 from multiverse.engine.model import CausalLM
+from multiverse.format import grammar
+from multiverse.format.layout import layout
 
 
 def tiny_pair(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32):

@@ -1,10 +1,10 @@
 """The Map / Reduce state machine of SPEC section 4: what happens after a branch's tokens are
-computed or a token is sampled. Plain Python over :mod:`multiverse.engine.sequence` state and
+computed or a token is sampled. Plain Python over :mod:`multiverse.engine.request` state and
 the :class:`KVManager`; positions only from each branch's ``LayoutState``.
 
 * Fork: a branch that samples ``</Goal>`` in phase goal gets ``\\n`` (forced, status FORKING);
   once both are computed, :meth:`ForkJoin.try_fork` reads the Outlines
-  (:func:`multiverse.grammar.outline_labels`) and makes one child per Outline. Child ``i`` holds
+  (:func:`multiverse.format.grammar.outline_labels`) and makes one child per Outline. Child ``i`` holds
   references to all of the parent's slots, attends what the parent's ``\\n`` attends plus itself,
   and starts with ``<Path>\\n{label}:`` (forced). A refused fork (limits, no Outline, a request
   that would no longer fit the KV pool)
@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from multiverse import grammar
 from multiverse.engine.kv_manager import KVManager
+from multiverse.engine.request import BlockRecord, Branch, Request, Status
 from multiverse.engine.sampling import branch_seed
-from multiverse.engine.sequence import BlockRecord, Branch, Request, Status
+from multiverse.format import grammar
 
 _BREAKING = ("<Path>", "<Conclusion>", "</Parallel>")  # end a child when at its base depth
 _LIVE = (Status.RUNNING, Status.FORKING)

@@ -16,15 +16,16 @@ from typing import Any
 
 import torch
 
-from multiverse import grammar
-from multiverse.attention import LayoutState, layout_tags
 from multiverse.engine.forkjoin import ForkJoin, Specials
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.radix import RadixCache
+from multiverse.engine.request import Branch, Request
 from multiverse.engine.runner import ModelRunner
 from multiverse.engine.sampling import SamplingParams, make_generator, sample, token_logprobs
 from multiverse.engine.scheduler import Scheduler, Work
-from multiverse.engine.sequence import Branch, Request
+from multiverse.format import grammar
+from multiverse.format.layout import LayoutState, layout_tags
+from multiverse.format.prompts import render_chat
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "Usage"]
 
@@ -232,7 +233,7 @@ class LLM:
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
         """Apply the tokenizer's chat template (generation prompt added) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+        prompts = [render_chat(self.tokenizer, c) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def output(self, req: Request, prompt: str | None = None, start: float | None = None) -> RequestOutput:

@@ -1,7 +1,7 @@
 """Radix-tree prefix cache across requests: token ids -> KV slots, LRU eviction. Pure Python.
 
 What may be cached: the K/V of token ``i`` depends on token ids ``0..i`` only, because the layout
-rule (positions and visibility, :mod:`multiverse.attention`) is decided left to right: a prefix's
+rule (positions and visibility, :mod:`multiverse.format.layout`) is decided left to right: a prefix's
 layout is the prefix of the full sequence's layout. So the K/V of any prompt prefix can be reused
 by any later prompt that starts with the same ids *and is laid out by the same rule*. The engine
 keeps one namespace per rule ("multiverse" layout vs plain positions with ``parallel=False``) and

@@ -3,7 +3,7 @@
 Per branch the K/V list handed to the model is
   * ``branch.attend`` (already extended by the new slots) with the causal rule, in the common
     case: a decode step, a prompt without Multiverse structure, the tokens the engine inserts;
-  * all of ``branch.kv`` with a Bool mask from :meth:`multiverse.attention.Layout.dense_mask`
+  * all of ``branch.kv`` with a Bool mask from :meth:`multiverse.format.layout.Layout.dense_mask`
     (only the chunk's rows) when the chunk holds a token whose membership changes (a prompt with
     earlier parallel answers, a sequential block after a refused fork, a recomputation after
     preemption). The positions the branch recorded are checked against the layout on the way,
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from multiverse.engine.model import CausalLM, ForwardBatch, KVPool
+from multiverse.engine.request import Branch
 from multiverse.engine.scheduler import Work
-from multiverse.engine.sequence import Branch
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.radix import RadixCache
-from multiverse.engine.sequence import Branch, Request, Status
+from multiverse.engine.request import Branch, Request, Status
 
 
 @dataclass(slots=True)

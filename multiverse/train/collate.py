@@ -1,9 +1,9 @@
 """Batches for training: ids, layout positions, shifted labels, per-row layouts.
 
-Positions and masks come ONLY from :mod:`multiverse.attention` (:func:`~multiverse.attention.layout`
-per example, :func:`~multiverse.attention.pack` for a packed row); this module never looks at
+Positions and masks come ONLY from :mod:`multiverse.format.layout` (:func:`~multiverse.format.layout.layout`
+per example, :func:`~multiverse.format.layout.pack` for a packed row); this module never looks at
 tags itself. The attention mask is not built here: the batch carries each row's
-:class:`~multiverse.attention.Layout` (per-token ids, O(n) memory) and the trainer turns them
+:class:`~multiverse.format.layout.Layout` (per-token ids, O(n) memory) and the trainer turns them
 into a BlockMask or a small boolean mask on the model's device (:mod:`multiverse.train.masks`).
 
 Invariants of a batch ``b`` with ``B`` rows of ``n`` tokens:
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from multiverse import attention
+from multiverse.format import layout as attention
 from multiverse.train.data import IGNORE_INDEX, Example
 
 

@@ -13,7 +13,7 @@ Invariants:
   * ``labels[i] == input_ids[i]`` on assistant tokens (the rendered assistant turn, end-of-turn
     marker included) and ``-100`` everywhere else (system, user, template scaffolding). Labels
     are *unshifted*: the collator shifts them per document.
-  * Every assistant turn is checked with :func:`multiverse.grammar.validate`; a record with any
+  * Every assistant turn is checked with :func:`multiverse.format.grammar.validate`; a record with any
     issue is skipped and reported (source line and the issues), never repaired or truncated.
     Records longer than ``max_length`` tokens are skipped and reported the same way.
   * ``render``/``tokenize`` never reorder records; the curriculum (SPEC section 6) is a fixed,
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from multiverse import grammar
+from multiverse.format import grammar, prompts
 
 Form = Literal["multiverse", "sequential"]
 Mode = Literal["multiverse", "autoregressive"]
@@ -204,7 +204,7 @@ def sequential_view(text: str) -> str:
     """The sequential (AR) form of an assistant text: ``<Think>`` body flattened.
 
     Text before ``<Think>`` and after ``</Think>`` (the answer) is kept verbatim; the body
-    becomes :func:`multiverse.grammar.flatten` of it wrapped as ``<Think>\\n...\\n</Think>``.
+    becomes :func:`multiverse.format.grammar.flatten` of it wrapped as ``<Think>\\n...\\n</Think>``.
     Text with no tag at all is returned unchanged.
     """
     if not any(tag in text for tag in grammar.TAGS):
@@ -229,18 +229,14 @@ def render(record: Record, form: Form) -> list[dict[str, str]]:
         ]
     assert record.question is not None and record.chain is not None and record.answer is not None
     if form == "multiverse":
-        suffix, chain = grammar.PROMPT_SUFFIX_PARALLEL, record.chain
+        chain = record.chain
     else:
-        suffix = grammar.PROMPT_SUFFIX_SEQUENTIAL
         chain = (
             record.sequential_chain
             if record.sequential_chain is not None
             else sequential_view(record.chain)
         )
-    return [
-        {"role": "user", "content": record.question + suffix},
-        {"role": "assistant", "content": chain + grammar.ANSWER_PREFIX + record.answer},
-    ]
+    return prompts.qa_messages(record.question, chain, record.answer, parallel=form == "multiverse")
 
 
 def check(record: Record) -> list[str]:
@@ -291,23 +287,12 @@ def tokenize(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[i
 def _template(
     tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool
 ) -> str:
-    if not messages:
-        return ""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat template; training data is rendered with it")
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    return prompts.render_chat(tokenizer, messages, add_generation_prompt)
 
 
 def prompt_ids(tokenizer: Any, question: str, form: Form = "multiverse") -> list[int]:
     """Ids of the prompt a trained model is asked with (chat template + SPEC 1.3 suffix)."""
-    suffix = (
-        grammar.PROMPT_SUFFIX_PARALLEL if form == "multiverse" else grammar.PROMPT_SUFFIX_SEQUENTIAL
-    )
-    text = _template(
-        tokenizer, [{"role": "user", "content": question + suffix}], add_generation_prompt=True
-    )
+    text = prompts.chat_prompt(tokenizer, question, parallel=form == "multiverse")
     return tokenizer.encode(text, add_special_tokens=False)
 
 

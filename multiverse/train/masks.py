@@ -1,6 +1,6 @@
 """Attention masks for a training batch, from the rows' layouts, per attention backend.
 
-Every mask here is built by :class:`multiverse.attention.Layout` itself (``block_mask``,
+Every mask here is built by :class:`multiverse.format.layout.Layout` itself (``block_mask``,
 ``mask_mod``, ``dense_mask``, ``hf_attention_mask``); this module only picks the form the
 model's attention implementation takes and stacks rows:
 
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from multiverse.attention import Layout
+from multiverse.format.layout import Layout
 from multiverse.train.data import ConfigError
 
 Backend = Literal["flex", "sdpa", "eager"]

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from multiverse import grammar
+from multiverse.format import grammar
 from multiverse.train.collate import MultiverseCollator
 from multiverse.train.data import (
     IGNORE_INDEX,
@@ -130,7 +130,7 @@ def device_of(requested: str) -> torch.device:
 def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tuple[Any, Any]:
     """The model and tokenizer of ``cfg``, the tags added to both when missing."""
     if cfg.config is not None:
-        from multiverse.tokenizer import build_tokenizer
+        from multiverse.format.tokenizer import build_tokenizer
         from multiverse.train.presets import build_model
 
         tokenizer = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()

@@ -1,0 +1,48 @@
+"""``multiverse demo`` (what ``make demo`` runs).
+
+With a model (``--model``, or the shipped ``multiverse-tiny`` found by
+:func:`multiverse.locations.find_model`), it solves a few
+held-out synthetic problems with forking on and off and shows the branch tree, the answer,
+# parallel and the speedup. Without it, it inspects the shipped example text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from multiverse.cli.common import UsageError, add_model_argument, resolve_model
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "example.txt"
+"""Package data: a Multiverse text shown when no model is found."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
+    p.add_argument("--problems", type=int, default=3, help="held-out problems to solve (default 3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = resolve_model(args.model)
+    except UsageError as e:
+        if args.model is not None:
+            print(f"multiverse demo: error: {e}", file=sys.stderr)
+            return 2
+        model = None
+        reason = str(e)
+    if model is not None:
+        try:
+            from multiverse.cli.demo_model import run_model_demo
+        except ImportError as e:  # the `demo` extra (transformers) is missing
+            reason = f"the engine cannot load models here ({e}); pip install 'multiverse[demo]'"
+        else:
+            if args.problems < 1:
+                print("multiverse demo: error: --problems must be >= 1", file=sys.stderr)
+                return 2
+            return run_model_demo(model, args.problems)
+    from multiverse.cli import main
+
+    print(f"({reason}: showing `multiverse inspect` on the shipped example)\n")
+    return main(["inspect", str(EXAMPLE)])

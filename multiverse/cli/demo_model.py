@@ -1,0 +1,240 @@
+"""``multiverse demo`` with a trained model: held-out problems solved with forking on and off.
+
+:func:`run_model_demo` loads a model directory into the engine (CPU, float32), draws
+``n_problems`` problems from the *test* split of the synthetic task family
+(:mod:`multiverse.eval.tasks`, the tasks the shipped models learned: ``DEMO_TASKS``), and
+for each one:
+
+  * generates greedily with forking on (Multiverse prompt, SPEC 1.3) and prints the branch tree
+    of the output (:func:`multiverse.eval.structure.draw_tree` over the tolerant reader's document);
+  * grades the final answer against the reference (:func:`multiverse.eval.grading.grade`, exact);
+  * prints # parallel (all generated tokens / sequential depth, SPEC 2) and the blocks,
+    branches and engine-inserted tokens of the request;
+  * generates the same prompt again with forking off (same model, same process: the same
+    output with its branches decoded one after another, ``serial_branches``) and prints the
+    wall-clock speedup, forking-off time / forking-on time, at batch size 1 (SPEC 2);
+  * when the autoregressive twin is there (``twin_dir``, default ``autoregressive-tiny`` next
+    to the model), solves the problem with it too (sequential prompt) for comparison.
+
+Invariants: the problems are held out (``split="test"``, disjoint from any training file
+made by ``python -m multiverse.eval.tasks --split train``) and fixed (same seed, same problems on
+every run); generation stops at the chat end-of-turn token as well as at EOS
+(:func:`multiverse.eval.evaluate.stop_token_ids`); nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS as MAX_TOKENS
+
+DEMO_SEED = 2026
+"""Seed of the held-out problems the demo draws (any seed gives test-split problems)."""
+
+
+@dataclass(slots=True)
+class TwinResult:
+    """The autoregressive twin on the same problem (sequential prompt, forking off)."""
+
+    answer: str | None
+    correct: bool
+    tokens: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class DemoResult:
+    """One problem solved twice (forking on, then off)."""
+
+    task: str
+    question: str
+    reference: str
+    text: str
+    answer: str | None
+    correct: bool
+    parallel_degree: float
+    completion_tokens: int
+    depth_tokens: int
+    forced_tokens: int
+    blocks: int
+    branches: int
+    seconds_on: float
+    seconds_off: float
+    tokens_off: int
+    correct_off: bool
+    twin: TwinResult | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.seconds_off / self.seconds_on if self.seconds_on > 0 else float("nan")
+
+
+DEMO_TASKS = ("countdown",)
+"""The tasks the shipped tiny models were trained on (see models/multiverse-tiny/README.md)."""
+
+
+def demo_problems(n: int, seed: int = DEMO_SEED, task_names: tuple[str, ...] = DEMO_TASKS) -> list[Any]:
+    """``n`` held-out problems, cycling through ``task_names``."""
+    from multiverse.eval import tasks
+
+    names = list(task_names)
+    streams = {name: tasks.iter_records(seed, "test", [name]) for name in names}
+    return [next(streams[names[k % len(names)]]) for k in range(n)]
+
+
+def _timed(llm: Any, question: str, parallel: bool, prompt_parallel: bool, max_tokens: int,
+           serial: bool = False):  # fmt: skip
+    """One greedy generation: (output, seconds)."""
+    from multiverse import SamplingParams
+    from multiverse.format.prompts import chat_prompt, stop_token_ids
+
+    tok = llm.tokenizer
+    prompt = chat_prompt(tok, question, parallel=prompt_parallel)
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=max_tokens,
+        parallel=parallel,
+        serial_branches=serial,
+        stop_token_ids=stop_token_ids(tok),
+    )
+    start = time.perf_counter()
+    out = llm.generate([prompt], params)[0]
+    return out, time.perf_counter() - start
+
+
+def solve(llm: Any, record: Any, max_tokens: int = MAX_TOKENS, twin: Any = None) -> DemoResult:
+    """Solve ``record`` with forking on (the answer shown) and off (the timing baseline), and
+    with the autoregressive ``twin`` engine when given."""
+    from multiverse.eval.grading import extract_answer, grade
+
+    reference = str(record.answer)
+    out, t_on = _timed(llm, record.question, True, True, max_tokens)
+    off, t_off = _timed(llm, record.question, True, True, max_tokens, serial=True)
+    twin_result = None
+    if twin is not None:
+        tw, t_tw = _timed(twin, record.question, False, False, max_tokens)
+        twin_result = TwinResult(
+            extract_answer(tw.text),
+            grade(tw.text, reference, kind="exact"),
+            len(tw.token_ids),
+            t_tw,
+        )
+    u = out.usage
+    return DemoResult(
+        task=record.task,
+        question=record.question,
+        reference=reference,
+        text=out.text,
+        answer=extract_answer(out.text),
+        correct=grade(out.text, reference, kind="exact"),
+        parallel_degree=u.parallel_degree,
+        completion_tokens=u.completion_tokens,
+        depth_tokens=u.depth_tokens,
+        forced_tokens=u.forced_tokens,
+        blocks=u.blocks,
+        branches=u.branches,
+        seconds_on=t_on,
+        seconds_off=t_off,
+        tokens_off=len(off.token_ids),
+        correct_off=grade(off.text, reference, kind="exact"),
+        twin=twin_result,
+    )
+
+
+def format_result(k: int, n: int, r: DemoResult, counter: Any) -> str:
+    """The report of one problem: question, branch tree, answer, # parallel, speedup."""
+    from multiverse.eval.structure import draw_tree
+    from multiverse.format import grammar
+
+    doc, issues = grammar.read(r.text)
+    verdict = "correct" if r.correct else f"WRONG, expected {r.reference}"
+    lines = [
+        f"── problem {k}/{n} ({r.task}, held out) " + "─" * 20,
+        r.question,
+        "",
+        draw_tree(doc, counter),
+    ]
+    if issues:
+        lines.append(f"({len(issues)} format issue(s); first: {issues[0].message})")
+    lines += [
+        "",
+        f"answer: {r.answer if r.answer is not None else '(none)'}  ({verdict})",
+        f"# parallel: {r.parallel_degree:.2f}  ({r.completion_tokens} tokens over a depth of "
+        f"{r.depth_tokens}; {r.blocks} block(s), {r.branches} branch(es), "
+        f"{r.forced_tokens} tokens inserted by the engine)",
+        f"time: forking on {r.seconds_on:.2f} s, forking off {r.seconds_off:.2f} s  ->  "
+        f"speedup {r.speedup:.2f}x (batch 1; forking off = the same {r.tokens_off} tokens, "
+        "one branch at a time)",
+    ]
+    if r.twin is not None:
+        t = r.twin
+        lines.append(
+            f"autoregressive twin: {t.tokens} tokens in {t.seconds:.2f} s, answer "
+            f"{t.answer if t.answer is not None else '(none)'} ({'right' if t.correct else 'wrong'})"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def run_model_demo(
+    model_dir: str | Path, n_problems: int = 3, out: Any = None, twin_dir: str | Path | None = None
+) -> int:
+    """Run the demo on the model in ``model_dir``; print to ``out`` (default stdout).
+
+    ``twin_dir``: the autoregressive twin to compare with (default: ``autoregressive-tiny``
+    next to ``model_dir`` when it exists; ``""`` for none). Returns 0, or 2 with a one-line
+    message when a model cannot be loaded."""
+    out = out or sys.stdout
+    model_dir = Path(model_dir)
+    if twin_dir is None:
+        default = model_dir.parent / "autoregressive-tiny"
+        twin_dir = default if (default / "config.json").is_file() and default != model_dir else ""
+    if n_problems < 1:
+        print(f"multiverse demo: error: --problems must be >= 1, got {n_problems}", file=sys.stderr)
+        return 2
+    from multiverse import LLM, SamplingParams
+    from multiverse.eval.structure import TokenCounter
+
+    try:
+        llm = LLM(str(model_dir), device="cpu", dtype="float32")
+        twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
+    except (OSError, ValueError) as e:
+        print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
+        return 2
+    counter = TokenCounter(str(model_dir))
+    print(
+        f"Multiverse demo: {model_dir} on {n_problems} held-out synthetic problem(s), "
+        "greedy, CPU, batch 1.\n",
+        file=out,
+    )
+    problems = demo_problems(n_problems)
+    warm = SamplingParams(temperature=0.0, max_tokens=4)
+    for engine in (llm, twin) if twin is not None else (llm,):
+        engine.generate(["warm up"], warm)  # first-call costs stay out of the timings
+
+    results = []
+    for k, rec in enumerate(problems, 1):
+        r = solve(llm, rec, twin=twin)
+        results.append(r)
+        print(format_result(k, len(problems), r, counter), file=out, flush=True)
+
+    correct = sum(r.correct for r in results)
+    mean_par = sum(r.parallel_degree for r in results) / len(results)
+    t_on = sum(r.seconds_on for r in results)
+    t_off = sum(r.seconds_off for r in results)
+    line = (
+        f"summary: {correct}/{len(results)} correct, mean # parallel {mean_par:.2f}, "
+        f"forking on {t_on:.2f} s vs off {t_off:.2f} s: speedup {t_off / t_on:.2f}x"
+    )
+    twins = [r.twin for r in results if r.twin is not None]
+    if twins:
+        line += (
+            f"; autoregressive twin {sum(t.correct for t in twins)}/{len(twins)} correct "
+            f"in {sum(t.seconds for t in twins):.2f} s"
+        )
+    print(line, file=out)
+    return 0

@@ -1,0 +1,322 @@
+"""``multiverse eval``: pass@1, # parallel, trigger rate and speedup of a model on a benchmark.
+
+One run generates every prompt twice with greedy decoding, in batches of ``--batch-size``:
+once with forking on (the Multiverse engine) and once with forking off (plain sequential
+decoding of the same model, by default the same output with its branches decoded one after
+another), same prompts, same batch size, same process (SPEC 2). Batches
+alternate which mode goes first, and one untimed warm-up call per mode precedes the timing.
+
+Reported (``results.json``, ``results.md``, ``speedup.png`` in ``--output``):
+  - ``accuracy``: pass@1 of the forking-on outputs with :func:`multiverse.eval.grading.grade`
+    (``accuracy_sequential`` for the forking-off outputs);
+  - ``parallel_degree``: mean over samples of the engine's ``usage.parallel_degree``
+    (all generated tokens / sequential depth; 1.0 for an output without blocks);
+  - ``trigger_rate``: share of forking-on outputs with at least one ``<Parallel>`` block;
+  - ``speedup``: total forking-off time / total forking-on time. Per batch too: with
+    ``--batch-size 1`` that is per sample, which is what ``speedup.png`` plots against
+    # parallel. ``--batch-size 1 8`` reruns both modes at each further size in the same run
+    (accuracy and # parallel come from the first size): ``speedup_by_batch`` and
+    ``by_batch`` in ``results.json``, one row per size in ``results.md``.
+
+The logic (:func:`evaluate`) takes any object with the engine's ``generate(prompts, params)``
+and an injectable clock, so it is unit-tested with a scripted stand-in model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from multiverse.eval.datasets import Problem
+from multiverse.eval.grading import extract_answer, grade
+from multiverse.format import grammar
+from multiverse.format.prompts import chat_prompt, stop_token_ids, user_prompt  # noqa: F401
+
+Clock = Callable[[], float]
+CLOCK: Clock = time.perf_counter
+"""The wall clock :func:`evaluate` uses unless given one."""
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+DEFAULT_MAX_TOKENS = 1024
+"""Sequential-depth budget per answer when none is given, shared by ``eval``, ``generate``,
+``serve`` and the demo (the shipped tiny model needs up to ~300 with forking, its
+autoregressive twin up to ~850)."""
+
+BASELINES = ("serial", "plain")
+"""Forking-off modes for the speedup: ``serial`` (same output, branches one after another) or
+``plain`` (the model decoded without forking: tags are ordinary tokens, causal attention)."""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """One problem. Times and speedup are those of the sample's batch."""
+
+    id: str
+    kind: str
+    reference: str
+    text: str
+    extracted: str | None
+    correct: bool
+    parallel_degree: float
+    depth_tokens: int
+    completion_tokens: int
+    blocks: int
+    max_depth: int
+    batch: int
+    time_parallel_s: float
+    text_sequential: str | None = None
+    correct_sequential: bool | None = None
+    completion_tokens_sequential: int | None = None
+    time_sequential_s: float | None = None
+    speedup: float | None = None
+
+
+@dataclass(slots=True)
+class EvalResult:
+    benchmark: str
+    model: str
+    batch_size: int
+    max_tokens: int
+    prompt: str  # "parallel" | "sequential"
+    samples: list[SampleResult] = field(default_factory=list)
+    time_parallel_s: float = 0.0
+    time_sequential_s: float | None = None
+    by_batch: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Summaries of timing passes at further batch sizes (``--batch-size 1 8``), by size."""
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.samples
+        triggered = [x for x in s if x.blocks]
+        seq = [x.correct_sequential for x in s if x.correct_sequential is not None]
+        speedup = (
+            self.time_sequential_s / self.time_parallel_s
+            if self.time_sequential_s is not None and self.time_parallel_s > 0
+            else None
+        )
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "n": self.n,
+            "accuracy": _mean([float(x.correct) for x in s]),
+            "accuracy_sequential": _mean([float(v) for v in seq]) if seq else None,
+            "parallel_degree": _mean([x.parallel_degree for x in s]),
+            "parallel_degree_triggered": _mean([x.parallel_degree for x in triggered]),
+            "trigger_rate": _mean([float(bool(x.blocks)) for x in s]),
+            "speedup": round(speedup, 4) if speedup is not None else None,
+            "time_parallel_s": round(self.time_parallel_s, 4),
+            "time_sequential_s": (
+                round(self.time_sequential_s, 4) if self.time_sequential_s is not None else None
+            ),
+            "completion_tokens": sum(x.completion_tokens for x in s),
+            "depth_tokens": sum(x.depth_tokens for x in s),
+            "batch_size": self.batch_size,
+            "max_tokens": self.max_tokens,
+            "prompt": self.prompt,
+        } | self._batches(speedup)
+
+    def _batches(self, speedup: float | None) -> dict[str, Any]:
+        if not self.by_batch:
+            return {}
+        by_size = {str(self.batch_size): round(speedup, 4) if speedup is not None else None}
+        by_size |= {str(b): r["speedup"] for b, r in self.by_batch.items()}
+        out: dict[str, Any] = {"by_batch": {str(b): r for b, r in self.by_batch.items()}}
+        if any(v is not None for v in by_size.values()):  # not with --no-speedup
+            out["speedup_by_batch"] = by_size
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "samples": [asdict(x) for x in self.samples]}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _usage(out: Any, name: str, default: Any) -> Any:
+    usage = getattr(out, "usage", None)
+    value = getattr(usage, name, None) if usage is not None else None
+    return default if value is None else value
+
+
+def _default_params() -> Callable[..., Any]:
+    from multiverse import SamplingParams
+
+    return SamplingParams
+
+
+def evaluate(
+    llm: Any,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    benchmark: str = "custom",
+    model: str = "",
+    batch_size: int = 1,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    speedup: bool = True,
+    parallel_prompt: bool = True,
+    baseline: str = "serial",
+    params: Callable[..., Any] | None = None,
+    clock: Clock | None = None,
+    warmup: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Generate, grade and time ``problems`` with ``llm`` (see the module docstring).
+
+    ``llm.generate(prompts, params)`` must return one output per prompt, in order, with
+    ``.text`` and ``.usage`` (``parallel_degree``, ``depth_tokens``, ``completion_tokens``);
+    ``params(temperature=, max_tokens=, parallel=, stop_token_ids=)`` builds the sampling
+    parameters (default :class:`multiverse.SamplingParams`); generation stops at EOS and at
+    :func:`stop_token_ids`.
+    """
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch_size and max_tokens must be >= 1 (got {batch_size}, {max_tokens})")
+    make = params or _default_params()
+    now = clock or CLOCK
+    stop = stop_token_ids(tokenizer)
+    on = make(temperature=0.0, max_tokens=max_tokens, parallel=True, stop_token_ids=stop)
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    off_mode = {"parallel": False} if baseline == "plain" else {"parallel": True, "serial_branches": True}
+    off = make(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop, **off_mode)
+    prompts = [chat_prompt(tokenizer, p.question, parallel_prompt) for p in problems]
+    result = EvalResult(
+        benchmark=benchmark,
+        model=model,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        prompt="parallel" if parallel_prompt else "sequential",
+        time_sequential_s=0.0 if speedup else None,
+    )
+    if warmup and prompts:
+        short = min(8, max_tokens)
+        modes = [{"parallel": True}, off_mode] if speedup else [{"parallel": True}]
+        for mode in modes:
+            warm = make(temperature=0.0, max_tokens=short, stop_token_ids=stop, **mode)
+            llm.generate(prompts[:1], warm)
+
+    def timed(batch: list[str], sp: Any) -> tuple[list[Any], float]:
+        start = now()
+        outs = list(llm.generate(batch, sp))
+        elapsed = now() - start
+        if len(outs) != len(batch):
+            raise RuntimeError(f"generate returned {len(outs)} outputs for {len(batch)} prompts")
+        return outs, elapsed
+
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[start : start + batch_size]
+        seq_outs: list[Any] | None = None
+        t_seq: float | None = None
+        if speedup and b % 2 == 1:  # alternate which mode runs first
+            seq_outs, t_seq = timed(batch, off)
+        par_outs, t_par = timed(batch, on)
+        if speedup and b % 2 == 0:
+            seq_outs, t_seq = timed(batch, off)
+        result.time_parallel_s += t_par
+        if t_seq is not None and result.time_sequential_s is not None:
+            result.time_sequential_s += t_seq
+        for k, out in enumerate(par_outs):
+            prob = problems[start + k]
+            result.samples.append(
+                _sample(prob, out, b, t_par, seq_outs[k] if seq_outs else None, t_seq)
+            )
+        if progress is not None:
+            s = result.summary()
+            progress(
+                f"{result.n}/{len(prompts)} accuracy={s['accuracy']} # parallel={s['parallel_degree']}"
+            )
+    return result
+
+
+def _sample(
+    prob: Problem, out: Any, batch: int, t_par: float, seq: Any | None, t_seq: float | None
+) -> SampleResult:
+    text = str(getattr(out, "text", ""))
+    doc, _ = grammar.read(text)
+    st = grammar.stats(doc)
+    completion = int(_usage(out, "completion_tokens", len(getattr(out, "token_ids", []) or [])))
+    sample = SampleResult(
+        id=prob.id,
+        kind=prob.kind,
+        reference=prob.answer,
+        text=text,
+        extracted=extract_answer(text),
+        correct=grade(text, prob.answer, prob.kind),
+        parallel_degree=float(_usage(out, "parallel_degree", 1.0)),
+        depth_tokens=int(_usage(out, "depth_tokens", completion)),
+        completion_tokens=completion,
+        blocks=st.blocks,
+        max_depth=st.max_depth,
+        batch=batch,
+        time_parallel_s=round(t_par, 6),
+    )
+    if seq is not None and t_seq is not None:
+        seq_text = str(getattr(seq, "text", ""))
+        sample.text_sequential = seq_text
+        sample.correct_sequential = grade(seq_text, prob.answer, prob.kind)
+        sample.completion_tokens_sequential = int(
+            _usage(seq, "completion_tokens", len(getattr(seq, "token_ids", []) or []))
+        )
+        sample.time_sequential_s = round(t_seq, 6)
+        sample.speedup = round(t_seq / t_par, 4) if t_par > 0 else None
+    return sample
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def format_markdown(result: EvalResult) -> str:
+    s = result.summary()
+    rows = [
+        "| benchmark | n | pass@1 (forking on) | pass@1 (forking off) | # parallel | trigger rate "
+        "| speedup | time on (s) | time off (s) | batch | max tokens |",
+        "|" + "---|" * 11,
+    ]
+    for r in [s, *result.by_batch.values()]:
+        rows.append(
+            f"| {s['benchmark']} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['accuracy_sequential'])} "
+            f"| {_num(r['parallel_degree'])} | {_pct(r['trigger_rate'])} | {_num(r['speedup'])} "
+            f"| {_num(r['time_parallel_s'])} | {_num(r['time_sequential_s'])} | {r['batch_size']} "
+            f"| {r['max_tokens']} |"
+        )
+    rows += [
+        "",
+        f"model: `{s['model']}`; prompt: {s['prompt']}; # parallel over outputs with blocks: "
+        f"{_num(s['parallel_degree_triggered'])}",
+    ]
+    return "\n".join(rows)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def batch_points(result: EvalResult) -> list[tuple[float, float]]:
+    """(mean # parallel, speedup) per batch: per sample when the batch size is 1."""
+    points = []
+    batches = sorted({x.batch for x in result.samples})
+    for b in batches:
+        xs = [x for x in result.samples if x.batch == b]
+        if xs[0].speedup is None:
+            continue
+        points.append((sum(x.parallel_degree for x in xs) / len(xs), xs[0].speedup))
+    return points

@@ -1,0 +1,255 @@
+"""Branch tree, validation report and statistics of Multiverse text (used by ``multiverse inspect``).
+
+Input: a file of Multiverse text, a JSONL record (fields ``chain``/``text``/``output``/
+``response``/``completion`` or chat ``messages``; every line is inspected), a trace file from
+``shared/data/traces`` (the assistant part is extracted), ``-`` for stdin, or a directory (a
+summary over every ``*.txt``/``*.jsonl`` in it).
+
+Token statistics use ``--tokenizer DIR`` when given, else the built-in fallback
+``builtin-regex`` (:func:`multiverse.format.grammar.approx_tokens`: tags, digits, words, newlines and
+punctuation marks are one token each), named as such in every report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+from multiverse.format import grammar as g
+from multiverse.format.layout import Layout, layout_tags
+
+FALLBACK_TOKENIZER = "builtin-regex (approximate)"
+
+
+# ----------------------------------------------------------------------------- input
+
+
+@dataclass(slots=True)
+class Source:
+    name: str
+    text: str  # the Multiverse part (assistant turn)
+
+
+def extract_assistant(text: str) -> str:
+    """The assistant part of a whole chat sequence or a third-party trace file."""
+    marker = "<|im_start|>assistant\n"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    for end in ("提取的答案:", "\n参考答案:", "<|im_end|>"):
+        if end in text:
+            text = text.split(end, 1)[0]
+    return text
+
+
+def _from_record(rec: dict[str, Any], where: str) -> str:
+    for key in ("chain", "text", "output", "response", "completion", "generated_text"):
+        if isinstance(rec.get(key), str):
+            return rec[key]
+    msgs = rec.get("messages")
+    if isinstance(msgs, list):
+        for m in reversed(msgs):
+            if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str):
+                return m["content"]
+    raise ValueError(
+        f"{where}: JSON record has no text field (expected one of chain, text, output, response, "
+        f"completion, or chat messages with an assistant turn); keys: {sorted(rec)[:10]}"
+    )
+
+
+def load_sources(path: str) -> list[Source]:
+    """Read FILE / ``-`` / DIR into the texts to inspect (clear errors on bad input)."""
+    if path == "-":
+        return _sources_from_text("<stdin>", sys.stdin.read())
+    p = FsPath(path)
+    if p.is_dir():
+        files = sorted(x for x in p.rglob("*") if x.suffix in (".txt", ".jsonl", ".md") and x.is_file())
+        if not files:
+            raise ValueError(f"{path}: directory has no .txt/.jsonl/.md files")
+        out: list[Source] = []
+        for f in files:
+            out.extend(_sources_from_text(str(f), f.read_text(encoding="utf-8", errors="replace")))
+        return out
+    if not p.exists():
+        raise ValueError(f"{path}: no such file")
+    return _sources_from_text(str(p), p.read_text(encoding="utf-8", errors="replace"))
+
+
+def _sources_from_text(name: str, text: str) -> list[Source]:
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name}:{n}: not valid JSON ({e.msg} at col {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{name}:{n}: expected a JSON object, got {type(rec).__name__}")
+            out.append(Source(f"{name}:{n}", _from_record(rec, f"{name}:{n}")))
+        return out
+    if "模型解答:" in text or "<|im_start|>assistant" in text:
+        return [Source(name, extract_assistant(text.split("模型解答:", 1)[-1]))]
+    return [Source(name, text)]
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+class TokenCounter:
+    """Turns text into token strings and tags for the layout rule."""
+
+    def __init__(self, tokenizer_dir: str | None = None):
+        self.tok = None
+        self.name = FALLBACK_TOKENIZER
+        if tokenizer_dir:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError as e:  # pragma: no cover - depends on extras
+                raise ValueError("--tokenizer needs transformers: pip install 'multiverse[hf]'") from e
+            if not FsPath(tokenizer_dir).exists():
+                raise ValueError(f"--tokenizer {tokenizer_dir}: no such directory")
+            self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+            self.tag_ids = g.add_tags_to_tokenizer(self.tok)
+            self.by_id = {v: k for k, v in self.tag_ids.items()}
+            self.name = f"{tokenizer_dir} ({type(self.tok).__name__})"
+
+    def tags(self, text: str) -> list[str | None]:
+        if self.tok is None:
+            return [t if t in g.TAGS else None for t in g.approx_tokens(text)]
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return [self.by_id.get(i) for i in ids]
+
+    def count(self, text: str) -> int:
+        if self.tok is None:
+            return len(g.approx_tokens(text))
+        return len(self.tok.encode(text, add_special_tokens=False))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass(slots=True)
+class Report:
+    name: str
+    doc: g.Document
+    issues: list[g.Issue]
+    layout: Layout
+    tags: list[str | None]
+    tokenizer: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = g.stats(self.doc)
+        total = len(self.layout)
+        depth = self.layout.depth_tokens(0)
+        return {
+            "source": self.name,
+            "valid": not self.issues,
+            "errors": [i.to_dict() for i in self.issues],
+            "blocks": s.blocks,
+            "max_depth": s.max_depth,
+            "paths": s.paths,
+            "total_tokens": total,
+            "depth_tokens": depth,
+            "parallel_degree": round(total / depth, 4) if depth else 1.0,
+            "tokenizer": self.tokenizer,
+            "truncated": not self.doc.think_closed or any(not b.closed for _, b in self.doc.iter_blocks()),
+        }
+
+
+def inspect_text(text: str, counter: TokenCounter | None = None, name: str = "<text>") -> Report:
+    counter = counter or TokenCounter()
+    doc, issues = g.read(text)
+    tags = counter.tags(text)
+    return Report(name, doc, issues, layout_tags(tags), tags, counter.name, {"text": text})
+
+
+# ----------------------------------------------------------------------------- tree drawing
+
+
+def _short(text: str, width: int = 60) -> str:
+    one = " ".join(text.split())
+    return one if len(one) <= width else one[: width - 1] + "…"
+
+
+def draw_tree(doc: g.Document, counter: TokenCounter | None = None, width: int = 60) -> str:
+    """The branch tree as box-drawing text (one line per text run, block, path, conclusion)."""
+    counter = counter or TokenCounter()
+    lines = ["<Think>" if doc.has_think else "(no <Think>)"]
+
+    def items(body: list[g.Item], prefix: str) -> None:
+        for k, x in enumerate(body):
+            last = k == len(body) - 1
+            branch, cont = ("└─ ", "   ") if last else ("├─ ", "│  ")
+            if isinstance(x, str):
+                if x.strip():
+                    lines.append(f"{prefix}{branch}text ({counter.count(x)} tok): {_short(x, width)}")
+                continue
+            state = "" if x.closed else " [unclosed]"
+            lines.append(f"{prefix}{branch}Parallel: {len(x.paths)} path(s), {len(x.outlines)} outline(s), line {x.line}{state}")
+            inner = prefix + cont
+            for o in x.outlines:
+                lines.append(f"{inner}│  goal {o.label or '?'}: {_short(o.text, width - 10)}")
+            for j, p in enumerate(x.paths):
+                plast = j == len(x.paths) - 1 and x.conclusion is None
+                pb, pc = ("└─ ", "   ") if plast else ("├─ ", "│  ")
+                ntok = sum(counter.count(t) for t in p.body if isinstance(t, str))
+                head = f"{inner}{pb}Path {p.label or j + 1} ({ntok} tok)"
+                if all(isinstance(t, str) for t in p.body):  # a leaf path: one line
+                    lines.append(f"{head}: {_short(''.join(p.body), width - 10)}")
+                else:
+                    lines.append(head)
+                    items(p.body, inner + pc)
+            if x.conclusion is not None:
+                lines.append(f"{inner}└─ Conclusion: {_short(x.conclusion, width - 14)}")
+
+    items(doc.body, "")
+    if doc.has_think:
+        lines.append("</Think>" if doc.think_closed else "(text ends inside <Think>)")
+    if doc.after.strip():
+        lines.append(f"after: {_short(doc.after, width)}")
+    return "\n".join(lines)
+
+
+def format_report(rep: Report, counter: TokenCounter, max_errors: int = 20) -> str:
+    d = rep.to_dict()
+    out = [f"== {rep.name}", draw_tree(rep.doc, counter), ""]
+    if rep.issues:
+        out.append(f"INVALID: {len(rep.issues)} issue(s)")
+        out += [f"  {i}" for i in rep.issues[:max_errors]]
+        if len(rep.issues) > max_errors:
+            out.append(f"  ... {len(rep.issues) - max_errors} more (use --json for all)")
+    else:
+        out.append("valid: yes")
+    paths = d["paths"]
+    mean = sum(paths) / len(paths) if paths else 0.0
+    out += [
+        f"blocks: {d['blocks']}   max depth: {d['max_depth']}   paths per block: "
+        f"{paths if len(paths) <= 12 else str(paths[:12])[:-1] + ', ...]'} (mean {mean:.2f})",
+        f"tokens: {d['total_tokens']} total, {d['depth_tokens']} sequential depth   "
+        f"# parallel: {d['parallel_degree']:.3f}   truncated: {'yes' if d['truncated'] else 'no'}",
+        f"tokenizer: {d['tokenizer']}",
+    ]
+    return "\n".join(out)
+
+
+def summarize(reports: list[Report]) -> dict[str, Any]:
+    ds = [r.to_dict() for r in reports]
+    with_par = [d for d in ds if d["blocks"]]
+    return {
+        "files": len(ds),
+        "valid": sum(d["valid"] for d in ds),
+        "with_parallel": len(with_par),
+        "mean_parallel_degree": round(sum(d["parallel_degree"] for d in ds) / max(len(ds), 1), 4),
+        "mean_parallel_degree_with_blocks": round(
+            sum(d["parallel_degree"] for d in with_par) / max(len(with_par), 1), 4
+        ),
+        "blocks": sum(d["blocks"] for d in ds),
+        "truncated": sum(d["truncated"] for d in ds),
+        "tokenizer": ds[0]["tokenizer"] if ds else FALLBACK_TOKENIZER,
+    }
