@@ -365,7 +365,7 @@ def _random_model_tokenizer() -> Any:
         import transformers
 
         return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    from multiverse.format.tokenizer import build_tokenizer
+    from multiverse.train.bpe import build_tokenizer
 
     return build_tokenizer()
 

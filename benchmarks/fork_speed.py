@@ -37,7 +37,7 @@ def small_model() -> tuple[Any, Any]:
     import transformers
 
     from multiverse.engine.model import CausalLM
-    from multiverse.format.tokenizer import default_tokenizer
+    from multiverse.train.bpe import default_tokenizer
 
     tok = default_tokenizer()
     cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,

@@ -22,8 +22,8 @@ import time
 import torch
 
 from multiverse.format import grammar
-from multiverse.format.tokenizer import default_tokenizer
 from multiverse.train import data as D
+from multiverse.train.bpe import default_tokenizer
 from multiverse.train.collate import MultiverseCollator
 from multiverse.train.masks import attention_mask_for
 

@@ -24,8 +24,8 @@ import torch
 from multiverse.eval import tasks
 from multiverse.format import grammar
 from multiverse.format import layout as attention
-from multiverse.format.tokenizer import default_tokenizer
 from multiverse.train import data as D
+from multiverse.train.bpe import default_tokenizer
 from multiverse.train.collate import MultiverseCollator
 from multiverse.train.masks import ATTN_IMPLEMENTATION, resolve_backend
 from multiverse.train.presets import build_model

@@ -22,7 +22,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="module")
 def tok():
     """The project's own tokenizer (12 tags, chat template), built in-process."""
-    from multiverse.format.tokenizer import default_tokenizer
+    from multiverse.train.bpe import default_tokenizer
 
     return default_tokenizer()
 

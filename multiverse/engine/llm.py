@@ -23,7 +23,7 @@ from multiverse.engine.request import Branch, Request
 from multiverse.engine.runner import ModelRunner
 from multiverse.engine.sampling import SamplingParams, make_generator, sample, token_logprobs
 from multiverse.engine.scheduler import Scheduler, Work
-from multiverse.format import grammar
+from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.layout import LayoutState, layout_tags
 from multiverse.format.prompts import render_chat
 
@@ -106,7 +106,7 @@ class LLM:
         self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
         self.runner = ModelRunner(model, slots)
         try:
-            tags = grammar.tag_ids(tokenizer)
+            tags = tokenizer_tags.tag_ids(tokenizer)
         except ValueError:
             tags = None  # a plain model: every request decodes sequentially
         self.specials = Specials.from_tokenizer(tokenizer, tags) if tags else None

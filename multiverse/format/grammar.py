@@ -569,65 +569,14 @@ def tag_of(token: str) -> str | None:
     return f"<{m.group(1)}{_CANON[m.group(2).lower()]}>" if m else None
 
 
-def add_tags_to_tokenizer(tokenizer: Any) -> dict[str, int]:
-    """Add the missing tags as single special tokens, in :data:`TAGS` order; return tag -> id.
-
-    The tags that were missing are remembered on the tokenizer (``multiverse_new_tags``) so
-    :func:`add_tags_to_model` initialises exactly those rows.
-    """
-    from tokenizers import AddedToken
-
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in TAGS if t not in vocab]
-    if missing:
-        tokenizer.add_tokens(
-            [AddedToken(t, special=True, normalized=False, single_word=False) for t in missing],
-            special_tokens=True,
-        )
-    tokenizer.multiverse_new_tags = list(getattr(tokenizer, "multiverse_new_tags", [])) + missing
-    return tag_ids(tokenizer)
+_TOKENIZER_FUNCS = ("add_tags_to_tokenizer", "add_tags_to_model", "tag_ids")
 
 
-def tag_ids(tokenizer: Any) -> dict[str, int]:
-    """tag -> token id, read from the tokenizer (never hard-coded). Raises if a tag is missing
-    or is not a single token."""
-    vocab = tokenizer.get_vocab()
-    out: dict[str, int] = {}
-    for t in TAGS:
-        if t not in vocab:
-            raise ValueError(f"tokenizer has no token {t!r}: call multiverse.format.grammar.add_tags_to_tokenizer first")
-        out[t] = vocab[t]
-        ids = tokenizer.encode(t, add_special_tokens=False)
-        if ids != [vocab[t]]:
-            raise ValueError(f"tag {t!r} does not encode as one token (got {ids})")
-    return out
+def __getattr__(name: str) -> Any:
+    """``grammar.add_tags_to_tokenizer`` / ``add_tags_to_model`` / ``tag_ids`` (documented
+    names) live in :mod:`multiverse.format.tokenizer`."""
+    if name in _TOKENIZER_FUNCS:
+        from multiverse.format import tokenizer
 
-
-def add_tags_to_model(model: Any, tokenizer: Any, multiple: int = 64, tags: list[str] | None = None) -> None:
-    """Resize the model's embeddings to ``len(tokenizer)`` rounded up to ``multiple`` and
-    initialise each new tag's row (input and, if untied, output embedding) with the mean
-    embedding of the tag word's ordinary sub-tokens (``"Goal"``, ``"/Path"``, ...).
-
-    ``tags`` defaults to the tags :func:`add_tags_to_tokenizer` added, plus any tag whose id
-    lies beyond the model's current embedding rows.
-    """
-    import torch
-
-    ids = tag_ids(tokenizer)
-    old_rows = model.get_input_embeddings().weight.shape[0]
-    if tags is None:
-        tags = [t for t in TAGS if t in set(getattr(tokenizer, "multiverse_new_tags", [])) or ids[t] >= old_rows]
-    size = -(-len(tokenizer) // multiple) * multiple
-    model.resize_token_embeddings(size, mean_resizing=False)
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    untied = out is not None and out.weight.data_ptr() != emb.data_ptr()
-    with torch.no_grad():
-        for t in tags:
-            word = t[1:-1]  # "Goal", "/Path"
-            sub = [i for i in tokenizer.encode(word, add_special_tokens=False) if i < old_rows]
-            if not sub:
-                continue
-            emb[ids[t]] = emb[sub].mean(0)
-            if untied:
-                out.weight[ids[t]] = out.weight[sub].mean(0)
+        return getattr(tokenizer, name)
+    raise AttributeError(f"module 'multiverse.format.grammar' has no attribute {name!r}")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from multiverse.format import grammar
+from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.train.collate import MultiverseCollator
 from multiverse.train.data import (
     IGNORE_INDEX,
@@ -130,11 +130,11 @@ def device_of(requested: str) -> torch.device:
 def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tuple[Any, Any]:
     """The model and tokenizer of ``cfg``, the tags added to both when missing."""
     if cfg.config is not None:
-        from multiverse.format.tokenizer import build_tokenizer
+        from multiverse.train.bpe import build_tokenizer
         from multiverse.train.presets import build_model
 
         tokenizer = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()
-        grammar.add_tags_to_tokenizer(tokenizer)
+        tokenizer_tags.add_tags_to_tokenizer(tokenizer)
         model = build_model(cfg.config, tokenizer, attn_implementation, seed=cfg.seed)
     else:
         from transformers import AutoModelForCausalLM
@@ -147,9 +147,9 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
             str(path), dtype=torch.float32, attn_implementation=attn_implementation
         )
     rows = model.get_input_embeddings().weight.shape[0]
-    ids = grammar.add_tags_to_tokenizer(tokenizer)
+    ids = tokenizer_tags.add_tags_to_tokenizer(tokenizer)
     if getattr(tokenizer, "multiverse_new_tags", None) or max(ids.values()) >= rows:
-        grammar.add_tags_to_model(model, tokenizer)
+        tokenizer_tags.add_tags_to_model(model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     if verbose:
         print(report.summary(), flush=True)
     collator = MultiverseCollator(
-        grammar.tag_ids(tokenizer),
+        tokenizer_tags.tag_ids(tokenizer),
         tokenizer.pad_token_id,
         pack=cfg.pack,
         pad_to_multiple_of=cfg.block_size if backend == "flex" else 1,

@@ -13,7 +13,7 @@ from _engine_util import block, tiny_pair  # noqa: E402
 from multiverse import LLM, SamplingParams  # noqa: E402
 from multiverse.cli import main  # noqa: E402
 from multiverse.cli.generate import format_tree  # noqa: E402
-from multiverse.format.tokenizer import default_tokenizer  # noqa: E402
+from multiverse.train.bpe import default_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
 def test_real_tokenizer_counts(tmp_path, capsys):
     from multiverse.format import grammar
     from multiverse.format.layout import layout
-    from multiverse.format.tokenizer import default_tokenizer
+    from multiverse.train.bpe import default_tokenizer
 
     tok = default_tokenizer()
     tok.save_pretrained(tmp_path / "tok")

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from multiverse.cli.serve import create_app  # noqa: E402
 from multiverse.engine.llm import LLM  # noqa: E402
-from multiverse.format.tokenizer import default_tokenizer  # noqa: E402
+from multiverse.train.bpe import default_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

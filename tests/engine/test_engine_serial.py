@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from _engine_util import assert_no_leak, block, check_output, tiny_pair  # noqa: E402
 
 from multiverse import LLM, SamplingParams  # noqa: E402
-from multiverse.format.tokenizer import default_tokenizer  # noqa: E402
+from multiverse.train.bpe import default_tokenizer  # noqa: E402
 
 TEXT = "<Think>\nfirst\n" + block([
     ("1", "a b c d"),

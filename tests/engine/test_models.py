@@ -586,7 +586,7 @@ def test_load_from_sharded_safetensors_directory(tmp_path):
 def test_load_multiverse_tag_layout_with_padded_vocab(tmp_path):
     """Like the released Multiverse-32B: 12 tags added to the tokenizer, embeddings resized to a
     multiple (rows beyond len(tokenizer)), tokenizer saved alongside."""
-    from multiverse.format.tokenizer import default_tokenizer
+    from multiverse.train.bpe import default_tokenizer
 
     tokenizer = default_tokenizer()
     base_vocab = len(tokenizer) - len(grammar.TAGS)

@@ -18,7 +18,7 @@ from multiverse.eval import datasets as benchmarks_data
 from multiverse.eval import evaluate
 from multiverse.eval.datasets import Problem, load_benchmark
 from multiverse.format.prompts import chat_prompt, user_prompt
-from multiverse.format.tokenizer import default_tokenizer
+from multiverse.train.bpe import default_tokenizer
 
 BLOCK = (
     "<Think>\nLet's think in parallel.\n<Parallel>\n<Goal>\n<Outline>\n1: a\n</Outline>\n"

@@ -157,7 +157,7 @@ def test_prompt_and_answer_text(train):
 
 
 def test_chain_lengths_with_project_tokenizer(train):
-    from multiverse.format.tokenizer import default_tokenizer
+    from multiverse.train.bpe import default_tokenizer
 
     tok = default_tokenizer()
     lengths = [len(tok.encode(tasks.assistant_text(r))) for r in train if r.task not in LONG]
@@ -172,7 +172,7 @@ def test_chain_lengths_with_project_tokenizer(train):
 def test_long_path_tasks_have_high_parallelism(task, mean_at_least, min_above):
     """The reference chains of the long-path tasks reach a high # parallel (layout rule)."""
     from multiverse.format.layout import layout
-    from multiverse.format.tokenizer import default_tokenizer
+    from multiverse.train.bpe import default_tokenizer
 
     tok = default_tokenizer()
     tag_ids = grammar.tag_ids(tok)

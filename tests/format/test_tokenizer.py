@@ -7,14 +7,8 @@ import sys
 
 import pytest
 
-from multiverse.format.tokenizer import (
-    EOS_TOKEN,
-    IM_END,
-    IM_START,
-    build_tokenizer,
-    default_tokenizer,
-    load_tokenizer,
-)
+from multiverse.format.tokenizer import load_tokenizer
+from multiverse.train.bpe import EOS_TOKEN, IM_END, IM_START, build_tokenizer, default_tokenizer
 
 TAGS = (
     "<Think>", "</Think>", "<Parallel>", "</Parallel>", "<Goal>", "</Goal>",
@@ -101,7 +95,7 @@ def test_same_ids_through_autotokenizer_with_qwen2_config(tok, tmp_path):
     from transformers import AutoTokenizer, Qwen2Config
     from transformers.models.qwen2 import tokenization_qwen2
 
-    from multiverse.format.tokenizer import PRETOKENIZE_PATTERN
+    from multiverse.train.bpe import PRETOKENIZE_PATTERN
 
     assert PRETOKENIZE_PATTERN == tokenization_qwen2.PRETOKENIZE_REGEX
     Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
@@ -144,7 +138,7 @@ def test_deterministic(tok):
 
 def test_deterministic_across_processes(tok):
     code = (
-        "import hashlib;from multiverse.format.tokenizer import build_tokenizer;"
+        "import hashlib;from multiverse.train.bpe import build_tokenizer;"
         "print(hashlib.sha256(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest())"
     )
     digests = {

@@ -16,8 +16,8 @@ import torch
 from multiverse.eval import tasks
 from multiverse.format import grammar
 from multiverse.format import layout as attention
-from multiverse.format.tokenizer import default_tokenizer
 from multiverse.train import data as D
+from multiverse.train.bpe import default_tokenizer
 from multiverse.train.collate import MultiverseCollator
 from multiverse.train.masks import attention_mask_for, resolve_backend
 from multiverse.train.trainer import multiverse_forward_loss

@@ -294,7 +294,7 @@ def test_model_without_tags_gets_them(tmp_path, data_file):
         Qwen2ForCausalLM,
     )
 
-    from multiverse.format.tokenizer import CHAT_TEMPLATE
+    from multiverse.train.bpe import CHAT_TEMPLATE
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
