@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the shipped tiny models (issue 5): models/multiverse-tiny and its autoregressive twin.
+# Reproduce the shipped tiny models: models/multiverse-tiny and its autoregressive twin.
 #
 # Both are Qwen2 "qwen2-mini" models (hidden 96, 6 layers, ~0.9M parameters, the project's own
 # 512-token BPE) trained from scratch with `multiverse train` on the SAME 20,800 synthetic

@@ -1,4 +1,4 @@
-"""Synthetic MapReduce problems with verifiable integer answers (issue 5).
+"""Synthetic MapReduce problems with verifiable integer answers.
 
 Every problem is a few independent sub-computations (Map) followed by an aggregation that
 needs all of them (Reduce), so its solution has a natural Multiverse structure. Each record

@@ -64,11 +64,6 @@ class LayoutState:
         """Number of open ``<Parallel>`` blocks."""
         return len(self.stack)
 
-    @property
-    def path_depth(self) -> int:
-        """Number of open blocks this position is inside a path of."""
-        return len(self.membership)
-
     def clone(self) -> LayoutState:
         return LayoutState(
             self.next_pos,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from multiverse.format.grammar import TAGS
+from multiverse.format.document import TAGS
 
 
 def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:

