@@ -20,6 +20,7 @@ from typing import Any
 
 from multiverse.format import grammar as g
 from multiverse.format.layout import Layout, layout_tags
+from multiverse.format.tokenizer import add_tags_to_tokenizer, load_tokenizer
 
 FALLBACK_TOKENIZER = "builtin-regex (approximate)"
 
@@ -107,14 +108,15 @@ class TokenCounter:
         self.tok = None
         self.name = FALLBACK_TOKENIZER
         if tokenizer_dir:
-            try:
-                from transformers import AutoTokenizer
-            except ImportError as e:  # pragma: no cover - depends on extras
-                raise ValueError("--tokenizer needs transformers: pip install 'multiverse[hf]'") from e
             if not FsPath(tokenizer_dir).exists():
                 raise ValueError(f"--tokenizer {tokenizer_dir}: no such directory")
-            self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-            self.tag_ids = g.add_tags_to_tokenizer(self.tok)
+            try:
+                self.tok = load_tokenizer(tokenizer_dir)
+            except ImportError as e:  # pragma: no cover - depends on extras
+                raise ValueError("--tokenizer needs transformers: pip install 'multiverse[hf]'") from e
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--tokenizer {tokenizer_dir}: {e}") from None
+            self.tag_ids = add_tags_to_tokenizer(self.tok)
             self.by_id = {v: k for k, v in self.tag_ids.items()}
             self.name = f"{tokenizer_dir} ({type(self.tok).__name__})"
 

@@ -17,21 +17,46 @@ from typing import Any
 
 from multiverse.format.document import TAGS
 
+_PROBE = "What is 9 * 7?\n\nAnswer: 63. Ünïcödé  text\twith 12 + 30 = 42.\n"
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """Does ``directory`` hold a saved tokenizer?"""
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
 
 def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
-    """A Hugging Face tokenizer from a directory saved with ``save_pretrained`` (ours or any
-    fast tokenizer), or from a ``.gguf`` file (``source`` = the file, or its directory plus
-    ``gguf_file``). Raises :class:`FileNotFoundError` naming the path when there is none."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved in a directory (``save_pretrained``: ours or any HF fast tokenizer)
+    or carried by a ``.gguf`` file (``source`` = the file, or its directory plus ``gguf_file``).
+
+    Loaded faithfully: ``AutoTokenizer`` in transformers 5 rebuilds the tokenizer of some model
+    types from its own class (for ``qwen2``: Qwen's pre-tokenizer regex and NFC), ignoring a
+    different pre-tokenizer stored in ``tokenizer.json``; when that changes how text is
+    encoded, the file's own tokenizer is used instead (``PreTrainedTokenizerFast``).
+    Raises :class:`FileNotFoundError` naming the path when there is no tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(source)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        path, gguf_file = path.parent, path.name
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
     if gguf_file is not None:
         return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(str(path))
+    if not has_tokenizer(path):
+        raise FileNotFoundError(f"no tokenizer in {path} (expected one of {', '.join(TOKENIZER_FILES)})")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    file = path / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        raw = Tokenizer.from_file(str(file))
+        if raw.encode(_PROBE, add_special_tokens=False).ids != tokenizer.encode(_PROBE, add_special_tokens=False):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return tokenizer
 
 
 def add_tags_to_tokenizer(tokenizer: Any) -> dict[str, int]:
