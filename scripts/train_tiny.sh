@@ -9,6 +9,11 @@
 # Multiverse Attention on the parallel chains, autoregressive = the sequential chains with
 # plain causal attention.
 #
+# Each run writes train_summary.json (tasks trained on: countdown_warmup, countdown) next to the
+# weights; `multiverse eval --benchmark synthetic` and `multiverse demo` pose those tasks.
+# --overwrite: trains over the shipped directories (weights replaced; old checkpoint-*, train_log.jsonl
+# and train_summary.json removed first; README.md, eval_summary.json, train_log_summary.json kept).
+#
 # Usage: scripts/train_tiny.sh [OUT_DIR] [DEVICE]      (defaults: models, cpu)
 #   DEVICE=cpu: both runs at once, one thread each (the shipped weights: a 2-core machine,
 #   see the model READMEs for the times).
@@ -27,7 +32,7 @@ cat "$WORK/warmup.jsonl" "$WORK/main.jsonl" > "$DATA"   # warm-up first: trained
 for mode in multiverse autoregressive; do
   name=$mode-tiny
   OMP_NUM_THREADS=1 $PY -m multiverse.cli train --config qwen2-mini --data "$DATA" \
-    --output "$OUT/$name" --mode $mode --max-steps 1300 --batch-size 16 --lr 3e-3 --no-shuffle --no-pack \
+    --output "$OUT/$name" --overwrite --mode $mode --max-steps 1300 --batch-size 16 --lr 3e-3 --no-shuffle --no-pack \
     --attention sdpa --no-bf16 --seed 0 --device "$DEVICE" \
     --save-steps 250 --save-total-limit 3 --logging-steps 25 --no-progress \
     > "$WORK/$name.train.log" 2>&1 &

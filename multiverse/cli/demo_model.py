@@ -2,8 +2,9 @@
 
 :func:`run_model_demo` loads a model directory into the engine (CPU, float32), draws
 ``n_problems`` problems from the *test* split of the synthetic task family
-(:mod:`multiverse.eval.tasks`, the tasks the shipped models learned: ``DEMO_TASKS``), and
-for each one:
+(:mod:`multiverse.eval.tasks`: the tasks the model directory records it was trained on,
+training-only ones left out, :func:`multiverse.eval.datasets.synthetic_tasks_for`; the default
+mix with a warning when it records none), says on stderr which, and for each one:
 
   * generates greedily with forking on (Multiverse prompt, SPEC 1.3) and prints the branch tree
     of the output (:func:`multiverse.eval.structure.draw_tree` over the tolerant reader's document);
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,11 +75,7 @@ class DemoResult:
         return self.seconds_off / self.seconds_on if self.seconds_on > 0 else float("nan")
 
 
-DEMO_TASKS = ("countdown",)
-"""The tasks the shipped tiny models were trained on (see models/multiverse-tiny/README.md)."""
-
-
-def demo_problems(n: int, seed: int = DEMO_SEED, task_names: tuple[str, ...] = DEMO_TASKS) -> list[Any]:
+def demo_problems(n: int, task_names: Sequence[str], seed: int = DEMO_SEED) -> list[Any]:
     """``n`` held-out problems, cycling through ``task_names``."""
     from multiverse.eval import tasks
 
@@ -197,8 +195,15 @@ def run_model_demo(
         print(f"multiverse demo: error: --problems must be >= 1, got {n_problems}", file=sys.stderr)
         return 2
     from multiverse import LLM, SamplingParams
+    from multiverse.eval.datasets import synthetic_tasks_for
     from multiverse.eval.structure import TokenCounter
 
+    try:
+        choice = synthetic_tasks_for(model_dir)
+    except ValueError as e:
+        print(f"multiverse demo: error: {e}", file=sys.stderr)
+        return 2
+    print(choice.message, file=sys.stderr)
     try:
         llm = LLM(str(model_dir), device="cpu", dtype="float32")
         twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
@@ -207,11 +212,11 @@ def run_model_demo(
         return 2
     counter = TokenCounter(str(model_dir))
     print(
-        f"Multiverse demo: {model_dir} on {n_problems} held-out synthetic problem(s), "
-        "greedy, CPU, batch 1.\n",
+        f"Multiverse demo: {model_dir} on {n_problems} held-out synthetic problem(s) "
+        f"({', '.join(choice.tasks)}), greedy, CPU, batch 1.\n",
         file=out,
     )
-    problems = demo_problems(n_problems)
+    problems = demo_problems(n_problems, choice.tasks)
     warm = SamplingParams(temperature=0.0, max_tokens=4)
     for engine in (llm, twin) if twin is not None else (llm,):
         engine.generate(["warm up"], warm)  # first-call costs stay out of the timings

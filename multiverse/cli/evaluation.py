@@ -3,6 +3,10 @@
 The measurement is :func:`multiverse.eval.evaluate.evaluate`; this module loads the model and
 the problems, runs it at each ``--batch-size`` and writes ``results.json``, ``results.md`` and
 ``speedup.png`` (:func:`multiverse.cli.pictures.plot_speedup`).
+
+``--benchmark synthetic`` without ``--tasks`` poses the tasks the model directory records it
+was trained on (:func:`multiverse.eval.datasets.synthetic_tasks_for`, training-only tasks left
+out) and says so on stderr; a model recording none gets the default mix with a warning.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.cli.pictures import plot_speedup
-from multiverse.eval.datasets import BENCHMARKS, load_benchmark
+from multiverse.eval.datasets import BENCHMARKS, load_benchmark, synthetic_tasks_for
 from multiverse.eval.evaluate import (
     BASELINES,
     DEFAULT_MAX_TOKENS,
@@ -85,7 +89,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(tags as ordinary tokens, causal attention)",
     )
     p.add_argument(
-        "--tasks", nargs="+", metavar="TASK", help="synthetic only: subset of multiverse.eval.tasks tasks"
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="synthetic only: tasks of multiverse.eval.tasks to pose (default: the tasks the "
+        "model's train_summary.json records, training-only ones left out; without a record "
+        "every task but the training-only ones, with a warning)",
     )
     p.add_argument(
         "--sequential-prompt",
@@ -115,16 +124,23 @@ def _tokenizer_of(llm: Any, model_dir: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     err = "multiverse eval: error:"
+    if not Path(args.model).exists():
+        print(f"{err} --model {args.model}: no such directory", file=sys.stderr)
+        return 2
+    task_names = args.tasks
     try:
-        problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind, args.tasks)
+        if args.benchmark == "synthetic" and not task_names:
+            choice = synthetic_tasks_for(args.model)
+            print(choice.message, file=sys.stderr)
+            task_names = list(choice.tasks)
+        problems = load_benchmark(
+            args.benchmark, args.limit, args.data_dir, args.seed, args.kind, task_names
+        )
     except ValueError as e:
         print(f"{err} {e}", file=sys.stderr)
         return 2
     if not problems:
         print(f"{err} {args.benchmark}: no problems", file=sys.stderr)
-        return 2
-    if not Path(args.model).exists():
-        print(f"{err} --model {args.model}: no such directory", file=sys.stderr)
         return 2
     try:
         from multiverse import LLM

@@ -5,14 +5,18 @@ Examples::
     multiverse train --config qwen2-tiny --data train.jsonl --output runs/tiny --max-steps 300 --lr 3e-3
     multiverse train --model Qwen2.5-0.5B-Instruct --data mv1k.jsonl --output runs/mv --epochs 3 --curriculum
     accelerate launch -m multiverse.cli train --model ... --data ... --output ...   # multi-GPU/FSDP
+    torchrun --nproc_per_node 2 -m multiverse.cli train ...                        # also on CPU (gloo)
 
-Bad input (missing files, invalid options, unusable data) is reported in one line with exit
-status 2; invalid records are listed and skipped, never silently changed.
+Bad input (missing files, invalid options, unusable data, a non-empty ``--output`` without
+``--overwrite`` or ``--resume``) is reported in one line with exit status 2; invalid records
+are listed and skipped, never silently changed. With several processes every rank trains and
+only the main one (global rank 0) writes the output directory and prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from multiverse.train.data import TrainError
@@ -45,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         required=True,
         metavar="DIR",
-        help="output model directory (checkpoints, train_log.jsonl)",
+        help="output model directory (checkpoints, train_log.jsonl, train_summary.json); "
+        "must be new or empty unless --overwrite or --resume is given",
     )
     parser.add_argument(
         "--mode",
@@ -53,14 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="multiverse",
         help="multiverse: Multiverse Attention on the parallel form; autoregressive: flattened text, causal attention",
     )
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
     parser.add_argument(
         "--max-steps",
         type=int,
         default=-1,
         help="stop after this many optimizer steps (overrides --epochs)",
     )
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
     parser.add_argument(
         "--batch-size", type=int, default=1, help="examples per device per micro-batch"
     )
@@ -89,16 +94,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="resume from the latest checkpoint in --output (or from CHECKPOINT)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a non-empty --output: its model files are replaced, its train_log.jsonl, "
+        "train_summary.json and checkpoint-* directories removed first",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model init and data order")
     parser.add_argument(
         "--shuffle",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="shuffle examples each epoch (never with --curriculum)",
     )
-    parser.add_argument("--warmup-ratio", type=float, default=0.05)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--lr-scheduler", default="cosine")
+    parser.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.05,
+        help="share of the optimizer steps with a linear warm-up, in [0, 1]: "
+        "ceil(ratio * total steps) steps (default 0.05)",
+    )
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    parser.add_argument(
+        "--lr-scheduler",
+        default="cosine",
+        help="transformers scheduler name after the warm-up: cosine, linear, constant, ... "
+        "(default cosine)",
+    )
     parser.add_argument(
         "--attention",
         choices=BACKENDS,
@@ -112,10 +134,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bf16 autocast (default: on where the GPU supports it)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--save-total-limit", type=int, default=2)
-    parser.add_argument("--logging-steps", type=int, default=1)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)"
+    )
+    parser.add_argument(
+        "--save-total-limit", type=int, default=2, help="checkpoints kept (default 2)"
+    )
+    parser.add_argument(
+        "--logging-steps", type=int, default=1, help="log every N steps (default 1)"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, slower)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -139,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             pack=args.pack,
             curriculum=args.curriculum,
             resume=args.resume,
+            overwrite=args.overwrite,
             seed=args.seed,
             shuffle=args.shuffle,
             warmup_ratio=args.warmup_ratio,
@@ -155,8 +188,17 @@ def run(args: argparse.Namespace) -> int:
         )
         result = train(cfg)
     except (TrainError, FileNotFoundError) as e:
-        print(f"multiverse train: error: {e}", file=sys.stderr)
+        print(f"multiverse train: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
+    if not result.is_main:
+        return 0
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     print(f"trained {result.global_step} steps{last}; model saved to {result.output}")
     return 0
+
+
+def _rank_tag() -> str:
+    """`` (rank N)`` in a multi-process launch (each rank reports its own error), else ``""``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f" (rank {os.environ.get('RANK', '?')})"
+    return ""

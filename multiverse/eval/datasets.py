@@ -10,6 +10,11 @@ choice, else math) unless given.
 Record fields accepted in files: the question as ``question`` / ``problem`` / ``prompt``, the
 answer as ``answer`` / ``reference`` / ``final_answer``, an optional ``id`` / ``unique_id``.
 Files are read as a JSON list when they start with ``[``, else as JSONL.
+
+Which synthetic tasks fit a model: :func:`synthetic_tasks_for` reads what the model directory
+records it was trained on (:func:`multiverse.train.summary.read_training_record`) and keeps
+the evaluable tasks (not :data:`multiverse.eval.tasks.TRAINING_ONLY`); a model that records
+none gets :data:`multiverse.eval.tasks.EVAL_TASKS` with a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.locations import find_data
+from multiverse.train.summary import read_training_record
 
 BENCHMARK_FILES: dict[str, tuple[tuple[str, ...], str]] = {
     "aime24": (("aime24_figures.jsonl",), "math"),
@@ -112,6 +118,47 @@ def problems_from_records(
             )
         )
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChoice:
+    """The synthetic tasks to pose a model, and the line saying why (for stderr).
+    ``recorded``: the tasks come from the model's training record (else the default mix)."""
+
+    tasks: tuple[str, ...]
+    message: str
+    recorded: bool
+
+
+def synthetic_tasks_for(model: str | Path) -> TaskChoice:
+    """The synthetic tasks the model in ``model`` was trained on, training-only ones left out.
+
+    Falls back to :data:`multiverse.eval.tasks.EVAL_TASKS` (``recorded=False``, the message is a
+    warning) when the directory records no task, or only tasks that are training-only or not
+    synthetic tasks. Raises ``ValueError`` naming the file when the record is unreadable."""
+    from multiverse.eval import tasks
+
+    record = read_training_record(model)
+    default = ", ".join(tasks.EVAL_TASKS)
+    if record is None:
+        return TaskChoice(
+            tasks.EVAL_TASKS,
+            f"warning: {model} records no training tasks (no train_summary.json); "
+            f"evaluating the default synthetic mix: {default}",
+            False,
+        )
+    chosen = tuple(t for t in record.tasks if t in tasks.TASKS and t not in tasks.TRAINING_ONLY)
+    if not chosen:
+        trained = ", ".join(record.tasks) or "no named task"
+        return TaskChoice(
+            tasks.EVAL_TASKS,
+            f"warning: {record.path} records no evaluable synthetic task (trained on: "
+            f"{trained}); evaluating the default synthetic mix: {default}",
+            False,
+        )
+    left_out = [t for t in record.tasks if t in tasks.TRAINING_ONLY]
+    note = f"; left out as training-only: {', '.join(left_out)}" if left_out else ""
+    return TaskChoice(chosen, f"tasks: {', '.join(chosen)} (recorded in {record.path}{note})", True)
 
 
 def load_benchmark(

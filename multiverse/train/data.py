@@ -9,6 +9,9 @@ A record is one of
   * ``{"messages": [{"role", "content"}, ...]}``: a chat taken as is; every assistant turn is
     a target.
 
+Either kind may name its ``"task"`` (as records of :mod:`multiverse.eval.tasks` do); the report
+counts the records kept per task (:attr:`DataReport.tasks`, :mod:`multiverse.train.summary`).
+
 Invariants:
   * ``labels[i] == input_ids[i]`` on assistant tokens (the rendered assistant turn, end-of-turn
     marker included) and ``-100`` everywhere else (system, user, template scaffolding). Labels
@@ -62,6 +65,7 @@ class Record:
     answer: str | None = None
     sequential_chain: str | None = None
     messages: list[dict[str, str]] | None = None
+    task: str | None = None
 
 
 @dataclass(slots=True)
@@ -89,12 +93,14 @@ class Skipped:
 
 @dataclass(slots=True)
 class DataReport:
-    """What happened to the records of one file: kept, skipped with reasons."""
+    """What happened to the records of one file: kept, skipped with reasons; ``tasks``: the
+    records kept per named task, first seen first."""
 
     records: int = 0
     examples: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     forms: Counter = field(default_factory=Counter)
+    tasks: Counter = field(default_factory=Counter)
 
     def summary(self, limit: int = 10) -> str:
         lines = [
@@ -168,6 +174,8 @@ def _read_parquet(path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
 
 
 def _to_record(source: str, row: dict[str, Any]) -> Record:
+    if not isinstance(task := row.get("task"), str | None):
+        raise DataError(f"'task' must be a task name (a string), got {task!r}")
     if row.get("messages") is not None:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(
@@ -179,9 +187,8 @@ def _to_record(source: str, row: dict[str, Any]) -> Record:
             raise DataError("'messages' must be a list of {'role': str, 'content': str}")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError("'messages' has no assistant turn to train on")
-        return Record(
-            source, messages=[{"role": m["role"], "content": m["content"]} for m in messages]
-        )
+        kept = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return Record(source, messages=kept, task=task)
     missing = [k for k in ("question", "chain", "answer") if row.get(k) is None]
     if missing:
         raise DataError(
@@ -194,6 +201,7 @@ def _to_record(source: str, row: dict[str, Any]) -> Record:
         chain=str(row["chain"]),
         answer=str(row["answer"]),
         sequential_chain=None if seq is None else str(seq),
+        task=task,
     )
 
 
@@ -367,6 +375,7 @@ def build_examples(
             examples.append(rendered[(index, form)])
             report.forms[form] += 1
     report.skipped.extend(Skipped(records[i].source, reason) for i, reason in sorted(bad.items()))
+    report.tasks.update(r.task for i, r in enumerate(records) if i not in bad and r.task)
     report.examples += len(examples)
     return examples, report
 

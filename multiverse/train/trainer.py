@@ -17,14 +17,24 @@ usual) with one change, :meth:`MultiverseTrainer.compute_loss`:
 
 Output: a standard HF model directory (weights, config, generation config, tokenizer with
 the tags) that ``AutoModelForCausalLM.from_pretrained`` and the engine load directly, plus
-``train_log.jsonl`` (one JSON object per logging step) and ``train_summary.json``.
+``train_log.jsonl`` (one JSON object per logging step) and ``train_summary.json`` (what the
+model was trained on: tasks, records, mode, config; :mod:`multiverse.train.summary`).
+
+Invariants:
+  * a non-empty output directory is only written into with ``overwrite`` (the earlier run's
+    ``checkpoint-*`` directories and log are removed first) or ``resume``;
+  * the warm-up is ``ceil(warmup_ratio * total optimizer steps)`` steps, whatever the ratio
+    (:mod:`multiverse.train.arguments`);
+  * with several processes (``torchrun``, ``accelerate launch``) every rank trains, and only
+    the main process (global rank 0) writes the output directory and prints;
+    :attr:`TrainResult.is_main` tells the caller which process it is.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +50,32 @@ from multiverse.train.data import (
     Mode,
     load_examples,
 )
+from multiverse.train.loading import (
+    device_of,
+    load_model_and_tokenizer,
+    load_pretrained_tokenizer,
+    set_stop_tokens,
+)
 from multiverse.train.masks import ATTN_IMPLEMENTATION, Backend, attention_mask_for, resolve_backend
+from multiverse.train.output import (
+    LOG_FILE,
+    check_output,
+    clear_previous_run,
+    latest_checkpoint,
+    read_log,
+)
+from multiverse.train.summary import SUMMARY_FILE, training_summary, write_summary
 
-LOG_FILE = "train_log.jsonl"
-SUMMARY_FILE = "train_summary.json"
+__all__ = [
+    "LOG_FILE",
+    "SUMMARY_FILE",
+    "TrainConfig",
+    "TrainResult",
+    "load_model_and_tokenizer",
+    "load_pretrained_tokenizer",
+    "multiverse_forward_loss",
+    "train",
+]
 
 
 @dataclass(slots=True)
@@ -66,9 +98,10 @@ class TrainConfig:
     pack: bool = True
     curriculum: bool = False
     resume: bool | str = False  # True: latest checkpoint in ``output``; str: that checkpoint
+    overwrite: bool = False  # train into a non-empty ``output`` (replacing the earlier run)
     seed: int = 0
     shuffle: bool = True  # ignored with curriculum (fixed order)
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.05  # share of the optimizer steps spent warming up, in [0, 1]
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -104,6 +137,15 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(
+                f"warmup_ratio is a share of the training steps in [0, 1], got {self.warmup_ratio}"
+            )
+        if self.overwrite and self.resume:
+            raise ConfigError(
+                "--overwrite replaces the run in the output directory, --resume continues it: "
+                "give one of them"
+            )
 
 
 @dataclass(slots=True)
@@ -113,87 +155,7 @@ class TrainResult:
     losses: list[float]  # logged training loss per logging step, in order
     report: DataReport
     log: list[dict[str, Any]] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- model and tokenizer
-
-
-def device_of(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA device is available")
-    return dev
-
-
-def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tuple[Any, Any]:
-    """The model and tokenizer of ``cfg``, the tags added to both when missing."""
-    if cfg.config is not None:
-        from multiverse.train.bpe import build_tokenizer
-        from multiverse.train.presets import build_model
-
-        tokenizer = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()
-        tokenizer_tags.add_tags_to_tokenizer(tokenizer)
-        model = build_model(cfg.config, tokenizer, attn_implementation, seed=cfg.seed)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        path = Path(cfg.model)  # type: ignore[arg-type]
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
-        tokenizer = load_pretrained_tokenizer(cfg.tokenizer or path)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32, attn_implementation=attn_implementation
-        )
-    rows = model.get_input_embeddings().weight.shape[0]
-    ids = tokenizer_tags.add_tags_to_tokenizer(tokenizer)
-    if getattr(tokenizer, "multiverse_new_tags", None) or max(ids.values()) >= rows:
-        tokenizer_tags.add_tags_to_model(model, tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-_PROBE = "What is 9 * 7?\n\nAnswer: 63. Ünïcödé  text\twith 12 + 30 = 42.\n"
-
-
-def load_pretrained_tokenizer(directory: str | Path) -> Any:
-    """The tokenizer saved in ``directory``, loaded faithfully.
-
-    ``AutoTokenizer`` in transformers 5 rebuilds the tokenizer of some model types from its
-    own class (for ``qwen2``: Qwen's pre-tokenizer regex and NFC), ignoring a different
-    pre-tokenizer stored in ``tokenizer.json``. When that changes how text is encoded, the
-    file's own tokenizer is used instead (``PreTrainedTokenizerFast``).
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    path = Path(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    file = path / "tokenizer.json"
-    if file.is_file():
-        from tokenizers import Tokenizer
-
-        raw = Tokenizer.from_file(str(file))
-        if raw.encode(_PROBE, add_special_tokens=False).ids != tokenizer.encode(
-            _PROBE, add_special_tokens=False
-        ):
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-    return tokenizer
-
-
-def _set_stop_tokens(model: Any, tokenizer: Any) -> None:
-    """Generation stops at the chat end-of-turn token as well as at EOS."""
-    vocab = tokenizer.get_vocab()
-    stops: list[int] = []
-    for token in ("<|im_end|>", tokenizer.eos_token):
-        if token and token in vocab and vocab[token] not in stops:
-            stops.append(vocab[token])
-    if model.generation_config is not None and stops:
-        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    is_main: bool = True  # False on the other ranks of a multi-process run (they write nothing)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -247,6 +209,8 @@ def _compute_dtype(model: Any) -> torch.dtype:
 def _trainer_classes():
     from transformers import Trainer, TrainerCallback
 
+    from multiverse.train.arguments import MultiverseTrainingArguments
+
     class MultiverseTrainer(Trainer):
         """The HF Trainer with the Multiverse loss (see the module docstring)."""
 
@@ -282,7 +246,7 @@ def _trainer_classes():
             if not state.is_world_process_zero:
                 return
             if self.path.exists():
-                kept = [e for e in _read_log(self.path) if e.get("step", 0) <= state.global_step]
+                kept = [e for e in read_log(self.path) if e.get("step", 0) <= state.global_step]
                 self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -292,7 +256,7 @@ def _trainer_classes():
             with self.path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    return MultiverseTrainer, JsonlLogCallback
+    return MultiverseTrainingArguments, MultiverseTrainer, JsonlLogCallback
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -306,60 +270,30 @@ class ExampleDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _latest_checkpoint(output: Path) -> str:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(output)) if output.is_dir() else None
-    if last is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-* directory in {output} to resume from")
-    return last
-
-
 def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True) -> TrainResult:
-    """Run one training job; see :class:`TrainConfig`. ``callbacks``: extra TrainerCallbacks."""
-    from transformers import TrainingArguments, set_seed
+    """Run one training job; see :class:`TrainConfig`. ``callbacks``: extra TrainerCallbacks.
+
+    ``verbose``: the main process prints the data report."""
+    from transformers import set_seed
 
     output = Path(cfg.output)
     device = device_of(cfg.device)
     backend = resolve_backend(cfg.attention, device, training=True)
     resume = cfg.resume
     if resume is True:
-        resume = _latest_checkpoint(output)
+        resume = latest_checkpoint(output)
     elif isinstance(resume, str) and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume: checkpoint directory not found: {resume}")
+    # before the TrainingArguments: every rank checks, and none has written anything yet
+    check_output(output, cfg.overwrite, resume)
 
-    set_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg, ATTN_IMPLEMENTATION[backend])
-    examples, report = load_examples(
-        cfg.data,
-        tokenizer,
-        cfg.mode,
-        cfg.max_length,
-        cfg.curriculum,
-        cfg.epochs if cfg.curriculum else 1,
-    )
-    if verbose:
-        print(report.summary(), flush=True)
-    collator = MultiverseCollator(
-        tokenizer_tags.tag_ids(tokenizer),
-        tokenizer.pad_token_id,
-        pack=cfg.pack,
-        pad_to_multiple_of=cfg.block_size if backend == "flex" else 1,
-    )
     bf16 = (
         cfg.bf16
         if cfg.bf16 is not None
         else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     )
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
-    args = TrainingArguments(
+    args_cls, trainer_cls, log_cls = _trainer_classes()
+    args = args_cls(  # joins the process group of a multi-process launch
         output_dir=str(output),
         num_train_epochs=1 if cfg.curriculum else cfg.epochs,
         max_steps=cfg.max_steps,
@@ -367,7 +301,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
@@ -385,11 +319,35 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
         report_to="none",
         disable_tqdm=not cfg.progress,
     )
-    trainer_cls, log_cls = _trainer_classes()
+    is_main = args.process_index == 0
+
+    set_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg, ATTN_IMPLEMENTATION[backend])
+    examples, report = load_examples(
+        cfg.data,
+        tokenizer,
+        cfg.mode,
+        cfg.max_length,
+        cfg.curriculum,
+        cfg.epochs if cfg.curriculum else 1,
+    )
+    if verbose and is_main:
+        print(report.summary(), flush=True)
+    collator = MultiverseCollator(
+        tokenizer_tags.tag_ids(tokenizer),
+        tokenizer.pad_token_id,
+        pack=cfg.pack,
+        pad_to_multiple_of=cfg.block_size if backend == "flex" else 1,
+    )
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
     log_path = output / LOG_FILE
-    output.mkdir(parents=True, exist_ok=True)
-    if not resume and log_path.exists():
-        log_path.unlink()
+    if is_main:
+        if cfg.overwrite:
+            clear_previous_run(output)
+        output.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            log_path.unlink(missing_ok=True)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -402,22 +360,14 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     )
     trainer.train(resume_from_checkpoint=resume or None)
     model.config.use_cache = True  # the Trainer turns it off for training; generation wants it
-    _set_stop_tokens(model, tokenizer)  # after train(): the Trainer re-aligns special tokens
-    trainer.save_model(str(output))
-    if trainer.is_world_process_zero():
+    set_stop_tokens(model, tokenizer)  # after train(): the Trainer re-aligns special tokens
+    trainer.save_model(str(output))  # writes on the main process only
+    if is_main:
         tokenizer.save_pretrained(str(output))
-        summary = {
-            "config": asdict(cfg),
-            "attention": backend,
-            "global_step": trainer.state.global_step,
-            "data": {
-                "records": report.records,
-                "examples": report.examples,
-                "forms": dict(report.forms),
-                "skipped": [{"source": s.source, "reason": s.reason} for s in report.skipped],
-            },
-        }
-        (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    log = _read_log(log_path)
+        write_summary(output, training_summary(cfg, backend, trainer.state.global_step, report))
+        log = read_log(log_path)
+    else:
+        log = [dict(e) for e in trainer.state.log_history]
+    trainer.accelerator.wait_for_everyone()  # every rank returns once the output is complete
     losses = [e["loss"] for e in log if "loss" in e]
-    return TrainResult(output, trainer.state.global_step, losses, report, log)
+    return TrainResult(output, trainer.state.global_step, losses, report, log, is_main)

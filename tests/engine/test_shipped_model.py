@@ -36,8 +36,10 @@ pytestmark = pytest.mark.skipif(
 
 def _problems():
     from multiverse.cli.demo_model import demo_problems
+    from multiverse.eval.datasets import synthetic_tasks_for
 
-    return demo_problems(4)  # held-out problems of the task the models learned
+    choice = synthetic_tasks_for(MV_DIR)  # the tasks the models learned (their record)
+    return demo_problems(4, choice.tasks)
 
 
 def _hf(model_dir: Path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,7 @@ BLOCK = (
     "<Conclusion>\nc\n</Conclusion>\n</Parallel>\n</Think>\n\nAnswer: {}"
 )
 PLAIN = "<Think>\nno blocks here\n</Think>\n\nAnswer: {}"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -402,3 +404,147 @@ def test_synthetic_default_mix_leaves_out_the_warm_up():
     assert not any(p.id.startswith("countdown_warmup-") for p in problems)
     assert "countdown_warmup" in tasks.TASKS and "countdown_warmup" not in tasks.EVAL_TASKS
     assert {p.id.split("-")[0] for p in load_benchmark("synthetic", 5, tasks=["countdown"])} == {"countdown"}
+
+
+# ----------------------------------------------------------------------------- tasks a model learned
+
+
+def _record(model_dir, tasks_trained, **extra):
+    model_dir.mkdir(parents=True, exist_ok=True)
+    row = {"tasks": tasks_trained, "records": 10, "mode": "multiverse", **extra}
+    (model_dir / "train_summary.json").write_text(json.dumps(row))
+    return model_dir
+
+
+def test_synthetic_tasks_follow_the_model_record(tmp_path):
+    from multiverse.eval import tasks
+    from multiverse.eval.datasets import synthetic_tasks_for
+
+    model = _record(tmp_path / "m", ["countdown_warmup", "countdown"])
+    choice = synthetic_tasks_for(model)
+    assert choice.tasks == ("countdown",) and choice.recorded
+    assert choice.message == (
+        f"tasks: countdown (recorded in {model / 'train_summary.json'}; "
+        "left out as training-only: countdown_warmup)"
+    )
+    both = synthetic_tasks_for(_record(tmp_path / "two", ["max_total", "nested_max"]))
+    assert both.tasks == ("max_total", "nested_max") and both.message.startswith("tasks: max_total, nested_max (")
+    for trained in ([], ["countdown_warmup"], ["my_own_data"]):  # nothing evaluable recorded
+        choice = synthetic_tasks_for(_record(tmp_path / f"n{len(trained)}{trained[:1]}", trained))
+        assert choice.tasks == tasks.EVAL_TASKS and not choice.recorded
+        assert choice.message.startswith("warning: ") and "no evaluable synthetic task" in choice.message
+    bare = synthetic_tasks_for(tmp_path / "bare")  # no record at all (or not a directory)
+    assert bare.tasks == tasks.EVAL_TASKS and not bare.recorded
+    assert bare.message.startswith("warning: ") and "records no training tasks" in bare.message
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train_summary.json").write_text('{"tasks": "countdown"}')
+    with pytest.raises(ValueError, match=r"bad/train_summary.json: 'tasks' must be a list"):
+        synthetic_tasks_for(tmp_path / "bad")
+
+
+def test_shipped_models_record_countdown():
+    from multiverse.eval.datasets import synthetic_tasks_for
+    from multiverse.train.summary import read_training_record
+
+    for name, mode in (("multiverse-tiny", "multiverse"), ("autoregressive-tiny", "autoregressive")):
+        model = REPO / "models" / name
+        if not (model / "config.json").is_file():
+            pytest.skip(f"shipped model {model} not present")
+        record = read_training_record(model)
+        assert record is not None and record.tasks == ("countdown_warmup", "countdown")
+        assert (record.records, record.mode) == (20800, mode)
+        assert synthetic_tasks_for(model).tasks == ("countdown",)
+
+
+def _stand_in_engine(monkeypatch, problems):
+    import multiverse
+
+    script = {
+        p.question: (_out(BLOCK.format(p.answer), 30, 20), _out(PLAIN.format(p.answer), 30, 30))
+        for p in problems
+    }
+    clock = FakeClock()
+
+    class StandIn(ScriptedLLM):
+        def __init__(self, model_dir, device="cpu", dtype="float32"):
+            super().__init__(clock, script)
+
+    monkeypatch.setitem(vars(multiverse), "LLM", StandIn)
+    monkeypatch.setitem(vars(multiverse), "SamplingParams", Params)
+    monkeypatch.setattr(evaluate, "CLOCK", clock)
+
+
+def test_eval_synthetic_defaults_to_the_tasks_the_model_learned(tmp_path, monkeypatch, capsys):
+    from multiverse import cli
+
+    countdown = load_benchmark("synthetic", limit=3, tasks=["countdown"])
+    other = load_benchmark("synthetic", limit=3) + load_benchmark("synthetic", limit=3, tasks=["max_total"])
+    _stand_in_engine(monkeypatch, countdown + other)
+    model = _record(tmp_path / "model", ["countdown_warmup", "countdown"])
+    argv = ["eval", "--model", str(model), "--benchmark", "synthetic", "--limit", "3",
+            "--output", str(tmp_path / "res")]  # fmt: skip
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"tasks: countdown (recorded in {model / 'train_summary.json'}" in err
+    samples = json.loads((tmp_path / "res" / "results.json").read_text())["samples"]
+    assert [s["id"] for s in samples] == [p.id for p in countdown]
+    assert all(s["id"].startswith("countdown-") for s in samples)
+    # no record: the default mix, with a warning
+    (model / "train_summary.json").unlink()
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "records no training tasks" in err
+    samples = json.loads((tmp_path / "res" / "results.json").read_text())["samples"]
+    assert [s["id"] for s in samples] == [p.id for p in load_benchmark("synthetic", limit=3)]
+    # --tasks wins over the record, silently
+    _record(model, ["countdown"])
+    assert cli.main([*argv, "--tasks", "max_total"]) == 0
+    err = capsys.readouterr().err
+    assert "tasks: " not in err and "warning" not in err
+    samples = json.loads((tmp_path / "res" / "results.json").read_text())["samples"]
+    assert all(s["id"].startswith("max_total-") for s in samples)
+    (model / "train_summary.json").write_text("{oops")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train_summary.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_demo_takes_its_problems_from_the_record(tmp_path, monkeypatch, capsys):
+    """`multiverse demo` poses the recorded tasks (stand-in engine and solver)."""
+    import io
+
+    import multiverse
+    from multiverse.cli import demo_model
+    from multiverse.eval import tasks
+
+    posed = []
+
+    class StandIn:
+        def __init__(self, model_dir, device="cpu", dtype="float32"):
+            self.tokenizer = default_tokenizer()
+
+        def generate(self, prompts, params):
+            return []
+
+    def solve(llm, record, twin=None):
+        posed.append(record.task)
+        text = tasks.assistant_text(record)
+        return demo_model.DemoResult(
+            task=record.task, question=record.question, reference=str(record.answer), text=text,
+            answer=str(record.answer), correct=True, parallel_degree=2.0, completion_tokens=20,
+            depth_tokens=10, forced_tokens=0, blocks=1, branches=2, seconds_on=1.0, seconds_off=2.0,
+            tokens_off=20, correct_off=True,
+        )  # fmt: skip
+
+    monkeypatch.setitem(vars(multiverse), "LLM", StandIn)
+    monkeypatch.setattr(demo_model, "solve", solve)
+    model = _tiny_model_dir(tmp_path / "model")
+    _record(model, ["countdown_warmup", "countdown"])
+    assert demo_model.run_model_demo(model, 2, out=io.StringIO(), twin_dir="") == 0
+    assert posed == ["countdown", "countdown"]
+    assert "tasks: countdown (recorded in" in capsys.readouterr().err
+    (model / "train_summary.json").unlink()
+    posed.clear()
+    assert demo_model.run_model_demo(model, 3, out=io.StringIO(), twin_dir="") == 0
+    assert "warning: " in capsys.readouterr().err
+    assert set(posed) <= set(tasks.EVAL_TASKS) and len(posed) == 3

@@ -167,6 +167,26 @@ def test_bad_records_are_reported_and_skipped(tmp_path, tok, records):
         D.load_examples(path, tok)
 
 
+def test_report_counts_the_tasks_trained_on_in_file_order(tmp_path, tok):
+    """Records made by multiverse.eval.tasks name their task; the report counts the records
+    kept per task (first appearance first), not the skipped ones nor records naming none."""
+    warm = tasks.generate(2, seed=1, tasks=["countdown_warmup"])
+    mix = tasks.generate(3, seed=1, tasks=["max_total"])
+    rows = [r.to_dict() for r in (*warm, *mix)]
+    rows.insert(1, {**mix[0].to_dict(), "task": "vowel_sum", "chain": "<Think>\n<Path>\n</Think>"})
+    rows.append({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    rows.append({**mix[1].to_dict(), "task": 3})
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, skipped = D.read_records(path)
+    assert [r.task for r in records[:3]] == ["countdown_warmup", "vowel_sum", "countdown_warmup"]
+    assert records[-1].task is None  # the messages record names no task
+    assert [s.source for s in skipped] == ["d.jsonl:8"] and "'task'" in skipped[0].reason
+    _, report = D.load_examples(path, tok)
+    assert list(report.tasks.items()) == [("countdown_warmup", 2), ("max_total", 3)]
+    assert report.examples == 6
+
+
 def test_parquet_needs_pyarrow(tmp_path, monkeypatch):
     path = tmp_path / "d.parquet"
     path.write_bytes(b"PAR1")

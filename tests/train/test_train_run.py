@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -321,3 +322,99 @@ def test_model_without_tags_gets_them(tmp_path, data_file):
     assert rows % 64 == 0 and rows >= len(tok) + 12
     stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert stops == [saved.convert_tokens_to_ids("<|im_end|>"), saved.eos_token_id]
+
+
+# ----------------------------------------------------------------------------- warm-up, output
+
+
+def expected_lr(lr: float, warmup: int, total: int) -> list[float]:
+    """The cosine schedule's learning rate of each step 1..total (logged after it ran): linear
+    from 0 over ``warmup`` steps, then half a cosine down to 0."""
+    out = []
+    for s in range(total):  # the scheduler's step index of optimizer step s + 1
+        if s < warmup:
+            out.append(lr * s / warmup)
+        else:
+            out.append(lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("ratio", "run", "total", "warmup"),
+    [
+        (1.0, dict(max_steps=4), 4, 4),  # the whole run warms up (not a 1-step warm-up)
+        (0.5, dict(epochs=2), 6, 3),  # 6 records, batch 2, 2 epochs: ceil(0.5 * 6) steps
+        (0.0, dict(max_steps=4), 4, 0),
+    ],
+)
+def test_warmup_ratio_is_a_share_of_the_steps(tmp_path, data_file, ratio, run, total, warmup):
+    result = train(
+        cfg(data_file, tmp_path / "w", batch_size=2, warmup_ratio=ratio, lr=1e-3, **run),
+        verbose=False,
+    )
+    lrs = [e["learning_rate"] for e in result.log if "loss" in e]
+    assert result.global_step == total
+    assert lrs == pytest.approx(expected_lr(1e-3, warmup, total), abs=1e-12)
+
+
+def test_warmup_steps_and_bad_ratios(tmp_path):
+    from multiverse.train.arguments import warmup_steps
+    from multiverse.train.data import ConfigError
+
+    assert [warmup_steps(0.05, 1300), warmup_steps(0.07, 100), warmup_steps(1.0, 8)] == [65, 7, 8]
+    assert [warmup_steps(0.0, 10), warmup_steps(0.01, 10), warmup_steps(0.5, 0)] == [0, 1, 0]
+    for bad in (-0.1, 1.5, 3.0):
+        with pytest.raises(ConfigError, match=r"warmup_ratio .* \[0, 1\]"):
+            cfg("d.jsonl", tmp_path, warmup_ratio=bad)
+
+
+def test_output_records_the_tasks_trained_on(tmp_path):
+    from multiverse.train.summary import read_training_record
+
+    path = tmp_path / "d.jsonl"
+    recs = tasks.generate(3, seed=2, tasks=["countdown_warmup"]) + tasks.generate(2, seed=2, tasks=["max_total"])
+    tasks.write_jsonl(path, recs)
+    out = tmp_path / "model"
+    train(cfg(path, out, max_steps=1, batch_size=1, mode="autoregressive"), verbose=False)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["tasks"] == ["countdown_warmup", "max_total"]
+    assert summary["task_records"] == {"countdown_warmup": 3, "max_total": 2}
+    assert (summary["records"], summary["mode"], summary["global_step"]) == (5, "autoregressive", 1)
+    record = read_training_record(out)
+    assert record is not None and record.path == out / "train_summary.json"
+    assert (record.tasks, record.records, record.mode) == (("countdown_warmup", "max_total"), 5, "autoregressive")
+    assert read_training_record(tmp_path) is None  # a directory without the file records nothing
+    (tmp_path / "train_summary.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"train_summary.json: not valid JSON"):
+        read_training_record(tmp_path)
+
+
+def test_non_empty_output_needs_overwrite_or_resume(tmp_path, data_file, capsys):
+    from multiverse.cli import main
+
+    def run(output, steps: int, save_steps: int, *extra: str) -> int:
+        return main(["train", "--config", "qwen2-micro", "--data", str(data_file), "--output", str(output),
+                     "--max-steps", str(steps), "--save-steps", str(save_steps), "--no-progress", *extra])  # fmt: skip
+
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine
+    assert run(out, 1, 1) == 0
+    assert (out / "checkpoint-1").is_dir()
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert run(out, 2, 1) == 2
+    err = capsys.readouterr().err
+    assert f"--output {out} is not empty" in err and "--overwrite" in err and "--resume" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    assert run(out, 2, 1, "--overwrite", "--resume") == 2
+    assert "give one of them" in capsys.readouterr().err
+    # --overwrite: the earlier run's checkpoints and log go, the new run is the only one there
+    assert run(out, 2, 1000, "--overwrite") == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert not (out / "checkpoint-1").exists() and (out / "checkpoint-2").is_dir()
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2]
+    (tmp_path / "file").write_text("x")
+    assert run(tmp_path / "file", 1, 1) == 2
+    assert "not a directory" in capsys.readouterr().err

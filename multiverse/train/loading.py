@@ -1,0 +1,98 @@
+"""The model, tokenizer and device of a training run (:mod:`multiverse.train.trainer`).
+
+A preset (:mod:`multiverse.train.presets`) is built from scratch with the project tokenizer (or
+``--tokenizer``); a Hugging Face directory is loaded in float32. Either way the Multiverse tags
+are added to the tokenizer and, when new, to the embeddings (rows a multiple of 64).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from multiverse.format import tokenizer as tokenizer_tags
+from multiverse.train.data import ConfigError
+
+if TYPE_CHECKING:
+    from multiverse.train.trainer import TrainConfig
+
+
+def device_of(requested: str) -> torch.device:
+    """The torch device of ``--device`` (``auto``: CUDA when there is one, else CPU)."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available")
+    return dev
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tuple[Any, Any]:
+    """The model and tokenizer of ``cfg``, the tags added to both when missing."""
+    if cfg.config is not None:
+        from multiverse.train.bpe import build_tokenizer
+        from multiverse.train.presets import build_model
+
+        tokenizer = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()
+        tokenizer_tags.add_tags_to_tokenizer(tokenizer)
+        model = build_model(cfg.config, tokenizer, attn_implementation, seed=cfg.seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        path = Path(cfg.model)  # type: ignore[arg-type]
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
+        tokenizer = load_pretrained_tokenizer(cfg.tokenizer or path)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation=attn_implementation
+        )
+    rows = model.get_input_embeddings().weight.shape[0]
+    ids = tokenizer_tags.add_tags_to_tokenizer(tokenizer)
+    if getattr(tokenizer, "multiverse_new_tags", None) or max(ids.values()) >= rows:
+        tokenizer_tags.add_tags_to_model(model, tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+_PROBE = "What is 9 * 7?\n\nAnswer: 63. Ünïcödé  text\twith 12 + 30 = 42.\n"
+
+
+def load_pretrained_tokenizer(directory: str | Path) -> Any:
+    """The tokenizer saved in ``directory``, loaded faithfully.
+
+    ``AutoTokenizer`` in transformers 5 rebuilds the tokenizer of some model types from its
+    own class (for ``qwen2``: Qwen's pre-tokenizer regex and NFC), ignoring a different
+    pre-tokenizer stored in ``tokenizer.json``. When that changes how text is encoded, the
+    file's own tokenizer is used instead (``PreTrainedTokenizerFast``).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    file = path / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        raw = Tokenizer.from_file(str(file))
+        if raw.encode(_PROBE, add_special_tokens=False).ids != tokenizer.encode(
+            _PROBE, add_special_tokens=False
+        ):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return tokenizer
+
+
+def set_stop_tokens(model: Any, tokenizer: Any) -> None:
+    """Generation stops at the chat end-of-turn token as well as at EOS."""
+    vocab = tokenizer.get_vocab()
+    stops: list[int] = []
+    for token in ("<|im_end|>", tokenizer.eos_token):
+        if token and token in vocab and vocab[token] not in stops:
+            stops.append(vocab[token])
+    if model.generation_config is not None and stops:
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
