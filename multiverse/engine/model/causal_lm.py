@@ -1,0 +1,236 @@
+"""The decoder-only LM the engine runs, and its three forwards.
+
+- :meth:`CausalLM.forward` (one engine step over a :class:`KVPool`, the contract is in
+  :mod:`.batch`): validates the batch, builds the step's attention metadata with a backend of
+  :data:`ATTENTION_BACKENDS` (``"sdpa"``, or ``"reference"`` on request) and runs :meth:`step`.
+- :meth:`CausalLM.step`: the step as a function of tensors (token ids, positions, slots, the
+  pool buffer, the attention metadata -> logits), the same for every backend.
+- :meth:`CausalLM.forward_full`: one sequence without any cache, reference attention; the
+  "plain model over the whole sequence" the engine's outputs are checked against.
+
+Per layer: input norm and fused q/k/v projection with RoPE (:func:`attention_inputs`), the new
+K/V written to the pool, attention, then output projection and MLP (:func:`finish_layer`).
+Inference only: parameters have ``requires_grad=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multiverse.engine.model import weights
+from multiverse.engine.model.attention import (
+    ATTENTION_BACKENDS,
+    AttentionMetadata,
+    causal_mask,
+    reference_attention,
+)
+from multiverse.engine.model.batch import ForwardBatch
+from multiverse.engine.model.kv_pool import KVPool
+from multiverse.engine.model.layer import (
+    DecoderLayer,
+    LayerWeights,
+    attention_inputs,
+    finish_layer,
+)
+from multiverse.engine.model.rope import interleave_perm, rope_inv_freq, rope_table
+from multiverse.engine.model.spec import ModelSpec, resolve_dtype
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM (Qwen2/Qwen2.5, Llama, Qwen3) evaluated over a :class:`KVPool`.
+
+    Build it with :func:`multiverse.engine.loader.load_model`, or ``CausalLM(config)`` followed by
+    :meth:`load_hf_state_dict` (parameters start uninitialised). Inference only: parameters have
+    ``requires_grad=False``; run under ``torch.inference_mode()``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        dtype: str | torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = spec = ModelSpec.from_config(config)
+        self.num_layers = spec.num_layers
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.vocab_size = spec.vocab_size
+        self.hidden_size = spec.hidden_size
+        factory = {"dtype": resolve_dtype(dtype), "device": torch.device(device)}
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
+
+        self.embed = param(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, factory) for _ in range(spec.num_layers))
+        self.final_norm = param(spec.hidden_size)
+        self.lm_head = (
+            None if spec.tie_word_embeddings else param(spec.vocab_size, spec.hidden_size)
+        )
+        inv_freq, scaling = rope_inv_freq(spec, config)
+        self.register_buffer("inv_freq", inv_freq.to(factory["device"]), persistent=False)
+        self.rope_scaling = scaling
+        self.rope_perm = interleave_perm(spec.head_dim)  # [D] long: HF dim of each of our dims
+        self.loaded_hf_names: set[str] = set()
+        self._layer_weights: list[LayerWeights] = []
+        self._refresh_weight_cache()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def _refresh_weight_cache(self) -> None:
+        # Plain attributes for the hot loop (nn.Module attribute lookups cost ~1 us each).
+        self._layer_weights = [layer.weights() for layer in self.layers]
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        out = super()._apply(fn, recurse)
+        self._refresh_weight_cache()
+        return out
+
+    # ---------------------------------------------------------------- loading HF weights
+
+    def load_hf_tensor(self, name: str, tensor: torch.Tensor) -> bool:
+        """Copy one HF tensor into place (see :func:`.weights.load_hf_tensor`)."""
+        return weights.load_hf_tensor(self, name, tensor)
+
+    def expected_hf_names(self) -> list[str]:
+        """The HF tensor names a complete checkpoint provides for this config."""
+        return weights.expected_hf_names(self.spec)
+
+    def check_loaded(self, source: str = "checkpoint") -> None:
+        """Raise ``ValueError`` naming the tensors the checkpoint did not provide."""
+        weights.check_loaded(self, source)
+
+    def load_hf_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        source: str = "state dict",
+    ) -> None:
+        """Load a whole HF-named state dict (a mapping, or ``(name, tensor)`` pairs read lazily);
+        unknown names and missing weights raise ``ValueError``."""
+        weights.load_hf_state_dict(self, state_dict, source)
+
+    # ---------------------------------------------------------------- forwards
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: x ``[R, H]`` -> float32 logits ``[R, vocab]``."""
+        h = F.rms_norm(x, (self.spec.hidden_size,), self.final_norm, self.spec.rms_norm_eps)
+        return F.linear(h, self.lm_head_weight).float()
+
+    def forward(self, batch: ForwardBatch, kv: KVPool, *, reference: bool = False) -> torch.Tensor:  # type: ignore[override]
+        """One engine step: write the new tokens' K/V into ``kv``, return float32 logits
+        ``[len(logits_rows), vocab]`` (default rows: the last new token of each sequence).
+
+        ``reference=True`` runs the reference attention backend instead of the fast one.
+        """
+        if kv.num_layers != self.num_layers or kv.kv.shape[3:] != (
+            self.num_kv_heads,
+            self.head_dim,
+        ):
+            raise ValueError(
+                f"{kv!r} does not fit this model ({self.num_layers} layers, "
+                f"{self.num_kv_heads} kv heads, head_dim {self.head_dim})"
+            )
+        plan = ATTENTION_BACKENDS["reference" if reference else "sdpa"](batch)
+        rows = batch.logits_rows
+        if rows is None and max(batch.q_lens) != 1:
+            ends, total = [], -1
+            for q in batch.q_lens:
+                total += q
+                ends.append(total)
+            rows = torch.tensor(ends, dtype=torch.long, device=batch.input_ids.device)
+        return self.step(batch.input_ids, batch.position_ids, batch.slot_mapping, kv.kv, plan, rows)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_buffer: torch.Tensor,
+        plan: AttentionMetadata,
+        logits_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The step as a function of tensors: ``input_ids`` / ``position_ids`` / ``slot_mapping``
+        ``[T]``, ``kv_buffer`` is ``KVPool.kv`` (updated in place), ``plan`` a backend's
+        metadata for this batch; returns float32 logits for ``logits_rows`` (None: every row)."""
+        s = self.spec
+        d, hq, hk = s.head_dim, s.num_heads, s.num_kv_heads
+        x = F.embedding(input_ids, self.embed)  # [T, H]
+        t = x.shape[0]
+        rope = rope_table(position_ids, self.inv_freq, self.rope_scaling, self.dtype)
+        for layer, w in enumerate(self._layer_weights):
+            qkv = attention_inputs(x, w, s, rope)  # [T, (Hq + 2 Hk) * D]
+            new_kv = qkv[:, hq * d :].view(t, 2, hk, d)  # [T, 2, Hk, D]
+            pool = kv_buffer[layer]  # [S, 2, Hk, D]
+            pool.index_copy_(0, slot_mapping, new_kv)
+            attn = plan.attend(qkv[:, : hq * d], new_kv, pool)  # [T, Hq * D]
+            x = finish_layer(x, attn, w, s)
+        if logits_rows is not None:
+            x = x.index_select(0, logits_rows)
+        return self._logits(x)
+
+    def forward_full(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reference forward of ONE sequence without any cache: logits ``[n, vocab]`` float32.
+
+        ``position_ids`` default to ``arange(n)``; ``mask`` is Bool ``[n, n]`` (True = may
+        attend), default causal. This is the "plain model over the whole sequence" that the
+        engine's outputs are checked against (SPEC section 3).
+        """
+        if input_ids.dim() != 1:
+            raise ValueError(
+                f"forward_full takes one sequence: input_ids [n], got {tuple(input_ids.shape)}"
+            )
+        n = input_ids.shape[0]
+        device = self.device
+        input_ids = input_ids.to(device)
+        position_ids = (
+            torch.arange(n, device=device) if position_ids is None else position_ids.to(device)
+        )
+        if position_ids.shape != (n,):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected ({n},)")
+        mask = (
+            causal_mask(n, n, device) if mask is None else mask.to(device=device, dtype=torch.bool)
+        )
+        if mask.shape != (n, n):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({n}, {n})")
+        s = self.spec
+        d, hq, hk = s.head_dim, s.num_heads, s.num_kv_heads
+        x = F.embedding(input_ids, self.embed)  # [n, H]
+        rope = rope_table(position_ids, self.inv_freq, self.rope_scaling, self.dtype)
+        for w in self._layer_weights:
+            qkv = attention_inputs(x, w, s, rope)  # [n, (Hq + 2 Hk) * D]
+            q = qkv[:, : hq * d].view(n, hq, d)
+            k = qkv[:, hq * d : (hq + hk) * d].view(n, hk, d)
+            v = qkv[:, (hq + hk) * d :].view(n, hk, d)
+            x = finish_layer(x, reference_attention(q, k, v, mask), w, s)
+        return self._logits(x)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"{s.model_type}: layers={s.num_layers}, hidden={s.hidden_size}, heads={s.num_heads}, "
+            f"kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, vocab={s.vocab_size}, "
+            f"dtype={self.dtype}"
+        )

@@ -1,0 +1,119 @@
+"""One decoder layer: its parameters and everything it computes except attention.
+
+Internal layout (invisible to callers, but the KV pool's contents depend on it):
+
+- q/k/v projections are fused into one matrix (``qkv_weight``: q heads, then k heads, then v
+  heads), gate/up into another (``gate_up_weight``: gate rows, then up rows).
+- q/k rows are in the interleaved RoPE layout (see :mod:`.rope`); Qwen3's per-head q/k norm
+  weights are stored once per head (``qk_norm [Hq + Hk, D]``), permuted alike.
+- RMSNorm is ``F.rms_norm`` (one rounding); in bf16/fp16 logits therefore differ from
+  transformers' (which rounds before the weight multiply) by rounding, not in fp32.
+
+The forward loop reads a layer's tensors through :class:`LayerWeights` (plain attributes, no
+``nn.Module`` lookups in the hot loop); ``CausalLM`` rebuilds them whenever parameters move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multiverse.engine.model.rope import apply_rope_
+from multiverse.engine.model.spec import ModelSpec
+
+
+@dataclass(slots=True, frozen=True)
+class LayerWeights:
+    """One layer's tensors by name (H hidden, D head_dim, I intermediate; None = no such bias)."""
+
+    input_norm: torch.Tensor  # [H]
+    qkv_weight: torch.Tensor  # [(Hq + 2 Hk) * D, H]
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D]
+    qk_norm: torch.Tensor | None  # [Hq + Hk, D] (Qwen3)
+    o_weight: torch.Tensor  # [H, Hq * D]
+    o_bias: torch.Tensor | None  # [H]
+    post_norm: torch.Tensor  # [H]
+    gate_up_weight: torch.Tensor  # [2 I, H]
+    gate_up_bias: torch.Tensor | None  # [2 I]
+    down_weight: torch.Tensor  # [H, I]
+    down_bias: torch.Tensor | None  # [H]
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer's parameters (fused projections, internal RoPE layout), uninitialised."""
+
+    def __init__(self, spec: ModelSpec, factory: dict[str, Any]) -> None:
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * d
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, **factory), requires_grad=False)
+
+        self.input_norm = param(h)
+        self.qkv_weight = param(qkv_out, h)
+        self.qkv_bias = param(qkv_out) if spec.qkv_bias else None
+        self.qk_norm = param(spec.num_heads + spec.num_kv_heads, d) if spec.qk_norm else None
+        self.o_weight = param(h, spec.num_heads * d)
+        self.o_bias = param(h) if spec.o_bias else None
+        self.post_norm = param(h)
+        self.gate_up_weight = param(2 * spec.intermediate_size, h)
+        self.gate_up_bias = param(2 * spec.intermediate_size) if spec.mlp_bias else None
+        self.down_weight = param(h, spec.intermediate_size)
+        self.down_bias = param(h) if spec.mlp_bias else None
+
+    def weights(self) -> LayerWeights:
+        return LayerWeights(
+            input_norm=self.input_norm,
+            qkv_weight=self.qkv_weight,
+            qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            o_weight=self.o_weight,
+            o_bias=self.o_bias,
+            post_norm=self.post_norm,
+            gate_up_weight=self.gate_up_weight,
+            gate_up_bias=self.gate_up_bias,
+            down_weight=self.down_weight,
+            down_bias=self.down_bias,
+        )
+
+
+def attention_inputs(
+    x: torch.Tensor, w: LayerWeights, spec: ModelSpec, rope: torch.Tensor
+) -> torch.Tensor:
+    """Input norm, fused q/k/v projection, (Qwen3) q/k norm, RoPE on q and k, in place.
+
+    x ``[T, H]`` -> ``[T, (Hq + 2 Hk) * D]``: q heads, then k heads, then v heads.
+    """
+    d, nqk = spec.head_dim, spec.num_heads + spec.num_kv_heads
+    h = F.rms_norm(x, (spec.hidden_size,), w.input_norm, spec.rms_norm_eps)
+    qkv = F.linear(h, w.qkv_weight, w.qkv_bias)  # [T, (Hq + 2 Hk) * D]
+    t = qkv.shape[0]
+    qk = qkv[:, : nqk * d]  # [T, (Hq + Hk) * D] (view)
+    if w.qk_norm is not None:  # Qwen3: RMSNorm over each q/k head's dims
+        normed = F.rms_norm(qk.view(t, nqk, d), (d,), None, spec.rms_norm_eps) * w.qk_norm
+        qk.copy_(normed.view(t, nqk * d))
+    apply_rope_(qk, rope)
+    return qkv
+
+
+def finish_layer(
+    x: torch.Tensor, attn: torch.Tensor, w: LayerWeights, spec: ModelSpec
+) -> torch.Tensor:
+    """Output projection + residual, post norm, SiLU MLP + residual: x, attn ``[T, ...]`` ->
+    ``[T, H]``."""
+    if w.o_bias is None:
+        x = torch.addmm(x, attn, w.o_weight.t())
+    else:
+        x = x + F.linear(attn, w.o_weight, w.o_bias)
+    h = F.rms_norm(x, (spec.hidden_size,), w.post_norm, spec.rms_norm_eps)
+    gate_up = F.linear(h, w.gate_up_weight, w.gate_up_bias)  # [T, 2 I]
+    inter = spec.intermediate_size
+    act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [T, I]
+    if w.down_bias is None:
+        return torch.addmm(x, act, w.down_weight.t())
+    return x + F.linear(act, w.down_weight, w.down_bias)
