@@ -9,6 +9,7 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 t0=$(date +%s)
 "$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"
+rm -rf "$REPO/build"                         # setuptools' scratch folder
 WHEEL="$(ls "$WORK"/dist/multiverse-*.whl)"
 echo "built $(basename "$WHEEL") ($(du -h "$WHEEL" | cut -f1))"
 "$PY" -m venv "$WORK/venv"

@@ -14,7 +14,6 @@ Nothing is downloaded: paths must exist locally.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,9 @@ from typing import Any
 import torch
 
 from multiverse.engine.model import CausalLM, resolve_dtype
+from multiverse.format.tokenizer import has_tokenizer, load_tokenizer
 
 __all__ = ["find_smollm2_gguf", "iter_checkpoint_tensors", "load_model"]
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
 
 def load_model(
     path: str | Path,
@@ -108,13 +105,11 @@ def _pick_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
 
 
 def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
-    if gguf_file is None and not any((path / f).exists() for f in _TOKENIZER_FILES):
+    """The checkpoint's tokenizer (:func:`multiverse.format.tokenizer.load_tokenizer`), or None
+    for a directory without tokenizer files."""
+    if gguf_file is None and not has_tokenizer(path):
         return None
-    if gguf_file is None:
-        return AutoTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    return load_tokenizer(path, gguf_file)
 
 
 def _load_gguf(
@@ -152,10 +147,3 @@ def find_smollm2_gguf() -> Path | None:
         if found:
             return found[0]
     return None
-
-
-def timed_load(*args: Any, **kwargs: Any) -> tuple[CausalLM, Any, Any, float]:
-    """:func:`load_model` plus the seconds it took (for benchmarks)."""
-    start = time.perf_counter()
-    model, tokenizer, config = load_model(*args, **kwargs)
-    return model, tokenizer, config, time.perf_counter() - start
