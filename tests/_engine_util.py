@@ -1,13 +1,27 @@
-"""Shared helpers for the engine tests: a tiny random Qwen2 and the full-sequence reference."""
+"""Shared helpers for the engine tests: a tiny random Qwen2, engines that check their own state
+after every step, the full-sequence reference, and :class:`ModelFree` (the engine's bookkeeping
+driven by scripted tokens, no model at all)."""
 
 from __future__ import annotations
 
 import torch
 
+from multiverse.engine.forkjoin import ForkJoin, Specials
+from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.llm import LLM
 from multiverse.engine.model import CausalLM
+from multiverse.engine.radix import RadixCache
+from multiverse.engine.request import Branch, Request
+from multiverse.engine.sampling import SamplingParams
+from multiverse.engine.scheduler import Scheduler, Work
 from multiverse.format import grammar
+from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.layout import layout
+
+
+def engine(model, tokenizer, **engine_config) -> LLM:
+    """``LLM.from_model`` with :meth:`LLM.check_invariants` after every step."""
+    return LLM.from_model(model, tokenizer, check_invariants=True, **engine_config)
 
 
 def tiny_pair(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32):
@@ -67,7 +81,7 @@ def check_output(hf, tokenizer, out, parallel: bool = True, atol: float = 1e-4) 
 
 
 def assert_no_leak(llm: LLM) -> None:
-    llm.kv.check_invariants()
+    llm.check_invariants()
     if llm.radix is not None:
         llm.radix.clear()
     llm.kv.check_invariants()
@@ -84,3 +98,81 @@ def block(labels_and_bodies: list[tuple[str, str]], conclusion: str = "ok") -> s
         out.append(f"<Path>\n{label}: {body}\n</Path>\n")
     out.append(f"<Conclusion>\n{conclusion}\n</Conclusion>\n</Parallel>\n")
     return "".join(out)
+
+
+class ModelFree:
+    """Scheduler + ForkJoin + KVManager (+ prefix cache) stepped the way :meth:`LLM.step` does,
+    with no model: a masked chunk's ``attend`` comes from the layout rule (what the runner
+    returns), and every sampled token is the request's ``forced_output``. After every step the
+    KVManager and every request (finished ones included) pass their ``check_invariants``."""
+
+    def __init__(self, tokenizer, num_slots: int = 512, max_batch_tokens: int = 64, prefill_chunk: int = 16,
+                 prefix_cache: bool = False, tags: bool = True) -> None:  # fmt: skip
+        self.tok = tokenizer
+        self.kv = KVManager(num_slots)
+        self.radix = RadixCache(self.kv) if prefix_cache else None
+        self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
+        tag_ids = tokenizer_tags.tag_ids(tokenizer) if tags else None
+        self.specials = Specials.from_tokenizer(tokenizer, tag_ids) if tag_ids else None
+        self.tag_names = {v: k for k, v in tag_ids.items()} if tag_ids else {}
+        self.forkjoin = ForkJoin(self.kv, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), self.specials,
+                                 eos_ids=frozenset({tokenizer.eos_token_id}))  # fmt: skip
+        self.requests: list[Request] = []
+        self.history: list[list[Work]] = []  # the works of every step
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def add(self, prompt: str, output: str, **params) -> Request:
+        """A request whose "model" writes ``output`` (greedy, logprobs off)."""
+        sp = SamplingParams(temperature=0.0, forced_output=self.encode(output), **params)
+        names = self.tag_names if sp.parallel else {}
+        req = Request.create(len(self.requests), self.encode(prompt), sp, names, seed=0, forced_ids=sp.forced_output)
+        self.requests.append(req)
+        return req
+
+    def step(self) -> list[Work]:
+        active = [r for r in self.requests if not r.finished]
+        works = self.scheduler.schedule(active)
+        if not works:
+            self.forkjoin.finish(active[0], "kv_capacity")
+        for w in works:  # the runner's part: the masked chunk's last row of the layout mask
+            if w.masked:
+                br = w.branch
+                hi = br.prefix_len + w.start + w.count
+                row = br.layout(hi).dense_mask(rows=slice(hi - 1, hi))[0, :hi]
+                br.set_attend([br.kv[j] for j in row.nonzero()[:, 0].tolist()])
+        to_sample = []
+        for w in works:
+            br, req = w.branch, w.branch.request
+            if br.parent is None and not req.finished and not req.prompt_cached and br.num_computed >= req.prompt_len:
+                req.mark_prompt_cached()
+                if self.radix is not None:
+                    self.radix.insert(req.prompt_ids, br.kv[: req.prompt_len], namespace=req.parallel)
+            if w.completes and not req.finished and self.forkjoin.on_computed(br):
+                to_sample.append(br)
+        for br in to_sample:
+            if not br.request.finished:
+                self.forkjoin.on_sampled(br, self.forkjoin.forced_token(br), None)
+        self.history.append(works)
+        self.check()
+        return works
+
+    def run(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if all(r.finished for r in self.requests):
+                return
+            self.step()
+        raise AssertionError(f"not finished after {max_steps} steps")
+
+    def check(self) -> None:
+        self.kv.check_invariants()
+        for r in self.requests:
+            r.check_invariants(self.kv)
+        live = {b for r in self.requests if not r.finished for b in r.branches()}
+        leaked = [h for h in self.kv.holders() if isinstance(h, Branch) and h not in live]
+        assert not leaked, f"K/V held by branches outside any live request: {leaked}"
+
+    def text(self, req: Request) -> str:
+        """The canonical output so far (the root's tokens after the prompt)."""
+        return self.tok.decode(req.root.own_ids[req.prompt_len :], skip_special_tokens=False)

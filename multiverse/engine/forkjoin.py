@@ -18,6 +18,11 @@ the :class:`KVManager`; positions only from each branch's ``LayoutState``.
   parent's state is ``LayoutState.join``-ed and ``<Conclusion>\\n`` (forced) follows.
 * Budgets are checked before a sampled token is taken, leaving room for the closing tokens
   every open fork still needs, so ``max_tokens`` (depth) and ``max_total_tokens`` always hold.
+* Stop strings are matched in the decoded tail of the branch's generated tokens (``decode``:
+  the tokenizer's, whether or not it has the Multiverse tags).
+
+Branch state changes only through :mod:`.request` methods (``fork``, ``merge_children``,
+``fold_children``, the status transitions...); this module makes the matching KVManager calls.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from multiverse.engine.kv_manager import KVManager
-from multiverse.engine.request import BlockRecord, Branch, Request, Status
+from multiverse.engine.request import Branch, Request, Status
 from multiverse.engine.sampling import branch_seed
 from multiverse.format import grammar
 
@@ -66,26 +71,19 @@ class Specials:
 class ForkJoin:
     """Transitions of every branch of every request (see the module docstring)."""
 
-    def __init__(self, kv: KVManager, specials: Specials | None,
+    def __init__(self, kv: KVManager, decode: Callable[[list[int]], str], specials: Specials | None = None, *,
                  on_release: Callable[[Branch], None] = lambda b: None,
                  eos_ids: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.kv = kv
-        self.sp = specials
+        self.decode = decode  # token ids -> text, special tokens kept (stop strings)
+        self.sp = specials  # None: a tokenizer without the tags; nothing forks
         self.on_release = on_release
         self.eos_ids = eos_ids  # the tokenizer's EOS and the checkpoint's generation_config EOS ids
 
     # -- appending -------------------------------------------------------------------------
-    def _append(self, br: Branch, token: int, *, forced: bool, logprob: float | None = None,
-                mark: bool = True) -> None:  # fmt: skip
-        br.append(token, forced=forced, logprob=logprob, mark=mark)
-        br.request.num_generated += 1
-        ids = br.request.forced_ids
-        if ids is not None and br.cursor < br.cursor_end and ids[br.cursor] == token:
-            br.cursor += 1
-
     def _insert(self, br: Branch, tokens: list[int], mark: bool = True) -> None:
         for t in tokens:
-            self._append(br, t, forced=True, mark=mark)
+            br.append_generated(t, forced=True, mark=mark)
 
     def forced_token(self, br: Branch) -> int | None:
         """Test hook: the token ``forced_output`` makes this branch write (-1 = its part ended)."""
@@ -141,11 +139,11 @@ class ForkJoin:
         if br.status is Status.FORKING:
             if self.try_fork(br):
                 return False
-            br.status = Status.RUNNING
+            br.fork_refused()
         if br.status is Status.RUNNING:
             return True
         if br.status is Status.CLOSING:
-            br.status = Status.ENDED
+            br.end_path()
         if br.status is Status.ENDED and br.parent is not None:
             self.try_merge(br.parent)
         elif br.status is Status.WAITING:  # recomputed after preemption
@@ -170,10 +168,13 @@ class ForkJoin:
         if not self._admit(br, token, tag, extra):
             self.end_branch(br, "length")
             return
-        self._append(br, token, forced=False, logprob=logprob)
+        br.append_generated(token, forced=False, logprob=logprob)
         if opens_fork or ends_path:
             self._insert(br, self.sp.newline)
-            br.status = Status.FORKING if opens_fork else Status.CLOSING
+            if opens_fork:
+                br.start_fork()
+            else:
+                br.start_closing()
         elif p.stop and self._hit_stop(br):
             if child:
                 self.end_branch(br, "stop")
@@ -181,9 +182,11 @@ class ForkJoin:
                 self.finish(req, "stop", cut_stop=True)
 
     def _hit_stop(self, br: Branch) -> bool:
+        """Does a stop string occur in the tail of ``br``'s generated text (never the prompt)?"""
         stops = br.request.params.stop
         window = max(len(s) for s in stops) + 8
-        tail = self.sp.decode(br.own_ids[-window:]) if self.sp else ""
+        first = br.request.prompt_len if br.parent is None else 0
+        tail = self.decode(br.own_ids[max(first, len(br.own_ids) - window) :])
         return any(s in tail for s in stops)
 
     def end_branch(self, br: Branch, reason: str) -> None:
@@ -195,7 +198,7 @@ class ForkJoin:
         for _ in range(br.state.depth - br.base_depth):
             self._insert(br, self.sp.close_block)
         self._insert(br, self.sp.close_path)
-        br.status = Status.CLOSING
+        br.start_closing()
 
     # -- Map -------------------------------------------------------------------------------
     def try_fork(self, br: Branch) -> bool:
@@ -227,21 +230,13 @@ class ForkJoin:
         return True
 
     def _fork(self, br: Branch, labels: list[str], starts: list[list[int]]) -> None:
-        req = br.request
         ranges, resume = self._forced_ranges(br, len(labels))
-        br.status = Status.WAITING
-        for label, state, start, (c0, c1) in zip(labels, br.state.fork(len(labels)), starts, ranges, strict=True):
-            child = Branch(req, state, parent=br, label=label, prefix_len=len(br.kv), level=br.level + 1,
-                           base_depth=br.state.depth, open_at=list(br.open_at), cursor=c0, cursor_end=c1,
-                           id=req.new_branch_id())  # fmt: skip
-            child.seed = branch_seed(req.root.seed, child.path_label())
+        path, root_seed = br.path_label(), br.request.root.seed
+        seeds = [branch_seed(root_seed, (*path, label)) for label in labels]
+        children = br.fork(labels, br.state.fork(len(labels)), seeds, ranges, resume)
+        for child, start in zip(children, starts, strict=True):
             self.kv.share(child, br.kv)
-            child.kv, child.attend = list(br.kv), list(br.attend)
-            self._insert(child, start, mark=False)  # visibility set right above: prefix + itself
-            br.children.append(child)
-        br.cursor = resume
-        req.num_blocks += 1
-        req.num_branches += len(labels)
+            self._insert(child, start, mark=False)  # visibility set by the fork: prefix + itself
 
     def _forced_ranges(self, br: Branch, k: int) -> tuple[list[tuple[int, int]], int]:
         """Test hook: the part of ``forced_output`` each child writes (from the layout of the
@@ -275,21 +270,9 @@ class ForkJoin:
             return
         if any(c.status is not Status.ENDED or c.num_pending or not c.resident for c in kids):
             return
-        parent.state = parent.state.join([c.state for c in kids])
-        moved: list[int] = []
-        paths = []
-        for c in kids:
-            paths.append(parent.extend_merged(c))
-            moved += c.kv[c.prefix_len :]
-        self.kv.share(parent, moved)
-        parent.kv += moved
-        parent.attend += moved
-        parent.num_computed = len(parent.own_ids)
-        for c in kids:
+        self.kv.share(parent, parent.children_slots())
+        for c in parent.merge_children():
             self._release(c)
-        parent.children = []
-        parent.blocks.append(BlockRecord(paths))
-        parent.status = Status.RUNNING
         self._insert(parent, self.sp.conclusion, mark=False)  # sees prefix + every path
 
     # -- end of a request ------------------------------------------------------------------
@@ -298,26 +281,12 @@ class ForkJoin:
         the KV capacity) and release every slot its branches hold."""
         if req.finished:
             return
-        self._fold(req.root)
-        req.finished, req.finish_reason = True, reason
-        req.root.status = Status.FINISHED
-        if cut_stop:
-            req.stop_offset = -1  # the output builder cuts the text at the stop string
+        for b in req.root.fold_children():
+            self._release(b)
+        req.finish(reason, cut_stop)  # cut_stop: the output builder cuts at the stop string
         self._release(req.root)
-
-    def _fold(self, br: Branch) -> None:
-        if not br.children:
-            return
-        paths = []
-        for c in br.children:
-            self._fold(c)
-            paths.append(br.extend_merged(c))
-            self._release(c)
-        br.children = []
-        br.blocks.append(BlockRecord(paths))
 
     def _release(self, br: Branch) -> None:
         self.kv.release_if_held(br)
-        br.kv, br.attend = [], []
-        br.attached = br.parent is None
+        br.release_kv()
         self.on_release(br)

@@ -16,12 +16,14 @@ Contract:
 Invariants (checked by :meth:`KVManager.check_invariants`): every slot is either free (count 0,
 on the free list exactly once) or in use (count >= 1); each slot's count equals the number of
 holders holding it; a holder holds a slot at most once; free + in use == pool size.
+:meth:`KVManager.check_holder` and :meth:`KVManager.check_counts` check a holder's own record
+(a branch's K/V list) against the pool.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 
 class OutOfSlots(RuntimeError):
@@ -119,23 +121,42 @@ class KVManager:
 
     # -- invariants ------------------------------------------------------------------------
     def check_invariants(self) -> None:
-        """Raise ``AssertionError`` naming the first broken invariant (see module docstring)."""
-        free = self._free
+        """Raise ``AssertionError`` naming the first broken invariant (see module docstring).
+        Linear in the pool size plus the held lists, mostly at C speed (tests call it every step)."""
+        free, ref = self._free, self._ref
         if len(set(free)) != len(free):
             raise AssertionError("a slot is on the free list twice")
         counts: Counter[int] = Counter()
         for holder, slots in self._held.items():
-            if len(set(slots)) != len(slots):
-                raise AssertionError(f"holder {holder!r} holds a slot twice")
             if not slots:
                 raise AssertionError(f"holder {holder!r} is registered with no slots")
+            if len(set(slots)) != len(slots):
+                raise AssertionError(f"holder {holder!r} holds a slot twice")
             counts.update(slots)
-        for s in free:
-            if self._ref[s] != 0 or counts[s]:
-                raise AssertionError(f"free slot {s} has count {self._ref[s]}, {counts[s]} holders")
-        for s in range(self.num_slots):
-            if self._ref[s] != counts[s]:
-                raise AssertionError(f"slot {s}: count {self._ref[s]} but {counts[s]} holders")
-        used = sum(1 for c in self._ref if c > 0)
+        expect = [0] * self.num_slots
+        for s, c in counts.items():
+            expect[s] = c
+        if expect != ref:
+            s = next(i for i, (a, b) in enumerate(zip(ref, expect)) if a != b)
+            raise AssertionError(f"slot {s}: count {ref[s]} but {expect[s]} holders")
+        if any([ref[s] for s in free]):
+            s = next(s for s in free if ref[s])
+            raise AssertionError(f"free slot {s} has count {ref[s]}, {counts[s]} holders")
+        used = self.num_slots - ref.count(0)
         if used + len(free) != self.num_slots:
             raise AssertionError(f"free {len(free)} + used {used} != pool {self.num_slots}")
+
+    def check_holder(self, holder: Hashable, slots: Sequence[int]) -> None:
+        """Raise ``AssertionError`` unless ``holder`` holds exactly ``slots`` (in any order)."""
+        held = self._held.get(holder, [])
+        if len(held) != len(slots) or set(held) != set(slots):
+            extra, missing = set(held) - set(slots), set(slots) - set(held)
+            raise AssertionError(f"{holder!r} holds {len(held)} slots, lists {len(slots)}: "
+                                 f"held, not listed {sorted(extra)[:8]}; listed, not held {sorted(missing)[:8]}")  # fmt: skip
+
+    def check_counts(self, counts: Mapping[int, int]) -> None:
+        """Raise ``AssertionError`` unless each slot ``s`` has at least ``counts[s]`` references."""
+        ref = self._ref
+        low = [s for s, c in counts.items() if ref[s] < c]
+        if low:
+            raise AssertionError(f"slot {low[0]} has {ref[low[0]]} references, {counts[low[0]]} holders list it")

@@ -1,9 +1,14 @@
 """Public API of the fork/join engine: ``LLM(model_dir).generate(prompts, SamplingParams(...))``.
 
-One engine step = schedule (:mod:`.scheduler`), run (:mod:`.runner`), postprocess: prompt
+One engine step = schedule (:mod:`.scheduler`), run (:mod:`.runner`: reads the state, returns
+logits and the masked chunks' new ``attend`` lists), postprocess: those ``attend`` lists, prompt
 logprobs, the fork/join transitions (:mod:`.forkjoin`), sampling (:mod:`.sampling`). Outputs are
 in canonical order: ``token_ids`` is the text a trainer would see (all branches merged in
 outline order), ``forced`` marks the tokens the engine inserted itself.
+
+With ``check_invariants=True`` every step ends with :meth:`LLM.check_invariants` (the
+KVManager's invariants, every request's :meth:`~multiverse.engine.request.Request.check_invariants`,
+no K/V held by a branch outside a live request): for tests, at a cost linear in the K/V lists.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import torch
 
 from multiverse.engine.forkjoin import ForkJoin, Specials
 from multiverse.engine.kv_manager import KVManager
+from multiverse.engine.model import KVPool
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
-from multiverse.engine.runner import ModelRunner
+from multiverse.engine.runner import ModelRunner, StepOutput
 from multiverse.engine.sampling import SamplingParams, make_generator, sample, token_logprobs
 from multiverse.engine.scheduler import Scheduler, Work
 from multiverse.format import tokenizer as tokenizer_tags
-from multiverse.format.layout import LayoutState, layout_tags
 from multiverse.format.prompts import render_chat
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "Usage"]
@@ -71,7 +76,8 @@ class LLM:
     CPU), ``max_batch_tokens``, ``prefill_chunk``,
     ``enable_prefix_cache``, ``gguf_file``, ``tokenizer`` (overrides the checkpoint's),
     ``eos_token_ids`` (extra EOS ids; by default the tokenizer's EOS plus the directory's
-    ``generation_config.json`` ``eos_token_id``, e.g. ``<|im_end|>`` for chat models).
+    ``generation_config.json`` ``eos_token_id``, e.g. ``<|im_end|>`` for chat models),
+    ``check_invariants`` (check the engine state after every step; default off).
     """
 
     def __init__(self, model: Any, device: str = "cpu", dtype: str = "float32", **engine_config: Any) -> None:
@@ -98,7 +104,7 @@ class LLM:
     def _setup(self, model: Any, tokenizer: Any, num_kv_slots: int | None = None,
                kv_memory: float | None = None, max_batch_tokens: int = 2048, prefill_chunk: int = 512,
                enable_prefix_cache: bool = True, seed: int = 0,
-               eos_token_ids: Sequence[int] | None = None) -> None:  # fmt: skip
+               eos_token_ids: Sequence[int] | None = None, check_invariants: bool = False) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         slots = num_kv_slots or _default_slots(model, kv_memory)
         self.kv = KVManager(slots)
@@ -115,10 +121,15 @@ class LLM:
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
-        self.forkjoin = ForkJoin(self.kv, self.specials, self.runner.forget, self.eos_token_ids)
+        self.forkjoin = ForkJoin(self.kv, self._decode, self.specials, on_release=self.runner.forget,
+                                 eos_ids=self.eos_token_ids)  # fmt: skip
+        self.checks_invariants = check_invariants
         self.requests: list[Request] = []
         self._rng = random.Random(seed)
         self._next_id = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:
@@ -129,24 +140,13 @@ class LLM:
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token id out of range [0, {vocab}): {[t for t in ids if not 0 <= t < vocab][:5]}")
         names = self._tag_names if params.parallel else {}
-        req = Request(self._next_id, ids, params, names, t_arrival=time.perf_counter())
+        forced = params.forced_output
+        if isinstance(forced, str):
+            forced = self.tokenizer.encode(forced, add_special_tokens=False)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Request.create(self._next_id, ids, params, names, seed=seed, forced_ids=forced,
+                             t_arrival=time.perf_counter())  # fmt: skip
         self._next_id += 1
-        root = Branch(req, LayoutState())
-        req.root = root
-        for t in ids:
-            root.append(t, forced=False)
-        if root.marks:  # a prompt with Multiverse structure: prefill it with the layout's mask
-            root.masked_until, root.marks = len(ids), []
-        req.gen_start = root.state.next_pos
-        root.seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req.prompt_logprobs = [None] * len(ids)
-        if params.forced_output is not None:
-            forced = params.forced_output
-            req.forced_ids = (self.tokenizer.encode(forced, add_special_tokens=False)
-                              if isinstance(forced, str) else list(forced))  # fmt: skip
-            full = ids + req.forced_ids
-            req.forced_layout = layout_tags([names.get(t) for t in full])
-            root.cursor, root.cursor_end = 0, len(req.forced_ids)
         self.requests.append(req)
         return req
 
@@ -167,11 +167,27 @@ class LLM:
         done = [r for r in active if r.finished]
         now = time.perf_counter()
         for r in done:
-            r.t_finish = now
+            r.set_finish_time(now)
         self.requests = [r for r in self.requests if not r.finished]
+        if self.checks_invariants:
+            self.check_invariants(active)
         return done
 
-    def _postprocess(self, works: list[Work], out: Any) -> None:
+    def check_invariants(self, requests: Sequence[Request] | None = None) -> None:
+        """Raise ``AssertionError`` naming the first inconsistency: the KVManager's bookkeeping
+        (prefix-cache nodes included), each request's branches (default: every unfinished one),
+        K/V held by a branch that belongs to no unfinished request (a leak)."""
+        self.kv.check_invariants()
+        for r in self.requests if requests is None else requests:
+            r.check_invariants(self.kv)
+        live = {b for r in self.requests for b in r.branches()}
+        for holder in self.kv.holders():
+            if isinstance(holder, Branch) and holder not in live:
+                raise AssertionError(f"{holder} holds KV slots {self.kv.held(holder)[:8]}... but is not live")
+
+    def _postprocess(self, works: list[Work], out: StepOutput) -> None:
+        for i, attend in out.attend_updates.items():  # before any fork / merge reads them
+            works[i].branch.set_attend(attend)
         to_sample: list[tuple[Branch, int]] = []
         for i, w in enumerate(works):
             br, req = w.branch, w.branch.request
@@ -179,10 +195,9 @@ class LLM:
                 rows = out.prompt_rows[i]
                 nxt = [req.prompt_ids[w.start + r + 1] for r in w.prompt_rows]
                 lps = token_logprobs(out.logits[rows[0] : rows[-1] + 1], nxt)
-                for r, lp in zip(w.prompt_rows, lps, strict=True):
-                    req.prompt_logprobs[w.start + r + 1] = lp
+                req.set_prompt_logprobs(w.start + w.prompt_rows[0] + 1, lps)
             if br.parent is None and not req.finished and not req.prompt_cached and br.num_computed >= req.prompt_len:
-                req.prompt_cached = True
+                req.mark_prompt_cached()
                 if self.radix is not None:
                     self.radix.insert(req.prompt_ids, br.kv[: req.prompt_len], namespace=req.parallel)
             if w.completes and not req.finished and self.forkjoin.on_computed(br):
@@ -193,7 +208,7 @@ class LLM:
         for br, _ in to_sample:
             p = br.request.params
             if br.generator is None and not p.greedy:
-                br.generator = make_generator(br.seed, out.logits.device)
+                br.set_generator(make_generator(br.seed, out.logits.device))
             params.append(p)
             gens.append(br.generator)
             forced.append(self.forkjoin.forced_token(br))
@@ -278,7 +293,7 @@ def _generation_eos(path: Any) -> list[int]:
 
 
 def _default_slots(model: Any, kv_memory: float | None) -> int:
-    per = 2 * model.num_layers * model.num_kv_heads * model.head_dim * model.dtype.itemsize
+    per = KVPool.bytes_per_slot(model.config, model.dtype)
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
         budget = free * (kv_memory if kv_memory is not None and kv_memory <= 1 else 0.5)

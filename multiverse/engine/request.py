@@ -16,17 +16,37 @@ Per branch, in canonical order (the order a trainer would see the text):
     then the engine asks :mod:`multiverse.format.layout` for the mask (``marks``, ``masked_until``).
   * ``state``: the branch's :class:`multiverse.format.layout.LayoutState`. Positions come only from
     it: ``own_pos[i] = state.step(tag)`` at append time, never recomputed elsewhere.
+
+Ownership: the fields of a :class:`Branch` and a :class:`Request` are written only by the methods
+of this module (``take_slots``, ``adopt_cached_prefix``, ``reattach``, ``preempt``,
+``release_kv``, ``set_attend``, ``fork``, ``merge_children``, ``fold_children``, the status
+transitions, ``Request.create`` / ``finish``...). The scheduler, :mod:`.forkjoin` and the
+:class:`~multiverse.engine.llm.LLM` read the state, call these methods, and make the matching
+:class:`~multiverse.engine.kv_manager.KVManager` calls (share / allocate / release) themselves.
+
+Invariants (:meth:`Request.check_invariants`), for every branch of an unfinished request:
+  * an *attached* branch has ``len(kv) == prefix_len + num_computed``; a detached one (a child
+    preempted, waiting to take its prefix back) has no K/V and nothing computed;
+  * an attached child's ``kv[:prefix_len]`` is its parent's ``kv[:prefix_len]`` (the same slots);
+  * ``attend`` is a subsequence of ``kv``;
+  * the KVManager holds exactly the slots of ``kv`` for the branch, each slot's count covers
+    every branch listing it;
+  * a branch has children exactly while it is WAITING, each with ``prefix_len`` = its ``seq_len``.
+A finished request's root is FINISHED, has no children and holds no slot.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from multiverse.format.layout import LayoutState, layout_tags
 
 if TYPE_CHECKING:
+    from multiverse.engine.kv_manager import KVManager
     from multiverse.format.layout import Layout
 
 
@@ -79,7 +99,7 @@ class BlockRecord:
                 "paths": [p.to_dict(offset) for p in self.paths]}  # fmt: skip
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, repr=False)
 class Branch:
     """One branch of a request (the root or a path); hashable by identity (a KV holder)."""
 
@@ -112,6 +132,10 @@ class Branch:
     generator: Any = None  # the sampler's per-branch RNG, created lazily
     id: int = 0
     _layout: tuple[int, Layout] | None = None
+
+    def __repr__(self) -> str:
+        path = ".".join(self.path_label()) or "root"
+        return f"Branch(request {self.request.id}, id {self.id}, {path}, {self.status.value})"
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -163,7 +187,11 @@ class Branch:
             b = b.parent
         return tuple(reversed(out))
 
-    # -- mutation --------------------------------------------------------------------------
+    def children_slots(self) -> list[int]:
+        """The children's own slots (after their prefix), in outline order: what a merge adds."""
+        return [s for c in self.children for s in c.kv[c.prefix_len :]]
+
+    # -- tokens ----------------------------------------------------------------------------
     def append(self, token: int, *, forced: bool, logprob: float | None = None,
                mark: bool = True) -> int:  # fmt: skip
         """Append one token: step the layout state (tags per the request), record position and
@@ -187,6 +215,18 @@ class Branch:
         self.own_logprobs.append(logprob)
         return pos
 
+    def append_generated(self, token: int, *, forced: bool, logprob: float | None = None,
+                         mark: bool = True) -> int:  # fmt: skip
+        """:meth:`append` a generated token (sampled or engine-inserted): it counts in the
+        request's ``num_generated`` and advances the forced-output cursor when it matches."""
+        pos = self.append(token, forced=forced, logprob=logprob, mark=mark)
+        req = self.request
+        req.num_generated += 1
+        ids = req.forced_ids
+        if ids is not None and self.cursor < self.cursor_end and ids[self.cursor] == token:
+            self.cursor += 1
+        return pos
+
     def extend_merged(self, child: Branch) -> PathRecord:
         """Append a finished child's canonical tokens (bookkeeping only; K/V is the caller's)."""
         start = len(self.own_ids)
@@ -196,6 +236,169 @@ class Branch:
         self.own_logprobs += child.own_logprobs
         self.max_pos = max(self.max_pos, child.max_pos)
         return PathRecord(child.label, start, len(self.own_ids), [b.shifted(start) for b in child.blocks])
+
+    def set_generator(self, generator: Any) -> None:
+        self.generator = generator
+
+    # -- K/V (the caller makes the matching KVManager call) ----------------------------------
+    def take_slots(self, slots: list[int], *, masked: bool) -> None:
+        """The next ``len(slots)`` pending tokens are computed into ``slots`` this step. An
+        unmasked chunk extends ``attend`` (causal); a masked chunk's ``attend`` comes from the
+        runner (:meth:`set_attend`)."""
+        if not self.resident or len(slots) > self.num_pending:
+            raise AssertionError(f"{self}: cannot take {len(slots)} slots ({self.num_pending} pending)")
+        end = self.num_computed + len(slots)
+        self.kv += slots
+        if not masked:
+            self.attend += slots
+        self.num_computed = end
+        if self.marks and self.marks[0] < end:
+            self.marks = [m for m in self.marks if m >= end]
+
+    def adopt_cached_prefix(self, slots: list[int]) -> None:
+        """A root starts from a prefix-cache hit: ``slots`` hold its first ``len(slots)`` tokens."""
+        if self.parent is not None or self.num_computed or self.kv:
+            raise AssertionError(f"{self}: only a root with nothing computed adopts a cached prefix")
+        self.kv, self.attend = list(slots), list(slots)
+        self.attend_version += 1
+        self.num_computed = len(slots)
+
+    def reattach(self, prefix: list[int]) -> None:
+        """A preempted child takes its (recomputed) parent's first ``prefix_len`` slots back; its
+        own tokens are then recomputed with the layout mask (``masked_until``)."""
+        if self.attached or len(prefix) != self.prefix_len:
+            raise AssertionError(f"{self}: reattach with {len(prefix)} slots, prefix_len {self.prefix_len}")
+        self.kv, self.attend, self.attached = list(prefix), [], True
+        self.attend_version += 1
+
+    def preempt(self) -> None:
+        """Forget all K/V (already released); the tokens stay and are recomputed from scratch,
+        with the layout mask, when the branch runs again. A child detaches from its prefix."""
+        self.kv, self.attend = [], []
+        self.attend_version += 1
+        self.attached = self.parent is None
+        self.num_computed = 0
+        self.marks = []
+        if self.request.parallel:
+            self.masked_until = len(self.own_ids)
+
+    def release_kv(self) -> None:
+        """Forget all K/V (already released) of a branch that is done: merged or finished."""
+        self.kv, self.attend = [], []
+        self.attached = self.parent is None
+
+    def set_attend(self, slots: list[int]) -> None:
+        """Replace ``attend`` (what the runner's layout mask gave the chunk's last token)."""
+        self.attend = slots
+        self.attend_version += 1
+
+    # -- status transitions ----------------------------------------------------------------
+    def _move(self, to: Status, *allowed: Status) -> None:
+        if self.status not in allowed:
+            raise AssertionError(f"{self}: {self.status.value} -> {to.value} is not a transition")
+        self.status = to
+
+    def start_fork(self) -> None:  # wrote </Goal> "\n": fork (or not) once they are computed
+        self._move(Status.FORKING, Status.RUNNING)
+
+    def fork_refused(self) -> None:  # the branch samples on, sequentially
+        self._move(Status.RUNNING, Status.FORKING)
+
+    def start_closing(self) -> None:  # a child writes its last tokens ("</Path>\n"), then ends
+        self._move(Status.CLOSING, Status.RUNNING)
+
+    def end_path(self) -> None:  # its closing tokens are computed: wait for the merge
+        self._move(Status.ENDED, Status.CLOSING)
+
+    # -- fork / join -----------------------------------------------------------------------
+    def fork(self, labels: Sequence[str], states: Sequence[LayoutState], seeds: Sequence[int],
+             cursors: Sequence[tuple[int, int]], resume: int) -> list[Branch]:  # fmt: skip
+        """Wait for one new child per label; child ``i`` lists all of this branch's slots and
+        attends what it attends. Returns the children (the caller shares the K/V with them and
+        appends their start tokens). ``cursors`` / ``resume``: the forced-output test hook."""
+        self._move(Status.WAITING, Status.FORKING)
+        req = self.request
+        for label, state, seed, (c0, c1) in zip(labels, states, seeds, cursors, strict=True):
+            child = Branch(req, state, parent=self, label=label, prefix_len=len(self.kv), level=self.level + 1,
+                           base_depth=self.state.depth, open_at=list(self.open_at), cursor=c0, cursor_end=c1,
+                           seed=seed, id=req.new_branch_id(), kv=list(self.kv), attend=list(self.attend))  # fmt: skip
+            self.children.append(child)
+        self.cursor = resume
+        req.num_blocks += 1
+        req.num_branches += len(labels)
+        return list(self.children)
+
+    def merge_children(self) -> list[Branch]:
+        """Reduce: every child has ENDED and holds its K/V. The children's tokens and slots are
+        appended in outline order (the caller has shared :meth:`children_slots` with this
+        branch), the layout states joined; returns the children, for the caller to release."""
+        kids = self.children
+        if self.status is not Status.WAITING or not self.resident or self.num_pending:
+            raise AssertionError(f"{self}: not a resident waiting parent")
+        if any(c.status is not Status.ENDED or c.num_pending or not c.resident for c in kids):
+            raise AssertionError(f"{self}: merge before every child ended with its K/V")
+        moved = self.children_slots()
+        self.state = self.state.join([c.state for c in kids])
+        self.blocks.append(BlockRecord([self.extend_merged(c) for c in kids]))
+        self.kv += moved
+        self.attend += moved
+        self.num_computed = len(self.own_ids)
+        self.children = []
+        self._move(Status.RUNNING, Status.WAITING)
+        return kids
+
+    def fold_children(self) -> list[Branch]:
+        """Fold unmerged children (recursively) into this branch's output, as recorded paths;
+        returns the folded branches in the order they are to be released (each after its
+        own descendants)."""
+        if not self.children:
+            return []
+        done: list[Branch] = []
+        paths = []
+        for c in self.children:
+            done += c.fold_children()
+            paths.append(self.extend_merged(c))
+            done.append(c)
+        self.children = []
+        self.blocks.append(BlockRecord(paths))
+        return done
+
+    # -- invariants ------------------------------------------------------------------------
+    def check_invariants(self, kv: KVManager) -> None:
+        """Raise ``AssertionError`` naming the first broken invariant of this branch (see the
+        module docstring)."""
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise AssertionError(f"{self}: {what}")
+
+        n = len(self.own_ids)
+        need(len(self.own_pos) == len(self.own_forced) == len(self.own_logprobs) == n,
+             "own_ids / own_pos / own_forced / own_logprobs differ in length")  # fmt: skip
+        need(0 <= self.num_computed <= n, f"num_computed {self.num_computed} of {n} tokens")
+        if self.attached:
+            need(len(self.kv) == self.prefix_len + self.num_computed,
+                 f"len(kv) {len(self.kv)} != prefix_len {self.prefix_len} + num_computed {self.num_computed}")  # fmt: skip
+        else:
+            need(self.parent is not None, "a detached root")
+            need(not self.kv and not self.attend and self.num_computed == 0, "detached, but holds K/V")
+        parent = self.parent
+        if parent is not None and self.attached:
+            need(parent.kv[: self.prefix_len] == self.kv[: self.prefix_len],
+                 "kv[:prefix_len] differs from the parent's")  # fmt: skip
+        it = iter(self.kv)
+        need(self.attend == self.kv or all(s in it for s in self.attend), "attend is not a subsequence of kv")
+        need(len(set(self.kv)) == len(self.kv), "kv lists a slot twice")
+        kv.check_holder(self, self.kv)
+        need(bool(self.children) == (self.status is Status.WAITING),
+             f"{len(self.children)} children in status {self.status.value}")  # fmt: skip
+        for c in self.children:
+            need(c.parent is self and c.prefix_len == self.seq_len,
+                 f"child {c} has prefix_len {c.prefix_len}, seq_len is {self.seq_len}")  # fmt: skip
+        if parent is None:
+            need(self.status not in (Status.CLOSING, Status.ENDED), "the root is closing a path")
+        else:
+            need(self.status is not Status.FINISHED, "a path is FINISHED")
 
 
 @dataclass(slots=True, eq=False)
@@ -222,6 +425,26 @@ class Request:
     t_finish: float = 0.0
     next_branch_id: int = 0
 
+    @classmethod
+    def create(cls, id: int, prompt_ids: Sequence[int], params: Any, tag_names: dict[int, str], *, seed: int,
+               forced_ids: Sequence[int] | None = None, t_arrival: float = 0.0) -> Request:  # fmt: skip
+        """A new request whose root branch holds the prompt (nothing computed yet). A prompt
+        with Multiverse structure is prefilled with the layout's mask. ``forced_ids``: the test
+        hook, the output the "model" writes instead of sampling."""
+        req = cls(id, list(prompt_ids), params, tag_names, t_arrival=t_arrival)
+        root = req.root = Branch(req, LayoutState(), seed=seed)
+        for t in req.prompt_ids:
+            root.append(t, forced=False)
+        if root.marks:
+            root.masked_until, root.marks = len(req.prompt_ids), []
+        req.gen_start = root.state.next_pos
+        req.prompt_logprobs = [None] * len(req.prompt_ids)
+        if forced_ids is not None:
+            req.forced_ids = list(forced_ids)
+            req.forced_layout = layout_tags([tag_names.get(t) for t in req.prompt_ids + req.forced_ids])
+            root.cursor, root.cursor_end = 0, len(req.forced_ids)
+        return req
+
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
@@ -236,3 +459,39 @@ class Request:
     def new_branch_id(self) -> int:
         self.next_branch_id += 1
         return self.next_branch_id
+
+    def set_prompt_logprobs(self, start: int, values: Sequence[float]) -> None:
+        """Logprobs of prompt tokens ``start, start + 1, ...``."""
+        self.prompt_logprobs[start : start + len(values)] = values
+
+    def mark_prompt_cached(self) -> None:
+        self.prompt_cached = True
+
+    def finish(self, reason: str, cut_stop: bool = False) -> None:
+        """Mark finished (the root has no children left: see :meth:`Branch.fold_children`);
+        ``cut_stop``: the output text is cut at the stop string."""
+        if self.root.children:
+            raise AssertionError(f"request {self.id} finished with unfolded children")
+        self.finished, self.finish_reason = True, reason
+        self.root.status = Status.FINISHED
+        if cut_stop:
+            self.stop_offset = -1
+
+    def set_finish_time(self, t: float) -> None:
+        self.t_finish = t
+
+    def check_invariants(self, kv: KVManager) -> None:
+        """Raise ``AssertionError`` naming the first broken invariant of this request's branches
+        and their slots in ``kv`` (see the module docstring). Cost: linear in the K/V lists."""
+        root = self.root
+        if self.finished:
+            if root.status is not Status.FINISHED or root.children or root.kv or kv.held(root):
+                raise AssertionError(f"finished request {self.id} still holds branches or K/V slots")
+            return
+        counts: Counter[int] = Counter()
+        for b in self.branches():
+            if b.request is not self:
+                raise AssertionError(f"{b} is in the tree of request {self.id}")
+            b.check_invariants(kv)
+            counts.update(b.kv)
+        kv.check_counts(counts)

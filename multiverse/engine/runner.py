@@ -7,7 +7,10 @@ Per branch the K/V list handed to the model is
     (only the chunk's rows) when the chunk holds a token whose membership changes (a prompt with
     earlier parallel answers, a sequential block after a refused fork, a recomputation after
     preemption). The positions the branch recorded are checked against the layout on the way,
-    and ``branch.attend`` is reset to what the chunk's last token may see.
+    and the step's output carries what the chunk's last token may see
+    (``StepOutput.attend_updates``), for the engine to set as ``branch.attend``.
+
+The runner only reads branch state; it writes none.
 
 A per-branch tensor mirror of ``attend`` grows in place between steps, so a decode step does not
 rebuild an ``O(context)`` index tensor per branch. On CPU, a decode step whose siblings share a
@@ -17,7 +20,7 @@ K/V read once per layer, not once per branch); the logits are the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +41,7 @@ class StepOutput:
     logits: torch.Tensor  # [rows, vocab] float32
     sample_row: list[int | None]  # per work: row of its last token's logits (if it completes)
     prompt_rows: list[list[int]]  # per work: rows for the prompt logprobs of work.prompt_rows
+    attend_updates: dict[int, list[int]] = field(default_factory=dict)  # work -> its new attend (masked)
 
 
 CASCADE_MIN_SAVED_ROWS = 1024
@@ -79,7 +83,9 @@ class ModelRunner:
             m.length = len(att)
         return m.buffer[: len(att)]
 
-    def _masked(self, w: Work) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masked(self, w: Work) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """K/V indices (all of the branch's ``kv`` up to the chunk's end), the chunk's rows of
+        the layout mask, and the slots the chunk's last token attends (the new ``attend``)."""
         br = w.branch
         lo = br.prefix_len + w.start
         hi = lo + w.count
@@ -92,9 +98,8 @@ class ModelRunner:
             )
         mask = lay.dense_mask(rows=slice(lo, hi))[:, :hi]  # [count, hi] bool
         kv = br.kv[:hi]
-        br.attend = [kv[j] for j in mask[-1].nonzero()[:, 0].tolist()]
-        br.attend_version += 1
-        return torch.tensor(kv, dtype=torch.long, device=self.device), mask.to(self.device)
+        attend = [kv[j] for j in mask[-1].nonzero()[:, 0].tolist()]
+        return torch.tensor(kv, dtype=torch.long, device=self.device), mask.to(self.device), attend
 
     @torch.inference_mode()
     def run(self, works: list[Work]) -> StepOutput:
@@ -105,14 +110,15 @@ class ModelRunner:
         rows: list[int] = []
         sample_row: list[int | None] = []
         prompt_rows: list[list[int]] = []
+        attend_updates: dict[int, list[int]] = {}
         offset = 0
-        for w in works:
+        for i, w in enumerate(works):
             br = w.branch
             ids += br.own_ids[w.start : w.start + w.count]
             pos += br.own_pos[w.start : w.start + w.count]
             slots += w.slots
             if w.masked:
-                kvt, mask = self._masked(w)
+                kvt, mask, attend_updates[i] = self._masked(w)
             else:
                 kvt, mask = self._attend_tensor(br), None
             kv_indices.append(kvt)
@@ -135,7 +141,7 @@ class ModelRunner:
         batch = ForwardBatch(t(ids), t(pos), t(slots), q_lens, kv_indices, masks,
                              t(rows) if rows else t([offset - 1]), groups)  # fmt: skip
         logits = self.model(batch, self.pool)
-        return StepOutput(logits, sample_row, prompt_rows)
+        return StepOutput(logits, sample_row, prompt_rows, attend_updates)
 
     @staticmethod
     def _groups(

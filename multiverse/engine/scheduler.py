@@ -7,13 +7,19 @@ inserts at a fork or merge); all live branches of all requests decode in one bat
 
 Priority is (request arrival, branch pre-order in its tree): a parent before its children, path 1
 before path 2. A request with ``serial_branches`` runs only its first runnable branch in that
-order each step (path 1 to its end, then path 2, ...): the sequential baseline of one output. When the pool is full the scheduler first evicts the prefix cache, then preempts
-the lowest-priority branch that holds K/V (its slots are released, its tokens kept, and it is
+order each step (path 1 to its end, then path 2, ...): the sequential baseline of one output.
+
+When the pool is full the scheduler first evicts the prefix cache, then preempts the
+lowest-priority branch that holds K/V (its slots are released, its tokens kept, and it is
 recomputed later from its own tokens with the layout rule's mask: same positions, same results).
 Taking the last branch in pre-order first means a parent goes only after all its descendants:
 whole families are preempted. A branch never preempts one of higher priority, so the highest
 one always progresses; if even it cannot get a single slot, its request alone exceeds the pool
 and is finished early (``finish_reason="kv_capacity"``) rather than hang.
+
+The scheduler writes no branch field itself: it makes the KVManager calls (allocate, share,
+release) and tells the branch through :mod:`.request` (``take_slots``, ``adopt_cached_prefix``,
+``reattach``, ``preempt``).
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ class Scheduler:
                 assert parent is not None
                 prefix = parent.kv[: br.prefix_len]
                 self.kv.share(br, prefix)
-                br.kv, br.attend, br.attached = list(prefix), [], True
+                br.reattach(prefix)
             if br.parent is None and br.num_computed == 0:
                 self._match_prefix(br)
             n = min(br.num_pending, budget, self.prefill_chunk)
@@ -84,12 +90,7 @@ class Scheduler:
         req, start = br.request, br.num_computed
         slots = self.kv.allocate(br, n)
         masked = req.parallel and br.needs_mask(start, n)
-        br.kv += slots
-        if not masked:
-            br.attend += slots
-        br.num_computed += n
-        if br.marks and br.marks[0] < start + n:
-            br.marks = [m for m in br.marks if m >= start + n]
+        br.take_slots(slots, masked=masked)
         rows: list[int] = []
         if br.parent is None and req.params.prompt_logprobs:
             rows = list(range(max(0, min(n, req.prompt_len - 1 - start))))
@@ -102,9 +103,7 @@ class Scheduler:
         slots = self.radix.match(req.prompt_ids[:-1], namespace=req.parallel)
         if slots:
             self.kv.share(root, slots)
-            root.kv, root.attend = list(slots), list(slots)
-            root.attend_version += 1
-            root.num_computed = len(slots)
+            root.adopt_cached_prefix(slots)
 
     def _make_room(self, n: int, lower: list[Branch]) -> bool:
         """Free slots until ``n`` are free (or at least one): evict the prefix cache, then
@@ -123,13 +122,7 @@ class Scheduler:
     def preempt(self, br: Branch) -> None:
         """Release ``br``'s K/V; it keeps its tokens and is recomputed when it runs again."""
         self.kv.release_if_held(br)
-        br.kv, br.attend = [], []
-        br.attend_version += 1
-        br.attached = br.parent is None
-        br.num_computed = 0
-        br.marks = []
-        if br.request.parallel:
-            br.masked_until = len(br.own_ids)
+        br.preempt()
         self.num_preemptions += 1
 
 

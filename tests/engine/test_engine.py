@@ -9,14 +9,14 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _engine_util import assert_no_leak, block, check_output  # noqa: E402
+from _engine_util import assert_no_leak, block, check_output, engine  # noqa: E402
 
-from multiverse import LLM, SamplingParams  # noqa: E402
+from multiverse import SamplingParams  # noqa: E402
 from multiverse.engine.request import Status  # noqa: E402
 
 
 def _llm(pair, tok, **cfg):
-    return LLM.from_model(pair[1], tok, **cfg)
+    return engine(pair[1], tok, **cfg)
 
 
 def _think(*parts: str) -> str:

@@ -9,14 +9,14 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from _engine_util import assert_no_leak, block, check_output  # noqa: E402
+from _engine_util import assert_no_leak, block, check_output, engine  # noqa: E402
 
-from multiverse import LLM, SamplingParams, grammar  # noqa: E402
+from multiverse import SamplingParams, grammar  # noqa: E402
 from multiverse.engine.request import Status  # noqa: E402
 
 
 def _run(pair, tok, text, slots=4096, **kw):
-    llm = LLM.from_model(pair[1], tok, num_kv_slots=slots)
+    llm = engine(pair[1], tok, num_kv_slots=slots)
     kw.setdefault("max_tokens", 2000)
     out = llm.generate(["q?"], SamplingParams(temperature=0.0, forced_output=text, logprobs=True, **kw))[0]
     check_output(pair[0], tok, out)
@@ -99,7 +99,7 @@ def test_max_total_tokens_bounds_all_branches(pair, tok):
 
 def test_max_live_branches_holds_while_running(pair, tok):
     text = _nested(3)
-    llm = LLM.from_model(pair[1], tok, num_kv_slots=4096)
+    llm = engine(pair[1], tok, num_kv_slots=4096)
     req = llm.add_request("q", SamplingParams(temperature=0.0, max_tokens=500, forced_output=text, max_live_branches=3))
     peak = 0
     while llm.has_unfinished():
@@ -111,7 +111,7 @@ def test_max_live_branches_holds_while_running(pair, tok):
 
 
 def test_request_larger_than_the_pool_returns_truncated(pair, tok):
-    llm = LLM.from_model(pair[1], tok, num_kv_slots=48, prefill_chunk=8, max_batch_tokens=16)
+    llm = engine(pair[1], tok, num_kv_slots=48, prefill_chunk=8, max_batch_tokens=16)
     sp = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, parallel=False)
     outs = llm.generate(["a prompt", "another prompt"], sp)
     assert [o.finish_reason for o in outs] == ["kv_capacity"] * 2
@@ -145,7 +145,7 @@ def _random_text(rng: random.Random) -> str:
 @pytest.mark.parametrize("seed", range(12))
 def test_random_tag_soup_never_breaks_the_engine(pair, tok, seed):
     rng = random.Random(seed)
-    llm = LLM.from_model(pair[1], tok, num_kv_slots=rng.choice([160, 4096]), prefill_chunk=rng.choice([4, 64]))
+    llm = engine(pair[1], tok, num_kv_slots=rng.choice([160, 4096]), prefill_chunk=rng.choice([4, 64]))
     texts = [_random_text(rng) for _ in range(3)]
     params = [SamplingParams(temperature=0.0, forced_output=t, logprobs=True, max_tokens=rng.randint(10, 120),
                              max_total_tokens=rng.choice([None, 60]), max_depth=rng.randint(1, 3),

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _engine_util import assert_no_leak, block, check_output, tiny_pair  # noqa: E402
+from _engine_util import assert_no_leak, block, check_output, engine, tiny_pair  # noqa: E402
 
 from multiverse import LLM, SamplingParams  # noqa: E402
 from multiverse.engine.sampling import branch_seed, sample  # noqa: E402
@@ -16,7 +16,7 @@ from multiverse.engine.sampling import branch_seed, sample  # noqa: E402
 
 @pytest.fixture()
 def llm(pair, tok):
-    return LLM.from_model(pair[1], tok, num_kv_slots=4096)
+    return engine(pair[1], tok, num_kv_slots=4096)
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(llm, pair, tok):
@@ -102,7 +102,7 @@ def test_llm_from_a_saved_directory(pair, tok, tmp_path):
     hf, _ = pair
     hf.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), num_kv_slots=512)
+    llm = LLM(str(tmp_path), num_kv_slots=512, check_invariants=True)
     text = "<Think>\n" + block([("1", "a"), ("2", "b")]) + "</Think>"
     out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output=text, logprobs=True))[0]
     assert out.text == text and out.usage.blocks == 1
@@ -125,21 +125,50 @@ def test_bad_input_gives_clear_errors(llm):
         llm.generate(["a"], [SamplingParams(), SamplingParams()])
 
 
-def test_model_without_tags_decodes_plainly(tok):
+def _tagless_tokenizer():
+    """A tokenizer without the Multiverse tags: one token per letter, ``<eos>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {chr(97 + i): i for i in range(26)} | {"<eos>": 26}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    t = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+
+
+def test_model_without_tags_decodes_plainly(tok):
+    t = _tagless_tokenizer()
     _, ours = tiny_pair(t)
-    llm = LLM.from_model(ours, t, num_kv_slots=256)
+    llm = engine(ours, t, num_kv_slots=256)
     out = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
     assert len(out.token_ids) == 6 and out.usage.parallel_degree == 1.0
     # EOS ends a plain (tagless) model's request too
     out = llm.generate(["abc"], SamplingParams(temperature=0.0, forced_output=[0, 1, 26, 2, 3]))[0]
     assert out.token_ids == [0, 1] and out.finish_reason == "stop"
+
+
+def test_stop_strings_work_without_multiverse_tags():
+    """Stop strings are matched in the decoded text whatever the tokenizer: a plain model's
+    request stops at one too (it used to run to its length, the stop string in its text)."""
+    t = _tagless_tokenizer()
+    _, ours = tiny_pair(t, seed=2)
+    llm = engine(ours, t, num_kv_slots=256)
+    free = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))[0]
+    assert free.finish_reason == "length"
+    stop = t.decode(free.token_ids[5:7])
+    cut = free.text.find(stop)
+    assert cut > 0
+    out = llm.generate(["abc"], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == free.text[:cut]
+    assert len(out.token_ids) < len(free.token_ids)
+    assert_no_leak(llm)
+
+
+def test_stop_string_in_the_prompt_is_not_matched(llm):
+    """Only generated text is matched: a prompt ending in the stop string does not stop at once."""
+    sp = SamplingParams(temperature=0.0, forced_output="alpha beta", stop=["STOP"])
+    out = llm.generate(["say STOP"], sp)[0]
+    assert out.text == "alpha beta" and out.finish_reason == "stop"
 
 
 def test_generation_config_eos_ids_are_honoured(pair, tok, tmp_path):
@@ -151,10 +180,10 @@ def test_generation_config_eos_ids_are_honoured(pair, tok, tmp_path):
     tok.save_pretrained(tmp_path)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, tok.eos_token_id]}))
-    llm = LLM(str(tmp_path), num_kv_slots=512)
+    llm = LLM(str(tmp_path), num_kv_slots=512, check_invariants=True)
     assert im_end in llm.eos_token_ids and tok.eos_token_id in llm.eos_token_ids
     out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|im_end|>cd"))[0]
     assert out.text == "ab" and out.finish_reason == "stop"
-    plain = LLM.from_model(llm.model, tok, num_kv_slots=512)  # no generation_config: only the tokenizer's EOS
+    plain = engine(llm.model, tok, num_kv_slots=512)  # no generation_config: only the tokenizer's EOS
     out = plain.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|im_end|>cd"))[0]
     assert out.text == "ab<|im_end|>cd"

@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from _engine_util import assert_no_leak, block, check_output, tiny_pair  # noqa: E402
+from _engine_util import assert_no_leak, block, check_output, engine, tiny_pair  # noqa: E402
 
-from multiverse import LLM, SamplingParams  # noqa: E402
+from multiverse import SamplingParams  # noqa: E402
 from multiverse.train.bpe import default_tokenizer  # noqa: E402
 
 TEXT = "<Think>\nfirst\n" + block([
@@ -46,8 +46,8 @@ def _run(llm, serial: bool):
 
 def test_serial_branches_same_output_more_steps(setup):
     tok, hf, ours = setup
-    par, par_steps = _run(LLM.from_model(ours, tok, num_kv_slots=4096), serial=False)
-    llm = LLM.from_model(ours, tok, num_kv_slots=4096)
+    par, par_steps = _run(engine(ours, tok, num_kv_slots=4096), serial=False)
+    llm = engine(ours, tok, num_kv_slots=4096)
     ser, ser_steps = _run(llm, serial=True)
     for a, b in zip(par, ser):
         assert a.text == b.text == TEXT
