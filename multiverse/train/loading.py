@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from multiverse.format import tokenizer as tokenizer_tags
+from multiverse.format.tokenizer import load_tokenizer
 from multiverse.train.data import ConfigError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
         from multiverse.train.bpe import build_tokenizer
         from multiverse.train.presets import build_model
 
-        tokenizer = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else build_tokenizer()
         tokenizer_tags.add_tags_to_tokenizer(tokenizer)
         model = build_model(cfg.config, tokenizer, attn_implementation, seed=cfg.seed)
     else:
@@ -44,7 +45,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
         path = Path(cfg.model)  # type: ignore[arg-type]
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
-        tokenizer = load_pretrained_tokenizer(cfg.tokenizer or path)
+        tokenizer = load_tokenizer(cfg.tokenizer or path)
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, attn_implementation=attn_implementation
         )
@@ -57,33 +58,6 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
     return model, tokenizer
 
 
-_PROBE = "What is 9 * 7?\n\nAnswer: 63. Ünïcödé  text\twith 12 + 30 = 42.\n"
-
-
-def load_pretrained_tokenizer(directory: str | Path) -> Any:
-    """The tokenizer saved in ``directory``, loaded faithfully.
-
-    ``AutoTokenizer`` in transformers 5 rebuilds the tokenizer of some model types from its
-    own class (for ``qwen2``: Qwen's pre-tokenizer regex and NFC), ignoring a different
-    pre-tokenizer stored in ``tokenizer.json``. When that changes how text is encoded, the
-    file's own tokenizer is used instead (``PreTrainedTokenizerFast``).
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    path = Path(directory)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    file = path / "tokenizer.json"
-    if file.is_file():
-        from tokenizers import Tokenizer
-
-        raw = Tokenizer.from_file(str(file))
-        if raw.encode(_PROBE, add_special_tokens=False).ids != tokenizer.encode(
-            _PROBE, add_special_tokens=False
-        ):
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-    return tokenizer
 
 
 def set_stop_tokens(model: Any, tokenizer: Any) -> None:

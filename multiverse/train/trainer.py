@@ -53,7 +53,6 @@ from multiverse.train.data import (
 from multiverse.train.loading import (
     device_of,
     load_model_and_tokenizer,
-    load_pretrained_tokenizer,
     set_stop_tokens,
 )
 from multiverse.train.masks import ATTN_IMPLEMENTATION, Backend, attention_mask_for, resolve_backend
@@ -72,7 +71,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "load_model_and_tokenizer",
-    "load_pretrained_tokenizer",
     "multiverse_forward_loss",
     "train",
 ]

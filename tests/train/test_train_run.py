@@ -187,9 +187,9 @@ def memorise_and_regenerate(tmp_path, records, preset: str, steps: int, lr: floa
         verbose=False,
     )
     assert result.losses[-1] < 0.1 * result.losses[0]
-    from multiverse.train.trainer import load_pretrained_tokenizer
+    from multiverse.format.tokenizer import load_tokenizer
 
-    tok = load_pretrained_tokenizer(out)
+    tok = load_tokenizer(out)
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     targets, prompts = [], []
