@@ -120,7 +120,9 @@ def test_arithmetic_in_chains_is_correct(train):
 
 
 def test_hand_checked_example():
-    rec = tasks._to_record(tasks._sum_products(__import__("random").Random(0)))
+    from multiverse.eval import task_families, task_plans
+
+    rec = task_plans.to_record(task_families._sum_products(__import__("random").Random(0)))
     # every product line is a*b; the last line is the running sum of the products
     products = [int(m) for m in re.findall(r"= (\d+)\.\n</Path>", rec.chain)]
     assert rec.answer == sum(products)
