@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from multiverse.cli.common import (
+    add_device_arguments,
+    add_model_argument,
+)
 from multiverse.cli.pictures import plot_speedup
 from multiverse.eval.datasets import BENCHMARKS, load_benchmark, synthetic_tasks_for
 from multiverse.eval.evaluate import (
@@ -42,9 +46,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, metavar="DIR", help="model directory (config, weights, tokenizer)"
-    )
+    add_model_argument(p, required=True)
     p.add_argument(
         "--benchmark",
         required=True,
@@ -101,10 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help='use " Think step by step before answering." (AR models) instead of the parallel one',
     )
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument(
-        "--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)"
-    )
+    add_device_arguments(p)
 
 
 _BATCH_KEYS = ("n", "accuracy", "accuracy_sequential", "parallel_degree", "trigger_rate", "speedup",
@@ -124,8 +123,8 @@ def _tokenizer_of(llm: Any, model_dir: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     err = "multiverse eval: error:"
-    if not Path(args.model).exists():
-        print(f"{err} --model {args.model}: no such directory", file=sys.stderr)
+    if not Path(args.model).exists():  # a directory or a .gguf file; the engine checks the rest
+        print(f"{err} --model {args.model}: not found (no such directory or file)", file=sys.stderr)
         return 2
     task_names = args.tasks
     try:
