@@ -1,0 +1,18 @@
+"""The fork/join inference engine (SPEC section 4): ``LLM(path).generate(prompts, SamplingParams(...))``.
+
+Plain-Python bookkeeping, then tensors, in reading order:
+
+  - :mod:`.request`: ``Request`` / ``Branch`` state and every transition on it; ``check_invariants``.
+  - :mod:`.kv_manager`: the token-granular KV slot pool with reference counts (never imports torch).
+  - :mod:`.radix`: the prompt prefix cache over those slots.
+  - :mod:`.scheduler`: which branches run in the next step, with how many tokens, in which slots.
+  - :mod:`.forkjoin`: Map / Reduce: fork at ``</Goal>``, path ends, the zero-copy merge, budgets.
+  - :mod:`.sampling`: ``SamplingParams`` and the batched sampler.
+  - :mod:`.runner`: the only place a step's tensors are built (``ModelRunner.run``).
+  - :mod:`.model`: our own forward (``CausalLM``) over the KV pool, with attention backends.
+  - :mod:`.loader`: a local Hugging Face directory or a GGUF file into a ``CausalLM``.
+  - :mod:`.llm`: the public ``LLM``: one step = schedule, run, postprocess.
+
+The engine imports ``multiverse.format`` (the layout rule, the grammar, the prompts) and nothing
+from ``multiverse.train``, ``multiverse.eval`` or ``multiverse.cli``.
+"""
