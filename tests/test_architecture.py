@@ -175,3 +175,13 @@ def test_core_imports_without_hugging_face():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "7"]
+
+
+BOOKKEEPING = ("kv_manager", "radix", "request", "scheduler", "forkjoin")
+
+
+def test_engine_bookkeeping_imports_no_torch():
+    """Branch trees, KV slot ownership, the prefix cache and scheduling are plain Python."""
+    for leaf in BOOKKEEPING:
+        top = _imports(f"multiverse.engine.{leaf}")[1]
+        assert "torch" not in top, f"multiverse.engine.{leaf} imports torch"
