@@ -23,80 +23,24 @@ of this module (``take_slots``, ``adopt_cached_prefix``, ``reattach``, ``preempt
 transitions, ``Request.create`` / ``finish``...). The scheduler, :mod:`.forkjoin` and the
 :class:`~multiverse.engine.llm.LLM` read the state, call these methods, and make the matching
 :class:`~multiverse.engine.kv_manager.KVManager` calls (share / allocate / release) themselves.
-
-Invariants (:meth:`Request.check_invariants`), for every branch of an unfinished request:
-  * an *attached* branch has ``len(kv) == prefix_len + num_computed``; a detached one (a child
-    preempted, waiting to take its prefix back) has no K/V and nothing computed;
-  * an attached child's ``kv[:prefix_len]`` is its parent's ``kv[:prefix_len]`` (the same slots);
-  * ``attend`` is a subsequence of ``kv``;
-  * the KVManager holds exactly the slots of ``kv`` for the branch, each slot's count covers
-    every branch listing it;
-  * a branch has children exactly while it is WAITING, each with ``prefix_len`` = its ``seq_len``.
-A finished request's root is FINISHED, has no children and holds no slot.
+:meth:`Request.check_invariants` checks the result (:mod:`.invariants`).
 """
 
 from __future__ import annotations
 
-import enum
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from multiverse.engine.invariants import check_request
+from multiverse.engine.records import BlockRecord, PathRecord, Status
 from multiverse.format.layout import LayoutState, layout_tags
 
 if TYPE_CHECKING:
     from multiverse.engine.kv_manager import KVManager
     from multiverse.format.layout import Layout
 
-
-class Status(enum.Enum):
-    RUNNING = "running"  # samples a token once its pending tokens are computed
-    FORKING = "forking"  # wrote </Goal> "\n": forks (or continues) once they are computed
-    CLOSING = "closing"  # a child writing its closing "</Path>\n"; then ENDED
-    WAITING = "waiting"  # a parent waiting for its children
-    ENDED = "ended"  # a child whose path is complete, waiting for the merge
-    FINISHED = "finished"  # the root of a finished request
-
-
-@dataclass(slots=True)
-class PathRecord:
-    """One merged path, by index range into the owner's ``own_ids``."""
-
-    label: str
-    start: int
-    end: int
-    blocks: list[BlockRecord] = field(default_factory=list)
-
-    def shifted(self, offset: int) -> PathRecord:
-        return PathRecord(self.label, self.start + offset, self.end + offset,
-                          [b.shifted(offset) for b in self.blocks])  # fmt: skip
-
-    def to_dict(self, offset: int = 0) -> dict[str, Any]:
-        return {"label": self.label, "start": self.start - offset, "end": self.end - offset,
-                "blocks": [b.to_dict(offset) for b in self.blocks]}  # fmt: skip
-
-
-@dataclass(slots=True)
-class BlockRecord:
-    """One forked ``<Parallel>`` block: its paths in outline order."""
-
-    paths: list[PathRecord]
-
-    @property
-    def start(self) -> int:
-        return self.paths[0].start
-
-    @property
-    def end(self) -> int:
-        return self.paths[-1].end
-
-    def shifted(self, offset: int) -> BlockRecord:
-        return BlockRecord([p.shifted(offset) for p in self.paths])
-
-    def to_dict(self, offset: int = 0) -> dict[str, Any]:
-        return {"start": self.start - offset, "end": self.end - offset,
-                "paths": [p.to_dict(offset) for p in self.paths]}  # fmt: skip
+__all__ = ["BlockRecord", "Branch", "PathRecord", "Request", "Status"]
 
 
 @dataclass(slots=True, eq=False, repr=False)
@@ -363,43 +307,6 @@ class Branch:
         self.blocks.append(BlockRecord(paths))
         return done
 
-    # -- invariants ------------------------------------------------------------------------
-    def check_invariants(self, kv: KVManager) -> None:
-        """Raise ``AssertionError`` naming the first broken invariant of this branch (see the
-        module docstring)."""
-
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise AssertionError(f"{self}: {what}")
-
-        n = len(self.own_ids)
-        need(len(self.own_pos) == len(self.own_forced) == len(self.own_logprobs) == n,
-             "own_ids / own_pos / own_forced / own_logprobs differ in length")  # fmt: skip
-        need(0 <= self.num_computed <= n, f"num_computed {self.num_computed} of {n} tokens")
-        if self.attached:
-            need(len(self.kv) == self.prefix_len + self.num_computed,
-                 f"len(kv) {len(self.kv)} != prefix_len {self.prefix_len} + num_computed {self.num_computed}")  # fmt: skip
-        else:
-            need(self.parent is not None, "a detached root")
-            need(not self.kv and not self.attend and self.num_computed == 0, "detached, but holds K/V")
-        parent = self.parent
-        if parent is not None and self.attached:
-            need(parent.kv[: self.prefix_len] == self.kv[: self.prefix_len],
-                 "kv[:prefix_len] differs from the parent's")  # fmt: skip
-        it = iter(self.kv)
-        need(self.attend == self.kv or all(s in it for s in self.attend), "attend is not a subsequence of kv")
-        need(len(set(self.kv)) == len(self.kv), "kv lists a slot twice")
-        kv.check_holder(self, self.kv)
-        need(bool(self.children) == (self.status is Status.WAITING),
-             f"{len(self.children)} children in status {self.status.value}")  # fmt: skip
-        for c in self.children:
-            need(c.parent is self and c.prefix_len == self.seq_len,
-                 f"child {c} has prefix_len {c.prefix_len}, seq_len is {self.seq_len}")  # fmt: skip
-        if parent is None:
-            need(self.status not in (Status.CLOSING, Status.ENDED), "the root is closing a path")
-        else:
-            need(self.status is not Status.FINISHED, "a path is FINISHED")
-
 
 @dataclass(slots=True, eq=False)
 class Request:
@@ -482,16 +389,5 @@ class Request:
 
     def check_invariants(self, kv: KVManager) -> None:
         """Raise ``AssertionError`` naming the first broken invariant of this request's branches
-        and their slots in ``kv`` (see the module docstring). Cost: linear in the K/V lists."""
-        root = self.root
-        if self.finished:
-            if root.status is not Status.FINISHED or root.children or root.kv or kv.held(root):
-                raise AssertionError(f"finished request {self.id} still holds branches or K/V slots")
-            return
-        counts: Counter[int] = Counter()
-        for b in self.branches():
-            if b.request is not self:
-                raise AssertionError(f"{b} is in the tree of request {self.id}")
-            b.check_invariants(kv)
-            counts.update(b.kv)
-        kv.check_counts(counts)
+        and their slots in ``kv`` (:func:`multiverse.engine.invariants.check_request`)."""
+        check_request(self, kv)

@@ -157,3 +157,12 @@ def test_random_tag_soup_never_breaks_the_engine(pair, tok, seed):
         if p.max_total_tokens is not None:
             assert out.usage.completion_tokens <= p.max_total_tokens
     assert_no_leak(llm)
+
+
+def test_kv_memory_sizes_the_pool_by_the_bytes_of_one_slot(pair, tok):
+    from multiverse.engine.model import KVPool
+
+    per = KVPool.bytes_per_slot(pair[1].config, pair[1].dtype)
+    llm = engine(pair[1], tok, kv_memory=300 * per + per // 2)
+    assert llm.kv.num_slots == 300
+    assert llm.runner.pool.kv.nbytes == 300 * per  # the pool really takes that much
