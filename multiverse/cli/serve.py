@@ -95,7 +95,7 @@ class EngineThread:
                 live.clear()
                 continue
             for req in done:
-                req.t_finish = time.perf_counter()
+                req.set_finish_time(time.perf_counter())
                 if req.id in live:
                     prompt, fut, start = live.pop(req.id)
                     try:

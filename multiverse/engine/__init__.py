@@ -2,7 +2,8 @@
 
 Plain-Python bookkeeping, then tensors, in reading order:
 
-  - :mod:`.request`: ``Request`` / ``Branch`` state and every transition on it; ``check_invariants``.
+  - :mod:`.request`: ``Request`` / ``Branch`` state and every transition on it; ``check_invariants``
+    (the read-only checks are :mod:`.invariants`, the merged-path records :mod:`.records`).
   - :mod:`.kv_manager`: the token-granular KV slot pool with reference counts (never imports torch).
   - :mod:`.radix`: the prompt prefix cache over those slots.
   - :mod:`.scheduler`: which branches run in the next step, with how many tokens, in which slots.
