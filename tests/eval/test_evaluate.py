@@ -283,23 +283,9 @@ def test_unknown_benchmark(tmp_path):
 
 def test_cli_with_stand_in_engine(tmp_path, monkeypatch, capsys):
     """`multiverse eval` end to end with the scripted stand-in in place of multiverse.LLM."""
-    import multiverse
     from multiverse import cli
 
-    problems = load_benchmark("synthetic", limit=4)
-    script = {
-        p.question: (_out(BLOCK.format(p.answer), 30, 20), _out(PLAIN.format(p.answer), 30, 30))
-        for p in problems
-    }
-    clock = FakeClock()
-
-    class StandIn(ScriptedLLM):
-        def __init__(self, model_dir, device="cpu", dtype="float32"):
-            super().__init__(clock, script)
-
-    monkeypatch.setitem(vars(multiverse), "LLM", StandIn)
-    monkeypatch.setitem(vars(multiverse), "SamplingParams", Params)
-    monkeypatch.setattr(evaluate, "CLOCK", clock)
+    _stand_in_engine(monkeypatch, load_benchmark("synthetic", limit=4))
     out_dir = tmp_path / "res"
     argv = ["eval", "--model", str(tmp_path), "--benchmark", "synthetic", "--limit", "4",
             "--batch-size", "2", "--output", str(out_dir)]  # fmt: skip
