@@ -53,3 +53,34 @@ def resolve_model(ref: str | None) -> Path:
             raise UsageError(f"--model {ref}: a file must be a .gguf checkpoint")
         return path
     raise UsageError(f"--model {ref}: not found (no such directory or file)")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for this command (see :func:`apply_threads`)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: 1 on a machine with 4 cores or fewer, else half "
+        "the cores; forked branches already batch the work, and more threads than cores slow "
+        "every step)",
+    )
+
+
+def default_threads() -> int:
+    import os
+
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else cores // 2
+
+
+def apply_threads(n: int | None) -> int:
+    """Set torch's intra-op threads to ``n`` (default :func:`default_threads`); returns it."""
+    import torch
+
+    if n is not None and n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
+    n = n or default_threads()
+    torch.set_num_threads(n)
+    return n
