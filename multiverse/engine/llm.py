@@ -153,6 +153,20 @@ class LLM:
     def has_unfinished(self) -> bool:
         return any(not r.finished for r in self.requests)
 
+    def abort(self, request: Request | int) -> bool:
+        """Between two steps: finish ``request`` (a :class:`Request` or its id) and every live
+        branch of it with ``finish_reason="abort"``; its KV slots go back to the pool and it
+        leaves :attr:`requests`. :meth:`output` still gives its text so far. Returns False
+        (and does nothing) when it is unknown or already finished."""
+        rid = request.id if isinstance(request, Request) else request
+        req = next((r for r in self.requests if r.id == rid and not r.finished), None)
+        if req is None:
+            return False
+        self.forkjoin.finish(req, "abort")
+        req.set_finish_time(time.perf_counter())
+        self.requests = [r for r in self.requests if r is not req]
+        return True
+
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one engine step; returns the requests that finished in it. Requests may be added
