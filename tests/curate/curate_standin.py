@@ -1,0 +1,174 @@
+"""A scripted stand-in for a REMOTE OpenAI-compatible LLM, for the curator's tests.
+
+It knows the synthetic task records (``multiverse.eval.tasks``): for each one it derives, from
+the record's own Multiverse ``chain``, the replies a perfect curator LLM would give (the step
+tree over the units, the groups, each block's outlines and conclusion). It is served as a real
+HTTP server on 127.0.0.1 (``http.server`` in a thread, a free port) and can inject faults.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from multiverse.format import grammar
+
+
+def _lines(text: str) -> list[str]:
+    return [x.strip() for x in text.split("\n") if x.strip() and not grammar.is_cue(x)]
+
+
+class Derived:
+    """The perfect replies for one record with a Multiverse ``chain``."""
+
+    def __init__(self, chain: str):
+        doc = grammar.parse(chain)
+        self.n = 0
+        self.steps: list[dict[str, Any]] = []
+        self.groups: list[dict[str, Any]] = []
+        self.blocks: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._sequence(doc.body, self.steps, prefix="")
+
+    def _take(self, text: str) -> tuple[int, int] | None:
+        k = len(_lines(text))
+        if not k:
+            return None
+        first = self.n + 1
+        self.n += k
+        return first, self.n
+
+    def _sequence(self, body: list[Any], out: list[dict[str, Any]], prefix: str) -> None:
+        for item in body:
+            if isinstance(item, str):
+                rng = self._take(item)
+                if rng:
+                    out.append({"id": f"{prefix}{len(out) + 1}", "units": list(rng), "summary": "text"})
+                continue
+            ids = []
+            for path in item.paths:
+                sid = f"{prefix}{len(out) + 1}"
+                ids.append(sid)
+                step: dict[str, Any] = {"id": sid, "summary": "a path"}
+                first = self.n + 1
+                if path.blocks:
+                    subs: list[dict[str, Any]] = []
+                    self._sequence(path.body, subs, prefix=f"{sid}.")
+                    step["substeps"] = subs
+                else:
+                    self._take("".join(x for x in path.body if isinstance(x, str)))
+                step["units"] = [first, self.n]
+                out.append(step)
+            self.groups.append({"steps": ids, "reason": "independent"})
+            key = tuple(grammar.flatten(grammar.Document(body=p.body, has_think=False)) for p in item.paths)
+            self.blocks[key] = {"outlines": [o.text for o in item.outlines], "conclusion": item.conclusion, "edits": []}
+
+
+def path_key(paths: list[str]) -> tuple[str, ...]:
+    return tuple(grammar.flatten(p) for p in paths)
+
+
+class StandIn:
+    """The scripted server. ``faults[(question, step)]`` is a list of fault names used in
+    order, one per request of that record and step (step: summarise|parallelise|mapreduce).
+
+    Faults: ``429`` (with Retry-After), ``500``, ``timeout`` (sleeps past the client's
+    timeout), ``badjson``, ``length`` (truncated, finish_reason length), ``outlines`` (one
+    outline too few), ``missing_edit`` (an edit whose find is absent), ``delete`` (an edit
+    deleting most of path 1, every time it is listed).
+    """
+
+    def __init__(self, records: list[Any], latency: float = 0.0, timeout_sleep: float = 1.5):
+        self.by_question = {r.question: Derived(r.chain) for r in records}
+        self.faults: dict[tuple[str, str], list[str]] = {}
+        self.always: dict[tuple[str, str], str] = {}
+        self.latency = latency
+        self.timeout_sleep = timeout_sleep
+        self.requests: list[tuple[str, str]] = []
+        self.counts: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+
+    # ------------------------------------------------------------------ replies
+    def reply(self, payload: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any] | None, str, str]:
+        """(status, headers, body or None, content, finish_reason)."""
+        user = payload["messages"][-1]["content"]
+        data = json.loads(user[user.index("INPUT JSON:") + len("INPUT JSON:") :])
+        step, question = data["step"], data["question"]
+        with self.lock:
+            self.requests.append((question, step))
+            queue = self.faults.get((question, step), [])
+            fault = queue.pop(0) if queue else self.always.get((question, step), "")
+            self.counts[fault or "ok"] += 1
+        if fault == "429":
+            return 429, {"Retry-After": "0.05"}, {"error": "rate limited"}, "", ""
+        if fault == "500":
+            return 500, {}, {"error": "boom"}, "", ""
+        if fault == "timeout":
+            time.sleep(self.timeout_sleep)
+        if fault == "badjson":
+            return 200, {}, None, "Sure! Here is the plan: {steps: [1, 2", "stop"
+        derived = self.by_question[question]
+        if step == "summarise":
+            content: Any = {"steps": derived.steps}
+        elif step == "parallelise":
+            content = {"groups": derived.groups}
+        else:
+            block = dict(derived.blocks[path_key(data["paths"])])
+            block["outlines"] = list(block["outlines"])
+            if fault == "outlines":
+                block["outlines"] = block["outlines"][:-1]
+            if fault == "missing_edit":
+                block["edits"] = [{"path": 1, "find": "no such text here", "replace": "x"}]
+            if fault == "delete":
+                first = grammar.flatten(data["paths"][0])
+                block["edits"] = [{"path": 1, "find": first[: max(1, len(first) - 2)], "replace": ""}]
+            content = block
+        text = json.dumps(content)
+        if fault == "length":
+            return 200, {}, None, text[: len(text) // 2], "length"
+        return 200, {}, None, text, "stop"
+
+    # ------------------------------------------------------------------ server
+    def start(self) -> str:
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if standin.latency:
+                    time.sleep(standin.latency)
+                status, headers, err, content, finish = standin.reply(body)
+                out = err if err is not None else {
+                    "id": "standin", "object": "chat.completion", "model": body.get("model"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": finish}],
+                    "usage": {"prompt_tokens": len(json.dumps(body)) // 4, "completion_tokens": len(content) // 4},
+                }  # fmt: skip
+                raw = json.dumps(out).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
