@@ -77,8 +77,8 @@ class StandIn:
 
     Faults: ``429`` (with Retry-After), ``500``, ``timeout`` (sleeps past the client's
     timeout), ``badjson``, ``length`` (truncated, finish_reason length), ``outlines`` (one
-    outline too few), ``missing_edit`` (an edit whose find is absent), ``delete`` (an edit
-    deleting most of path 1, every time it is listed).
+    outline too few), ``missing_edit`` (an edit whose find is absent), ``delete`` (edits
+    deleting most of every path's first line).
     """
 
     def __init__(self, records: list[Any], latency: float = 0.0, timeout_sleep: float = 1.5):
@@ -124,8 +124,8 @@ class StandIn:
             if fault == "missing_edit":
                 block["edits"] = [{"path": 1, "find": "no such text here", "replace": "x"}]
             if fault == "delete":
-                first = grammar.flatten(data["paths"][0])
-                block["edits"] = [{"path": 1, "find": first[: max(1, len(first) - 2)], "replace": ""}]
+                firsts = [grammar.flatten(p).split("\n")[0] for p in data["paths"]]
+                block["edits"] = [{"path": k + 1, "find": f[: max(1, len(f) - 2)], "replace": ""} for k, f in enumerate(firsts)]
             content = block
         text = json.dumps(content)
         if fault == "length":
