@@ -1,0 +1,98 @@
+"""``multiverse curate``: turn sequential reasoning chains into Multiverse data with any
+OpenAI-compatible LLM (SPEC section 5; the library is :mod:`multiverse.curate`).
+
+  multiverse curate run INPUT --output DIR --base-url URL --model NAME [--concurrency N]
+      [--max-regen N] [--threshold 0.2] [--api-key-env OPENAI_API_KEY] [--max-requests N]
+  multiverse curate report DIR
+
+``run`` writes ``DIR/curated.jsonl`` (a ``multiverse train --data`` file), ``DIR/rejected.jsonl``
+(with reasons), ``DIR/journal.jsonl`` and ``DIR/run.json``; running it again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="curate_command", metavar="SUBCOMMAND", parser_class=type(p))
+    sub.required = True
+    r = sub.add_parser("run", help="curate INPUT into DIR (resumes when run again)")
+    r.add_argument("input", metavar="INPUT", help="JSONL or Parquet: {question, chain|thinking|solution, answer} or messages")
+    r.add_argument("--output", "-o", required=True, metavar="DIR")
+    r.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    r.add_argument("--model", required=True, metavar="NAME")
+    r.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR", help="environment variable with the key")
+    r.add_argument("--concurrency", type=int, default=8, metavar="N")
+    r.add_argument("--max-regen", type=int, default=2, metavar="N", help="regenerations (steps 3-5) before rejecting")
+    r.add_argument("--threshold", type=float, default=0.2, help="largest edit distance accepted (default 0.2)")
+    r.add_argument("--max-requests", type=int, default=None, metavar="N", help="stop intake after N requests")
+    r.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request")
+    r.add_argument("--max-retries", type=int, default=6, metavar="N")
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request")
+    r.add_argument("--quiet", action="store_true", help="no progress line")
+    rep = sub.add_parser("report", help="counts, failure reasons and costs of a run (report.md, report.json)")
+    rep.add_argument("directory", metavar="DIR")
+
+
+def _progress(s: Any) -> None:
+    done = s.accepted + s.rejected
+    print(f"\rdone {done} | accepted {s.accepted} | rejected {s.rejected} | "
+          f"retries {s.retries} | pending {s.inputs - s.skipped_done - done}", end="", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from multiverse.curate.inputs import read_inputs
+    from multiverse.curate.pipeline import Run, RunConfig
+
+    if args.concurrency < 1 or args.max_regen < 0 or not 0 <= args.threshold <= 1:
+        raise ValueError("--concurrency must be >= 1, --max-regen >= 0, --threshold in [0, 1]")
+    records, bad = read_inputs(args.input)
+    for source, reason in bad[:10]:
+        print(f"skipped {source}: {reason}", file=sys.stderr)
+    config = RunConfig(
+        output=Path(args.output), base_url=args.base_url, model=args.model,
+        api_key=os.environ.get(args.api_key_env), concurrency=args.concurrency, max_regen=args.max_regen,
+        threshold=args.threshold, max_requests=args.max_requests, timeout=args.timeout,
+        max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,
+    )  # fmt: skip
+    job = Run(config, progress=None if args.quiet else _progress)
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, job.stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+        return await job.run(records, len(bad))
+
+    s: Any = asyncio.run(main())
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(f"{s.accepted} accepted, {s.rejected} rejected, {s.pending} pending "
+          f"({s.skipped_done} done before, {len(bad)} unusable inputs); {s.requests} requests, "
+          f"{s.retries} retries -> {args.output}")
+    if s.stopped:
+        print(f"intake stopped: {s.stopped}; run the same command again to resume")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from multiverse.curate import report
+
+    if not Path(args.directory).is_dir():
+        raise ValueError(f"not a directory: {args.directory}")
+    rep = report.write(args.directory)
+    print(report.markdown(rep))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _report(args) if args.curate_command == "report" else _run(args)

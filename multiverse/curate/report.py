@@ -1,0 +1,122 @@
+"""``multiverse curate report DIR``: what a run produced, as Markdown and JSON.
+
+Read from ``DIR/curated.jsonl``, ``DIR/rejected.jsonl`` and ``DIR/run.json`` (the last run's
+counters): counts (accepted / rejected / pending), the pass rate of every check over all
+attempts, the top failure reasons (digits folded so similar reasons group) with one example
+record each, the edit-distance distribution around the threshold, attempts per record, the
+structure of the accepted data (trigger rate, blocks per record, paths per block, depth), and
+requests, retries and tokens (total and per accepted record). Pure: no LLM, no network.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from multiverse.curate.journal import read_jsonl
+from multiverse.format import grammar
+
+DISTANCE_BINS = (0.0, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+def _fold(reason: str) -> str:
+    return re.sub(r"\d+(?:\.\d+)?", "N", reason)[:160]
+
+
+def _bins(values: list[float]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lo, hi in zip(DISTANCE_BINS, DISTANCE_BINS[1:], strict=False):
+        out[f"({lo}, {hi}]" if lo else f"[0, {hi}]"] = sum(1 for v in values if (lo < v or lo == 0) and v <= hi)
+    return out
+
+
+def build(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory)
+    good = read_jsonl(d / "curated.jsonl")
+    bad = read_jsonl(d / "rejected.jsonl")
+    run = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else {}
+    inputs = run.get("inputs", len(good) + len(bad))
+    checks: Counter[str] = Counter()
+    passed: Counter[str] = Counter()
+    distances: list[float] = []
+    reasons: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for row in good + bad:
+        for a in row.get("curation", {}).get("attempt_log", []):
+            for name in ("grammar", "content", "style"):
+                if name in a:
+                    checks[name] += 1
+                    passed[name] += bool(a[name])
+            if "distance" in a:
+                distances.append(float(a["distance"]))
+    for row in bad:
+        for r in row.get("reasons", []):
+            key = _fold(r)
+            reasons[key] += 1
+            example.setdefault(key, str(row.get("id")))
+    blocks, paths, depths, triggered = [], [], [], 0
+    for row in good:
+        doc = grammar.read(row["chain"])[0]
+        st = grammar.stats(doc)
+        blocks.append(st.blocks)
+        paths.extend(st.paths)
+        depths.append(st.max_depth)
+        triggered += st.blocks > 0
+    n_good = len(good)
+    tokens = (run.get("prompt_tokens", 0), run.get("completion_tokens", 0))
+    return {
+        "directory": str(d),
+        "model": run.get("model", ""),
+        "counts": {"inputs": inputs, "accepted": n_good, "rejected": len(bad),
+                   "pending": max(0, inputs - n_good - len(bad))},  # fmt: skip
+        "pass_rate": {k: round(passed[k] / checks[k], 4) for k in sorted(checks)},
+        "top_failure_reasons": [{"reason": r, "count": c, "example_id": example[r]} for r, c in reasons.most_common(10)],
+        "distance_histogram": _bins(distances),
+        "attempts_per_record": dict(sorted(Counter(r.get("curation", {}).get("attempts", 0) for r in good + bad).items())),
+        "structure": {
+            "trigger_rate": round(triggered / n_good, 4) if n_good else 0.0,
+            "blocks_per_record": round(sum(blocks) / n_good, 3) if n_good else 0.0,
+            "paths_per_block": round(sum(paths) / len(paths), 3) if paths else 0.0,
+            "max_depth": max(depths, default=0),
+        },
+        "requests": {k: run.get(k, 0) for k in ("requests", "completions", "cached_requests", "retries")},
+        "retry_reasons": run.get("retry_reasons", {}),
+        "tokens": {"prompt": tokens[0], "completion": tokens[1],
+                   "per_accepted_record": round(sum(tokens) / n_good, 1) if n_good else 0.0},  # fmt: skip
+        "wall_s": run.get("wall_s", 0.0),
+        "stopped": run.get("stopped", ""),
+    }
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    c = rep["counts"]
+    lines = [f"# Curation report: {rep['directory']}", "", f"model: `{rep['model']}`", "",
+             "| inputs | accepted | rejected | pending |", "|---|---|---|---|",
+             f"| {c['inputs']} | {c['accepted']} | {c['rejected']} | {c['pending']} |", "",
+             "## Checks (pass rate over all attempts)", ""]  # fmt: skip
+    lines += [f"- {k}: {v:.1%}" for k, v in rep["pass_rate"].items()] or ["- (no attempts)"]
+    lines += ["", "## Top failure reasons", ""]
+    lines += [f"- {r['count']} x {r['reason']} (e.g. `{r['example_id']}`)" for r in rep["top_failure_reasons"]] or ["- none"]
+    lines += ["", "## Edit distance (all attempts)", "", "| range | attempts |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rep["distance_histogram"].items()]
+    s, t, q = rep["structure"], rep["tokens"], rep["requests"]
+    lines += ["", "## Accepted data", "", f"- trigger rate {s['trigger_rate']:.1%}, blocks per record "
+              f"{s['blocks_per_record']}, paths per block {s['paths_per_block']}, max depth {s['max_depth']}",
+              f"- attempts per record: {rep['attempts_per_record']}", "", "## Cost", "",
+              f"- requests {q['requests']} (completions {q['completions']}, from the journal {q['cached_requests']}, "
+              f"retries {q['retries']} {rep['retry_reasons']})",
+              f"- tokens: prompt {t['prompt']}, completion {t['completion']}, per accepted record {t['per_accepted_record']}",
+              f"- wall time {rep['wall_s']} s" + (f"; stopped: {rep['stopped']}" if rep["stopped"] else ""), ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write(directory: str | Path) -> dict[str, Any]:
+    """Build the report and write ``report.json`` and ``report.md`` into ``directory``."""
+    rep = build(directory)
+    d = Path(directory)
+    (d / "report.json").write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
+    (d / "report.md").write_text(markdown(rep), encoding="utf-8")
+    return rep

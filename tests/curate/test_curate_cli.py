@@ -1,0 +1,114 @@
+"""``multiverse curate run`` / ``report`` through ``multiverse.cli.curate`` against the stand-in
+for a REMOTE LLM; kill -9 mid-run and resume: no finished request repeated, same bytes."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from curate_standin import StandIn
+from test_curate_standin_run import MODEL, _records, _write_inputs
+
+from multiverse.cli import curate as cli
+from multiverse.curate import journal as J
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="multiverse curate")
+    cli.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_remote_llm_standin_cli_run_then_report(tmp_path, capsys):
+    records = _records(1)
+    s = StandIn(records)
+    url = s.start()
+    try:
+        _write_inputs(tmp_path / "in.jsonl", records)
+        with (tmp_path / "in.jsonl").open("a") as f:
+            f.write('{"question": "no chain"}\n')
+        out = tmp_path / "out"
+        s.always[(records[0].question, "mapreduce")] = "delete"
+        argv = ["run", str(tmp_path / "in.jsonl"), "--output", str(out), "--base-url", url, "--model", MODEL,
+                "--concurrency", "3", "--max-regen", "1", "--quiet"]  # fmt: skip
+        assert cli.run(_args(argv)) == 0
+        printed = capsys.readouterr().out
+        assert f"{len(records) - 1} accepted, 1 rejected, 0 pending" in printed and "1 unusable inputs" in printed
+        assert cli.run(_args(["report", str(out)])) == 0
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["counts"] == {"inputs": len(records), "accepted": len(records) - 1, "rejected": 1, "pending": 0}
+        assert rep["model"] == MODEL and rep["structure"]["trigger_rate"] == 1.0
+        assert "edit distance" in rep["top_failure_reasons"][0]["reason"]
+        assert rep["top_failure_reasons"][0]["example_id"] == records[0].id
+        assert (out / "report.md").read_text().startswith("# Curation report")
+    finally:
+        s.stop()
+
+
+def test_remote_llm_standin_max_requests_stops_intake_and_rerun_resumes(tmp_path, capsys):
+    records = _records(1)
+    s = StandIn(records)
+    url = s.start()
+    try:
+        _write_inputs(tmp_path / "in.jsonl", records)
+        base = ["run", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"), "--base-url", url,
+                "--model", MODEL, "--concurrency", "2", "--quiet"]  # fmt: skip
+        cli.run(_args([*base, "--max-requests", "5"]))
+        assert "intake stopped: --max-requests 5 reached" in capsys.readouterr().out
+        assert len(s.requests) == 5
+        cli.run(_args(base))
+        rows = J.read_jsonl(tmp_path / "o" / "curated.jsonl")
+        assert [r["id"] for r in rows] == [r.id for r in records]
+        assert len(s.requests) == sum(2 + r.chain.count("<Parallel>") for r in records)  # nothing asked twice
+    finally:
+        s.stop()
+
+
+_CHILD = """
+import sys, argparse
+sys.path.insert(0, {tests!r})
+from multiverse.cli import curate
+p = argparse.ArgumentParser(); curate.add_arguments(p)
+sys.exit(curate.run(p.parse_args(sys.argv[1:])))
+"""
+
+
+def test_remote_llm_standin_sigkill_and_resume_is_byte_identical(tmp_path):
+    records = _records(2)
+    s = StandIn(records, latency=0.03)
+    url = s.start()
+    try:
+        _write_inputs(tmp_path / "in.jsonl", records)
+
+        def argv(out):
+            return [sys.executable, "-c", _CHILD.format(tests=str(Path(__file__).parent)), "run",
+                    str(tmp_path / "in.jsonl"), "--output", str(out), "--base-url", url, "--model", MODEL,
+                    "--concurrency", "4", "--quiet"]  # fmt: skip
+
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        subprocess.run(argv(tmp_path / "full"), check=True, env=env, timeout=60, capture_output=True)
+        full_requests = len(s.requests)
+        s.requests.clear()
+        child = subprocess.Popen(argv(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        journal = tmp_path / "killed" / "journal.jsonl"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("\n") < full_requests // 2):
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        J.repair_tail(journal)
+        finished = journal.read_text().count("\n")
+        assert 0 < finished < full_requests
+        s.requests.clear()
+        subprocess.run(argv(tmp_path / "killed"), check=True, env=env, timeout=60, capture_output=True)
+        assert len(s.requests) == full_requests - finished  # zero repeated requests for finished steps
+        full = (tmp_path / "full" / "curated.jsonl").read_bytes()
+        assert full and (tmp_path / "killed" / "curated.jsonl").read_bytes() == full
+    finally:
+        s.stop()
