@@ -276,14 +276,14 @@ class ForkJoin:
         self._insert(parent, self.sp.conclusion, mark=False)  # sees prefix + every path
 
     # -- end of a request ------------------------------------------------------------------
-    def finish(self, req: Request, reason: str, cut_stop: bool = False) -> None:
+    def finish(self, req: Request, reason: str, cut_stop: bool = False, error: str | None = None) -> None:
         """Finish ``req``: fold any unmerged children into the output (a request cut short by
         the KV capacity) and release every slot its branches hold."""
         if req.finished:
             return
         for b in req.root.fold_children():
             self._release(b)
-        req.finish(reason, cut_stop)  # cut_stop: the output builder cuts at the stop string
+        req.finish(reason, cut_stop, error)  # cut_stop: the output builder cuts at the stop string
         self._release(req.root)
 
     def _release(self, br: Branch) -> None:

@@ -319,6 +319,7 @@ class Request:
     root: Branch = field(init=False)
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None  # finish_reason "error": what went wrong
     num_generated: int = 0  # all branches, engine-inserted tokens included
     num_blocks: int = 0
     num_branches: int = 0
@@ -374,12 +375,12 @@ class Request:
     def mark_prompt_cached(self) -> None:
         self.prompt_cached = True
 
-    def finish(self, reason: str, cut_stop: bool = False) -> None:
+    def finish(self, reason: str, cut_stop: bool = False, error: str | None = None) -> None:
         """Mark finished (the root has no children left: see :meth:`Branch.fold_children`);
-        ``cut_stop``: the output text is cut at the stop string."""
+        ``cut_stop``: the output text is cut at the stop string; ``error``: the message."""
         if self.root.children:
             raise AssertionError(f"request {self.id} finished with unfolded children")
-        self.finished, self.finish_reason = True, reason
+        self.finished, self.finish_reason, self.error = True, reason, error
         self.root.status = Status.FINISHED
         if cut_stop:
             self.stop_offset = -1
