@@ -3,6 +3,7 @@ OpenAI-compatible LLM (SPEC section 5; the library is :mod:`multiverse.curate`).
 
   multiverse curate run INPUT --output DIR --base-url URL --model NAME [--concurrency N]
       [--max-regen N] [--threshold 0.2] [--api-key-env OPENAI_API_KEY] [--max-requests N]
+      [--max-tokens N] [--max-cost USD --price-in USD --price-out USD]
   multiverse curate report DIR
 
 ``run`` writes ``DIR/curated.jsonl`` (a ``multiverse train --data`` file), ``DIR/rejected.jsonl``
@@ -36,7 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request")
     r.add_argument("--max-retries", type=int, default=6, metavar="N")
     r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request")
+    r.add_argument("--max-tokens", type=int, default=None, metavar="N", help="stop intake after N tokens (prompt + completion)")
+    r.add_argument("--max-cost", type=float, default=None, metavar="USD", help="stop intake after this cost")
+    r.add_argument("--price-in", type=float, default=0.0, metavar="USD", help="price per million prompt tokens")
+    r.add_argument("--price-out", type=float, default=0.0, metavar="USD", help="price per million completion tokens")
+    r.add_argument("--request-max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     rep = sub.add_parser("report", help="counts, failure reasons and costs of a run (report.md, report.json)")
     rep.add_argument("directory", metavar="DIR")
@@ -45,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _progress(s: Any) -> None:
     done = s.accepted + s.rejected
     print(f"\rdone {done} | accepted {s.accepted} | rejected {s.rejected} | "
-          f"retries {s.retries} | pending {s.inputs - s.skipped_done - done}", end="", file=sys.stderr, flush=True)
+          f"retries {s.retries} | tokens {s.prompt_tokens + s.completion_tokens}", end="", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -61,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         output=Path(args.output), base_url=args.base_url, model=args.model,
         api_key=os.environ.get(args.api_key_env), concurrency=args.concurrency, max_regen=args.max_regen,
         threshold=args.threshold, max_requests=args.max_requests, timeout=args.timeout,
-        max_retries=args.max_retries, temperature=args.temperature, max_tokens=args.max_tokens,
+        max_retries=args.max_retries, temperature=args.temperature, request_max_tokens=args.request_max_tokens,
+        max_tokens=args.max_tokens, max_cost=args.max_cost, price_in=args.price_in, price_out=args.price_out,
     )  # fmt: skip
     job = Run(config, progress=None if args.quiet else _progress)
 

@@ -35,13 +35,35 @@ class ReplyInvalid(Exception):
 
 @dataclass(slots=True)
 class Budget:
+    """Limits of one run: requests sent, tokens used (prompt + completion), cost in dollars
+    (``price_in`` / ``price_out`` per million tokens). ``None`` = no limit. Checked before
+    each request; the request that crosses a token or cost limit still completes."""
+
     max_requests: int | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    price_in: float = 0.0
+    price_out: float = 0.0
     sent: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def cost(self) -> float:
+        return (self.prompt_tokens * self.price_in + self.completion_tokens * self.price_out) / 1e6
 
     def take(self) -> None:
         if self.max_requests is not None and self.sent >= self.max_requests:
             raise StopIntake(f"--max-requests {self.max_requests} reached")
+        if self.max_tokens is not None and self.prompt_tokens + self.completion_tokens >= self.max_tokens:
+            raise StopIntake(f"--max-tokens {self.max_tokens} reached")
+        if self.max_cost is not None and self.cost >= self.max_cost:
+            raise StopIntake(f"--max-cost {self.max_cost} reached (${self.cost:.4f})")
         self.sent += 1
+
+    def spent(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
 
 
 @dataclass(slots=True)
@@ -79,6 +101,7 @@ class Curator:
         if entry is None:
             self.budget.take()
             comp = await self.client.complete(messages)
+            self.budget.spent(comp.prompt_tokens, comp.completion_tokens)
             entry = {"record": rec_id, "step": step, "reply": comp.text, "finish_reason": comp.finish_reason,
                      "usage": [comp.prompt_tokens, comp.completion_tokens]}  # fmt: skip
             self.journal.put(key, entry)

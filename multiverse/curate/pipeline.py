@@ -12,7 +12,7 @@ Contract: rows are written in input order (a record finished early waits for the
 it), each row is one fsync'ed line, and a record is written once: records already in either
 output file are skipped on start, so re-running the same command resumes, and a killed run
 (``kill -9`` included) continued to the end gives the same ``curated.jsonl`` bytes as an
-uninterrupted one. Intake stops cleanly at ``max_requests`` or on :meth:`Run.stop` (Ctrl-C):
+uninterrupted one. Intake stops cleanly at ``max_requests`` / ``max_tokens`` / ``max_cost`` or on :meth:`Run.stop` (Ctrl-C):
 what is in flight finishes or stays pending (its finished requests are journaled).
 """
 
@@ -41,11 +41,15 @@ class RunConfig:
     max_regen: int = 2
     threshold: float = 0.2
     max_requests: int | None = None
+    max_tokens: int | None = None  # prompt + completion tokens of the whole run
+    max_cost: float | None = None
+    price_in: float = 0.0  # dollars per million prompt tokens
+    price_out: float = 0.0
     timeout: float = 120.0
     max_retries: int = 6
     backoff: float = 0.5
     temperature: float = 0.0
-    max_tokens: int = 4096
+    request_max_tokens: int = 4096  # completion tokens per request (sampling)
 
 
 @dataclass(slots=True)
@@ -63,6 +67,7 @@ class RunSummary:
     retry_reasons: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost: float = 0.0
     errors: list[str] = field(default_factory=list)
     stopped: str = ""
     model: str = ""
@@ -105,10 +110,10 @@ class Run:
         own_client = self.client is None
         client = self.client or ChatClient(cfg.base_url, cfg.model, cfg.api_key, timeout=cfg.timeout,
                                            max_retries=cfg.max_retries, backoff=cfg.backoff,
-                                           temperature=cfg.temperature, max_tokens=cfg.max_tokens)  # fmt: skip
+                                           temperature=cfg.temperature, max_tokens=cfg.request_max_tokens)  # fmt: skip
         journal = Journal(cfg.output / "journal.jsonl")
         curator = Curator(client, journal, max_regen=cfg.max_regen, threshold=cfg.threshold,
-                          budget=Budget(cfg.max_requests))  # fmt: skip
+                          budget=Budget(cfg.max_requests, cfg.max_tokens, cfg.max_cost, cfg.price_in, cfg.price_out))  # fmt: skip
         results: dict[int, Outcome | None] = {}
         state = {"next_take": 0, "next_write": 0, "blocked": False}
         with (cfg.output / "curated.jsonl").open("a", encoding="utf-8") as good, \
@@ -133,6 +138,7 @@ class Run:
                     state["next_take"] += 1
                     results[k] = await self._one(curator, todo[k])
                     flush()
+                    self._count(client, curator)
                     if self.progress:
                         self.progress(s)
 
@@ -142,16 +148,19 @@ class Run:
                 journal.close()
                 if own_client:
                     await client.aclose()
-        written = state["next_write"]
-        s.pending = len(todo) - written
-        s.cached_requests = curator.cached
-        st = client.stats
-        s.requests, s.completions, s.retries = st.requests, st.completions, st.retries
-        s.retry_reasons = dict(st.retry_reasons)
-        s.prompt_tokens, s.completion_tokens = st.prompt_tokens, st.completion_tokens
+        s.pending = len(todo) - state["next_write"]
+        self._count(client, curator)
         s.wall_s = round(time.perf_counter() - t0, 3)
         (cfg.output / "run.json").write_text(json.dumps(s.to_json(), indent=2) + "\n", encoding="utf-8")
         return s
+
+    def _count(self, client: Any, curator: Curator) -> None:
+        s, st = self.summary, client.stats
+        s.cached_requests = curator.cached
+        s.requests, s.completions, s.retries = st.requests, st.completions, st.retries
+        s.retry_reasons = dict(st.retry_reasons)
+        s.prompt_tokens, s.completion_tokens = st.prompt_tokens, st.completion_tokens
+        s.cost = round(curator.budget.cost, 6)
 
     async def _one(self, curator: Curator, rec: InputRecord) -> Outcome | None:
         try:

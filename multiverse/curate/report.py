@@ -86,6 +86,7 @@ def build(directory: str | Path) -> dict[str, Any]:
         "retry_reasons": run.get("retry_reasons", {}),
         "tokens": {"prompt": tokens[0], "completion": tokens[1],
                    "per_accepted_record": round(sum(tokens) / n_good, 1) if n_good else 0.0},  # fmt: skip
+        "cost": run.get("cost", 0.0),
         "wall_s": run.get("wall_s", 0.0),
         "stopped": run.get("stopped", ""),
     }
@@ -108,7 +109,7 @@ def markdown(rep: dict[str, Any]) -> str:
               f"- attempts per record: {rep['attempts_per_record']}", "", "## Cost", "",
               f"- requests {q['requests']} (completions {q['completions']}, from the journal {q['cached_requests']}, "
               f"retries {q['retries']} {rep['retry_reasons']})",
-              f"- tokens: prompt {t['prompt']}, completion {t['completion']}, per accepted record {t['per_accepted_record']}",
+              f"- tokens: prompt {t['prompt']}, completion {t['completion']}, per accepted record {t['per_accepted_record']}; cost ${rep['cost']}",
               f"- wall time {rep['wall_s']} s" + (f"; stopped: {rep['stopped']}" if rep["stopped"] else ""), ""]  # fmt: skip
     return "\n".join(lines)
 

@@ -59,3 +59,26 @@ def test_inputs_field_names_chat_messages_ids_and_bad_rows(tmp_path):
 def test_retry_after_seconds_and_http_dates():
     assert retry_after("2") == 2.0 and retry_after(None) is None and retry_after("soon") is None
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_budget_stops_intake_at_requests_tokens_and_cost():
+    import pytest
+
+    from multiverse.curate.curator import Budget, StopIntake
+
+    b = Budget(max_requests=2)
+    b.take()
+    b.take()
+    with pytest.raises(StopIntake, match="--max-requests 2"):
+        b.take()
+    b = Budget(max_tokens=100)
+    b.take()
+    b.spent(60, 40)
+    with pytest.raises(StopIntake, match="--max-tokens 100"):
+        b.take()
+    b = Budget(max_cost=0.01, price_in=1.0, price_out=10.0)  # dollars per million tokens
+    b.take()
+    b.spent(5000, 500)
+    assert b.cost == pytest.approx(0.01)
+    with pytest.raises(StopIntake, match="--max-cost"):
+        b.take()
