@@ -109,6 +109,7 @@ FORBIDDEN = {
     "engine": {"train", "eval", "cli"},
     "train": {"cli"},
     "eval": {"cli"},
+    "server": {"cli"},
 }
 
 

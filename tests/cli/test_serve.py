@@ -68,10 +68,10 @@ def test_chat_and_concurrency(client):
 def test_bad_requests_are_400(client):
     assert client.post("/v1/completions", json={"prompt": 3}).status_code == 400
     assert client.post("/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 400
-    assert client.post("/v1/completions", json={"prompt": "x", "stream": True}).status_code == 400
+    assert client.post("/v1/completions", json={"prompt": "x", "n": 100}).status_code == 400
     assert client.post("/v1/completions", json={"prompt": [10**9]}).status_code == 400
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
-    assert r.status_code == 400 and "messages" in r.json()["detail"]
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "timeout": 60}).status_code == 200
 
 
@@ -90,5 +90,5 @@ def test_engine_failure_is_an_error_not_a_hang():
     app = create_app(Broken(), "broken")
     with TestClient(app) as c:
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "timeout": 30})
-        assert r.status_code == 500 and "boom" in r.json()["detail"]
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
     app.state.engine.close()

@@ -1,0 +1,218 @@
+"""The FastAPI app: ``create_app(llm, model_name, config)``.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` gives
+Server-Sent Events, :mod:`.streaming`), ``GET /v1/models``, ``GET /metrics`` (Prometheus),
+``GET /health`` (never behind the API key). Handlers are async: they hand :class:`Job` s to
+the :class:`EngineThread` and await their results on an ``asyncio.Queue``; a client that goes
+away (streaming or not) has its generation aborted, and so has one whose ``timeout`` passes.
+Errors are OpenAI-shaped (:mod:`.errors`), the API key and body limit are :mod:`.auth`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from multiverse.format.prompts import render_chat, stop_token_ids
+from multiverse.server import errors, responses
+from multiverse.server.auth import Guard
+from multiverse.server.engine_thread import EngineStopped, EngineThread, Job, QueueFull
+from multiverse.server.errors import APIError, error_body
+from multiverse.server.schemas import ChatCompletionRequest, CompletionRequest, sampling_params
+from multiverse.server.streaming import SSE_DONE, chat_chunk, completion_chunk, sse
+
+POLL_S = 0.2  # how often a waiting handler checks that its client is still there
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Limits and exposure of one server (the ``multiverse serve`` options)."""
+
+    api_key: str | None = None
+    max_queue: int = 256  # requests waiting beyond the running ones; then 429
+    max_concurrent_requests: int = 64  # requests (each of ``n``) in the engine's batch at once
+    max_body_bytes: int = 1 << 20
+    max_n: int = 8
+    request_timeout: float = 600.0  # seconds, when a request sets no ``timeout``
+    shutdown_timeout: float = 30.0
+
+
+def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | None = None) -> FastAPI:
+    """The app over ``llm`` (an :class:`~multiverse.engine.llm.LLM`); ``app.state.engine`` is
+    its :class:`EngineThread` (started here, closed at the app's shutdown)."""
+    cfg = config or ServerConfig()
+    engine = EngineThread(llm, cfg.max_concurrent_requests, cfg.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(engine.drain, cfg.shutdown_timeout)
+        engine.close()
+
+    app = FastAPI(title="Multiverse", version="0.2", lifespan=lifespan,
+                  description="OpenAI-compatible server over the Multiverse fork/join engine.")  # fmt: skip
+    app.state.engine, app.state.config = engine, cfg
+    app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+    errors.install(app)
+    tok = llm.tokenizer
+    eos_ids = stop_token_ids(tok)  # chat turn end + EOS, as `multiverse eval` stops
+    model = getattr(llm, "model", None)
+    vocab = getattr(model, "vocab_size", None)
+
+    async def generate(request: Request, body: Any, prompt: str | list[int], chat: bool) -> Any:
+        if body.n > cfg.max_n:
+            raise APIError(400, f"n must be <= {cfg.max_n} (the server's --max-n)", "n")
+        wants_logprobs = bool(body.logprobs) or (not chat and body.logprobs is not None)
+        if body.stream and wants_logprobs:
+            raise APIError(400, "logprobs are not offered with stream=true yet", "logprobs")
+        try:
+            params = [sampling_params(body, eos_ids, i) for i in range(body.n)]
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+        def sink(msg: tuple[Any, ...]) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(inbox.put_nowait, msg)
+
+        timeout = body.timeout or cfg.request_timeout
+        jobs = [Job(prompt, p, sink, index=i, stream=body.stream, timeout=timeout) for i, p in enumerate(params)]
+        try:
+            engine.submit(jobs)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}", code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), code="unavailable") from None
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": model_name}  # fmt: skip
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(request, inbox, jobs, head, chat, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        outs = await collect(request, inbox, jobs)
+        if chat:
+            top = body.top_logprobs
+            return JSONResponse(responses.chat_body(head, outs, tok, top))
+        return JSONResponse(responses.completion_body(head, outs, tok))
+
+    async def next_message(request: Request, inbox: asyncio.Queue, jobs: list[Job]) -> tuple[Any, ...] | None:
+        """The next engine message, or None once the client has gone (its jobs are cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(inbox.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(jobs)
+                    return None
+
+    async def collect(request: Request, inbox: asyncio.Queue, jobs: list[Job]) -> list[Any]:
+        outs: list[Any] = [None] * len(jobs)
+        left = len(jobs)
+        try:
+            while left:
+                msg = await next_message(request, inbox, jobs)
+                if msg is None:
+                    raise APIError(499, "client closed the request", code="client_closed")
+                kind, index, payload, _ = msg
+                if kind == "chunk":
+                    continue
+                if kind == "error":
+                    raise engine_error(payload)
+                if kind == "timeout":
+                    raise APIError(504, "generation did not finish within the request timeout", "timeout",
+                                   code="timeout")  # fmt: skip
+                outs[index] = payload
+                left -= 1
+        finally:
+            engine.cancel([j for j in jobs if not j.finished])  # another choice failed, or we were cancelled
+        return outs
+
+    async def stream(request: Request, inbox: asyncio.Queue, jobs: list[Job], head: dict[str, Any], chat: bool,
+                     include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+        outs: list[Any] = [None] * len(jobs)
+        left = len(jobs)
+        try:
+            if chat:
+                for i in range(len(jobs)):
+                    yield sse(chat_chunk(head, i, {"role": "assistant", "content": ""}, None))
+            while left:
+                msg = await next_message(request, inbox, jobs)
+                if msg is None:
+                    return
+                kind, index, payload, rest = msg
+                if kind in ("error", "timeout"):
+                    err = engine_error(payload) if kind == "error" else APIError(
+                        504, "generation did not finish within the request timeout", "timeout", code="timeout")
+                    yield sse(err.body())
+                    yield SSE_DONE
+                    return
+                if kind == "chunk":
+                    text, events, finish = payload, rest, None
+                else:
+                    (text, events), finish = rest, responses.finish_reason(payload)
+                    outs[index] = payload
+                    left -= 1
+                if chat:
+                    delta = {"content": text} if text else {}
+                    yield sse(chat_chunk(head, index, delta, finish, events))
+                else:
+                    yield sse(completion_chunk(head, index, text, finish, events))
+            if include_usage:
+                yield sse({**head, "object": "chat.completion.chunk" if chat else "text_completion",
+                           "choices": [], "usage": responses.usage(outs)})  # fmt: skip
+            yield SSE_DONE
+        finally:
+            engine.cancel([j for j in jobs if not j.finished])
+
+    def engine_error(e: Any) -> APIError:
+        if isinstance(e, ValueError):  # the engine refused the prompt
+            return APIError(400, str(e), "prompt", code="invalid_prompt")
+        return APIError(500, f"engine error: {e}", code="engine_error")
+
+    @app.get("/health")
+    async def health() -> Any:
+        if not engine.alive:
+            return JSONResponse(error_body(f"engine thread failed: {engine.error!r}", "server_error"), 503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "multiverse"}]}  # fmt: skip
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> Any:
+        return PlainTextResponse(engine.metrics.render(engine.snapshot),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        """OpenAI completions; ``stream: true`` streams SSE chunks with ``multiverse`` events."""
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str) and not prompt:
+            raise APIError(400, "prompt is empty", "prompt")
+        if isinstance(prompt, list) and vocab is not None and any(t >= vocab for t in prompt):
+            bad = [t for t in prompt if t >= vocab][:5]
+            raise APIError(400, f"prompt token ids outside the vocabulary [0, {vocab}): {bad}", "prompt")
+        return await generate(request, body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """OpenAI chat completions; ``content`` is a string or a list of text parts."""
+        prompt = render_chat(tok, body.chat_messages())
+        if not prompt:
+            raise APIError(400, "the messages render to an empty prompt", "messages")
+        return await generate(request, body, prompt, chat=True)
+
+    return app

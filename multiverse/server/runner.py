@@ -1,0 +1,36 @@
+"""Run the app under uvicorn with a graceful shutdown.
+
+SIGTERM / SIGINT: the engine stops taking requests at once (new ones get 503), uvicorn stops
+listening and waits up to ``shutdown_timeout`` seconds for the open requests to finish; at the
+app's shutdown whatever is still running is aborted (:meth:`EngineThread.drain`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
+          log_level: str = "info") -> None:  # fmt: skip
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.engine.stop_intake()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=max(1, int(shutdown_timeout)))  # fmt: skip
+    Server(config).run()

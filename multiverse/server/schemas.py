@@ -1,0 +1,145 @@
+"""Pydantic request models of the OpenAI-compatible endpoints (what the OpenAPI document shows).
+
+Unknown fields are ignored (clients send fields of newer API versions); every known field is
+type- and range-checked here, so a bad request is a 400 with the offending field named
+(``param``), never a 500. The Multiverse extensions (``parallel``, ``max_total_tokens``,
+``max_depth``, ``max_paths``, ``max_live_branches``, ``timeout``...) sit next to the OpenAI
+fields. :func:`sampling_params` turns a request into
+:class:`~multiverse.engine.sampling.SamplingParams`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from multiverse.engine.sampling import SamplingParams
+from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
+
+MAX_TOKENS_LIMIT = 1 << 20  # far beyond any KV pool; a bound keeps arithmetic sane
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 1  # the engine keeps the sampled token's logprob only
+
+NonNegInt = Annotated[int, Field(ge=0, le=(1 << 31) - 1)]
+Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="send a last chunk with the usage (empty `choices`)")
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="ignored: the server serves one model")
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = Field(
+        None, description=f"bound on the sequential depth of the output (default {DEFAULT_MAX_TOKENS})"
+    )
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=1 << 20)] = Field(-1, description="-1: off")
+    n: Annotated[int, Field(ge=1, le=64)] = Field(1, description="completions per prompt (server limit --max-n)")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = Field(0.0, description="accepted, not applied")
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = Field(0.0, description="accepted, not applied")
+    user: str | None = None
+    # Multiverse extensions
+    parallel: bool = Field(True, description="Multiverse: fork at <Parallel> blocks (False: decode sequentially)")
+    max_total_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = Field(
+        None, description="Multiverse: bound on the tokens of all branches together"
+    )
+    max_depth: Annotated[int, Field(ge=0, le=64)] = Field(4, description="Multiverse: nesting of forked blocks")
+    max_paths: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="Multiverse: paths per block")
+    max_live_branches: Annotated[int, Field(ge=1, le=4096)] = Field(
+        64, description="Multiverse: branches of one request decoding at once"
+    )
+    stop_token_ids: Annotated[list[NonNegInt], Field(max_length=256)] | None = None
+    ignore_eos: bool = False
+    timeout: Annotated[float, Field(gt=0.0, le=86400.0)] | None = Field(
+        None, description="seconds; the generation is aborted when it runs longer (default: the server's)"
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(not isinstance(s, str) for s in v):
+            raise ValueError("stop must be a string or a list of strings")
+        return v
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
+        list[NonNegInt], Field(min_length=1)
+    ] = Field(..., description="a string or a list of token ids (a list of one string is accepted)")
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="return the sampled tokens' logprobs (0 or 1; alternatives are not offered)"
+    )
+    echo: Literal[False] = False
+    suffix: None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs its content")
+        return self
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Messages as the chat template takes them (text parts joined; developer -> system)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]  # fmt: skip
+
+
+def sampling_params(body: _Common, eos_ids: list[int], seed_offset: int = 0) -> SamplingParams:
+    """The engine's settings for one completion of ``body`` (``seed_offset``: the ``n`` index)."""
+    max_tokens = body.max_tokens
+    if isinstance(body, ChatCompletionRequest):
+        max_tokens = max_tokens or body.max_completion_tokens
+        logprobs = body.logprobs
+    else:
+        logprobs = body.logprobs is not None
+    seed = None if body.seed is None else (body.seed + seed_offset) & ((1 << 63) - 1)
+    return SamplingParams(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=seed,
+        max_tokens=max_tokens or DEFAULT_MAX_TOKENS, stop=body.stop,
+        stop_token_ids=list(body.stop_token_ids or []) + ([] if body.ignore_eos else eos_ids), ignore_eos=body.ignore_eos,
+        logprobs=logprobs, parallel=body.parallel, max_total_tokens=body.max_total_tokens,
+        max_depth=body.max_depth, max_paths=body.max_paths, max_live_branches=body.max_live_branches,
+    )  # fmt: skip
