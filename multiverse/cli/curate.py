@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--price-in", type=float, default=0.0, metavar="USD", help="price per million prompt tokens")
     r.add_argument("--price-out", type=float, default=0.0, metavar="USD", help="price per million completion tokens")
     r.add_argument("--request-max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request")
+    r.add_argument("--fsync", action="store_true", help="fsync every journal/output line (survives power loss; slower)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
     rep = sub.add_parser("report", help="counts, failure reasons and costs of a run (report.md, report.json)")
     rep.add_argument("directory", metavar="DIR")
@@ -67,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         api_key=os.environ.get(args.api_key_env), concurrency=args.concurrency, max_regen=args.max_regen,
         threshold=args.threshold, max_requests=args.max_requests, timeout=args.timeout,
         max_retries=args.max_retries, temperature=args.temperature, request_max_tokens=args.request_max_tokens,
-        max_tokens=args.max_tokens, max_cost=args.max_cost, price_in=args.price_in, price_out=args.price_out,
+        max_tokens=args.max_tokens, max_cost=args.max_cost, fsync=args.fsync, price_in=args.price_in, price_out=args.price_out,
     )  # fmt: skip
     job = Run(config, progress=None if args.quiet else _progress)
 

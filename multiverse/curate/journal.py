@@ -5,8 +5,10 @@ One JSON line per finished LLM request: ``{"key", "record", "step", "reply", "fi
 request's messages (the inputs and the prompt text), the prompt version, the model and the
 sampling parameters, so a request is reused only when all of them are the same.
 
-Contract: :meth:`Journal.put` writes one whole line, flushes and ``fsync`` s before it
-returns; a line cut short by a crash is dropped (and truncated away) when the journal is
+Contract: :meth:`Journal.put` writes one whole line and flushes it to the operating system
+before it returns (which survives ``kill -9`` of the process; with ``fsync=True`` it also
+``fsync`` s, which survives a power loss but blocks the event loop for milliseconds per line);
+a line cut short by a crash is dropped (and truncated away) when the journal is
 opened again, so at most the request in flight is repeated. The same tail repair is offered
 for the output files (:func:`repair_tail`).
 """
@@ -50,15 +52,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def append_line(f: Any, row: dict[str, Any]) -> None:
+def append_line(f: Any, row: dict[str, Any], fsync: bool = False) -> None:
+    """One whole JSON line, flushed (and ``fsync`` ed when asked)."""
     f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
     f.flush()
-    os.fsync(f.fileno())
+    if fsync:
+        os.fsync(f.fileno())
 
 
 class Journal:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fsync: bool = False):
         self.path = path
+        self.fsync = fsync
         repair_tail(path)
         self.entries: dict[str, dict[str, Any]] = {row["key"]: row for row in read_jsonl(path) if "key" in row}
         self._f = path.open("a", encoding="utf-8")
@@ -68,7 +73,7 @@ class Journal:
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         row = {"key": key, **entry}
-        append_line(self._f, row)
+        append_line(self._f, row, self.fsync)
         self.entries[key] = row
 
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ Files in the output directory:
     retries, cached requests, tokens, wall time, why intake stopped).
 
 Contract: rows are written in input order (a record finished early waits for the ones before
-it), each row is one fsync'ed line, and a record is written once: records already in either
+it), each row is one flushed line (``fsync`` ed with ``fsync=True``), and a record is written once: records already in either
 output file are skipped on start, so re-running the same command resumes, and a killed run
 (``kill -9`` included) continued to the end gives the same ``curated.jsonl`` bytes as an
 uninterrupted one. Intake stops cleanly at ``max_requests`` / ``max_tokens`` / ``max_cost`` or on :meth:`Run.stop` (Ctrl-C):
@@ -50,6 +50,7 @@ class RunConfig:
     backoff: float = 0.5
     temperature: float = 0.0
     request_max_tokens: int = 4096  # completion tokens per request (sampling)
+    fsync: bool = False  # fsync every journal and output line (power-loss safe, slower)
 
 
 @dataclass(slots=True)
@@ -111,7 +112,7 @@ class Run:
         client = self.client or ChatClient(cfg.base_url, cfg.model, cfg.api_key, timeout=cfg.timeout,
                                            max_retries=cfg.max_retries, backoff=cfg.backoff,
                                            temperature=cfg.temperature, max_tokens=cfg.request_max_tokens)  # fmt: skip
-        journal = Journal(cfg.output / "journal.jsonl")
+        journal = Journal(cfg.output / "journal.jsonl", cfg.fsync)
         curator = Curator(client, journal, max_regen=cfg.max_regen, threshold=cfg.threshold,
                           budget=Budget(cfg.max_requests, cfg.max_tokens, cfg.max_cost, cfg.price_in, cfg.price_out))  # fmt: skip
         results: dict[int, Outcome | None] = {}
@@ -125,7 +126,7 @@ class Run:
                     if out is None:  # pending: later rows wait for the next run (input order)
                         state["blocked"] = True
                         return
-                    append_line(good if out.accepted else bad, out.row)
+                    append_line(good if out.accepted else bad, out.row, cfg.fsync)
                     state["next_write"] += 1
                     if out.accepted:
                         s.accepted += 1
