@@ -17,7 +17,12 @@ the :class:`KVManager`; positions only from each branch's ``LayoutState``.
   child 1 + child 2 + ... (outline order): references move, nothing is copied or recomputed. The
   parent's state is ``LayoutState.join``-ed and ``<Conclusion>\\n`` (forced) follows.
 * Budgets are checked before a sampled token is taken, leaving room for the closing tokens
-  every open fork still needs, so ``max_tokens`` (depth) and ``max_total_tokens`` always hold.
+  every open fork still needs, so ``max_tokens`` (depth) and the total bound
+  (``SamplingParams.total_budget``: ``max_total_tokens``, by default 4 x ``max_tokens``) always
+  hold: every request ends. The root ends with ``"length"`` or ``"max_total_tokens"``.
+* Structure that cannot make progress ends the request with ``"malformed"``: ``<Parallel>``
+  right after ``<Parallel>``, an empty path restarted by ``<Path>`` in a sequential block.
+  ``<Path>`` at the root or after a block's Conclusion is an ordinary token (the layout rule).
 * Stop strings are matched in the decoded tail of the branch's generated tokens (``decode``:
   the tokenizer's, whether or not it has the Multiverse tags).
 
@@ -114,8 +119,9 @@ class ForkJoin:
                 need += len(sp.close_block) * max(0, b.state.depth - b.base_depth) + len(sp.close_path)
         return need
 
-    def _admit(self, br: Branch, token: int, tag: str | None, extra: int) -> bool:
-        """May ``br`` take this sampled token (followed by ``extra`` forced tokens)?"""
+    def _refusal(self, br: Branch, token: int, tag: str | None, extra: int) -> str | None:
+        """Why ``br`` may not take this sampled token (followed by ``extra`` forced tokens):
+        ``"length"`` (the depth bound), ``"max_total_tokens"``, or None: it may."""
         req, p = br.request, br.request.params
         if tag is None:
             pos, depth = br.state.next_pos, br.state.depth
@@ -126,12 +132,32 @@ class ForkJoin:
         limit = req.gen_start + p.max_tokens  # positions must stay below this
         top = pos if br.parent is None else max(pos, br.max_pos)
         if top + 1 + extra + self._closing_cost(br, depth) > limit:
+            return "length"
+        grow = len(self.sp.close_block) if (self.sp and tag == "<Parallel>" and br.parent) else 0
+        if req.num_generated + 1 + extra + grow + self._total_reserve(req) > p.total_budget:
+            return "max_total_tokens"
+        return None
+
+    def _stalls(self, br: Branch, tag: str | None) -> bool:
+        """Structure that cannot make progress (``malformed``): ``<Parallel>`` right after
+        ``<Parallel>``, or a ``<Path>`` that restarts a sequential block's positions right after
+        an empty path (``<Path>`` [whitespace, ``</Path>``] ``<Path>``): the depth would never grow."""
+        if tag == "<Path>" and br.state.phase != "paths":
             return False
-        if p.max_total_tokens is not None:
-            grow = len(self.sp.close_block) if (self.sp and tag == "<Parallel>" and br.parent) else 0
-            if req.num_generated + 1 + extra + grow + self._total_reserve(req) > p.max_total_tokens:
+        if tag not in ("<Path>", "<Parallel>"):
+            return False
+        first = br.request.prompt_len if br.parent is None else 0
+        names = br.request.tag_names
+        for i in range(len(br.own_ids) - 1, max(first, len(br.own_ids) - 16) - 1, -1):
+            t = br.own_ids[i]
+            name = names.get(t)
+            if name == tag:
+                return True
+            if name == "</Path>" and tag == "<Path>":
+                continue
+            if name is not None or self.decode([t]).strip():
                 return False
-        return True
+        return False
 
     # -- transitions -----------------------------------------------------------------------
     def on_computed(self, br: Branch) -> bool:
@@ -162,11 +188,15 @@ class ForkJoin:
         if at_base and tag in _BREAKING:
             self.end_branch(br, "stop")
             return
+        if self._stalls(br, tag):
+            self.finish(req, "malformed")
+            return
         opens_fork = req.parallel and tag == "</Goal>" and br.state.phase == "goal"
         ends_path = at_base and tag == "</Path>"
         extra = len(self.sp.newline) if (self.sp and (opens_fork or ends_path)) else 0
-        if not self._admit(br, token, tag, extra):
-            self.end_branch(br, "length")
+        refusal = self._refusal(br, token, tag, extra)
+        if refusal is not None:
+            self.end_branch(br, refusal)
             return
         br.append_generated(token, forced=False, logprob=logprob)
         if opens_fork or ends_path:
@@ -218,10 +248,9 @@ class ForkJoin:
         child_close = len(sp.close_path) + len(sp.conclusion) + self._closing_cost(br, br.state.depth)
         if s + max(len(x) for x in starts) + 1 + child_close > req.gen_start + p.max_tokens:
             return False
-        if p.max_total_tokens is not None:
-            need = inserted + k * (1 + len(sp.close_path)) + len(sp.conclusion)
-            if req.num_generated + need + self._total_reserve(req) > p.max_total_tokens:
-                return False
+        need = inserted + k * (1 + len(sp.close_path)) + len(sp.conclusion)
+        if req.num_generated + need + self._total_reserve(req) > p.total_budget:
+            return False
         # memory: refused only when the whole request could no longer fit the pool; transient
         # pressure is the scheduler's (preemption), so results do not depend on the batch
         if req.prompt_len + req.num_generated + inserted + k + len(sp.conclusion) > self.kv.num_slots:

@@ -73,7 +73,10 @@ class LLM:
                enable_prefix_cache: bool = True, seed: int = 0,
                eos_token_ids: Sequence[int] | None = None, check_invariants: bool = False) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
-        slots = num_kv_slots or _default_slots(model, kv_memory)
+        if num_kv_slots is not None and (isinstance(num_kv_slots, bool) or not isinstance(num_kv_slots, int)
+                                         or num_kv_slots < 1):  # fmt: skip
+            raise ValueError(f"num_kv_slots must be a positive integer (or None: the default), got {num_kv_slots!r}")
+        slots = num_kv_slots if num_kv_slots is not None else _default_slots(model, kv_memory)
         self.kv = KVManager(slots)
         self.radix = RadixCache(self.kv) if enable_prefix_cache else None
         self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
@@ -106,6 +109,15 @@ class LLM:
         vocab = self.model.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token id out of range [0, {vocab}): {[t for t in ids if not 0 <= t < vocab][:5]}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ctx = getattr(self.model.config, "max_position_embeddings", None)
+        if ctx and len(ids) > ctx:
+            raise ValueError(f"prompt is {len(ids)} tokens, longer than the model's context ({ctx})")
+        if len(ids) >= self.kv.num_slots:
+            raise ValueError(f"prompt is {len(ids)} tokens, it does not fit the KV pool ({self.kv.num_slots} slots)")
+        if ctx and params.max_tokens > ctx:
+            raise ValueError(f"max_tokens ({params.max_tokens}) is larger than the model's context ({ctx})")
         names = self._tag_names if params.parallel else {}
         forced = params.forced_output
         if isinstance(forced, str):
@@ -143,8 +155,12 @@ class LLM:
         if not works:  # nothing fits: the first request alone exceeds the KV pool
             self.forkjoin.finish(active[0], "kv_capacity")
         else:
-            out = self.runner.run(works)
-            self._postprocess(works, out)
+            try:
+                out = self.runner.run(works)
+            except Exception:  # find the culprit: each request's works on their own
+                self._isolate(works)
+            else:
+                self._postprocess(works, out)
         done = [r for r in active if r.finished]
         now = time.perf_counter()
         for r in done:
@@ -166,39 +182,95 @@ class LLM:
             if isinstance(holder, Branch) and holder not in live:
                 raise AssertionError(f"{holder} holds KV slots {self.kv.held(holder)[:8]}... but is not live")
 
+    def _fail(self, req: Request) -> None:
+        """Finish ``req`` with ``finish_reason="error"`` (message kept) after an exception."""
+        import sys
+
+        err = sys.exc_info()[1]
+        self.forkjoin.finish(req, "error", error=f"{type(err).__name__}: {err}")
+
+    def _isolate(self, works: list[Work]) -> None:
+        """The runner raised: run the step one request at a time (the runner only reads; each
+        request's works read only its own slots and shared prompt prefixes); a request that
+        raises again finishes with ``"error"``, the others go on."""
+        groups: dict[int, list[Work]] = {}
+        for w in works:
+            groups.setdefault(id(w.branch.request), []).append(w)
+        if len(groups) == 1:
+            self._fail(works[0].branch.request)
+            return
+        for group in groups.values():
+            try:
+                out = self.runner.run(group)
+            except Exception:
+                self._fail(group[0].branch.request)
+            else:
+                self._postprocess(group, out)
+
     def _postprocess(self, works: list[Work], out: StepOutput) -> None:
+        """Apply the step's results; an exception finishes only the request it came from."""
         for i, attend in out.attend_updates.items():  # before any fork / merge reads them
             works[i].branch.set_attend(attend)
         to_sample: list[tuple[Branch, int]] = []
         for i, w in enumerate(works):
-            br, req = w.branch, w.branch.request
-            if w.prompt_rows:
-                rows = out.prompt_rows[i]
-                nxt = [req.prompt_ids[w.start + r + 1] for r in w.prompt_rows]
-                lps = token_logprobs(out.logits[rows[0] : rows[-1] + 1], nxt)
-                req.set_prompt_logprobs(w.start + w.prompt_rows[0] + 1, lps)
-            if br.parent is None and not req.finished and not req.prompt_cached and br.num_computed >= req.prompt_len:
-                req.mark_prompt_cached()
-                if self.radix is not None:
-                    self.radix.insert(req.prompt_ids, br.kv[: req.prompt_len], namespace=req.parallel)
-            if w.completes and not req.finished and self.forkjoin.on_computed(br):
-                to_sample.append((br, out.sample_row[i]))
+            if w.branch.request.finished:
+                continue
+            try:
+                if self._computed(w, out, i):
+                    to_sample.append((w.branch, out.sample_row[i]))
+            except Exception:
+                self._fail(w.branch.request)
+        to_sample = [(br, row) for br, row in to_sample if not br.request.finished]
         if not to_sample:
             return
-        params, gens, forced, want = [], [], [], []
         for br, _ in to_sample:
-            p = br.request.params
-            if br.generator is None and not p.greedy:
+            if br.generator is None and not br.request.params.greedy:
                 br.set_generator(make_generator(br.seed, out.logits.device))
+        saved = [(br.generator, br.generator.get_state()) for br, _ in to_sample if br.generator is not None]
+        try:
+            results = self._sample(to_sample, out.logits)
+        except Exception:  # one row at a time, from the same RNG states: only the culprit fails
+            for g, state in saved:
+                g.set_state(state)
+            results = []
+            for item in to_sample:
+                try:
+                    results += self._sample([item], out.logits)
+                except Exception:
+                    self._fail(item[0].request)
+        for br, tok, lp in results:
+            if not br.request.finished:
+                try:
+                    self.forkjoin.on_sampled(br, tok, lp)
+                except Exception:
+                    self._fail(br.request)
+
+    def _computed(self, w: Work, out: StepOutput, i: int) -> bool:
+        """One work's chunk is computed: prompt logprobs, the prefix cache, fork/join; True when
+        its branch samples now."""
+        br, req = w.branch, w.branch.request
+        if w.prompt_rows:
+            rows = out.prompt_rows[i]
+            nxt = [req.prompt_ids[w.start + r + 1] for r in w.prompt_rows]
+            lps = token_logprobs(out.logits[rows[0] : rows[-1] + 1], nxt)
+            req.set_prompt_logprobs(w.start + w.prompt_rows[0] + 1, lps)
+        if br.parent is None and not req.prompt_cached and br.num_computed >= req.prompt_len:
+            req.mark_prompt_cached()
+            if self.radix is not None:
+                self.radix.insert(req.prompt_ids, br.kv[: req.prompt_len], namespace=req.parallel)
+        return w.completes and self.forkjoin.on_computed(br)
+
+    def _sample(self, items: list[tuple[Branch, int]], logits: torch.Tensor) -> list[tuple[Branch, int, float | None]]:
+        params, gens, forced, want = [], [], [], []
+        for br, _ in items:
+            p = br.request.params
             params.append(p)
             gens.append(br.generator)
             forced.append(self.forkjoin.forced_token(br))
             want.append(bool(p.logprobs) or forced[-1] is not None)
-        rows = torch.tensor([r for _, r in to_sample], device=out.logits.device)
-        tokens, lps = sample(out.logits.index_select(0, rows), params, gens, forced, want)
-        for (br, _), tok, lp in zip(to_sample, tokens, lps, strict=True):
-            if not br.request.finished:
-                self.forkjoin.on_sampled(br, tok, lp)
+        rows = torch.tensor([r for _, r in items], device=logits.device)
+        tokens, lps = sample(logits.index_select(0, rows), params, gens, forced, want)
+        return [(br, tok, lp) for (br, _), tok, lp in zip(items, tokens, lps, strict=True)]
 
     # -- generate --------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],

@@ -11,10 +11,15 @@ temperature / top-k / top-p), for the token actually taken.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+MIN_TEMPERATURE = 1e-3  # a temperature is 0 (greedy) or at least this: logits / T stay finite
+TOTAL_TOKENS_FACTOR = 4  # default max_total_tokens = TOTAL_TOKENS_FACTOR * max_tokens
+_INTS = ("top_k", "max_tokens", "max_depth", "max_paths", "max_live_branches")
 
 
 @dataclass(slots=True)
@@ -22,8 +27,13 @@ class SamplingParams:
     """Per-request generation settings (vLLM-shaped).
 
     ``max_tokens`` bounds the *sequential depth* of the output (final position + 1 - the prompt's
-    next position), as the released Multiverse engine did; ``max_total_tokens`` optionally bounds
-    the tokens of all branches together. Limits on forking (``max_depth``: nesting of forked
+    next position), as the released Multiverse engine did; ``max_total_tokens`` bounds the tokens
+    of all branches together (engine-inserted ones included), by default
+    ``TOTAL_TOKENS_FACTOR * max_tokens`` (4x; :attr:`total_budget`), so every request's work is
+    bounded even when the model writes structure that never deepens (``<Path>`` after
+    ``<Path>``); the KV pool bounds it too (``finish_reason="kv_capacity"``). Hitting it ends
+    the request with ``finish_reason="max_total_tokens"``, the depth bound with ``"length"``.
+    ``max_tokens`` above the model's context is rejected at ``LLM.add_request``. Limits on forking (``max_depth``: nesting of forked
     blocks, ``max_paths``: paths per block, ``max_live_branches``: branches decoding at once per
     request) make the engine refuse a fork, never fail: the branch then continues sequentially.
 
@@ -55,12 +65,14 @@ class SamplingParams:
     serial_branches: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        t = self.temperature
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (t == 0 or t >= MIN_TEMPERATURE, f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {t}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
@@ -78,6 +90,51 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def total_budget(self) -> int:
+        """The bound on all branches' tokens: ``max_total_tokens``, else ``4 * max_tokens``."""
+        return self.max_total_tokens if self.max_total_tokens is not None else TOTAL_TOKENS_FACTOR * self.max_tokens
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_types(p: SamplingParams) -> None:
+    """ValueError naming the field whose value has the wrong type (before any range check)."""
+
+    def bad(name: str, want: str) -> ValueError:
+        return ValueError(f"SamplingParams: {name} must be {want}, got {getattr(p, name)!r}")
+
+    for name in ("temperature", "top_p"):
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad(name, "a finite number")
+    for name in _INTS:
+        if not _is_int(getattr(p, name)):
+            raise bad(name, "an integer")
+    for name in ("seed", "max_total_tokens"):
+        if getattr(p, name) is not None and not _is_int(getattr(p, name)):
+            raise bad(name, "an integer or None")
+    if p.seed is not None and not -(1 << 63) <= p.seed < (1 << 64):
+        raise bad("seed", "a 64-bit integer")
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(p, name)
+        if not isinstance(v, (bool, int)) or v < 0:
+            raise bad(name, "a bool or an integer >= 0")
+    for name in ("ignore_eos", "parallel", "serial_branches"):
+        if not isinstance(getattr(p, name), bool):
+            raise bad(name, "a bool")
+    stop = p.stop
+    if not (stop is None or isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))):
+        raise bad("stop", "a string or a list of strings")
+    ids = p.stop_token_ids
+    if not (ids is None or (isinstance(ids, (list, tuple, set, frozenset)) and all(_is_int(t) and t >= 0 for t in ids))):
+        raise bad("stop_token_ids", "a list of token ids (integers >= 0)")
+    out = p.forced_output
+    if not (out is None or isinstance(out, str) or (isinstance(out, (list, tuple)) and all(_is_int(t) for t in out))):
+        raise bad("forced_output", "a string or a list of token ids")
 
 
 def branch_seed(seed: int, path: Sequence[str]) -> int:
