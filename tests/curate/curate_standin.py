@@ -144,7 +144,10 @@ class StandIn:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                except (ConnectionError, ValueError):  # a client killed mid-request
+                    return
                 if standin.latency:
                     time.sleep(standin.latency)
                 status, headers, err, content, finish = standin.reply(body)

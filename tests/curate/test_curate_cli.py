@@ -105,6 +105,7 @@ def test_remote_llm_standin_sigkill_and_resume_is_byte_identical(tmp_path):
         J.repair_tail(journal)
         finished = journal.read_text().count("\n")
         assert 0 < finished < full_requests
+        time.sleep(0.5)  # requests the killed run had in flight reach the stand-in before the count restarts
         s.requests.clear()
         subprocess.run(argv(tmp_path / "killed"), check=True, env=env, timeout=60, capture_output=True)
         assert len(s.requests) == full_requests - finished  # zero repeated requests for finished steps
