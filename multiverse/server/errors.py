@@ -35,9 +35,13 @@ class APIError(Exception):
         return error_body(self.message, _TYPES.get(self.status, "server_error"), self.param, self.code)
 
 
-def _loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or None
+_TYPE_NAMES = ("str", "int", "float", "bool", "list[", "dict[", "function-", "constrained-", "union[", "literal[")
+
+
+def _loc(loc: tuple[Any, ...] | list[Any]) -> tuple[str | None, str]:
+    """(the top-level field, the path to the problem without pydantic's union member names)."""
+    parts = [str(p) for p in loc if p != "body" and not str(p).startswith(_TYPE_NAMES)]
+    return (parts[0] if parts else None), ".".join(parts)
 
 
 def install(app: Any) -> None:
@@ -53,11 +57,11 @@ def install(app: Any) -> None:
     async def _validation(request: Any, exc: RequestValidationError) -> Any:
         errs = exc.errors()
         first = errs[0] if errs else {}
-        param = _loc(first.get("loc", ()))
+        param, where = _loc(first.get("loc", ()))
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":
-            msg, param = "the body is not valid JSON", None
-        text = f"{param}: {msg}" if param else msg
+            msg, param, where = "the body is not valid JSON", None, ""
+        text = f"{where}: {msg}" if where else msg
         if len(errs) > 1:
             text += f" (and {len(errs) - 1} more problems)"
         return JSONResponse(error_body(text, "invalid_request_error", param, str(first.get("type") or "")),
