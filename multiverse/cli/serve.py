@@ -76,16 +76,16 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
 
         from multiverse.server.app import ServerConfig
-        from multiverse.server.runner import is_loopback, serve
+        from multiverse.server.runner import exposure_warning, serve
     except ImportError:
         print("multiverse serve: error: needs the server extra: pip install 'multiverse[server]'", file=sys.stderr)
         return 2
     from multiverse.engine.llm import LLM
 
     api_key = args.api_key or os.environ.get("MULTIVERSE_API_KEY") or None
-    if not is_loopback(args.host) and api_key is None:
-        print(f"multiverse serve: warning: binding {args.host} (not loopback) without an API key: anyone who "
-              "can reach this address can use the model (set --api-key or MULTIVERSE_API_KEY)", file=sys.stderr)  # fmt: skip
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        print(f"multiverse serve: warning: {warning}", file=sys.stderr)
     print(f"loading {model} ...", file=sys.stderr)
     extra = {"num_kv_slots": args.kv_slots} if args.kv_slots else {}
     llm = LLM(str(model), device=args.device, dtype=args.dtype, **extra)

@@ -22,6 +22,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a public bind without an API key (None when there is nothing to say)."""
+    if is_loopback(host) or api_key:
+        return None
+    return (f"binding {host} (not loopback) without an API key: anyone who can reach this address can "
+            "use the model (set --api-key or MULTIVERSE_API_KEY)")  # fmt: skip
+
+
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
           log_level: str = "info") -> None:  # fmt: skip
     import uvicorn
