@@ -5,6 +5,7 @@ OpenAI-compatible LLM (SPEC section 5; the library is :mod:`multiverse.curate`).
       [--max-regen N] [--threshold 0.2] [--api-key-env OPENAI_API_KEY] [--max-requests N]
       [--max-tokens N] [--max-cost USD --price-in USD --price-out USD]
   multiverse curate report DIR
+  multiverse curate eval [--truth tasks|TRACES_DIR] [--n 20] --output DIR --base-url URL --model NAME
 
 ``run`` writes ``DIR/curated.jsonl`` (a ``multiverse train --data`` file), ``DIR/rejected.jsonl``
 (with reasons), ``DIR/journal.jsonl`` and ``DIR/run.json``; running it again resumes.
@@ -26,6 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub.required = True
     r = sub.add_parser("run", help="curate INPUT into DIR (resumes when run again)")
     r.add_argument("input", metavar="INPUT", help="JSONL or Parquet: {question, chain|thinking|solution, answer} or messages")
+    _run_options(r)
+    e = sub.add_parser("eval", help="score a curator configuration against chains with a known parallel form")
+    e.add_argument("--truth", default="tasks", metavar="tasks|DIR",
+                   help="'tasks' (synthetic, test split) or a traces directory (e.g. shared/data/traces/multiverse-32b)")
+    e.add_argument("--n", type=int, default=20, help="records of ground truth (default 20)")
+    e.add_argument("--seed", type=int, default=0)
+    _run_options(e)
+    rep = sub.add_parser("report", help="counts, failure reasons and costs of a run (report.md, report.json)")
+    rep.add_argument("directory", metavar="DIR")
+
+
+def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--output", "-o", required=True, metavar="DIR")
     r.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     r.add_argument("--model", required=True, metavar="NAME")
@@ -44,8 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--request-max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request")
     r.add_argument("--fsync", action="store_true", help="fsync every journal/output line (survives power loss; slower)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
-    rep = sub.add_parser("report", help="counts, failure reasons and costs of a run (report.md, report.json)")
-    rep.add_argument("directory", metavar="DIR")
 
 
 def _progress(s: Any) -> None:
@@ -54,21 +65,19 @@ def _progress(s: Any) -> None:
           f"retries {s.retries} | tokens {s.prompt_tokens + s.completion_tokens}", end="", file=sys.stderr, flush=True)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from multiverse.curate.inputs import read_inputs
+def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any:
+    """Run the pipeline over ``records`` with the run options of ``args``; prints the summary."""
     from multiverse.curate.pipeline import Run, RunConfig
 
     if args.concurrency < 1 or args.max_regen < 0 or not 0 <= args.threshold <= 1:
         raise ValueError("--concurrency must be >= 1, --max-regen >= 0, --threshold in [0, 1]")
-    records, bad = read_inputs(args.input)
-    for source, reason in bad[:10]:
-        print(f"skipped {source}: {reason}", file=sys.stderr)
     config = RunConfig(
         output=Path(args.output), base_url=args.base_url, model=args.model,
         api_key=os.environ.get(args.api_key_env), concurrency=args.concurrency, max_regen=args.max_regen,
         threshold=args.threshold, max_requests=args.max_requests, timeout=args.timeout,
         max_retries=args.max_retries, temperature=args.temperature, request_max_tokens=args.request_max_tokens,
-        max_tokens=args.max_tokens, max_cost=args.max_cost, fsync=args.fsync, price_in=args.price_in, price_out=args.price_out,
+        max_tokens=args.max_tokens, max_cost=args.max_cost, fsync=args.fsync, price_in=args.price_in,
+        price_out=args.price_out,
     )  # fmt: skip
     job = Run(config, progress=None if args.quiet else _progress)
 
@@ -78,16 +87,47 @@ def _run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signal.SIGINT, job.stop)
         except (NotImplementedError, RuntimeError):
             pass
-        return await job.run(records, len(bad))
+        return await job.run(records, unusable)
 
     s: Any = asyncio.run(main())
     if not args.quiet:
         print(file=sys.stderr)
     print(f"{s.accepted} accepted, {s.rejected} rejected, {s.pending} pending "
-          f"({s.skipped_done} done before, {len(bad)} unusable inputs); {s.requests} requests, "
+          f"({s.skipped_done} done before, {unusable} unusable inputs); {s.requests} requests, "
           f"{s.retries} retries -> {args.output}")
     if s.stopped:
         print(f"intake stopped: {s.stopped}; run the same command again to resume")
+    return s
+
+
+def _run(args: argparse.Namespace) -> int:
+    from multiverse.curate.inputs import read_inputs
+
+    records, bad = read_inputs(args.input)
+    for source, reason in bad[:10]:
+        print(f"skipped {source}: {reason}", file=sys.stderr)
+    _execute(args, records, len(bad))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from multiverse.curate import evaluate
+
+    if args.truth != "tasks" and not Path(args.truth).is_dir():
+        raise ValueError(f"--truth must be 'tasks' or a traces directory, got {args.truth}")
+    truth = evaluate.ground_truth(args.truth, args.n, args.seed)
+    if not truth:
+        raise ValueError(f"no usable ground truth in {args.truth}")
+    _execute(args, evaluate.inputs_of(truth), 0)
+    result = evaluate.score(truth, Path(args.output))
+    result.update({"truth": args.truth, "model": args.model})
+    name = "synthetic tasks" if args.truth == "tasks" else Path(args.truth).name
+    text = evaluate.table(result, name)
+    (Path(args.output) / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (Path(args.output) / "eval.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
     return 0
 
 
@@ -102,4 +142,4 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _report(args) if args.curate_command == "report" else _run(args)
+    return {"report": _report, "eval": _eval}.get(args.curate_command, _run)(args)

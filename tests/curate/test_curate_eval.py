@@ -1,0 +1,48 @@
+"""``curate eval``: boundary F1, trigger rate and # parallel against known parallel forms;
+end to end with the stand-in for a REMOTE LLM on the synthetic tasks."""
+
+import argparse
+import json
+import types
+
+from curate_standin import StandIn
+
+from multiverse.cli import curate as cli
+from multiverse.curate import evaluate as E
+
+
+def test_marks_and_f1_on_real_traces(tmp_path, shared_data):
+    truth = E.ground_truth(str(shared_data / "traces" / "multiverse-32b"), 3)
+    assert truth and all(t["id"].startswith("trace-") for t in truth)
+    text, blocks, paths = E.marks(truth[0]["chain"])
+    assert blocks and len(paths) > len(blocks) and not any(c.isspace() for c in text)
+    rows = [{"id": t["id"], "chain": t["chain"]} for t in truth]
+    rows[1]["chain"] = "<Think>\n" + E.grammar.flatten(truth[1]["chain"]) + "\n</Think>"  # curated with no block
+    (tmp_path / "curated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = E.score(truth, tmp_path)
+    assert res["accepted"] == 3 and res["exact"] == 2
+    assert 0 < res["block_f1"] < 1 and res["trigger_rate"] == {"original": 1.0, "curated": round(2 / 3, 4)}
+    assert res["parallel_degree"]["original"] > 1
+
+
+def test_mapped_offsets_follow_small_edits():
+    assert E._mapped({0, 5}, "abcdefgh", "abcdefgh") == {0, 5}
+    assert E._mapped({4}, "abcdefgh", "abXcdefgh") == {5}
+
+
+def test_remote_llm_standin_curate_eval_on_tasks_scores_perfectly(tmp_path, capsys):
+    truth = E.ground_truth("tasks", 6)
+    s = StandIn([types.SimpleNamespace(question=t["question"], chain=t["chain"]) for t in truth])
+    url = s.start()
+    try:
+        p = argparse.ArgumentParser()
+        cli.add_arguments(p)
+        args = p.parse_args(["eval", "--truth", "tasks", "--n", "6", "--output", str(tmp_path / "ev"),
+                             "--base-url", url, "--model", "standin-for-remote-llm", "--quiet"])  # fmt: skip
+        assert cli.run(args) == 0
+    finally:
+        s.stop()
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert res["accepted"] == res["exact"] == 6 and res["block_f1"] == res["path_f1"] == 1.0
+    assert res["parallel_degree"]["original"] == res["parallel_degree"]["curated_accepted"] > 1
+    assert "| synthetic tasks | 6 | 6 | 6 | 1.0 | 1.0 |" in capsys.readouterr().out
