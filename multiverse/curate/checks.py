@@ -26,7 +26,7 @@ FORBIDDEN_OPENINGS = (
 )  # fmt: skip
 _OPENING_RE = re.compile(r"^\s*(?:" + "|".join(re.escape(w) for w in FORBIDDEN_OPENINGS) + r")\b", re.IGNORECASE)
 _SIBLING_RE = re.compile(
-    r"\b(?:(?:previous|other|sibling|preceding|next|first|second|earlier|above) (?:path|branch|case)s?"
+    r"\b(?:(?:previous|other|sibling|preceding|earlier|above) (?:path|branch|case)s?"
     r"|(?:path|branch) \d+(?:\.\d+)*)\b",
     re.IGNORECASE,
 )

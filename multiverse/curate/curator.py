@@ -120,8 +120,7 @@ class Curator:
             if entry["finish_reason"] == "length":
                 errors = ["the reply was cut off at the length limit (finish_reason: length); give a shorter reply"]
             else:
-                kind = "mapreduce" if step == "mapreduce" else step
-                result, errors = validate.parse_reply(kind, entry["reply"], **context)
+                result, errors = validate.parse_reply(step, entry["reply"], **context)
                 if not errors:
                     return result
             usage.invalid.append(f"{step}: {errors[0]}")
@@ -173,7 +172,7 @@ class Curator:
         edits: list[dict[str, Any]] = []
         order = skeleton.unit_order(items)
         for _, blk in skeleton.iter_blocks(items):
-            paths = [refill._container(p.items, texts, seps, "").rstrip("\n") for p in blk.paths]
+            paths = [refill.render_container(p.items, texts, seps, "").rstrip("\n") for p in blk.paths]
             first = next(u for u in skeleton.unit_order([blk]))
             before = [texts[u] for u in order[: order.index(first)]][-3:]
             payload: dict[str, Any] = {"step": "mapreduce", "question": rec.question, "before": "\n".join(before),

@@ -60,7 +60,9 @@ def _label(prefix: str, k: int) -> str:
     return f"{prefix}{k + 1}"
 
 
-def _container(items: list[SkItem], texts: dict[int, str], seps: dict[int, str], prefix: str) -> str:
+def render_container(items: list[SkItem], texts: dict[int, str], seps: dict[int, str], prefix: str) -> str:
+    """The text of one container (the top level or one path): units joined by their own
+    separators, blocks rendered in place (labels prefixed with ``prefix``)."""
     out: list[str] = []
     line_open = False
     for x in items:
@@ -88,7 +90,7 @@ def render_block(block: SkBlock, texts: dict[int, str], seps: dict[int, str], pr
         out.append(f"<Outline>\n{label}: {outline}\n</Outline>\n")
     out.append("</Goal>\n")
     for label, path in zip(labels, block.paths, strict=True):
-        out.append(f"<Path>\n{label}: {_container(path.items, texts, seps, label + '.')}</Path>\n")
+        out.append(f"<Path>\n{label}: {render_container(path.items, texts, seps, label + '.')}</Path>\n")
     out.append(f"<Conclusion>\n{block.conclusion}\n</Conclusion>\n</Parallel>\n")
     return "".join(out)
 
@@ -97,7 +99,7 @@ def render(items: list[SkItem], units: list[Unit], texts: dict[int, str] | None 
     """The whole chain: ``<Think>\\n`` ... ``</Think>`` (no answer)."""
     texts = {u.index: u.text for u in units} if texts is None else texts
     seps = {u.index: u.sep or "\n" for u in units}
-    return "<Think>\n" + _container(items, texts, seps, "") + "</Think>"
+    return "<Think>\n" + render_container(items, texts, seps, "") + "</Think>"
 
 
 def outline_text(text: str, label: str) -> str:

@@ -82,7 +82,7 @@ def test_task_records_rebuild_exactly_from_their_derived_plan(task):
         items = skeleton.build(steps, groups)
         texts = {u.index: u.text for u in units}
         for _, blk in skeleton.iter_blocks(items):
-            paths = [refill._container(p.items, texts, {u.index: u.sep for u in units}, "9.") for p in blk.paths]
+            paths = [refill.render_container(p.items, texts, {u.index: u.sep for u in units}, "9.") for p in blk.paths]
             reply = d.blocks[tuple(grammar.flatten(p) for p in paths)]
             blk.outlines, blk.conclusion = reply["outlines"], reply["conclusion"]
         assert refill.render(items, units) == r.chain
