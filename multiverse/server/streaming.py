@@ -12,12 +12,13 @@ engine steps (read only) and says what is new since the last look:
   last ``hold`` characters when stop strings may still cut the text.
 * **events** (the ``multiverse`` field of a chunk; docs/streaming.md):
   ``{"type": "fork", "block": 0, "branch": "", "labels": ["1", "2"], "paths": ["1", "2"]}``,
-  ``{"type": "delta", "branch": "1.2", "text": "..."}``,
+  ``{"type": "delta", "branch": "1.2", "block": 1, "text": "..."}``,
   ``{"type": "path_end", "branch": "1.2", "block": 1}``,
   ``{"type": "merge", "block": 0, "branch": ""}``.
   A branch is named by its path of outline labels from the root (``""`` is the root; a child
   labelled ``2`` of branch ``1`` is ``"1.2"``, and so is one labelled ``1.2``); blocks are
-  numbered per request in the order they fork. A branch's deltas, concatenated, are exactly
+  numbered per request in the order they fork (a name recurs in a later block: ``(block,
+  branch)`` is unique). A branch's deltas, concatenated, are exactly
   its path's text in the final output (``<Path>`` to ``</Path>`` and the newline after it).
 
 The functions below build the OpenAI chunk objects and the SSE framing.
@@ -132,7 +133,7 @@ class BranchStreamer:
         done = final or c.status in _DONE
         delta = sent.advance(self._decode(c.own_ids), final=done)
         if delta:
-            events.append({"type": "delta", "branch": name, "text": delta})
+            events.append({"type": "delta", "branch": name, "block": self.child_block.get(c), "text": delta})
         if done:
             self.ended.add(c)
             events.append({"type": "path_end", "branch": name, "block": self.child_block.get(c)})

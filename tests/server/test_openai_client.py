@@ -35,6 +35,19 @@ def test_models_health_and_auth(server, client):
     assert r.status_code == 401
 
 
+def test_openapi_shows_every_field(server):
+    url, _ = server
+    doc = httpx.get(url + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    schemas = doc["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        fields = set(schemas[name]["properties"])
+        assert {"parallel", "max_total_tokens", "max_depth", "max_paths", "max_live_branches", "timeout",
+                "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+                "logprobs"} <= fields, fields  # fmt: skip
+    assert "top_logprobs" in schemas["ChatCompletionRequest"]["properties"]
+    assert "/metrics" in doc["paths"] and "/v1/chat/completions" in doc["paths"]
+
+
 def test_chat_streamed_equals_plain_and_branch_events_match_the_tree(client, server):
     msgs = _chat(QUESTIONS[0])
     plain = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=400)

@@ -1,0 +1,90 @@
+""":class:`BranchStreamer` on forced outputs (nested blocks, uneven paths, two blocks, a stop
+string): the streamed text is always a prefix of the final text and ends equal to it; the
+branch events rebuild the final tree exactly, with every path ended before its block's merge."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from _engine_util import block, tiny_pair  # noqa: E402
+
+from multiverse.engine.llm import LLM  # noqa: E402
+from multiverse.engine.sampling import SamplingParams  # noqa: E402
+from multiverse.server.streaming import BranchStreamer, branch_name  # noqa: E402
+from multiverse.train.bpe import default_tokenizer  # noqa: E402
+
+
+def _think(*parts: str) -> str:
+    return "<Think>\n" + "".join(parts) + "</Think>\n\nAnswer: 7"
+
+
+NESTED = _think(block([
+    ("1", "deep\n" + block([
+        ("1.1", "deeper\n" + block([("1.1.1", "bottom a"), ("1.1.2", "bottom bb")])),
+        ("1.2", "side"),
+    ])),
+    ("2", "flat"),
+]), "two blocks\n", block([("1", "again and again"), ("2", "x")]))  # fmt: skip
+UNEVEN = _think("first\n", block([("1", "a b c d e f g h i j k"), ("2", "x"), ("3", "y z")]), "after\n")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    tok = default_tokenizer()
+    return LLM.from_model(tiny_pair(tok)[1], tok, num_kv_slots=4096)
+
+
+def _paths(tree: dict, ids: list[int], decode, prefix: str = "") -> list[tuple[str, str]]:
+    """(branch name, text) of every path in ``tree`` (the RequestOutput's tree)."""
+    out = []
+    for b in tree["blocks"]:
+        for p in b["paths"]:
+            name = branch_name(prefix, p["label"])
+            out.append((name, decode(ids[p["start"] : p["end"]])))
+            out += _paths(p, ids, decode, name)
+    return out
+
+
+@pytest.mark.parametrize(("text", "stop"), [(NESTED, None), (UNEVEN, None), (UNEVEN, "after")],
+                         ids=["nested", "uneven", "stop"])  # fmt: skip
+def test_stream_matches_the_final_output(llm, text, stop):
+    tok = llm.tokenizer
+    req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text, stop=stop))
+    streamer = BranchStreamer(tok, hold=len(stop or ""))
+    sent, events, snapshots = "", [], []
+    while not req.finished:
+        llm.step()
+        if req.finished:
+            break
+        delta, evs = streamer.update(req)
+        sent += delta
+        events += evs
+        snapshots.append(sent)
+    out = llm.output(req)
+    llm.check_invariants()
+    delta, evs = streamer.finish(req, out.text)
+    sent += delta
+    events += evs
+    assert sent == out.text
+    assert all(out.text.startswith(s) for s in snapshots)
+    assert len(set(snapshots)) > 5  # it really streamed
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    want = _paths(out.tree, out.token_ids, decode)
+    got: dict[tuple[int, str], str] = {}
+    for e in events:
+        if e["type"] == "delta":
+            key = (e["block"], e["branch"])
+            got[key] = got.get(key, "") + e["text"]
+    if stop is None:
+        assert sorted((name, t) for (_, name), t in got.items()) == sorted(want)
+    forks = {e["block"]: e for e in events if e["type"] == "fork"}
+    assert len(forks) == out.usage.blocks
+    for block_id, fork in forks.items():
+        merge_at = next(i for i, e in enumerate(events) if e["type"] == "merge" and e["block"] == block_id)
+        ends = [i for i, e in enumerate(events) if e["type"] == "path_end" and e["branch"] in fork["paths"]
+                and e["block"] == block_id]  # fmt: skip
+        assert len(ends) == len(fork["paths"]) and max(ends) < merge_at
+    if text is NESTED:
+        assert {"1.1.1", "1.1.2", "1.2", "2"} <= {name for _, name in got}
