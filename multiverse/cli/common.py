@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from multiverse.locations import default_model_hint, find_model
 
@@ -37,6 +38,36 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights and KV cache dtype (default float32)",
     )
+
+
+def check_device(device: str) -> str:
+    """``--device`` checked before anything loads: a torch device string this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine")
+    return device
+
+
+def load_engine(model: Path, device: str, dtype: str) -> Any:
+    """``multiverse.LLM`` on ``model``; a load failure (missing or truncated weights, a bad
+    config) becomes a :class:`UsageError` naming ``--model`` and the path."""
+    check_device(device)
+    from multiverse import LLM
+
+    try:
+        return LLM(str(model), device=device, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"--model {model}: cannot load ({msg[:240]})") from None
 
 
 def resolve_model(ref: str | None) -> Path:
@@ -84,3 +115,55 @@ def apply_threads(n: int | None) -> int:
     n = n or default_threads()
     torch.set_num_threads(n)
     return n
+
+
+def run_environment(threads: int) -> dict[str, Any]:
+    """What a timed run depends on, for ``results.json`` and the demo's printout: torch's thread
+    count, the torch / transformers / multiverse versions, the git commit of a source checkout
+    (``None`` elsewhere) and the CPU count."""
+    import os
+
+    import torch
+
+    from multiverse import __version__
+
+    try:
+        import transformers
+
+        tf_version: str | None = transformers.__version__
+    except ImportError:
+        tf_version = None
+    return {
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "multiverse": __version__,
+        "git_commit": git_commit(),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the source checkout this package runs from (``-dirty`` when it has local
+    changes); ``None`` when it is not a git checkout or git is missing."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
+def format_environment(env: dict[str, Any]) -> str:
+    """``env`` (:func:`run_environment`) as one line."""
+    return (
+        f"threads {env['threads']} of {env['cpu_count']} cores, torch {env['torch']}, "
+        f"transformers {env['transformers'] or '-'}, commit {env['git_commit'] or '-'}"
+    )

@@ -9,10 +9,15 @@ held-out synthetic problems with forking on and off and shows the branch tree, t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from multiverse.cli.common import UsageError, add_model_argument, resolve_model
+from multiverse.cli.common import (
+    UsageError,
+    add_model_argument,
+    add_threads_argument,
+    apply_threads,
+    resolve_model,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "example.txt"
 """Package data: a Multiverse text shown when no model is found."""
@@ -21,15 +26,18 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "example.txt"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     p.add_argument("--problems", type=int, default=3, help="held-out problems to solve (default 3)")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.problems < 1:
+        raise UsageError(f"--problems must be >= 1, got {args.problems}")
+    threads = apply_threads(args.threads)
     try:
         model = resolve_model(args.model)
     except UsageError as e:
-        if args.model is not None:
-            print(f"multiverse demo: error: {e}", file=sys.stderr)
-            return 2
+        if args.model is not None:  # a model named on the command line must be there
+            raise
         model = None
         reason = str(e)
     if model is not None:
@@ -38,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:  # the `demo` extra (transformers) is missing
             reason = f"the engine cannot load models here ({e}); pip install 'multiverse[demo]'"
         else:
-            if args.problems < 1:
-                print("multiverse demo: error: --problems must be >= 1", file=sys.stderr)
-                return 2
-            return run_model_demo(model, args.problems)
+            return run_model_demo(model, args.problems, threads=threads)
     from multiverse.cli import main
 
     print(f"({reason}: showing `multiverse inspect` on the shipped example)\n")

@@ -13,7 +13,10 @@ mix with a warning when it records none), says on stderr which, and for each one
     branches and engine-inserted tokens of the request;
   * generates the same prompt again with forking off (same model, same process: the same
     output with its branches decoded one after another, ``serial_branches``) and prints the
-    wall-clock speedup, forking-off time / forking-on time, at batch size 1 (SPEC 2);
+    wall-clock speedup, forking-off time / forking-on time, at batch size 1 (SPEC 2). The
+    timing is made robust: one untimed warm-up per mode on a forced Multiverse output that
+    forks (first-call and first-fork costs stay out), and problems alternate which mode runs
+    first;
   * when the autoregressive twin is there (``twin_dir``, default ``autoregressive-tiny`` next
     to the model), solves the problem with it too (sequential prompt) for comparison.
 
@@ -104,14 +107,35 @@ def _timed(llm: Any, question: str, parallel: bool, prompt_parallel: bool, max_t
     return out, time.perf_counter() - start
 
 
-def solve(llm: Any, record: Any, max_tokens: int = MAX_TOKENS, twin: Any = None) -> DemoResult:
+WARMUP_TEXT = (
+    "<Think>\n<Parallel>\n<Goal>\n<Outline>\n1: a\n</Outline>\n<Outline>\n2: b\n</Outline>\n"
+    "</Goal>\n<Path>\n1: a a a\n</Path>\n<Path>\n2: b b b\n</Path>\n<Conclusion>\nab\n"
+    "</Conclusion>\n</Parallel>\n</Think>\n\nAnswer: 0"
+)
+"""The forced output of the warm-up: one block of two paths, so the warm-up forks and joins."""
+
+
+def warm_up(llm: Any) -> None:
+    """One untimed generation per timed mode (forking on, serial branches, plain) of a forced
+    output that forks, so first-call and first-fork costs stay out of the timings."""
+    from multiverse import SamplingParams
+
+    for mode in ({"parallel": True}, {"parallel": True, "serial_branches": True}, {"parallel": False}):
+        llm.generate(["warm up"], SamplingParams(temperature=0.0, forced_output=WARMUP_TEXT, **mode))
+
+
+def solve(llm: Any, record: Any, max_tokens: int = MAX_TOKENS, twin: Any = None,
+          off_first: bool = False) -> DemoResult:  # fmt: skip
     """Solve ``record`` with forking on (the answer shown) and off (the timing baseline), and
-    with the autoregressive ``twin`` engine when given."""
+    with the autoregressive ``twin`` engine when given; ``off_first`` times forking off first."""
     from multiverse.eval.grading import extract_answer, grade
 
     reference = str(record.answer)
+    if off_first:
+        off, t_off = _timed(llm, record.question, True, True, max_tokens, serial=True)
     out, t_on = _timed(llm, record.question, True, True, max_tokens)
-    off, t_off = _timed(llm, record.question, True, True, max_tokens, serial=True)
+    if not off_first:
+        off, t_off = _timed(llm, record.question, True, True, max_tokens, serial=True)
     twin_result = None
     if twin is not None:
         tw, t_tw = _timed(twin, record.question, False, False, max_tokens)
@@ -179,12 +203,17 @@ def format_result(k: int, n: int, r: DemoResult, counter: Any) -> str:
 
 
 def run_model_demo(
-    model_dir: str | Path, n_problems: int = 3, out: Any = None, twin_dir: str | Path | None = None
+    model_dir: str | Path,
+    n_problems: int = 3,
+    out: Any = None,
+    twin_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> int:
     """Run the demo on the model in ``model_dir``; print to ``out`` (default stdout).
 
     ``twin_dir``: the autoregressive twin to compare with (default: ``autoregressive-tiny``
-    next to ``model_dir`` when it exists; ``""`` for none). Returns 0, or 2 with a one-line
+    next to ``model_dir`` when it exists; ``""`` for none); ``threads``: the torch thread count
+    printed with the versions (default: torch's current one). Returns 0, or 2 with a one-line
     message when a model cannot be loaded."""
     out = out or sys.stdout
     model_dir = Path(model_dir)
@@ -194,7 +223,10 @@ def run_model_demo(
     if n_problems < 1:
         print(f"multiverse demo: error: --problems must be >= 1, got {n_problems}", file=sys.stderr)
         return 2
-    from multiverse import LLM, SamplingParams
+    import torch
+
+    from multiverse import LLM
+    from multiverse.cli.common import format_environment, run_environment
     from multiverse.eval.datasets import synthetic_tasks_for
     from multiverse.eval.structure import TokenCounter
 
@@ -213,17 +245,17 @@ def run_model_demo(
     counter = TokenCounter(str(model_dir))
     print(
         f"Multiverse demo: {model_dir} on {n_problems} held-out synthetic problem(s) "
-        f"({', '.join(choice.tasks)}), greedy, CPU, batch 1.\n",
+        f"({', '.join(choice.tasks)}), greedy, CPU, batch 1.\n"
+        f"({format_environment(run_environment(threads or torch.get_num_threads()))})\n",
         file=out,
     )
     problems = demo_problems(n_problems, choice.tasks)
-    warm = SamplingParams(temperature=0.0, max_tokens=4)
     for engine in (llm, twin) if twin is not None else (llm,):
-        engine.generate(["warm up"], warm)  # first-call costs stay out of the timings
+        warm_up(engine)
 
     results = []
     for k, rec in enumerate(problems, 1):
-        r = solve(llm, rec, twin=twin)
+        r = solve(llm, rec, twin=twin, off_first=k % 2 == 0)
         results.append(r)
         print(format_result(k, len(problems), r, counter), file=out, flush=True)
 

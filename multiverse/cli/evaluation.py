@@ -7,6 +7,11 @@ the problems, runs it at each ``--batch-size`` and writes ``results.json``, ``re
 ``--benchmark synthetic`` without ``--tasks`` poses the tasks the model directory records it
 was trained on (:func:`multiverse.eval.datasets.synthetic_tasks_for`, training-only tasks left
 out) and says so on stderr; a model recording none gets the default mix with a warning.
+
+A progress bar with ETA goes to stderr (tqdm; a line per batch without it). Ctrl-C writes the
+results so far (``"complete": false`` in ``results.json``) and exits 130. ``results.json``
+records the thread count (``--threads``), the torch/transformers versions and the git commit
+(``environment``).
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.cli.common import (
+    UsageError,
     add_device_arguments,
     add_model_argument,
+    add_threads_argument,
+    apply_threads,
+    check_device,
+    load_engine,
+    run_environment,
 )
 from multiverse.cli.pictures import plot_speedup
 from multiverse.eval.datasets import BENCHMARKS, load_benchmark, synthetic_tasks_for
@@ -54,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"one of {', '.join(BENCHMARKS)}, or a JSON/JSONL file of question/answer records",
     )
     p.add_argument(
-        "--limit", type=int, help="first N problems (synthetic: how many to draw; default 100)"
+        "--limit",
+        type=int,
+        help="first N problems (default: all; synthetic: how many to draw, default 100)",
     )
     p.add_argument(
         "--batch-size",
@@ -78,9 +91,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", metavar="DIR", help="benchmark files (default ../shared/data/benchmarks)"
     )
     p.add_argument("--kind", choices=KINDS, help="grading kind (default: from the benchmark)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic test problems")
     p.add_argument(
-        "--no-speedup", action="store_true", help="skip the forking-off pass (no speedup)"
+        "--seed", type=int, default=0, help="seed of the synthetic test problems (default 0)"
+    )
+    p.add_argument(
+        "--no-speedup",
+        action="store_true",
+        help="skip the forking-off pass (no speedup; default: time both modes)",
     )
     p.add_argument(
         "--baseline",
@@ -101,9 +118,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sequential-prompt",
         action="store_true",
-        help='use " Think step by step before answering." (AR models) instead of the parallel one',
+        help='use " Think step by step before answering." (AR models) instead of the parallel one '
+        "(default: the parallel one)",
     )
     add_device_arguments(p)
+    add_threads_argument(p)
 
 
 _BATCH_KEYS = ("n", "accuracy", "accuracy_sequential", "parallel_degree", "trigger_rate", "speedup",
@@ -121,44 +140,73 @@ def _tokenizer_of(llm: Any, model_dir: str) -> Any:
     return load_tokenizer(model_dir)
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """``--output`` made (when missing) and checked writable before any generation."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output {out_dir}: cannot write there ({e.strerror or e})") from None
+
+
+class Progress:
+    """Progress of the timed batches on stderr: a tqdm bar with ETA, or a line per batch."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+        self.start: float | None = None
+
+    def __call__(self, done: int, total: int, summary: dict[str, Any]) -> None:
+        import time
+
+        stats = f"accuracy={summary['accuracy']} # parallel={summary['parallel_degree']}"
+        if self.bar is None and self.start is None:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.label, unit="problem", file=sys.stderr)
+            except ImportError:
+                self.start = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(stats, refresh=True)
+            return
+        elapsed = time.perf_counter() - (self.start or 0.0)
+        eta = elapsed / done * (total - done) if done else float("nan")
+        print(f"{self.label} {done}/{total} {stats} ETA {eta:.0f} s", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    err = "multiverse eval: error:"
     if not Path(args.model).exists():  # a directory or a .gguf file; the engine checks the rest
-        print(f"{err} --model {args.model}: not found (no such directory or file)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--model {args.model}: not found (no such directory or file)")
+    check_device(args.device)
     task_names = args.tasks
-    try:
-        if args.benchmark == "synthetic" and not task_names:
-            choice = synthetic_tasks_for(args.model)
-            print(choice.message, file=sys.stderr)
-            task_names = list(choice.tasks)
-        problems = load_benchmark(
-            args.benchmark, args.limit, args.data_dir, args.seed, args.kind, task_names
-        )
-    except ValueError as e:
-        print(f"{err} {e}", file=sys.stderr)
-        return 2
+    if args.benchmark == "synthetic" and not task_names:
+        choice = synthetic_tasks_for(args.model)
+        print(choice.message, file=sys.stderr)
+        task_names = list(choice.tasks)
+    problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind, task_names)
     if not problems:
-        print(f"{err} {args.benchmark}: no problems", file=sys.stderr)
-        return 2
-    try:
-        from multiverse import LLM
-    except ImportError as e:
-        print(f"{err} the engine is not available ({e})", file=sys.stderr)
-        return 2
-    try:
-        llm = LLM(args.model, device=args.device, dtype=args.dtype)
-        tokenizer = _tokenizer_of(llm, args.model)
-    except (OSError, ValueError) as e:
-        print(f"{err} cannot load model {args.model}: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--benchmark {args.benchmark}: no problems")
     name = Path(args.benchmark).stem if args.benchmark not in BENCHMARKS else args.benchmark
+    out_dir = Path(args.output) if args.output else Path("runs") / "eval" / name
+    check_output_dir(out_dir)
+    threads = apply_threads(args.threads)
+    env = run_environment(threads)
+    llm = load_engine(Path(args.model), args.device, args.dtype)
+    tokenizer = _tokenizer_of(llm, args.model)
     sizes = list(dict.fromkeys(args.batch_size))
-    try:
-        runs = []
-        for size in sizes:
-            if len(sizes) > 1:
-                print(f"batch size {size}:", file=sys.stderr)
+    runs: list[EvalResult] = []
+    for size in sizes:
+        progress = Progress(f"batch {size}" if len(sizes) > 1 else "eval")
+        try:
             runs.append(
                 evaluate(
                     llm,
@@ -172,18 +220,25 @@ def run(args: argparse.Namespace) -> int:
                     parallel_prompt=not args.sequential_prompt,
                     baseline=args.baseline,
                     warmup=len(runs) == 0,
-                    progress=lambda line: print(line, file=sys.stderr),
+                    progress=progress,
+                    environment=env,
                 )
             )
-    except ValueError as e:
-        print(f"{err} {e}", file=sys.stderr)
-        return 2
+        finally:
+            progress.close()
+        if runs[-1].interrupted:
+            break
     result = runs[0]
     for extra in runs[1:]:
-        summary = extra.summary()
-        result.by_batch[extra.batch_size] = {k: summary[k] for k in _BATCH_KEYS}
-    out_dir = Path(args.output) if args.output else Path("runs") / "eval" / name
+        if extra.n:
+            summary = extra.summary()
+            result.by_batch[extra.batch_size] = {k: summary[k] for k in _BATCH_KEYS}
+    result.interrupted = any(r.interrupted for r in runs)
     paths = write_outputs(result, out_dir)
+    if result.interrupted:
+        print(f"multiverse eval: interrupted: wrote the {result.n} result(s) so far to "
+              + ", ".join(str(p) for p in paths.values()), file=sys.stderr)  # fmt: skip
+        return 130
     print(format_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     print(json.dumps(result.summary()))

@@ -1,5 +1,12 @@
 """``multiverse generate``: run the fork/join engine on prompts, show the answer, the branch tree
-and the usage figures (``--json`` for one machine-readable object on the last line)."""
+and the usage figures (``--json`` for one machine-readable object on the last line).
+
+Each prompt is sent as the model was trained to be asked: the user turn gets the SPEC 1.3
+suffix the model directory records (:func:`multiverse.train.summary.prompt_format`: parallel for
+Multiverse models, sequential for autoregressive ones) and goes through the chat template.
+``--no-prompt-suffix`` keeps the chat template without the suffix, ``--raw`` sends the text as
+is; stderr says which format was applied (and that none was, for a model recording none).
+"""
 
 from __future__ import annotations
 
@@ -12,64 +19,89 @@ from multiverse.cli.common import (
     UsageError,
     add_device_arguments,
     add_model_argument,
+    add_threads_argument,
+    apply_threads,
+    check_device,
+    load_engine,
     resolve_model,
 )
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
-from multiverse.format.prompts import render_chat, stop_token_ids
+from multiverse.format.prompts import render_chat, stop_token_ids, user_prompt
+from multiverse.train.summary import prompt_format
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="*", help="prompt text(s); or use --prompts FILE")
+    p.add_argument("prompt", nargs="*", help="prompt text(s); or use --prompts FILE (default: none)")
     add_model_argument(p)
-    p.add_argument("--prompts", default=None, help="file with one prompt per line ('-' = stdin)")
-    p.add_argument("--raw", action="store_true", help="send prompts as is (default: chat template)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="file with one prompt per line ('-' = stdin; default: none)")  # fmt: skip
+    p.add_argument("--raw", action="store_true",
+                   help="send prompts as is: no chat template, no prompt suffix (default: the model's "
+                   "recorded prompt format in its chat template)")  # fmt: skip
+    p.add_argument("--no-prompt-suffix", action="store_true",
+                   help="chat template without the SPEC 1.3 suffix the model records (default: add it)")  # fmt: skip
     p.add_argument("--no-parallel", action="store_true", help="decode sequentially (forking off)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"sequential depth budget (default {DEFAULT_MAX_TOKENS})")  # fmt: skip
-    p.add_argument("--max-total-tokens", type=int, default=None, help="budget over all branches")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="budget over all branches (default: none)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens (default -1: off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     add_device_arguments(p)
+    add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON object (last line) instead of text")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts:
-        src = sys.stdin if args.prompts == "-" else open(args.prompts, encoding="utf-8")
-        with src:
-            prompts += [line.rstrip("\n") for line in src if line.strip()]
+        try:
+            src = sys.stdin if args.prompts == "-" else open(args.prompts, encoding="utf-8")
+            with src:
+                prompts += [line.rstrip("\n") for line in src if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompts {args.prompts}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     return prompts
+
+
+def prompt_texts(prompts: list[str], tokenizer: Any, model: Any, raw: bool = False,
+                 suffix: bool = True) -> tuple[list[str], str]:  # fmt: skip
+    """The texts sent for ``prompts`` and a line saying which prompt format was applied."""
+    if raw:
+        return list(prompts), "prompt format: raw (--raw: sent as is)"
+    fmt = prompt_format(model)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    template = "chat template" if has_template else "no chat template (plain rendering)"
+    if not suffix:
+        note = f"prompt format: {template}, no suffix (--no-prompt-suffix)"
+    elif fmt is None:
+        note = (f"prompt format: {template}, no suffix ({model} records no prompt format in "
+                "train_summary.json; a Multiverse model may need the SPEC 1.3 suffix)")  # fmt: skip
+    else:
+        note = f"prompt format: {template} + SPEC 1.3 {fmt.suffix} suffix ({fmt.source})"
+    use_suffix = suffix and fmt is not None
+    contents = [user_prompt(p, parallel=fmt.parallel) if use_suffix else p for p in prompts]  # type: ignore[union-attr]
+    return [render_chat(tokenizer, [{"role": "user", "content": c}]) for c in contents], note
 
 
 def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     if not prompts:
-        print("multiverse generate: give a prompt or --prompts FILE", file=sys.stderr)
-        return 2
-    try:
-        model = resolve_model(args.model)
-    except UsageError as e:
-        print(f"multiverse generate: error: {e}", file=sys.stderr)
-        return 2
-    from multiverse import LLM, SamplingParams
+        raise UsageError("give a prompt or --prompts FILE")
+    model = resolve_model(args.model)
+    check_device(args.device)
+    threads = apply_threads(args.threads)
+    from multiverse import SamplingParams
 
-    try:
-        sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_tokens=args.max_tokens, max_total_tokens=args.max_total_tokens,
-                            parallel=not args.no_parallel)  # fmt: skip
-    except ValueError as e:
-        print(f"multiverse generate: {e}", file=sys.stderr)
-        return 2
-    print(f"loading {model} ...", file=sys.stderr)
-    llm = LLM(str(model), device=args.device, dtype=args.dtype)
+    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                        max_tokens=args.max_tokens, max_total_tokens=args.max_total_tokens,
+                        parallel=not args.no_parallel)  # fmt: skip
+    print(f"loading {model} ({threads} thread(s)) ...", file=sys.stderr)
+    llm = load_engine(model, args.device, args.dtype)
     sp.stop_token_ids = stop_token_ids(llm.tokenizer)
-    has_template = bool(getattr(llm.tokenizer, "chat_template", None))
-    texts = prompts if args.raw or not has_template else [
-        render_chat(llm.tokenizer, [{"role": "user", "content": p}]) for p in prompts
-    ]  # fmt: skip
+    texts, note = prompt_texts(prompts, llm.tokenizer, model, raw=args.raw, suffix=not args.no_prompt_suffix)
+    print(note, file=sys.stderr)
     outs = llm.generate(texts, sp, use_tqdm=not args.json)
     if args.json:
         rows = [{"prompt": p, "text": o.text, "finish_reason": o.finish_reason, "tree": o.tree,

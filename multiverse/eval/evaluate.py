@@ -4,7 +4,12 @@ One run generates every prompt twice with greedy decoding, in batches of ``--bat
 once with forking on (the Multiverse engine) and once with forking off (plain sequential
 decoding of the same model, by default the same output with its branches decoded one after
 another), same prompts, same batch size, same process (SPEC 2). Batches
-alternate which mode goes first, and one untimed warm-up call per mode precedes the timing.
+alternate which mode goes first, and one untimed warm-up call per mode precedes the timing: the
+first prompt generated in full, so the warm-up forks wherever the model forks and first-call
+and first-fork costs stay out of the timings.
+
+Ctrl-C during :func:`evaluate` returns the result so far with ``interrupted`` set (the CLI
+writes it and exits 130); ``environment`` (threads, versions, commit) is recorded as given.
 
 Reported (``results.json``, ``results.md``, ``speedup.png`` in ``--output``):
   - ``accuracy``: pass@1 of the forking-on outputs with :func:`multiverse.eval.grading.grade`
@@ -91,6 +96,11 @@ class EvalResult:
     time_sequential_s: float | None = None
     by_batch: dict[int, dict[str, Any]] = field(default_factory=dict)
     """Summaries of timing passes at further batch sizes (``--batch-size 1 8``), by size."""
+    environment: dict[str, Any] = field(default_factory=dict)
+    """What the timings depend on: threads, torch/transformers versions, git commit."""
+    total: int | None = None
+    """Problems asked for (``n`` is fewer when the run was interrupted)."""
+    interrupted: bool = False
 
     @property
     def n(self) -> int:
@@ -124,6 +134,9 @@ class EvalResult:
             "batch_size": self.batch_size,
             "max_tokens": self.max_tokens,
             "prompt": self.prompt,
+            "complete": not self.interrupted,
+            "problems_requested": self.total if self.total is not None else self.n,
+            "environment": self.environment,
         } | self._batches(speedup)
 
     def _batches(self, speedup: float | None) -> dict[str, Any]:
@@ -174,7 +187,8 @@ def evaluate(
     params: Callable[..., Any] | None = None,
     clock: Clock | None = None,
     warmup: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    environment: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Generate, grade and time ``problems`` with ``llm`` (see the module docstring).
 
@@ -182,7 +196,9 @@ def evaluate(
     ``.text`` and ``.usage`` (``parallel_degree``, ``depth_tokens``, ``completion_tokens``);
     ``params(temperature=, max_tokens=, parallel=, stop_token_ids=)`` builds the sampling
     parameters (default :class:`multiverse.SamplingParams`); generation stops at EOS and at
-    :func:`stop_token_ids`.
+    :func:`stop_token_ids`. ``progress(done, total, summary)`` is called after each batch.
+    A ``KeyboardInterrupt`` during the timed batches returns the samples so far, with
+    ``interrupted=True``.
     """
     if batch_size < 1 or max_tokens < 1:
         raise ValueError(f"batch_size and max_tokens must be >= 1 (got {batch_size}, {max_tokens})")
@@ -202,13 +218,12 @@ def evaluate(
         max_tokens=max_tokens,
         prompt="parallel" if parallel_prompt else "sequential",
         time_sequential_s=0.0 if speedup else None,
+        environment=dict(environment or {}),
+        total=len(prompts),
     )
-    if warmup and prompts:
-        short = min(8, max_tokens)
-        modes = [{"parallel": True}, off_mode] if speedup else [{"parallel": True}]
-        for mode in modes:
-            warm = make(temperature=0.0, max_tokens=short, stop_token_ids=stop, **mode)
-            llm.generate(prompts[:1], warm)
+    if warmup and prompts:  # the whole first answer: it forks where the model forks
+        for sp in [on, off] if speedup else [on]:
+            llm.generate(prompts[:1], sp)
 
     def timed(batch: list[str], sp: Any) -> tuple[list[Any], float]:
         start = now()
@@ -218,6 +233,24 @@ def evaluate(
             raise RuntimeError(f"generate returned {len(outs)} outputs for {len(batch)} prompts")
         return outs, elapsed
 
+    try:
+        _timed_batches(problems, prompts, batch_size, on, off if speedup else None, timed, result, progress)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    return result
+
+
+def _timed_batches(
+    problems: Sequence[Problem],
+    prompts: list[str],
+    batch_size: int,
+    on: Any,
+    off: Any | None,
+    timed: Callable[[list[str], Any], tuple[list[Any], float]],
+    result: EvalResult,
+    progress: Callable[[int, int, dict[str, Any]], None] | None,
+) -> None:
+    speedup = off is not None
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start : start + batch_size]
         seq_outs: list[Any] | None = None
@@ -236,11 +269,7 @@ def evaluate(
                 _sample(prob, out, b, t_par, seq_outs[k] if seq_outs else None, t_seq)
             )
         if progress is not None:
-            s = result.summary()
-            progress(
-                f"{result.n}/{len(prompts)} accuracy={s['accuracy']} # parallel={s['parallel_degree']}"
-            )
-    return result
+            progress(result.n, len(prompts), result.summary())
 
 
 def _sample(

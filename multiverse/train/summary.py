@@ -9,7 +9,11 @@ read back by :func:`read_training_record`:
     no record named a task;
   * ``task_records``: records trained on per task;
   * ``records``: records trained on (read minus skipped);
-  * ``mode``: ``multiverse`` or ``autoregressive``.
+  * ``mode``: ``multiverse`` or ``autoregressive``;
+  * ``prompt``: the prompt format the model was trained with, ``{"suffix": "parallel"}``
+    (SPEC 1.3 user turn, multiverse mode) or ``{"suffix": "sequential"}`` (autoregressive);
+    :func:`prompt_format` is the one place that answers "which prompt does this model want"
+    (``multiverse generate`` and the server call it).
 
 The trainer's file adds ``config`` (the :class:`multiverse.train.trainer.TrainConfig`),
 ``attention``, ``global_step`` and ``data`` (the data report). This module is the one place
@@ -39,6 +43,54 @@ class TrainingRecord:
     tasks: tuple[str, ...]
     records: int | None = None
     mode: str | None = None
+    prompt: str | None = None
+    """``parallel`` or ``sequential``: the recorded prompt suffix (``None``: not recorded)."""
+
+
+PROMPT_SUFFIXES = ("parallel", "sequential")
+"""The recorded prompt formats: the SPEC 1.3 parallel or sequential user-turn suffix."""
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFormat:
+    """The prompt format a model wants: ``suffix`` (``parallel`` | ``sequential``) and where
+    that comes from (``source``, for the message telling the user)."""
+
+    suffix: str
+    source: str
+
+    @property
+    def parallel(self) -> bool:
+        return self.suffix == "parallel"
+
+
+def prompt_format(model: str | Path) -> PromptFormat | None:
+    """The prompt format the model directory ``model`` records: its ``train_summary.json``'s
+    ``prompt.suffix``, else the one its ``mode`` implies (multiverse -> parallel, autoregressive
+    -> sequential); ``None`` when it records neither (or has no record, e.g. a ``.gguf`` file).
+
+    Raises ``ValueError`` naming the file when the record is invalid."""
+    record = read_training_record(model)
+    if record is None:
+        return None
+    if record.prompt is not None:
+        return PromptFormat(record.prompt, f"{record.path}: prompt.suffix")
+    implied = {"multiverse": "parallel", "autoregressive": "sequential"}.get(record.mode or "")
+    if implied is None:
+        return None
+    return PromptFormat(implied, f"{record.path}: mode {record.mode}")
+
+
+def _prompt_suffix_of(data: dict[str, Any], path: Path) -> str | None:
+    prompt = data.get("prompt")
+    if prompt is None:
+        return None
+    suffix = prompt.get("suffix") if isinstance(prompt, dict) else None
+    if suffix not in PROMPT_SUFFIXES:
+        raise ValueError(
+            f"{path}: 'prompt' must be {{\"suffix\": \"parallel\" | \"sequential\"}}, got {prompt!r}"
+        )
+    return str(suffix)
 
 
 def training_summary(
@@ -51,6 +103,7 @@ def training_summary(
         "task_records": dict(report.tasks),
         "records": report.records - len(report.skipped),
         "mode": cfg.mode,
+        "prompt": {"suffix": "parallel" if cfg.mode == "multiverse" else "sequential"},
         "config": asdict(cfg),
         "attention": backend,
         "global_step": global_step,
@@ -96,4 +149,5 @@ def read_training_record(model: str | Path) -> TrainingRecord | None:
         tasks=tuple(dict.fromkeys(tasks)),
         records=records if isinstance(records, int) else None,
         mode=mode if isinstance(mode, str) else None,
+        prompt=_prompt_suffix_of(data, path),
     )

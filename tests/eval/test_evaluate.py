@@ -512,7 +512,7 @@ def test_demo_takes_its_problems_from_the_record(tmp_path, monkeypatch, capsys):
         def generate(self, prompts, params):
             return []
 
-    def solve(llm, record, twin=None):
+    def solve(llm, record, twin=None, off_first=False):
         posed.append(record.task)
         text = tasks.assistant_text(record)
         return demo_model.DemoResult(
