@@ -146,11 +146,12 @@ class Curator:
             return self._reject(rec, base, [str(e)], usage, [], stage=e.step)
         attempts: list[dict[str, Any]] = []
         problems: list[str] = []
+        stage = "checks"
         for attempt in range(1 + self.max_regen):
             try:
                 chain, items, edits = await self._build(rec, units, steps, groups, usage, problems, attempt)
             except ReplyInvalid as e:
-                problems = [str(e)]
+                problems, stage = [str(e)], e.step
                 attempts.append({"attempt": attempt, "reasons": problems})
                 continue
             planned = skeleton.paths_per_block(items)
@@ -160,8 +161,8 @@ class Curator:
                 row = {**base, "chain": chain, "sequential_chain": f"<Think>\n{norm}\n</Think>", **rec.extra,
                        "curation": self._meta(usage, attempts, planned, steps, groups, result.distance)}  # fmt: skip
                 return Outcome(rec.id, True, row, [])
-            problems = result.reasons
-        return self._reject(rec, base, problems, usage, attempts, stage="checks")
+            problems, stage = result.reasons, "checks"
+        return self._reject(rec, base, problems, usage, attempts, stage=stage)
 
     async def _build(self, rec: InputRecord, units: list[U.Unit], steps: Any, groups: Any, usage: _Usage,
                      problems: list[str], attempt: int) -> tuple[str, list[skeleton.SkItem], list[dict[str, Any]]]:  # fmt: skip
