@@ -85,6 +85,8 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
 
         timeout = body.timeout or cfg.request_timeout
         jobs = [Job(prompt, p, sink, index=i, stream=body.stream, timeout=timeout) for i, p in enumerate(params)]
+        for job in jobs[1:]:
+            job.after = jobs[0]  # the other choices start from the first one's cached prompt
         try:
             engine.submit(jobs)
         except QueueFull as e:

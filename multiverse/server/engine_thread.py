@@ -2,7 +2,9 @@
 
 HTTP handlers (asyncio) make :class:`Job` s and :meth:`EngineThread.submit` them; the thread
 admits waiting jobs into the running batch between steps (continuous batching across clients,
-at most ``max_running`` at once; at most ``max_waiting`` wait, beyond that :class:`QueueFull`),
+at most ``max_running`` at once; at most ``max_waiting`` wait, beyond that :class:`QueueFull`;
+a job with ``after`` set waits until that job's prompt is computed, so the ``n`` completions of
+one request share the prompt's KV through the prefix cache),
 steps the engine, and reports to each job's ``sink`` (a thread-safe callable, usually
 ``loop.call_soon_threadsafe`` onto an ``asyncio.Queue``):
 
@@ -20,6 +22,7 @@ and changed only through the engine's API: ``add_request``, ``step``, ``abort``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -29,6 +32,8 @@ from typing import Any
 
 from multiverse.server.metrics import Metrics
 from multiverse.server.streaming import BranchStreamer
+
+log = logging.getLogger("multiverse.server")
 
 
 class QueueFull(RuntimeError):
@@ -55,6 +60,12 @@ class Job:
     finished: bool = field(default=False, init=False)
     seen_tokens: int = field(default=0, init=False)
     seen_blocks: int = field(default=0, init=False)
+    after: Job | None = None  # admitted once that job's prompt is computed (``n`` > 1: the prefix cache)
+
+
+def _ready(job: Job) -> bool:
+    first = job.after
+    return first is None or first.finished or (first.req is not None and bool(first.req.prompt_cached))
 
 
 class EngineThread:
@@ -165,8 +176,12 @@ class EngineThread:
                     return
                 cancels, self.cancels = self.cancels, []
                 new = []
-                while self.waiting and len(self.running) + len(new) < self.max_running:
-                    new.append(self.waiting.popleft())
+                for job in list(self.waiting):
+                    if len(self.running) + len(new) >= self.max_running:
+                        break
+                    if _ready(job):
+                        self.waiting.remove(job)
+                        new.append(job)
             for job in cancels:
                 self._abort(job, "abort")
             for job in new:
@@ -214,11 +229,18 @@ class EngineThread:
             job = self.running.get(req.id)
             if job is not None and job.req is req:
                 self._complete(job, "done")
-        for job in self.running.values():
-            if job.streamer is not None:
+        for job in list(self.running.values()):
+            if job.streamer is None:
+                continue
+            try:
                 text, events = job.streamer.update(job.req)
-                if text or events:
-                    job.sink(("chunk", job.index, text, events))
+            except Exception as e:  # noqa: BLE001 - a streaming bug ends this stream, not the server
+                log.exception("streaming request %s failed", job.req.id)
+                self._abort(job, "abort", notify=False)
+                self._fail(job, RuntimeError(f"streaming failed: {e!r}"))
+                continue
+            if text or events:
+                job.sink(("chunk", job.index, text, events))
 
     def _count(self, job: Job) -> None:
         req, m = job.req, self.metrics
@@ -250,7 +272,7 @@ class EngineThread:
         except Exception:  # noqa: BLE001 - a failed abort must not stop the server
             return False
 
-    def _abort(self, job: Job, kind: str) -> None:
+    def _abort(self, job: Job, kind: str, notify: bool = True) -> None:
         if job.finished or job.req is None or self.running.get(job.req.id) is not job:
             return
         self._count(job)
@@ -258,7 +280,11 @@ class EngineThread:
         self.metrics.aborted += 1
         if kind == "timeout":
             self.metrics.timeouts += 1
-        self._complete(job, kind)
+        if notify:
+            self._complete(job, kind)
+        else:
+            with self.cond:
+                self.running.pop(job.req.id, None)
 
     def _fail(self, job: Job, e: BaseException) -> None:
         job.finished = True
