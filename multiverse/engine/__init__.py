@@ -12,7 +12,9 @@ Plain-Python bookkeeping, then tensors, in reading order:
   - :mod:`.runner`: the only place a step's tensors are built (``ModelRunner.run``).
   - :mod:`.model`: our own forward (``CausalLM``) over the KV pool, with attention backends.
   - :mod:`.loader`: a local Hugging Face directory or a GGUF file into a ``CausalLM``.
-  - :mod:`.llm`: the public ``LLM``: one step = schedule, run, postprocess.
+  - :mod:`.llm`: the public ``LLM``: one step = schedule, run, postprocess; ``abort``; an
+    exception in one request's processing finishes that request (``finish_reason="error"``).
+  - :mod:`.outputs`: ``RequestOutput`` / ``Usage`` built from a finished request.
 
 The engine imports ``multiverse.format`` (the layout rule, the grammar, the prompts) and nothing
 from ``multiverse.train``, ``multiverse.eval`` or ``multiverse.cli``.
