@@ -2,6 +2,10 @@
 
 The analysis itself is :mod:`multiverse.eval.structure`; this module reads the arguments,
 prints the reports and draws the pictures (:mod:`multiverse.cli.pictures`).
+
+``--json`` prints one JSON object per input (a file, or a JSONL record); for a directory (or
+with ``--summary``) the last line is the summary, ``{"summary": true, ...}``, with the
+violations counted by kind. Line numbers are those of the file read.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from multiverse.cli.common import UsageError
 from multiverse.eval.structure import (
     Report,
     Source,
@@ -23,32 +28,45 @@ from multiverse.eval.structure import (
 )
 
 
+def _tokens_range(text: str) -> tuple[int, int | None]:
+    try:
+        a, _, b = text.partition(":")
+        start, end = int(a or 0), int(b) if b else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END token indices, got {text!r}") from None
+    if start < 0 or (end is not None and end <= start):
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return start, end
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Multiverse text file, JSONL records, a trace file, a directory, or - for stdin")
-    p.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for real token counts")
-    p.add_argument("--json", action="store_true", help="print one JSON object per input (JSONL)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="Hugging Face tokenizer directory for real token counts (default: the built-in "
+                   "approximate counter)")  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per input, then the summary for a directory (default: text)")  # fmt: skip
     p.add_argument("--summary", action="store_true", help="only the summary over all inputs (default for a directory)")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the attention mask with positions (first input)")
-    p.add_argument("--html", metavar="FILE.html", help="write a page showing branches side by side (first input)")
-    p.add_argument("--max-errors", type=int, default=20, help="issues listed per input in the text report")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the attention mask with positions (first input; default: none)")
+    p.add_argument("--plot-tokens", metavar="START:END", type=_tokens_range, default=None,
+                   help="--plot only these token indices (a zoom; default: the whole text, pooled to "
+                   "at most 1200 pixels)")  # fmt: skip
+    p.add_argument("--html", metavar="FILE.html", help="write a page showing branches side by side (first input; default: none)")
+    p.add_argument("--max-errors", type=int, default=20, help="issues listed per input in the text report (default 20)")
 
 
 def iter_reports(sources: list[Source], counter: TokenCounter) -> Iterator[Report]:
     for s in sources:
-        yield inspect_text(s.text, counter, s.name)
+        yield inspect_text(s.text, counter, s.name, s.line_offset)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        counter = TokenCounter(args.tokenizer)
-        sources = load_sources(args.source)
-    except ValueError as e:
-        print(f"multiverse inspect: error: {e}", file=sys.stderr)
-        return 2
+    counter = TokenCounter(args.tokenizer)
+    sources = load_sources(args.source)
     if not sources:
-        print(f"multiverse inspect: error: {args.source}: nothing to inspect", file=sys.stderr)
-        return 2
-    summary_only = args.summary or Path(args.source).is_dir()
+        raise ValueError(f"{args.source}: nothing to inspect")
+    summary_only = args.summary or (Path(args.source).is_dir() and not args.json)
+    with_summary = args.summary or Path(args.source).is_dir()
     reports = []
     for k, rep in enumerate(iter_reports(sources, counter)):
         reports.append(rep)
@@ -57,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\r{k + 1}/{len(sources)}", end="", file=sys.stderr)
             continue
         print(json.dumps(rep.to_dict(), ensure_ascii=False) if args.json else format_report(rep, counter, args.max_errors))
-    if summary_only:
+    if with_summary:
         summary = summarize(reports)
         if args.json:
-            print(json.dumps(summary))
+            print(json.dumps({"summary": True, **summary}, ensure_ascii=False))
         else:
             print(
                 f"files: {summary['files']}   valid: {summary['valid']}   with parallel blocks: "
@@ -69,14 +87,23 @@ def run(args: argparse.Namespace) -> int:
                 f"{summary['mean_parallel_degree_with_blocks']:.3f} (files with blocks)   "
                 f"blocks: {summary['blocks']}   tokenizer: {summary['tokenizer']}"
             )
+            kinds = list(summary["files_with_violation"].items())[:5]
+            if kinds:
+                print("most common violations (files): " + "; ".join(f"{k} ({n})" for k, n in kinds))
     if args.plot:
         from multiverse.cli.pictures import plot_mask
 
-        plot_mask(reports[0], counter, args.plot)
+        try:
+            plot_mask(reports[0], counter, args.plot, tokens=args.plot_tokens)
+        except OSError as e:
+            raise UsageError(f"--plot {args.plot}: cannot write ({e.strerror or e})") from None
         print(f"wrote {args.plot}", file=sys.stderr)
     if args.html:
         from multiverse.cli.pictures import write_html
 
-        write_html(reports[0], args.html)
+        try:
+            write_html(reports[0], args.html)
+        except OSError as e:
+            raise UsageError(f"--html {args.html}: cannot write ({e.strerror or e})") from None
         print(f"wrote {args.html}", file=sys.stderr)
     return 0

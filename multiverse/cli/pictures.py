@@ -35,52 +35,103 @@ def _region_ids(rep: Report) -> torch.Tensor:
     return inverse + (0 if bool((uniq == -1).any()) else 1)
 
 
-def plot_mask(rep: Report, counter: TokenCounter, path: str | FsPath) -> None:
+def _colour(cmap, region: int):  # noqa: ANN001, ANN202 - matplotlib types stay lazy
+    """Region 0 (outside every path) grey, path regions the tab10 colours."""
+    return (0.62, 0.62, 0.62, 1.0) if region == 0 else cmap((region - 1) % 10)
+
+
+def plot_range(rep: Report, tokens: tuple[int, int | None] | None = None) -> tuple[int, int]:
+    """The token indices ``[start, end)`` :func:`plot_mask` draws: ``tokens`` (a zoom) when
+    given, else the whole text, or, for a text longer than :data:`MAX_PIXELS` tokens, the span
+    from 32 tokens before its first block to 32 after its last (the structure, not the prefix)."""
+    n = len(rep.layout)
+    if tokens is not None:
+        start, end = tokens
+        end = n if end is None else min(end, n)
+        if start >= end:
+            raise ValueError(f"--plot-tokens {start}:{end}: outside the text's {n} tokens")
+        return start, end
+    if n <= MAX_PIXELS or rep.layout.num_levels == 0:
+        return 0, n
+    inside = (rep.layout.block_ids[0] >= 0).nonzero().flatten()
+    if len(inside) == 0:
+        return 0, n
+    return max(0, int(inside[0]) - 32), min(n, int(inside[-1]) + 33)
+
+
+def mask_image(rep: Report, start: int, end: int, bins: int) -> torch.Tensor:
+    """``[bins, bins]`` picture of the mask over tokens ``[start, end)``: 0 = masked, else
+    1 + the query's region id (max-pooled), built in row chunks (never ``n x n`` at once)."""
+    lay = rep.layout
+    region = _region_ids(rep)
+    width = end - start
+    row_bin = (torch.arange(width) * bins) // width
+    img = torch.zeros(bins, bins)
+    chunk = 256
+    for a in range(start, end, chunk):
+        b = min(a + chunk, end)
+        m = lay.dense_mask(slice(a, b))[:, start:end].float()  # [rows, width]
+        pooled = torch.nn.functional.adaptive_max_pool1d(m[None], bins)[0]  # [rows, bins]
+        value = pooled * (region[a:b].float() + 1)[:, None]
+        rows = row_bin[a - start : b - start][:, None].expand(-1, bins)
+        img.scatter_reduce_(0, rows, value, reduce="amax")
+    return img
+
+
+def plot_mask(
+    rep: Report, counter: TokenCounter, path: str | FsPath, tokens: tuple[int, int | None] | None = None
+) -> None:
     """Paper-Figure-(b)-style picture: the Multiverse Attention mask (colour = the query's path)
-    and the position ids against token index (siblings restart at the same position)."""
+    and the position ids against token index (siblings restart at the same position), with a
+    legend; ``tokens=(start, end)`` zooms in (default :func:`plot_range`)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
     except ImportError as e:  # pragma: no cover - depends on extras
-        raise SystemExit("--plot needs matplotlib: pip install 'multiverse[viz]'") from e
+        raise ValueError("--plot needs matplotlib: pip install 'multiverse[viz]'") from e
     lay = rep.layout
     n = len(lay)
     if n == 0:
-        raise SystemExit("--plot: nothing to draw (empty text)")
+        raise ValueError("--plot: nothing to draw (empty text)")
+    start, end = plot_range(rep, tokens)
+    width = end - start
+    bins = min(width, MAX_PIXELS)
+    img = mask_image(rep, start, end, bins)
     region = _region_ids(rep)
-    bins = min(n, MAX_PIXELS)
-    edges = torch.linspace(0, n, bins + 1).long()
-    img = torch.zeros(bins, bins)
-    for i in range(bins):
-        rows = slice(int(edges[i]), max(int(edges[i + 1]), int(edges[i]) + 1))
-        m = lay.dense_mask(rows).float()  # [rows, n], never n x n at once
-        pooled = torch.nn.functional.adaptive_max_pool1d(m[None], bins)[0].max(0).values
-        colour = float(region[rows].max()) + 1
-        img[i] = pooled * colour
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.1, 1]})
     cmap = plt.get_cmap("tab10")
-    colours = ["white"] + [cmap(k % 10) for k in range(int(img.max()))]
-    from matplotlib.colors import ListedColormap
-
+    colours = ["white"] + [_colour(cmap, k) for k in range(max(int(img.max()), 1))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.1, 1]})
     ax1.imshow(img.numpy(), cmap=ListedColormap(colours), interpolation="nearest",
-               vmin=0, vmax=max(len(colours) - 1, 1), extent=(0, n, n, 0))  # fmt: skip
+               vmin=0, vmax=max(len(colours) - 1, 1), extent=(start, end, end, start))  # fmt: skip
     ax1.set_title("Multiverse Attention mask (row = query; colour = its path)")
     ax1.set_xlabel("key index")
     ax1.set_ylabel("query index")
-    if n <= 60:
-        labels = _token_labels(rep, counter)
-        ticks = [k + 0.5 for k in range(n)]
-        ax1.set_xticks(ticks, [f"{t} ({int(p)})" for t, p in zip(labels, lay.position_ids)], rotation=90, fontsize=6)
-        ax1.set_yticks(ticks, [f"{t} ({int(p)})" for t, p in zip(labels, lay.position_ids)], fontsize=6)
-    ax2.scatter(range(n), lay.position_ids.tolist(), c=[cmap(int(r) % 10) if r else "grey" for r in region.tolist()], s=4)
+    if width <= 60:
+        labels = _token_labels(rep, counter)[start:end]
+        ticks = [start + k + 0.5 for k in range(width)]
+        names = [f"{t} ({int(p)})" for t, p in zip(labels, lay.position_ids[start:end].tolist())]
+        ax1.set_xticks(ticks, names, rotation=90, fontsize=6)
+        ax1.set_yticks(ticks, names, fontsize=6)
+    idx = list(range(start, end))
+    ax2.scatter(idx, lay.position_ids[start:end].tolist(),
+                c=[_colour(cmap, int(r)) for r in region[start:end].tolist()], s=4)  # fmt: skip
     ax2.set_title("position id per token (siblings restart at the same position)")
     ax2.set_xlabel("token index")
     ax2.set_ylabel("position id")
+    legend = [Patch(facecolor="white", edgecolor="black", label="masked (not attended)"),
+              Patch(color=_colour(cmap, 0), label="outside paths (prefix, Goal, Conclusion)")]  # fmt: skip
+    legend += [Patch(color=_colour(cmap, k), label=f"path region {k}") for k in range(1, min(int(region.max()) + 1, 6))]
+    if int(region.max()) >= 6:
+        legend.append(Patch(color="none", label="... (colours cycle per path)"))
+    ax2.legend(handles=legend, fontsize=7, loc="upper left")
     d = rep.to_dict()
-    fig.suptitle(f"{rep.name}: {d['blocks']} blocks, {d['total_tokens']} tokens, depth {d['depth_tokens']}, "
-                 f"# parallel {d['parallel_degree']:.2f} ({d['tokenizer']})", fontsize=9)  # fmt: skip
+    shown = "" if (start, end) == (0, n) else f", tokens {start}-{end} shown"
+    fig.suptitle(f"{rep.name}: {d['blocks']} blocks, {d['total_tokens']} tokens{shown}, depth "
+                 f"{d['depth_tokens']}, # parallel {d['parallel_degree']:.2f} ({d['tokenizer']})", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -190,7 +241,10 @@ def plot_speedup(result: EvalResult, path: str | FsPath) -> bool:
     unit = "sample" if result.batch_size == 1 else f"batch of {result.batch_size}"
     ax.set_xlabel("# parallel (generated tokens / sequential depth)")
     ax.set_ylabel("speedup (time off / time on)")
-    ax.set_title(f"{result.benchmark}: one point per {unit}", fontsize=9)
+    model = FsPath(result.model).name or result.model
+    threads = result.environment.get("threads")
+    ax.set_title(f"{result.benchmark}, model {model}, batch size {result.batch_size}"
+                 + (f", {threads} thread(s)" if threads else "") + f"\none point per {unit}", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

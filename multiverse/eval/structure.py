@@ -8,13 +8,19 @@ summary over every ``*.txt``/``*.jsonl`` in it).
 Token statistics use ``--tokenizer DIR`` when given, else the built-in fallback
 ``builtin-regex`` (:func:`multiverse.format.grammar.approx_tokens`: tags, digits, words, newlines and
 punctuation marks are one token each), named as such in every report.
+
+Line numbers in reports are lines of the file read: for a trace file or a chat sequence
+(where only the assistant part is inspected) they are shifted by the lines before that part
+(:attr:`Source.line_offset`); for a JSONL record they count within the record's text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -32,6 +38,7 @@ FALLBACK_TOKENIZER = "builtin-regex (approximate)"
 class Source:
     name: str
     text: str  # the Multiverse part (assistant turn)
+    line_offset: int = 0  # lines of the file before ``text`` (report lines = file lines)
 
 
 def extract_assistant(text: str) -> str:
@@ -94,7 +101,11 @@ def _sources_from_text(name: str, text: str) -> list[Source]:
             out.append(Source(f"{name}:{n}", _from_record(rec, f"{name}:{n}")))
         return out
     if "模型解答:" in text or "<|im_start|>assistant" in text:
-        return [Source(name, extract_assistant(text.split("模型解答:", 1)[-1]))]
+        head = text[: text.index("模型解答:") + len("模型解答:")] if "模型解答:" in text else ""
+        rest = text[len(head) :]
+        part = extract_assistant(rest)
+        start = len(head) + (rest.find(part) if part else 0)
+        return [Source(name, part, text.count("\n", 0, max(start, 0)))]
     return [Source(name, text)]
 
 
@@ -135,6 +146,14 @@ class TokenCounter:
 # ----------------------------------------------------------------------------- report
 
 
+def issue_kind(message: str) -> str:
+    """The kind of a validation issue: its message with numbers and labels generalised
+    ("<Path> 3 has no matching <Outline> (Goal has 2)" -> "<Path> N has no matching <Outline>
+    (Goal has N)"), for counting violations by kind."""
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", message)
+    return re.sub(r"\d+(\.\d+)*", "N", kind)
+
+
 @dataclass(slots=True)
 class Report:
     name: str
@@ -144,6 +163,7 @@ class Report:
     tags: list[str | None]
     tokenizer: str
     extra: dict[str, Any] = field(default_factory=dict)
+    line_offset: int = 0  # added to the document's line numbers (file lines)
 
     def to_dict(self) -> dict[str, Any]:
         s = g.stats(self.doc)
@@ -153,6 +173,7 @@ class Report:
             "source": self.name,
             "valid": not self.issues,
             "errors": [i.to_dict() for i in self.issues],
+            "violation_kinds": dict(Counter(issue_kind(i.message) for i in self.issues)),
             "blocks": s.blocks,
             "max_depth": s.max_depth,
             "paths": s.paths,
@@ -164,11 +185,16 @@ class Report:
         }
 
 
-def inspect_text(text: str, counter: TokenCounter | None = None, name: str = "<text>") -> Report:
+def inspect_text(
+    text: str, counter: TokenCounter | None = None, name: str = "<text>", line_offset: int = 0
+) -> Report:
+    """Read ``text`` tolerantly and lay it out; issue lines are shifted by ``line_offset``."""
     counter = counter or TokenCounter()
     doc, issues = g.read(text)
+    if line_offset:
+        issues = [replace(i, line=i.line + line_offset) for i in issues]
     tags = counter.tags(text)
-    return Report(name, doc, issues, layout_tags(tags), tags, counter.name, {"text": text})
+    return Report(name, doc, issues, layout_tags(tags), tags, counter.name, {"text": text}, line_offset)
 
 
 # ----------------------------------------------------------------------------- tree drawing
@@ -179,8 +205,11 @@ def _short(text: str, width: int = 60) -> str:
     return one if len(one) <= width else one[: width - 1] + "…"
 
 
-def draw_tree(doc: g.Document, counter: TokenCounter | None = None, width: int = 60) -> str:
-    """The branch tree as box-drawing text (one line per text run, block, path, conclusion)."""
+def draw_tree(
+    doc: g.Document, counter: TokenCounter | None = None, width: int = 60, line_offset: int = 0
+) -> str:
+    """The branch tree as box-drawing text (one line per text run, block, path, conclusion);
+    block lines are shifted by ``line_offset`` (file lines)."""
     counter = counter or TokenCounter()
     lines = ["<Think>" if doc.has_think else "(no <Think>)"]
 
@@ -193,7 +222,7 @@ def draw_tree(doc: g.Document, counter: TokenCounter | None = None, width: int =
                     lines.append(f"{prefix}{branch}text ({counter.count(x)} tok): {_short(x, width)}")
                 continue
             state = "" if x.closed else " [unclosed]"
-            lines.append(f"{prefix}{branch}Parallel: {len(x.paths)} path(s), {len(x.outlines)} outline(s), line {x.line}{state}")
+            lines.append(f"{prefix}{branch}Parallel: {len(x.paths)} path(s), {len(x.outlines)} outline(s), line {x.line + line_offset}{state}")
             inner = prefix + cont
             for o in x.outlines:
                 lines.append(f"{inner}│  goal {o.label or '?'}: {_short(o.text, width - 10)}")
@@ -220,7 +249,7 @@ def draw_tree(doc: g.Document, counter: TokenCounter | None = None, width: int =
 
 def format_report(rep: Report, counter: TokenCounter, max_errors: int = 20) -> str:
     d = rep.to_dict()
-    out = [f"== {rep.name}", draw_tree(rep.doc, counter), ""]
+    out = [f"== {rep.name}", draw_tree(rep.doc, counter, line_offset=rep.line_offset), ""]
     if rep.issues:
         out.append(f"INVALID: {len(rep.issues)} issue(s)")
         out += [f"  {i}" for i in rep.issues[:max_errors]]
@@ -242,6 +271,11 @@ def format_report(rep: Report, counter: TokenCounter, max_errors: int = 20) -> s
 
 def summarize(reports: list[Report]) -> dict[str, Any]:
     ds = [r.to_dict() for r in reports]
+    kinds: Counter[str] = Counter()
+    files_with: Counter[str] = Counter()
+    for d in ds:
+        kinds.update(d["violation_kinds"])
+        files_with.update(d["violation_kinds"].keys())
     with_par = [d for d in ds if d["blocks"]]
     return {
         "files": len(ds),
@@ -254,4 +288,6 @@ def summarize(reports: list[Report]) -> dict[str, Any]:
         "blocks": sum(d["blocks"] for d in ds),
         "truncated": sum(d["truncated"] for d in ds),
         "tokenizer": ds[0]["tokenizer"] if ds else FALLBACK_TOKENIZER,
+        "violation_kinds": dict(kinds.most_common()),
+        "files_with_violation": dict(files_with.most_common()),
     }
