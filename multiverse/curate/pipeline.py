@@ -72,6 +72,7 @@ class RunSummary:
     errors: list[str] = field(default_factory=list)
     stopped: str = ""
     model: str = ""
+    threshold: float = 0.2
     wall_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class Run:
         self.config = config
         self.client = client
         self.progress = progress  # callable(summary) after each record, or None
-        self.summary = RunSummary(model=config.model)
+        self.summary = RunSummary(model=config.model, threshold=config.threshold)
         self._stop = asyncio.Event()
 
     def stop(self, reason: str = "stopped by the user") -> None:

@@ -5,7 +5,9 @@ counters): counts (accepted / rejected / pending), the pass rate of every check 
 attempts, the top failure reasons (digits folded so similar reasons group) with one example
 record each, the edit-distance distribution around the threshold, attempts per record, the
 structure of the accepted data (trigger rate, blocks per record, paths per block, depth), and
-requests, retries and tokens (total and per accepted record). Pure: no LLM, no network.
+# parallel (SPEC 2, builtin-regex tokens), requests, retries, tokens (total and per accepted
+record) and cost; ``report.png`` (distance histogram, # parallel per record) when matplotlib
+is installed. Pure: no LLM, no network.
 """
 
 from __future__ import annotations
@@ -57,10 +59,13 @@ def build(directory: str | Path) -> dict[str, Any]:
             key = _fold(r)
             reasons[key] += 1
             example.setdefault(key, str(row.get("id")))
-    blocks, paths, depths, triggered = [], [], [], 0
+    from multiverse.eval.structure import inspect_text
+
+    blocks, paths, depths, triggered, parallel = [], [], [], 0, []
     for row in good:
-        doc = grammar.read(row["chain"])[0]
-        st = grammar.stats(doc)
+        rep = inspect_text(row["chain"])
+        parallel.append(rep.to_dict()["parallel_degree"])
+        st = grammar.stats(rep.doc)
         blocks.append(st.blocks)
         paths.extend(st.paths)
         depths.append(st.max_depth)
@@ -70,6 +75,7 @@ def build(directory: str | Path) -> dict[str, Any]:
     return {
         "directory": str(d),
         "model": run.get("model", ""),
+        "threshold": run.get("threshold", 0.2),
         "counts": {"inputs": inputs, "accepted": n_good, "rejected": len(bad),
                    "pending": max(0, inputs - n_good - len(bad))},  # fmt: skip
         "pass_rate": {k: round(passed[k] / checks[k], 4) for k in sorted(checks)},
@@ -81,7 +87,11 @@ def build(directory: str | Path) -> dict[str, Any]:
             "blocks_per_record": round(sum(blocks) / n_good, 3) if n_good else 0.0,
             "paths_per_block": round(sum(paths) / len(paths), 3) if paths else 0.0,
             "max_depth": max(depths, default=0),
+            "parallel_degree_mean": round(sum(parallel) / len(parallel), 4) if parallel else 0.0,
+            "parallel_tokenizer": "builtin-regex (approximate)",
         },
+        "parallel_degree_per_record": parallel,
+        "distances": distances,
         "requests": {k: run.get(k, 0) for k in ("requests", "completions", "cached_requests", "retries")},
         "retry_reasons": run.get("retry_reasons", {}),
         "tokens": {"prompt": tokens[0], "completion": tokens[1],
@@ -105,7 +115,8 @@ def markdown(rep: dict[str, Any]) -> str:
     lines += [f"| {k} | {v} |" for k, v in rep["distance_histogram"].items()]
     s, t, q = rep["structure"], rep["tokens"], rep["requests"]
     lines += ["", "## Accepted data", "", f"- trigger rate {s['trigger_rate']:.1%}, blocks per record "
-              f"{s['blocks_per_record']}, paths per block {s['paths_per_block']}, max depth {s['max_depth']}",
+              f"{s['blocks_per_record']}, paths per block {s['paths_per_block']}, max depth {s['max_depth']}, "
+              f"# parallel {s['parallel_degree_mean']} ({s['parallel_tokenizer']})",
               f"- attempts per record: {rep['attempts_per_record']}", "", "## Cost", "",
               f"- requests {q['requests']} (completions {q['completions']}, from the journal {q['cached_requests']}, "
               f"retries {q['retries']} {rep['retry_reasons']})",
@@ -114,10 +125,35 @@ def markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def picture(rep: dict[str, Any], path: Path, threshold: float = 0.2) -> bool:
+    """``report.png``: the edit-distance histogram (threshold marked) and # parallel per
+    accepted record. False (and nothing written) when matplotlib (extra ``viz``) is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.hist(rep["distances"] or [0.0], bins=40, range=(0.0, 1.0), color="#4a7ab5")
+    ax1.axvline(threshold, color="#c0392b", linestyle="--", label=f"threshold {threshold}")
+    ax1.set(title="edit distance (all attempts)", xlabel="normalised edit distance", ylabel="attempts")
+    ax1.legend()
+    ax2.plot(range(1, len(rep["parallel_degree_per_record"]) + 1), rep["parallel_degree_per_record"], ".", color="#2e8b57")
+    ax2.set(title="# parallel per accepted record", xlabel="record", ylabel="# parallel (builtin-regex)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write(directory: str | Path) -> dict[str, Any]:
-    """Build the report and write ``report.json`` and ``report.md`` into ``directory``."""
+    """Build the report and write ``report.json``, ``report.md`` and (with matplotlib)
+    ``report.png`` into ``directory``."""
     rep = build(directory)
     d = Path(directory)
     (d / "report.json").write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
     (d / "report.md").write_text(markdown(rep), encoding="utf-8")
+    picture(rep, d / "report.png", rep["threshold"])
     return rep

@@ -47,6 +47,12 @@ def test_remote_llm_standin_cli_run_then_report(tmp_path, capsys):
         assert "edit distance" in rep["top_failure_reasons"][0]["reason"]
         assert rep["top_failure_reasons"][0]["example_id"] == records[0].id
         assert (out / "report.md").read_text().startswith("# Curation report")
+        assert rep["structure"]["parallel_degree_mean"] > 1 and len(rep["parallel_degree_per_record"]) == len(records) - 1
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return
+        assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         s.stop()
 
