@@ -119,3 +119,28 @@ def test_remote_llm_standin_sigkill_and_resume_is_byte_identical(tmp_path):
         assert full and (tmp_path / "killed" / "curated.jsonl").read_bytes() == full
     finally:
         s.stop()
+
+
+def test_remote_llm_standin_ctrl_c_stops_intake_then_rerun_finishes(tmp_path):
+    records = _records(2)
+    s = StandIn(records, latency=0.05)
+    url = s.start()
+    try:
+        _write_inputs(tmp_path / "in.jsonl", records)
+        out = tmp_path / "o"
+        argv = [sys.executable, "-c", _CHILD.format(tests=str(Path(__file__).parent)), "run", str(tmp_path / "in.jsonl"),
+                "--output", str(out), "--base-url", url, "--model", MODEL, "--concurrency", "2", "--quiet"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(J.read_jsonl(out / "curated.jsonl")) < 2:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGINT)
+        stdout, _ = child.communicate(timeout=30)
+        assert child.returncode == 0 and "intake stopped: stopped by the user" in stdout
+        first = len(J.read_jsonl(out / "curated.jsonl"))
+        assert 2 <= first < len(records)
+        subprocess.run(argv, env=env, check=True, timeout=60, capture_output=True)
+        assert [r["id"] for r in J.read_jsonl(out / "curated.jsonl")] == [r.id for r in records]
+    finally:
+        s.stop()

@@ -82,3 +82,14 @@ def test_budget_stops_intake_at_requests_tokens_and_cost():
     assert b.cost == pytest.approx(0.01)
     with pytest.raises(StopIntake, match="--max-cost"):
         b.take()
+
+
+def test_parquet_inputs(tmp_path):
+    import pytest
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"problem": ["q1", "q2"], "solution": ["s1", "s2"], "answer": ["1", "2"]}), tmp_path / "in.parquet")
+    recs, bad = read_inputs(tmp_path / "in.parquet")
+    assert [r.question for r in recs] == ["q1", "q2"] and recs[0].source == "in.parquet:row 0" and not bad
