@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "../shared/data or next to a source checkout)",
     )
     p.add_argument(
-        "--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for token counts"
+        "--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for token counts (default: the built-in approximate counter)",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object (per-sample records included)"

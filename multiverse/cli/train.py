@@ -26,13 +26,14 @@ from multiverse.train.presets import PRESETS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="DIR", help="Hugging Face model directory to fine-tune")
+    src.add_argument("--model", metavar="DIR", help="Hugging Face model directory to fine-tune (this or --config is required)")
     src.add_argument(
         "--config",
         metavar="NAME",
         choices=sorted(PRESETS),
         help="train a tiny Qwen2 from scratch: "
-        + ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items()),
+        + ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
+        + " (this or --model is required)",
     )
     parser.add_argument(
         "--tokenizer",
@@ -56,24 +57,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("multiverse", "autoregressive"),
         default="multiverse",
-        help="multiverse: Multiverse Attention on the parallel form; autoregressive: flattened text, causal attention",
+        help="multiverse: Multiverse Attention on the parallel form; autoregressive: flattened text, causal attention (default multiverse)",
     )
     parser.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
     parser.add_argument(
         "--max-steps",
         type=int,
         default=-1,
-        help="stop after this many optimizer steps (overrides --epochs)",
+        help="stop after this many optimizer steps (overrides --epochs; default -1: no limit)",
     )
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
     parser.add_argument(
-        "--batch-size", type=int, default=1, help="examples per device per micro-batch"
+        "--batch-size", type=int, default=1, help="examples per device per micro-batch (default 1)"
     )
     parser.add_argument(
-        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step"
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)"
     )
     parser.add_argument(
-        "--max-length", type=int, default=32768, help="longer examples are skipped and reported"
+        "--max-length", type=int, default=32768, help="longer examples are skipped and reported (default 32768 tokens)"
     )
     parser.add_argument(
         "--pack",
@@ -92,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=False,
         metavar="CHECKPOINT",
-        help="resume from the latest checkpoint in --output (or from CHECKPOINT)",
+        help="resume from the latest checkpoint in --output (or from CHECKPOINT; default: start fresh)",
     )
     parser.add_argument(
         "--overwrite",
@@ -100,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train into a non-empty --output: its model files are replaced, its train_log.jsonl, "
         "train_summary.json and checkpoint-* directories removed first",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model init and data order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model init and data order (default 0)")
     parser.add_argument(
         "--shuffle",
         action=argparse.BooleanOptionalAction,
@@ -114,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of the optimizer steps with a linear warm-up, in [0, 1]: "
         "ceil(ratio * total steps) steps (default 0.05)",
     )
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     parser.add_argument(
         "--lr-scheduler",
         default="cosine",
@@ -125,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention",
         choices=BACKENDS,
         default="auto",
-        help="auto: flex_attention on CUDA, SDPA with a boolean mask elsewhere",
+        help="auto: flex_attention on CUDA, SDPA with a boolean mask elsewhere (default auto)",
     )
     parser.add_argument(
         "--bf16",
@@ -133,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="bf16 autocast (default: on where the GPU supports it)",
     )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda when available)")
     parser.add_argument(
         "--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)"
     )
