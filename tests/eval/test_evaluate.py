@@ -526,11 +526,60 @@ def test_demo_takes_its_problems_from_the_record(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo_model, "solve", solve)
     model = _tiny_model_dir(tmp_path / "model")
     _record(model, ["countdown_warmup", "countdown"])
-    assert demo_model.run_model_demo(model, 2, out=io.StringIO(), twin_dir="") == 0
+    printed = io.StringIO()
+    assert demo_model.run_model_demo(model, 2, out=printed, twin_dir="", threads=1) == 0
     assert posed == ["countdown", "countdown"]
+    assert "threads 1 of" in printed.getvalue() and "torch " in printed.getvalue()
     assert "tasks: countdown (recorded in" in capsys.readouterr().err
     (model / "train_summary.json").unlink()
     posed.clear()
     assert demo_model.run_model_demo(model, 3, out=io.StringIO(), twin_dir="") == 0
     assert "warning: " in capsys.readouterr().err
     assert set(posed) <= set(tasks.EVAL_TASKS) and len(posed) == 3
+
+
+def test_eval_records_threads_versions_and_commit(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from multiverse import cli
+
+    _stand_in_engine(monkeypatch, load_benchmark("synthetic", limit=2))
+    out_dir = tmp_path / "res"
+    argv = ["eval", "--model", str(tmp_path), "--benchmark", "synthetic", "--limit", "2",
+            "--threads", "1", "--output", str(out_dir)]  # fmt: skip
+    assert cli.main(argv) == 0
+    env = json.loads((out_dir / "results.json").read_text())["environment"]
+    assert env["threads"] == 1 == torch.get_num_threads()
+    assert env["torch"] == torch.__version__ and env["transformers"]
+    assert "git_commit" in env and env["cpu_count"] >= 1
+
+
+def test_eval_interrupted_writes_partial_results(tmp_path, monkeypatch, capsys):
+    from multiverse import cli
+
+    problems = load_benchmark("synthetic", limit=4)
+    _stand_in_engine(monkeypatch, problems)
+    import multiverse
+
+    stand_in = vars(multiverse)["LLM"]
+
+    class Interrupting(stand_in):
+        def generate(self, prompts, params):
+            if len(self.calls) >= 2 + 2 * 2:  # warm-up (2 calls), then two batches of both modes
+                raise KeyboardInterrupt
+            return super().generate(prompts, params)
+
+    monkeypatch.setitem(vars(multiverse), "LLM", Interrupting)
+    out_dir = tmp_path / "res"
+    argv = ["eval", "--model", str(tmp_path), "--benchmark", "synthetic", "--limit", "4",
+            "--output", str(out_dir)]  # fmt: skip
+    assert cli.main(argv) == 130
+    data = json.loads((out_dir / "results.json").read_text())
+    assert data["complete"] is False and data["n"] == 2 and data["problems_requested"] == 4
+    assert len(data["samples"]) == 2 and "interrupted" in capsys.readouterr().err
+
+
+def test_warm_up_generates_the_first_answer_in_full():
+    res, llm = _run(1)
+    warm = llm.calls[:2]
+    assert [p.max_tokens for _, p in warm] == [64, 64] and len(warm[0][0]) == 1
