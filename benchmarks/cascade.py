@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--min-saved-rows", type=int, default=CASCADE_MIN_SAVED_ROWS)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings on a shared CPU)")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     llm = LLM(args.model, device="cpu", dtype="float32")
     if not llm.runner.cascade:
         print("cascade attention is off on this device", file=sys.stderr)
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"batch {b:3d}: plain {r['plain_s']:.3f} s, cascade {r['cascade_s']:.3f} s, "
               f"plain/cascade {r['ratio']:.3f}, grouped steps per run {r['grouped_steps_per_run']}")  # fmt: skip
-    print(json.dumps({"model": str(args.model), "reps": args.reps,
+    print(json.dumps({"model": str(args.model), "threads": torch.get_num_threads(), "reps": args.reps,
                       "min_saved_rows": args.min_saved_rows, "results": rows}))  # fmt: skip
     return 0
 

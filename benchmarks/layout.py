@@ -56,7 +56,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--blocks", type=int, default=200)
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings on a shared CPU)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     tags = synthetic_tags(args.tokens, args.blocks)
     tag_ids = {t: 1000 + i for i, t in enumerate(TAGS)}
     ids = torch.tensor([7 if t is None else tag_ids[t] for t in tags])
@@ -83,6 +85,7 @@ def main() -> None:
     assert ref.any()
 
     result = {
+        "threads": torch.get_num_threads(),
         "tokens": n,
         "blocks": n_blocks,
         "levels": lay.num_levels,

@@ -93,7 +93,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=100)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--check-tiles", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady timings on a shared CPU)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     tok = default_tokenizer()
     tags = grammar.tag_ids(tok)
@@ -126,6 +128,7 @@ def main() -> None:
     nb = -(-n // args.block_size)
     visited = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
     result = {
+        "threads": torch.get_num_threads(),
         "tokens": n,
         "blocks": args.blocks,
         "nesting_levels": layout.num_levels,
