@@ -105,11 +105,12 @@ def test_no_import_cycles():
 
 
 FORBIDDEN = {
-    "format": {"engine", "train", "eval", "cli"},
-    "engine": {"train", "eval", "cli"},
-    "train": {"cli"},
-    "eval": {"cli"},
-    "server": {"cli"},
+    "format": {"engine", "train", "eval", "curate", "server", "cli"},
+    "engine": {"train", "eval", "curate", "server", "cli"},
+    "train": {"curate", "server", "cli"},
+    "eval": {"curate", "server", "cli"},
+    "curate": {"engine", "train", "server", "cli"},
+    "server": {"curate", "cli"},
 }
 
 

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("multiverse.cli.train", "fine-tune a causal LM with Multiverse Attention"),
     "eval": ("multiverse.cli.evaluation", "accuracy, # parallel and speedup on a benchmark"),
     "grade-traces": ("multiverse.cli.traces", "grade real Multiverse-32B traces"),
+    "curate": ("multiverse.cli.curate", "turn sequential reasoning chains into Multiverse data with an OpenAI-compatible LLM"),
     "demo": ("multiverse.cli.demo", "the end-to-end demo run by `make demo`"),
 }
 
