@@ -129,3 +129,20 @@ def test_inspect_into_a_closed_pipe_prints_no_traceback(tmp_path):
 def test_log_level_is_global():
     assert build_parser().parse_args(["--log-level", "debug", "inspect", "x"]).log_level == "debug"
     assert main(["--log-level", "loud", "inspect", "x"]) == 2
+
+
+def test_plot_of_a_long_text_is_cropped_to_its_blocks_and_zoomable(tmp_path):
+    pytest.importorskip("matplotlib")
+    from multiverse.cli.pictures import plot_range
+    from multiverse.eval.structure import inspect_text
+
+    block = TRACE.split("<|im_start|>assistant\n", 1)[1].split("\n\nAnswer", 1)[0]
+    text = block.replace("<Think>\n", "<Think>\n" + "word " * 3000 + "\n")
+    rep = inspect_text(text)
+    start, end = plot_range(rep)
+    assert 2900 < start < end <= len(rep.layout)
+    assert plot_range(rep, (10, 50)) == (10, 50)
+    path = tmp_path / "long.txt"
+    path.write_text(text)
+    assert main(["inspect", str(path), "--plot", str(tmp_path / "m.png"), "--plot-tokens", "3000:3040"]) == 0
+    assert (tmp_path / "m.png").stat().st_size > 0

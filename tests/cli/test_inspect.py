@@ -77,7 +77,9 @@ def test_every_trace_file(shared_data, capsys):
         assert d["total_tokens"] >= d["depth_tokens"] >= 0
         assert d["parallel_degree"] >= 1.0
     assert main(["inspect", str(traces), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    summary = rows[-1]
+    assert len(rows) == 140 and summary["summary"] is True
     assert summary["files"] == 139 and 0 < summary["with_parallel"] <= 139
     assert summary["mean_parallel_degree"] > 1.0
 
