@@ -9,10 +9,13 @@ file; without ``--model`` the shipped ``multiverse-tiny`` is searched for
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from multiverse.locations import default_model_hint, find_model
+
+log = logging.getLogger(__name__)
 
 
 class UsageError(ValueError):
@@ -61,10 +64,15 @@ def load_engine(model: Path, device: str, dtype: str) -> Any:
     """``multiverse.LLM`` on ``model``; a load failure (missing or truncated weights, a bad
     config) becomes a :class:`UsageError` naming ``--model`` and the path."""
     check_device(device)
+    import time
+
     from multiverse import LLM
 
+    t0 = time.perf_counter()
     try:
-        return LLM(str(model), device=device, dtype=dtype)
+        llm = LLM(str(model), device=device, dtype=dtype)
+        log.info("loaded %s on %s (%s) in %.2f s", model, device, dtype, time.perf_counter() - t0)
+        return llm
     except Exception as e:  # noqa: BLE001 - any load failure (safetensors, config, tokenizer) is one line
         msg = " ".join(str(e).split()) or type(e).__name__
         raise UsageError(f"--model {model}: cannot load ({msg[:240]})") from None
@@ -114,6 +122,7 @@ def apply_threads(n: int | None) -> int:
         raise UsageError(f"--threads must be >= 1, got {n}")
     n = n or default_threads()
     torch.set_num_threads(n)
+    log.info("torch threads: %d", n)
     return n
 
 

@@ -29,6 +29,7 @@ and an injectable clock, so it is unit-tested with a scripted stand-in model.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ from multiverse.eval.datasets import Problem
 from multiverse.eval.grading import extract_answer, grade
 from multiverse.format import grammar
 from multiverse.format.prompts import chat_prompt, stop_token_ids, user_prompt  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 CLOCK: Clock = time.perf_counter
@@ -223,7 +226,9 @@ def evaluate(
     )
     if warmup and prompts:  # the whole first answer: it forks where the model forks
         for sp in [on, off] if speedup else [on]:
+            t0 = now()
             llm.generate(prompts[:1], sp)
+            log.info("warm-up (%s): %.2f s, untimed", "forking on" if sp is on else "forking off", now() - t0)
 
     def timed(batch: list[str], sp: Any) -> tuple[list[Any], float]:
         start = now()
@@ -237,6 +242,7 @@ def evaluate(
         _timed_batches(problems, prompts, batch_size, on, off if speedup else None, timed, result, progress)
     except KeyboardInterrupt:
         result.interrupted = True
+        log.warning("interrupted after %d of %d problems", result.n, len(prompts))
     return result
 
 
@@ -260,6 +266,8 @@ def _timed_batches(
         par_outs, t_par = timed(batch, on)
         if speedup and b % 2 == 0:
             seq_outs, t_seq = timed(batch, off)
+        log.debug("batch %d: %d prompt(s), on %.3f s, off %s s", b, len(batch), t_par,
+                  "-" if t_seq is None else f"{t_seq:.3f}")  # fmt: skip
         result.time_parallel_s += t_par
         if t_seq is not None and result.time_sequential_s is not None:
             result.time_sequential_s += t_seq

@@ -129,6 +129,14 @@ def test_inspect_into_a_closed_pipe_prints_no_traceback(tmp_path):
 def test_log_level_is_global():
     assert build_parser().parse_args(["--log-level", "debug", "inspect", "x"]).log_level == "debug"
     assert main(["--log-level", "loud", "inspect", "x"]) == 2
+    import logging
+
+    from multiverse.cli.common import apply_threads
+
+    main(["--log-level", "info", "inspect", str(REPO / "multiverse" / "examples" / "example.txt")])
+    assert logging.getLogger("multiverse").level == logging.INFO
+    logging.getLogger("multiverse").setLevel(logging.WARNING)
+    assert apply_threads(1) == 1
 
 
 def test_plot_of_a_long_text_is_cropped_to_its_blocks_and_zoomable(tmp_path):
