@@ -199,7 +199,7 @@ def evaluate(
     ``.text`` and ``.usage`` (``parallel_degree``, ``depth_tokens``, ``completion_tokens``);
     ``params(temperature=, max_tokens=, parallel=, stop_token_ids=)`` builds the sampling
     parameters (default :class:`multiverse.SamplingParams`); generation stops at EOS and at
-    :func:`stop_token_ids`. ``progress(done, total, summary)`` is called after each batch.
+    :func:`stop_token_ids`. ``progress(done, total, summary)`` is called before the first timed batch and after each.
     A ``KeyboardInterrupt`` during the timed batches returns the samples so far, with
     ``interrupted=True``.
     """
@@ -238,6 +238,8 @@ def evaluate(
             raise RuntimeError(f"generate returned {len(outs)} outputs for {len(batch)} prompts")
         return outs, elapsed
 
+    if progress is not None:
+        progress(0, len(prompts), result.summary())
     try:
         _timed_batches(problems, prompts, batch_size, on, off if speedup else None, timed, result, progress)
     except KeyboardInterrupt:
