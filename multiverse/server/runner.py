@@ -1,8 +1,8 @@
 """Run the app under uvicorn with a graceful shutdown.
 
-SIGTERM / SIGINT: the engine stops taking requests at once (new ones get 503), uvicorn stops
-listening and waits up to ``shutdown_timeout`` seconds for the open requests to finish; at the
-app's shutdown whatever is still running is aborted (:meth:`EngineThread.drain`).
+SIGTERM / SIGINT: uvicorn stops listening and waits up to ``shutdown_timeout`` seconds for the
+open requests to finish; at the app's shutdown the engine stops taking requests (503) and
+whatever is still running is aborted (:meth:`EngineThread.drain`).
 """
 
 from __future__ import annotations
@@ -32,13 +32,10 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
           log_level: str = "info") -> None:  # fmt: skip
+    """``uvicorn.run`` with ``timeout_graceful_shutdown``: on SIGTERM uvicorn stops listening,
+    closes idle keep-alive connections (no new request can arrive), waits for the open ones;
+    then the app's shutdown aborts whatever still runs."""
     import uvicorn
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.engine.stop_intake()
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=max(1, int(shutdown_timeout)))  # fmt: skip
-    Server(config).run()
+    uvicorn.run(app, host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=max(1, int(shutdown_timeout)))  # fmt: skip
