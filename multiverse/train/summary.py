@@ -49,6 +49,8 @@ class TrainingRecord:
 
 PROMPT_SUFFIXES = ("parallel", "sequential")
 """The recorded prompt formats: the SPEC 1.3 parallel or sequential user-turn suffix."""
+SUFFIX_OF_MODE = {"multiverse": "parallel", "autoregressive": "sequential"}
+"""The prompt suffix each training mode trains with (and implies when none is recorded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ def prompt_format(model: str | Path) -> PromptFormat | None:
         return None
     if record.prompt is not None:
         return PromptFormat(record.prompt, f"{record.path}: prompt.suffix")
-    implied = {"multiverse": "parallel", "autoregressive": "sequential"}.get(record.mode or "")
+    implied = SUFFIX_OF_MODE.get(record.mode or "")
     if implied is None:
         return None
     return PromptFormat(implied, f"{record.path}: mode {record.mode}")
@@ -103,7 +105,7 @@ def training_summary(
         "task_records": dict(report.tasks),
         "records": report.records - len(report.skipped),
         "mode": cfg.mode,
-        "prompt": {"suffix": "parallel" if cfg.mode == "multiverse" else "sequential"},
+        "prompt": {"suffix": SUFFIX_OF_MODE[cfg.mode]},
         "config": asdict(cfg),
         "attention": backend,
         "global_step": global_step,
