@@ -23,7 +23,7 @@ mix with a warning when it records none), says on stderr which, and for each one
 Invariants: the problems are held out (``split="test"``, disjoint from any training file
 made by ``python -m multiverse.eval.tasks --split train``) and fixed (same seed, same problems on
 every run); generation stops at the chat end-of-turn token as well as at EOS
-(:func:`multiverse.eval.evaluate.stop_token_ids`); nothing is written to disk.
+(:func:`multiverse.format.prompts.stop_token_ids`); nothing is written to disk.
 """
 
 from __future__ import annotations

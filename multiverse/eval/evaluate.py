@@ -38,7 +38,7 @@ from typing import Any
 from multiverse.eval.datasets import Problem
 from multiverse.eval.grading import extract_answer, grade
 from multiverse.format import grammar
-from multiverse.format.prompts import chat_prompt, stop_token_ids, user_prompt  # noqa: F401
+from multiverse.format.prompts import chat_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 
