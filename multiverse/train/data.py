@@ -13,9 +13,9 @@ Either kind may name its ``"task"`` (as records of :mod:`multiverse.eval.tasks` 
 counts the records kept per task (:attr:`DataReport.tasks`, :mod:`multiverse.train.summary`).
 
 Invariants:
-  * ``labels[i] == input_ids[i]`` on assistant tokens (the rendered assistant turn, end-of-turn
-    marker included) and ``-100`` everywhere else (system, user, template scaffolding). Labels
-    are *unshifted*: the collator shifts them per document.
+  * ``labels[i] == input_ids[i]`` on assistant tokens (the assistant turn, end-of-turn marker
+    included) but the path labels (:mod:`multiverse.train.path_labels`), ``-100`` everywhere
+    else (system, user, template scaffolding). Unshifted: the collator shifts them per document.
   * Every assistant turn is checked with :func:`multiverse.format.grammar.validate`; a record with any
     issue is skipped and reported (source line and the issues), never repaired or truncated.
     Records longer than ``max_length`` tokens are skipped and reported the same way.
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from multiverse.format import grammar, prompts
+from multiverse.train.path_labels import mask_path_labels
 
 Form = Literal["multiverse", "sequential"]
 Mode = Literal["multiverse", "autoregressive"]
@@ -261,7 +262,8 @@ def check(record: Record) -> list[str]:
 
 
 def tokenize(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Token ids of the chat and labels that are the ids on assistant turns, -100 elsewhere.
+    """Token ids of the chat; labels: the ids on assistant turns, -100 elsewhere (and on the
+    path labels the engine writes itself, :mod:`multiverse.train.path_labels`).
 
     The chat template renders ``messages[:i]`` with the generation prompt and ``messages[:i+1]``
     for each assistant turn ``i``; the text between the two is that turn (content and the
@@ -289,7 +291,7 @@ def tokenize(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[i
         ids = tokenizer.encode(text, add_special_tokens=False)
         input_ids.extend(ids)
         labels.extend(ids if target else [IGNORE_INDEX] * len(ids))
-    return input_ids, labels
+    return input_ids, mask_path_labels(input_ids, labels, tokenizer)
 
 
 def _template(

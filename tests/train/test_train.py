@@ -8,6 +8,7 @@ and the mean NLL of the assistant tokens taken by hand.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -77,10 +78,26 @@ def example(tok, record, form="multiverse"):
     return D.Example(ids, labels, form, record.source)
 
 
+def label_token_positions(tok, ids: list[int]) -> set[int]:
+    """Token positions of the path labels (``1:`` after ``<Path>\n``), found from character
+    offsets of the decoded text (independently of :mod:`multiverse.train.path_labels`)."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ids
+    spans = [m.span(1) for m in re.finditer(r"<Path>\n(\d+(?:\.\d+)*:)", text)]
+    return {
+        t
+        for t, (a, b) in enumerate(enc["offset_mapping"])
+        if any(lo <= a and b <= hi and a < b for lo, hi in spans)
+    }
+
+
 def independent_nll(model, tok, tag_ids, record, form="multiverse") -> tuple[float, int]:
-    """Sum of NLL over the assistant tokens and their count, computed without the trainer."""
+    """Sum of NLL over the assistant tokens (path labels left out) and their count, computed
+    without the trainer."""
     ids, _ = D.tokenize(tok, D.render(record, form))
     prompt_len = len(D.prompt_ids(tok, record.question, form))
+    skip = label_token_positions(tok, ids)
     pos, mask = attention.positions_and_mask(ids, tag_ids)
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))[None, None]
     eager = tiny_model(tok, "eager")
@@ -90,8 +107,9 @@ def independent_nll(model, tok, tag_ids, record, form="multiverse") -> tuple[flo
             input_ids=torch.tensor([ids]), position_ids=pos[None], attention_mask=additive
         ).logits[0]
     logp = logits.double().log_softmax(-1)
-    total = sum(-float(logp[t - 1, ids[t]]) for t in range(prompt_len, len(ids)))
-    return total, len(ids) - prompt_len
+    kept = [t for t in range(prompt_len, len(ids)) if t not in skip]
+    total = sum(-float(logp[t - 1, ids[t]]) for t in kept)
+    return total, len(kept)
 
 
 # ----------------------------------------------------------------------------- data
@@ -103,7 +121,10 @@ def test_render_puts_labels_on_the_assistant_turn_only(tok, records):
     prompt = D.prompt_ids(tok, rec.question)
     assert ids[: len(prompt)] == prompt
     assert labels[: len(prompt)] == [D.IGNORE_INDEX] * len(prompt)
-    assert labels[len(prompt) :] == ids[len(prompt) :]
+    skip = label_token_positions(tok, ids)
+    assert len(skip) >= 2 * grammar.stats(grammar.parse(rec.chain)).blocks  # >= 2 paths a block
+    assert all(labels[t] == D.IGNORE_INDEX for t in skip)
+    assert all(labels[t] == ids[t] for t in range(len(prompt), len(ids)) if t not in skip)
     target = tok.decode(ids[len(prompt) :], skip_special_tokens=False)
     assert target == rec.chain + "\n\nAnswer: 41<|im_end|>\n"
     user = tok.decode(prompt, skip_special_tokens=False)
