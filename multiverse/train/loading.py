@@ -51,8 +51,11 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
                 str(path.parent), gguf_file=path.name, dtype=torch.float32,
                 attn_implementation=attn_implementation,
             )
+            # the weights are float32 now: drop the GGUF quantizer, which the Trainer refuses
+            model.hf_quantizer = None
+            model.is_quantized = False
             if getattr(model.config, "quantization_config", None) is not None:
-                del model.config.quantization_config  # dequantized: saved weights are float
+                del model.config.quantization_config
         else:
             tokenizer = load_tokenizer(cfg.tokenizer or path)
             model = AutoModelForCausalLM.from_pretrained(
