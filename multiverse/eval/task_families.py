@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 
 from multiverse.eval.task_plans import Plan, PlanBlock
+from multiverse.eval.word_problems import WORD_TASKS
 
 WORDS = (
     "apple", "banana", "cat", "dog", "sky", "tree", "house", "river", "stone", "moon",
@@ -221,9 +222,15 @@ TASKS: dict[str, Callable[[random.Random], Plan]] = {
     "countdown": _countdown,
     "countdown_warmup": _countdown_warmup,
 }
+DEFAULT_TASKS = tuple(TASKS)
+"""The default mix of :func:`multiverse.eval.tasks.generate` (no ``tasks`` given): the tasks
+above, fixed so that adding a task never changes what the default draws."""
+TASKS.update(WORD_TASKS)  # the word problems (multiverse.eval.word_problems): chosen by name
 TRAINING_ONLY = ("countdown_warmup",)
 """Tasks that exist to warm a model up in training (a curriculum), not to be evaluated on."""
-EVAL_TASKS = tuple(t for t in TASKS if t not in TRAINING_ONLY)
-"""The default mix of ``multiverse eval --benchmark synthetic``."""
+EVAL_TASKS = tuple(t for t in DEFAULT_TASKS if t not in TRAINING_ONLY)
+"""The default mix of ``multiverse eval --benchmark synthetic`` (a model that records no
+training tasks). Every task not in :data:`TRAINING_ONLY` can be evaluated: the word problems
+are posed when the model records them or ``--tasks`` names them."""
 TOKENIZER_TASKS = ("sum_products", "max_total", "vowel_sum", "nested_max")
 """The tasks whose text trains the project tokenizer (fixed, so its vocabulary never changes)."""

@@ -23,7 +23,9 @@ def problem_key(task: str, question: str) -> str:
 @dataclass(slots=True)
 class Record:
     """One problem with both solution texts. ``num_paths``: paths of the first top-level block;
-    ``depth``: deepest nesting of ``<Parallel>`` blocks (1 or 2)."""
+    ``depth``: deepest nesting of ``<Parallel>`` blocks (1 or 2; both 0 for a plan without a
+    block); ``structure``: ``"parallel"`` when the chain has a ``<Parallel>`` block, else
+    ``"sequential"`` (the default only for records written before the field existed)."""
 
     id: str
     question: str
@@ -33,6 +35,7 @@ class Record:
     task: str
     num_paths: int
     depth: int
+    structure: str = "parallel"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -44,6 +47,7 @@ class Record:
             "task": self.task,
             "num_paths": self.num_paths,
             "depth": self.depth,
+            "structure": self.structure,
         }
 
 
@@ -108,9 +112,10 @@ def _depth(items: list[str | PlanBlock]) -> int:
 
 
 def to_record(plan: Plan) -> Record:
+    """Both texts of ``plan``; a plan without a block renders the same plain text twice."""
     chain = "<Think>\n" + _render_parallel(plan.body) + "</Think>"
     sequential = "<Think>\n" + "".join(f"{x}\n" for x in _render_sequential(plan.body)) + "</Think>"
-    first = next(x for x in plan.body if isinstance(x, PlanBlock))
+    first = next((x for x in plan.body if isinstance(x, PlanBlock)), None)
     digest = hashlib.sha256(plan.key.encode()).hexdigest()[:12]
     return Record(
         id=f"{plan.task}-{digest}",
@@ -119,6 +124,7 @@ def to_record(plan: Plan) -> Record:
         sequential_chain=sequential,
         answer=plan.answer,
         task=plan.task,
-        num_paths=len(first.paths),
+        num_paths=len(first.paths) if first is not None else 0,
         depth=_depth(plan.body),
+        structure="parallel" if first is not None else "sequential",
     )

@@ -33,10 +33,25 @@ and a chat prompt about 75-115):
                     shipped tiny models are trained and evaluated on)
   ``countdown_warmup``  the same with starts 10-39 (short paths): a training warm-up only
 
-The families live in :mod:`multiverse.eval.task_families`, the plan and its rendering in
+Word problems (:mod:`multiverse.eval.word_problems`; with the SmolLM2 tokenizer a question is
+at most 70 tokens):
+  ``word_parallel``    a bakery's (farm's, school's, ...) 3 quantities, each 3 steps (a product,
+                       then two of +/- 1-20, doubling, halving); the total or most minus fewest.
+                       One block, short outlines and conclusion: assistant turn ~205-245, mean ~228
+  ``word_sequential``  one person's quantity through 4-6 dependent steps, NO block (``chain`` ==
+                       ``sequential_chain``, ``structure`` "sequential"): assistant turn ~60-111
+
+Every record says its ``structure``: ``"parallel"`` (the chain has a ``<Parallel>`` block) or
+``"sequential"`` (``num_paths`` and ``depth`` 0). The word problems are chosen by name only:
+the default mix (:data:`DEFAULT_TASKS`, and :data:`EVAL_TASKS` of ``multiverse eval``) is the
+seven tasks above it, so adding them changed no default data set and no default evaluation.
+
+The families live in :mod:`multiverse.eval.task_families` and
+:mod:`multiverse.eval.word_problems`, the plan and its rendering in
 :mod:`multiverse.eval.task_plans`.
 
-``python -m multiverse.eval.tasks OUT.jsonl --n 1000 --split train --seed 0`` writes a data set.
+``python -m multiverse.eval.tasks OUT.jsonl --n 1000 --split train --seed 0`` writes a data set
+(``--tasks word_parallel word_sequential`` for the word problems).
 """
 
 from __future__ import annotations
@@ -50,6 +65,7 @@ from pathlib import Path
 from multiverse.eval.task_families import (  # noqa: F401 (the task registry is this module's API)
     COUNTDOWN_STEP,
     COUNTERS,
+    DEFAULT_TASKS,
     EVAL_TASKS,
     TASKS,
     TOKENIZER_TASKS,
@@ -74,7 +90,7 @@ def iter_records(
     """Endless stream of distinct problems of ``split``, deterministic in ``seed``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    names = list(TASKS) if tasks is None else list(tasks)
+    names = list(DEFAULT_TASKS) if tasks is None else list(tasks)
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise ValueError(f"unknown task(s) {unknown or names}: choose from {sorted(TASKS)}")
@@ -96,7 +112,8 @@ def iter_records(
 def generate(
     n: int, seed: int = 0, split: str = "train", tasks: Iterable[str] | None = None
 ) -> list[Record]:
-    """``n`` distinct problems of ``split`` (tasks mixed uniformly unless ``tasks`` is given)."""
+    """``n`` distinct problems of ``split``, tasks mixed uniformly (``tasks``, else
+    :data:`DEFAULT_TASKS`: every task but the word problems)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     stream = iter_records(seed, split, tasks)
@@ -162,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--tasks", nargs="+", choices=sorted(TASKS), help="subset of tasks (default all)"
+        "--tasks", nargs="+", choices=sorted(TASKS),
+        help="tasks to mix (default: all but word_parallel and word_sequential)",
     )
     args = p.parse_args(argv)
     count = write_jsonl(args.output, generate(args.n, args.seed, args.split, args.tasks))

@@ -53,7 +53,7 @@ def test_structure_fields(train):
         assert rec.id.startswith(rec.task + "-")
     depths = {r.depth for r in train}
     assert depths == {1, 2}
-    assert {r.task for r in train} == set(tasks.TASKS)
+    assert {r.task for r in train} == set(tasks.DEFAULT_TASKS)
     assert max(r.num_paths for r in generate(60, 1, tasks=["vowel_sum"])) == 6
 
 
@@ -212,7 +212,7 @@ def test_jsonl_round_trip(train, tmp_path):
     assert tasks.write_jsonl(path, train[:5]) == 5
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert set(rows[0]) == {
-        "id", "question", "chain", "sequential_chain", "answer", "task", "num_paths", "depth",
+        "id", "question", "chain", "sequential_chain", "answer", "task", "num_paths", "depth", "structure",
     }  # fmt: skip
     assert isinstance(rows[0]["answer"], int)
     assert tasks.read_jsonl(path) == train[:5]
