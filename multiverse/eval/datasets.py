@@ -105,7 +105,7 @@ def problems_from_records(
         pid = _first(row, _ID_KEYS)
         meta = {
             key: row[key]
-            for key in ("subject", "level", "task", "num_paths", "depth")
+            for key in ("subject", "level", "task", "structure", "num_paths", "depth")
             if key in row
         }
         out.append(

@@ -21,7 +21,10 @@ Reported (``results.json``, ``results.md``, ``speedup.png`` in ``--output``):
     ``--batch-size 1`` that is per sample, which is what ``speedup.png`` plots against
     # parallel. ``--batch-size 1 8`` reruns both modes at each further size in the same run
     (accuracy and # parallel come from the first size): ``speedup_by_batch`` and
-    ``by_batch`` in ``results.json``, one row per size in ``results.md``.
+    ``by_batch`` in ``results.json``, one row per size in ``results.md``;
+  - ``by_task`` (problems that name their task, as synthetic ones do): those metrics per task
+    (speedup from the samples' batch times: exact per task at ``--batch-size 1``), a table in
+    ``results.md`` for 2+ tasks; each sample carries its ``task`` and ``structure``.
 
 The logic (:func:`evaluate`) takes any object with the engine's ``generate(prompts, params)``
 and an injectable clock, so it is unit-tested with a scripted stand-in model.
@@ -65,7 +68,8 @@ BASELINES = ("serial", "plain")
 
 @dataclass(slots=True)
 class SampleResult:
-    """One problem. Times and speedup are those of the sample's batch."""
+    """One problem. Times and speedup are those of the sample's batch. ``task`` and
+    ``structure`` come from the problem's meta (None for a benchmark without them)."""
 
     id: str
     kind: str
@@ -85,6 +89,8 @@ class SampleResult:
     completion_tokens_sequential: int | None = None
     time_sequential_s: float | None = None
     speedup: float | None = None
+    task: str | None = None
+    structure: str | None = None
 
 
 @dataclass(slots=True)
@@ -140,7 +146,7 @@ class EvalResult:
             "complete": not self.interrupted,
             "problems_requested": self.total if self.total is not None else self.n,
             "environment": self.environment,
-        } | self._batches(speedup)
+        } | self._batches(speedup) | _by_task(s)
 
     def _batches(self, speedup: float | None) -> dict[str, Any]:
         if not self.by_batch:
@@ -158,6 +164,25 @@ class EvalResult:
 
 def _mean(values: Sequence[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
+
+
+def _by_task(samples: Sequence[SampleResult]) -> dict[str, Any]:
+    """``{"by_task": {task: metrics}}`` when any sample names its task, else ``{}``."""
+    out: dict[str, Any] = {}
+    for name in sorted({x.task for x in samples if x.task is not None}):
+        xs = [x for x in samples if x.task == name]
+        seq = [float(x.correct_sequential) for x in xs if x.correct_sequential is not None]
+        t_par, t_seq = sum(x.time_parallel_s for x in xs), sum(x.time_sequential_s or 0.0 for x in xs)
+        timed = all(x.time_sequential_s is not None for x in xs) and t_par > 0
+        out[name] = {
+            "n": len(xs),
+            "accuracy": _mean([float(x.correct) for x in xs]),
+            "accuracy_sequential": _mean(seq) if seq else None,
+            "parallel_degree": _mean([x.parallel_degree for x in xs]),
+            "trigger_rate": _mean([float(bool(x.blocks)) for x in xs]),
+            "speedup": round(t_seq / t_par, 4) if timed else None,
+        }
+    return {"by_task": out} if out else {}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -303,6 +328,8 @@ def _sample(
         max_depth=st.max_depth,
         batch=batch,
         time_parallel_s=round(t_par, 6),
+        task=prob.meta.get("task"),
+        structure=prob.meta.get("structure"),
     )
     if seq is not None and t_seq is not None:
         seq_text = str(getattr(seq, "text", ""))
@@ -338,6 +365,13 @@ def format_markdown(result: EvalResult) -> str:
         f"model: `{s['model']}`; prompt: {s['prompt']}; # parallel over outputs with blocks: "
         f"{_num(s['parallel_degree_triggered'])}",
     ]
+    by_task = s.get("by_task", {})
+    if len(by_task) > 1:
+        rows += ["", "| task | n | pass@1 (forking on) | pass@1 (forking off) | # parallel "
+                 "| trigger rate | speedup |", "|" + "---|" * 7]  # fmt: skip
+        rows += [f"| {name} | {r['n']} | {_pct(r['accuracy'])} | {_pct(r['accuracy_sequential'])} "
+                 f"| {_num(r['parallel_degree'])} | {_pct(r['trigger_rate'])} | {_num(r['speedup'])} |"
+                 for name, r in by_task.items()]  # fmt: skip
     return "\n".join(rows)
 
 

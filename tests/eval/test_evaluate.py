@@ -147,6 +147,49 @@ def test_metrics_batch_1_by_hand():
     assert all(p.stop_token_ids == stop for _, p in llm.calls)
 
 
+def test_by_task_metrics_by_hand():
+    tagged = [
+        Problem(p.id, p.question, p.answer, p.kind, {"task": t, "structure": st})
+        for p, (t, st) in zip(PROBLEMS, [("a", "parallel"), ("b", "sequential"), ("a", "parallel")])
+    ]
+    clock = FakeClock()
+    llm = ScriptedLLM(clock, SCRIPT)
+    res = evaluate.evaluate(llm, llm.tokenizer, tagged, benchmark="toy", batch_size=1, max_tokens=64,
+                            params=Params, clock=clock, baseline="plain")  # fmt: skip
+    by = res.summary()["by_task"]
+    assert list(by) == ["a", "b"]
+    # a: p1 (on right, off right; depth 20 vs 24 tokens) and p3 (on right, off wrong; 20 vs 30)
+    assert by["a"] == {"n": 2, "accuracy": 1.0, "accuracy_sequential": 0.5, "parallel_degree": 1.35,
+                       "trigger_rate": 1.0, "speedup": round(54 / 40, 4)}  # fmt: skip
+    assert by["b"] == {"n": 1, "accuracy": 0.0, "accuracy_sequential": 0.0, "parallel_degree": 1.0,
+                       "trigger_rate": 0.0, "speedup": 1.0}  # fmt: skip
+    rows = res.to_dict()["samples"]
+    assert [(r["task"], r["structure"]) for r in rows] == [("a", "parallel"), ("b", "sequential"), ("a", "parallel")]
+    md = evaluate.format_markdown(res)
+    assert "| task | n |" in md and "| a | 2 | 100.0% | 50.0% | 1.350 | 100.0% | 1.350 |" in md
+    one = evaluate.EvalResult("toy", "m", 1, 64, "parallel", samples=res.samples[:1])
+    assert list(one.summary()["by_task"]) == ["a"] and "| task |" not in evaluate.format_markdown(one)
+    untimed = evaluate.evaluate(llm, llm.tokenizer, tagged, batch_size=1, max_tokens=64, params=Params,
+                                clock=clock, speedup=False)  # fmt: skip
+    assert untimed.summary()["by_task"]["a"]["speedup"] is None
+    plain, _ = _run(1)  # problems without a task: no by_task, samples say None
+    assert "by_task" not in plain.summary() and plain.samples[0].task is None
+    assert "| task |" not in evaluate.format_markdown(plain)
+
+
+def test_synthetic_problems_carry_task_and_structure(tmp_path):
+    from multiverse.eval.datasets import synthetic_tasks_for
+
+    probs = load_benchmark("synthetic", 20, tasks=["word_parallel", "word_sequential"])
+    pairs = {(p.meta["task"], p.meta["structure"]) for p in probs}
+    assert pairs == {("word_parallel", "parallel"), ("word_sequential", "sequential")}
+    assert all(p.kind == "exact" for p in probs)
+    assert {p.meta["structure"] for p in load_benchmark("synthetic", 10)} == {"parallel"}
+    # the word problems are not in the default mix, but a model trained on them is asked them
+    choice = synthetic_tasks_for(_record(tmp_path / "w", ["word_parallel", "word_sequential"]))
+    assert choice.tasks == ("word_parallel", "word_sequential") and choice.recorded
+
+
 def test_same_prompts_and_batches_in_both_modes():
     res, llm = _run(2)
     timed = llm.calls[2:]
