@@ -37,14 +37,14 @@ Word problems (:mod:`multiverse.eval.word_problems`; with the SmolLM2 tokenizer 
 at most 70 tokens):
   ``word_parallel``    a bakery's (farm's, school's, ...) 3 quantities, each 3 steps (a product,
                        then two of +/- 1-20, doubling, halving); the total or most minus fewest.
-                       One block, short outlines and conclusion: assistant turn ~205-245, mean ~228
+                       One block, short outlines and conclusion: assistant turn ~207-241, mean ~227
   ``word_sequential``  one person's quantity through 4-6 dependent steps, NO block (``chain`` ==
-                       ``sequential_chain``, ``structure`` "sequential"): assistant turn ~60-111
+                       ``sequential_chain``, ``structure`` "sequential"): assistant turn ~60-114, mean ~82
 
 Every record says its ``structure``: ``"parallel"`` (the chain has a ``<Parallel>`` block) or
 ``"sequential"`` (``num_paths`` and ``depth`` 0). The word problems are chosen by name only:
-the default mix (:data:`DEFAULT_TASKS`, and :data:`EVAL_TASKS` of ``multiverse eval``) is the
-seven tasks above it, so adding them changed no default data set and no default evaluation.
+the default mix (:data:`DEFAULT_TASKS`: the seven tasks listed first; :data:`EVAL_TASKS`,
+``multiverse eval``'s mix for a model that records no tasks: those but the warm-up) is as before.
 
 The families live in :mod:`multiverse.eval.task_families` and
 :mod:`multiverse.eval.word_problems`, the plan and its rendering in

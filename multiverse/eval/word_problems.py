@@ -26,7 +26,7 @@ LIMIT = 300
 """Every intermediate result is below this (and above 0)."""
 SEQUENTIAL_LIMIT = 150
 """``word_sequential`` keeps its results below this (fewer three-digit numbers: shorter text)."""
-MAX_QUESTION_SIZE = 63
+MAX_QUESTION_SIZE = 62
 """A ``word_parallel`` question of at most this :func:`_size` has at most 70 SmolLM2 tokens."""
 QUANTITIES = 3
 """Quantities of a ``word_parallel`` problem. Three, not four: with the SmolLM2 tokenizer (a
@@ -97,13 +97,13 @@ def _arith(a: int, b: int, steps: list[Step]) -> tuple[list[str], int]:
     return out, value
 
 
-def _phrase(step: Step, minus: str, plus: str, them: str = "them") -> str:
+def _phrase(step: Step, minus: str, plus: str) -> str:
     op, k = step
     if op == "-":
         return f"{minus} {k}"
     if op == "+":
         return f"{plus} {k} more"
-    return f"doubles {them}" if op == "*" else f"halves {them}"
+    return "doubles them" if op == "*" else "halves them"
 
 
 def _join(items: list[str]) -> str:
@@ -183,7 +183,7 @@ def _word_sequential(rng: random.Random) -> Plan:
     minus = {"gives out": "gives away"}.get(minus, minus)
     a, b, steps = _draw_chain(rng, rng.choice((3, 3, 4, 4, 5)), SEQUENTIAL_LIMIT)
     lines, answer = _arith(a, b, steps)
-    phrases = [_phrase(s, minus, plus, "what is left") for s in steps]
+    phrases = [_phrase(s, minus, plus) for s in steps]
     question = (
         f"{name} has {a} {container} of {b} {item}. {she} {', then '.join(phrases)}. "
         f"How many {item} does {name} have now?"
