@@ -6,8 +6,7 @@ A record is one of
     of SPEC 1.3 (parallel or sequential), assistant turn = chain + ``"\\n\\nAnswer: "`` + answer.
     An optional ``"sequential_chain"`` gives the record's own sequential version; otherwise the
     sequential form is the flattened chain (:func:`sequential_view`).
-  * ``{"messages": [{"role", "content"}, ...]}``: a chat taken as is; every assistant turn is
-    a target.
+  * ``{"messages": [{"role", "content"}, ...]}``: a chat as is; every assistant turn a target.
 
 Either kind may name its ``"task"`` (as records of :mod:`multiverse.eval.tasks` do); the report
 counts the records kept per task (:attr:`DataReport.tasks`, :mod:`multiverse.train.summary`).
@@ -19,8 +18,7 @@ Invariants:
   * Every assistant turn is checked with :func:`multiverse.format.grammar.validate`; a record with any
     issue is skipped and reported (source line and the issues), never repaired or truncated.
     Records longer than ``max_length`` tokens are skipped and reported the same way.
-  * ``render``/``tokenize`` never reorder records; the curriculum (SPEC section 6) is a fixed,
-    unshuffled order.
+  * ``render``/``tokenize`` never reorder records; the curriculum (SPEC 6) is a fixed order.
 """
 
 from __future__ import annotations
