@@ -26,6 +26,28 @@ from multiverse.eval.structure import (
     load_sources,
     summarize,
 )
+from multiverse.format.tokenizer import BUILTIN_TOKENIZERS, is_builtin_tokenizer, resolve_tokenizer
+
+TOKENIZER_HELP = (
+    f"Hugging Face tokenizer directory, or {' / '.join(BUILTIN_TOKENIZERS)} (the released "
+    "Multiverse-32B's Qwen2.5 tokenizer, built offline; extra qwen), for real token counts "
+    "(default: the built-in approximate counter)"
+)
+
+
+def token_counter(tokenizer: str | None) -> TokenCounter:
+    """The counter of a ``--tokenizer`` value: none (the built-in approximate counter), a
+    tokenizer directory, or a built-in name (``qwen2.5``: its built, cached directory, named by
+    the name in the reports)."""
+    if not tokenizer or not is_builtin_tokenizer(tokenizer):
+        return TokenCounter(tokenizer)
+    try:
+        path = resolve_tokenizer(tokenizer)
+    except ImportError as e:
+        raise ValueError(f"--tokenizer {tokenizer}: {e}") from None
+    counter = TokenCounter(str(path))
+    counter.name = f"{tokenizer} ({type(counter.tok).__name__})"
+    return counter
 
 
 def _tokens_range(text: str) -> tuple[int, int | None]:
@@ -41,9 +63,7 @@ def _tokens_range(text: str) -> tuple[int, int | None]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Multiverse text file, JSONL records, a trace file, a directory, or - for stdin")
-    p.add_argument("--tokenizer", metavar="DIR",
-                   help="Hugging Face tokenizer directory for real token counts (default: the built-in "
-                   "approximate counter)")  # fmt: skip
+    p.add_argument("--tokenizer", metavar="DIR|NAME", help=TOKENIZER_HELP)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per input, then the summary for a directory (default: text)")  # fmt: skip
     p.add_argument("--summary", action="store_true", help="only the summary over all inputs (default for a directory)")
@@ -61,7 +81,7 @@ def iter_reports(sources: list[Source], counter: TokenCounter) -> Iterator[Repor
 
 
 def run(args: argparse.Namespace) -> int:
-    counter = TokenCounter(args.tokenizer)
+    counter = token_counter(args.tokenizer)
     sources = load_sources(args.source)
     if not sources:
         raise ValueError(f"{args.source}: nothing to inspect")

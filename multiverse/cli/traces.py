@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from multiverse.cli.inspection import TOKENIZER_HELP, token_counter
 from multiverse.eval.traces import default_traces_dir, format_table, grade_dir
 
 
@@ -21,9 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="trace directory (default: traces/multiverse-32b in $MULTIVERSE_DATA, ./shared/data, "
         "../shared/data or next to a source checkout)",
     )
-    p.add_argument(
-        "--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for token counts (default: the built-in approximate counter)",
-    )
+    p.add_argument("--tokenizer", metavar="DIR|NAME", help=TOKENIZER_HELP)
     p.add_argument(
         "--json", action="store_true", help="print one JSON object (per-sample records included)"
     )
@@ -33,8 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiverse.eval.structure import TokenCounter
-
     try:
         directory = Path(args.directory) if args.directory else default_traces_dir()
     except ValueError as e:
@@ -44,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"multiverse grade-traces: error: {directory}: no such directory", file=sys.stderr)
         return 2
     try:
-        counter = TokenCounter(args.tokenizer)
+        counter = token_counter(args.tokenizer)
         result = grade_dir(directory, counter)
     except ValueError as e:
         print(f"multiverse grade-traces: error: {e}", file=sys.stderr)

@@ -5,7 +5,10 @@
     of 64, the new rows initialised from the tag words' sub-tokens;
   * :func:`tag_ids`: tag -> id read from a tokenizer (never hard-coded);
   * :func:`load_tokenizer`: the one way a tokenizer is loaded from a directory or a GGUF file
-    (engine, trainer, eval, inspect).
+    (engine, trainer, eval, inspect);
+  * :func:`resolve_tokenizer`: a ``--tokenizer`` value as a directory; the built-in names
+    (:data:`BUILTIN_TOKENIZERS`: ``qwen2.5``, the released Multiverse-32B tokenizer rebuilt
+    offline by :mod:`multiverse.format.qwen`) resolve to their built, cached directory.
 
 transformers / tokenizers are imported inside the functions (extra ``hf``).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from multiverse.format import qwen
 from multiverse.format.document import TAGS
 
 _PROBE = "What is 9 * 7?\n\nAnswer: 63. Ünïcödé  text\twith 12 + 30 = 42.\n"
@@ -27,9 +31,29 @@ def has_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
 
 
+BUILTIN_TOKENIZERS: tuple[str, ...] = (qwen.QWEN25,)
+"""Names a tokenizer source may be instead of a path (an existing path of that name wins)."""
+
+
+def is_builtin_tokenizer(source: str | Path) -> bool:
+    """Is ``source`` one of :data:`BUILTIN_TOKENIZERS` (and not an existing path)?"""
+    return str(source).lower() in BUILTIN_TOKENIZERS and not Path(source).exists()
+
+
+def resolve_tokenizer(source: str | Path) -> Path:
+    """A tokenizer source as a path: a built-in name (``qwen2.5``) -> the directory its tokenizer
+    is built and saved in once (:func:`multiverse.format.qwen.qwen25_tokenizer_dir`, under the
+    user cache); anything else unchanged. Raises :class:`ImportError` naming the extra the
+    build needs (``qwen``) when it is missing."""
+    if is_builtin_tokenizer(source):
+        return qwen.qwen25_tokenizer_dir()
+    return Path(source)
+
+
 def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
     """The tokenizer saved in a directory (``save_pretrained``: ours or any HF fast tokenizer)
-    or carried by a ``.gguf`` file (``source`` = the file, or its directory plus ``gguf_file``).
+    or carried by a ``.gguf`` file (``source`` = the file, or its directory plus ``gguf_file``),
+    or a built-in name (``qwen2.5``, :func:`resolve_tokenizer`).
 
     Loaded faithfully: ``AutoTokenizer`` in transformers 5 rebuilds the tokenizer of some model
     types from its own class (for ``qwen2``: Qwen's pre-tokenizer regex and NFC), ignoring a
@@ -39,7 +63,7 @@ def load_tokenizer(source: str | Path, gguf_file: str | None = None) -> Any:
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = Path(source)
+    path = resolve_tokenizer(source)
     if path.is_file() and path.suffix.lower() == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.is_dir():
