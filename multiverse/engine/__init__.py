@@ -12,6 +12,8 @@ Plain-Python bookkeeping, then tensors, in reading order:
   - :mod:`.runner`: the only place a step's tensors are built (``ModelRunner.run``).
   - :mod:`.model`: our own forward (``CausalLM``) over the KV pool, with attention backends.
   - :mod:`.loader`: a local Hugging Face directory or a GGUF file into a ``CausalLM``.
+  - :mod:`.adapter`: a base plus a PEFT LoRA adapter directory, merged at load; the base as a
+    transformers model (``load_hf_model``, also the GGUF path's and the trainer's).
   - :mod:`.llm`: the public ``LLM``: one step = schedule, run, postprocess; ``abort``; an
     exception in one request's processing finishes that request (``finish_reason="error"``).
   - :mod:`.outputs`: ``RequestOutput`` / ``Usage`` built from a finished request.

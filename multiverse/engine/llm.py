@@ -43,7 +43,11 @@ class LLM:
     CPU), ``max_batch_tokens``, ``prefill_chunk``,
     ``enable_prefix_cache``, ``gguf_file``, ``tokenizer`` (overrides the checkpoint's),
     ``eos_token_ids`` (extra EOS ids; by default the tokenizer's EOS plus the directory's
-    ``generation_config.json`` ``eos_token_id``, e.g. ``<|im_end|>`` for chat models),
+    ``generation_config.json`` ``eos_token_id``, e.g. ``<|im_end|>`` for chat models; for a
+    LoRA adapter without one, :func:`~multiverse.format.prompts.stop_token_ids`),
+    ``adapter`` (a PEFT LoRA adapter directory applied to ``model``, the base, merged at load;
+    ``model`` may also be an adapter directory itself, its base named in its
+    ``train_summary.json``: :mod:`multiverse.engine.adapter`),
     ``check_invariants`` (check the engine state after every step; default off).
     """
 
@@ -52,11 +56,11 @@ class LLM:
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from multiverse.engine.loader import load_model
 
-            path = model
-            model, loaded_tok, _ = load_model(model, dtype=dtype, device=device,
+            path, adapter = model, engine_config.pop("adapter", None)
+            model, loaded_tok, _ = load_model(model, dtype=dtype, device=device, adapter=adapter,
                                               gguf_file=engine_config.pop("gguf_file", None))  # fmt: skip
             tokenizer = tokenizer or loaded_tok
-            engine_config.setdefault("eos_token_ids", _generation_eos(path))
+            engine_config.setdefault("eos_token_ids", _checkpoint_eos(path, adapter, loaded_tok))
         if tokenizer is None:
             raise ValueError("LLM needs a tokenizer: the model directory has none; pass tokenizer=")
         self._setup(model, tokenizer, **engine_config)
@@ -307,6 +311,19 @@ class LLM:
     def output(self, req: Request, prompt: str | None = None, start: float | None = None) -> RequestOutput:
         """The output of a finished request (``start``: when its timing begins; default its arrival)."""
         return build_output(self.tokenizer, req, prompt, start)
+
+
+def _checkpoint_eos(path: Any, adapter: Any, tokenizer: Any) -> list[int]:
+    """The default extra EOS ids of a loaded checkpoint: its ``generation_config.json``'s; an
+    adapter's (``adapter=``, or ``path`` an adapter directory) or else, the tokenizer's chat
+    stop tokens (the base's generation config is for the base's tokenizer)."""
+    from multiverse.engine.adapter import is_adapter_dir
+    from multiverse.format.prompts import stop_token_ids
+
+    if adapter is None and not is_adapter_dir(path):
+        return _generation_eos(path)
+    return _generation_eos(adapter if adapter is not None else path) or (
+        stop_token_ids(tokenizer) if tokenizer is not None else [])  # fmt: skip
 
 
 def _generation_eos(path: Any) -> list[int]:

