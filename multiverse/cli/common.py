@@ -1,9 +1,12 @@
 """What several commands share: the model reference and the device options.
 
 A model reference (``--model``) is the same for ``generate``, ``serve``, ``eval`` and ``demo``:
-a Hugging Face model directory (``config.json`` + safetensors + tokenizer) or a ``.gguf``
-file; without ``--model`` the shipped ``multiverse-tiny`` is searched for
-(:func:`multiverse.locations.find_model`).
+a Hugging Face model directory (``config.json`` + safetensors + tokenizer), a PEFT LoRA
+adapter directory (``adapter_config.json``: its base named by its ``train_summary.json``) or a
+``.gguf`` file; without ``--model`` the shipped ``multiverse-tiny`` is searched for
+(:func:`multiverse.locations.find_model`). ``--adapter DIR`` applies a LoRA adapter to
+``--model`` (the base), merged at load (:mod:`multiverse.engine.adapter`); the adapter
+directory's ``train_summary.json`` then says how to prompt the model and what it learned.
 """
 
 from __future__ import annotations
@@ -22,14 +25,26 @@ class UsageError(ValueError):
     """Bad command-line input; the message names the option and what is wrong."""
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""What makes a directory a PEFT LoRA adapter (``PeftModel.save_pretrained``)."""
+
+
 def add_model_argument(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--model`` and ``--adapter`` (:func:`resolve_model_and_adapter` reads them)."""
     p.add_argument(
         "--model",
         required=required,
         default=None,
         metavar="DIR|FILE.gguf",
-        help="Hugging Face model directory or GGUF file"
+        help="Hugging Face model directory, LoRA adapter directory or GGUF file"
         + ("" if required else f" (default: {default_model_hint()})"),
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="PEFT LoRA adapter directory (multiverse train --lora) applied to --model as its base, "
+        "merged at load; its train_summary.json gives the prompt format and tasks (default: none)",
     )
 
 
@@ -60,22 +75,26 @@ def check_device(device: str) -> str:
     return device
 
 
-def load_engine(model: Path, device: str, dtype: str) -> Any:
-    """``multiverse.LLM`` on ``model``; a load failure (missing or truncated weights, a bad
-    config) becomes a :class:`UsageError` naming ``--model`` and the path."""
+def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = None, **engine_config: Any) -> Any:
+    """``multiverse.LLM`` on ``model`` (with the LoRA ``adapter`` merged when given); a load
+    failure (missing or truncated weights, a bad config, an adapter that does not fit) becomes
+    a :class:`UsageError` naming ``--model`` (and ``--adapter``) and the path."""
     check_device(device)
     import time
 
     from multiverse import LLM
 
     t0 = time.perf_counter()
+    if adapter is not None:
+        engine_config["adapter"] = str(adapter)
     try:
-        llm = LLM(str(model), device=device, dtype=dtype)
+        llm = LLM(str(model), device=device, dtype=dtype, **engine_config)
         log.info("loaded %s on %s (%s) in %.2f s", model, device, dtype, time.perf_counter() - t0)
         return llm
     except Exception as e:  # noqa: BLE001 - any load failure (safetensors, config, tokenizer) is one line
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise UsageError(f"--model {model}: cannot load ({msg[:240]})") from None
+        what = f"--model {model}" + (f" --adapter {adapter}" if adapter is not None else "")
+        raise UsageError(f"{what}: cannot load ({msg[:400]})") from None
 
 
 def resolve_model(ref: str | None) -> Path:
@@ -84,14 +103,42 @@ def resolve_model(ref: str | None) -> Path:
         return find_model()
     path = Path(ref)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--model {ref}: not a model directory (no config.json in it)")
+        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+            raise UsageError(f"--model {ref}: not a model directory (no config.json in it) "
+                             f"nor a LoRA adapter directory (no {ADAPTER_CONFIG})")  # fmt: skip
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UsageError(f"--model {ref}: a file must be a .gguf checkpoint")
         return path
     raise UsageError(f"--model {ref}: not found (no such directory or file)")
+
+
+def resolve_adapter(ref: str | None) -> Path | None:
+    """The LoRA adapter directory ``--adapter`` names (``None`` without one), checked before
+    anything loads."""
+    if ref is None:
+        return None
+    path = Path(ref)
+    if not path.is_dir():
+        raise UsageError(f"--adapter {ref}: not found (no such directory)")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"--adapter {ref}: not a LoRA adapter directory (no {ADAPTER_CONFIG} in it)")
+    return path
+
+
+def resolve_model_and_adapter(model: str | None, adapter: str | None) -> tuple[Path, Path | None]:
+    """``(model, adapter)`` from ``--model`` / ``--adapter``: ``--adapter`` alone is the adapter
+    directory as the model (its recorded base)."""
+    found = resolve_adapter(adapter)
+    if found is not None and model is None:
+        return found, None
+    return resolve_model(model), found
+
+
+def record_dir(model: Path, adapter: Path | None) -> Path:
+    """Where the model's ``train_summary.json`` is: the adapter directory when there is one."""
+    return adapter if adapter is not None else model
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """``multiverse demo`` (what ``make demo`` runs).
 
-With a model (``--model``, or the shipped ``multiverse-tiny`` found by
-:func:`multiverse.locations.find_model`), it solves a few
+With a model (``--model``, with ``--adapter`` a LoRA adapter merged into it, or the shipped
+``multiverse-tiny`` found by :func:`multiverse.locations.find_model`), it solves a few
 held-out synthetic problems with forking on and off and shows the branch tree, the answer,
 # parallel and the speedup. Without it, it inspects the shipped example text.
 """
@@ -16,7 +16,7 @@ from multiverse.cli.common import (
     add_model_argument,
     add_threads_argument,
     apply_threads,
-    resolve_model,
+    resolve_model_and_adapter,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "example.txt"
@@ -33,10 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if args.problems < 1:
         raise UsageError(f"--problems must be >= 1, got {args.problems}")
     threads = apply_threads(args.threads)
+    adapter = None
     try:
-        model = resolve_model(args.model)
+        model, adapter = resolve_model_and_adapter(args.model, args.adapter)
     except UsageError as e:
-        if args.model is not None:  # a model named on the command line must be there
+        if args.model is not None or args.adapter is not None:  # one named on the command line must be there
             raise
         model = None
         reason = str(e)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:  # the `demo` extra (transformers) is missing
             reason = f"the engine cannot load models here ({e}); pip install 'multiverse[demo]'"
         else:
-            return run_model_demo(model, args.problems, threads=threads)
+            return run_model_demo(model, args.problems, threads=threads, adapter=adapter)
     from multiverse.cli import main
 
     print(f"({reason}: showing `multiverse inspect` on the shipped example)\n")

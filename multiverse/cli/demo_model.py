@@ -208,8 +208,12 @@ def run_model_demo(
     out: Any = None,
     twin_dir: str | Path | None = None,
     threads: int | None = None,
+    adapter: str | Path | None = None,
 ) -> int:
     """Run the demo on the model in ``model_dir``; print to ``out`` (default stdout).
+
+    ``adapter``: a LoRA adapter directory merged into ``model_dir`` (the base); its
+    ``train_summary.json`` and tokenizer are then the model's.
 
     ``twin_dir``: the autoregressive twin to compare with (default: ``autoregressive-tiny``
     next to ``model_dir`` when it exists; ``""`` for none); ``threads``: the torch thread count
@@ -217,8 +221,9 @@ def run_model_demo(
     message when a model cannot be loaded."""
     out = out or sys.stdout
     model_dir = Path(model_dir)
+    record = Path(adapter) if adapter is not None else model_dir
     if twin_dir is None:
-        default = model_dir.parent / "autoregressive-tiny"
+        default = record.parent / "autoregressive-tiny"
         twin_dir = default if (default / "config.json").is_file() and default != model_dir else ""
     if n_problems < 1:
         print(f"multiverse demo: error: --problems must be >= 1, got {n_problems}", file=sys.stderr)
@@ -231,20 +236,21 @@ def run_model_demo(
     from multiverse.eval.structure import TokenCounter
 
     try:
-        choice = synthetic_tasks_for(model_dir)
+        choice = synthetic_tasks_for(record)
     except ValueError as e:
         print(f"multiverse demo: error: {e}", file=sys.stderr)
         return 2
     print(choice.message, file=sys.stderr)
     try:
-        llm = LLM(str(model_dir), device="cpu", dtype="float32")
+        extra = {"adapter": str(adapter)} if adapter is not None else {}
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", **extra)
         twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
         return 2
-    counter = TokenCounter(str(model_dir))
+    counter = TokenCounter(str(record))
     print(
-        f"Multiverse demo: {model_dir} on {n_problems} held-out synthetic problem(s) "
+        f"Multiverse demo: {model_dir}{f' + adapter {adapter}' if adapter is not None else ''} on {n_problems} held-out synthetic problem(s) "
         f"({', '.join(choice.tasks)}), greedy, CPU, batch 1.\n"
         f"({format_environment(run_environment(threads or torch.get_num_threads()))})\n",
         file=out,

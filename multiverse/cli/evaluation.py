@@ -4,8 +4,8 @@ The measurement is :func:`multiverse.eval.evaluate.evaluate`; this module loads 
 the problems, runs it at each ``--batch-size`` and writes ``results.json``, ``results.md`` and
 ``speedup.png`` (:func:`multiverse.cli.pictures.plot_speedup`).
 
-``--benchmark synthetic`` without ``--tasks`` poses the tasks the model directory records it
-was trained on (:func:`multiverse.eval.datasets.synthetic_tasks_for`, training-only tasks left
+``--benchmark synthetic`` without ``--tasks`` poses the tasks the model directory (the
+``--adapter`` directory when given) records it was trained on (:func:`multiverse.eval.datasets.synthetic_tasks_for`, training-only tasks left
 out) and says so on stderr; a model recording none gets the default mix with a warning.
 
 A progress bar with ETA goes to stderr (tqdm; a line per batch without it). Ctrl-C writes the
@@ -30,6 +30,8 @@ from multiverse.cli.common import (
     apply_threads,
     check_device,
     load_engine,
+    record_dir,
+    resolve_adapter,
     run_environment,
 )
 from multiverse.cli.pictures import plot_speedup
@@ -186,10 +188,11 @@ class Progress:
 def run(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():  # a directory or a .gguf file; the engine checks the rest
         raise UsageError(f"--model {args.model}: not found (no such directory or file)")
+    adapter = resolve_adapter(args.adapter)
     check_device(args.device)
     task_names = args.tasks
     if args.benchmark == "synthetic" and not task_names:
-        choice = synthetic_tasks_for(args.model)
+        choice = synthetic_tasks_for(record_dir(Path(args.model), adapter))
         print(choice.message, file=sys.stderr)
         task_names = list(choice.tasks)
     problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind, task_names)
@@ -200,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out_dir)
     threads = apply_threads(args.threads)
     env = run_environment(threads)
-    llm = load_engine(Path(args.model), args.device, args.dtype)
+    llm = load_engine(Path(args.model), args.device, args.dtype, adapter)
     tokenizer = _tokenizer_of(llm, args.model)
     sizes = list(dict.fromkeys(args.batch_size))
     runs: list[EvalResult] = []
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
                     tokenizer,
                     problems,
                     benchmark=name,
-                    model=str(args.model),
+                    model=str(args.model) + (f" + adapter {adapter}" if adapter is not None else ""),
                     batch_size=size,
                     max_tokens=args.max_tokens,
                     speedup=not args.no_speedup,

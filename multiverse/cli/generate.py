@@ -23,7 +23,8 @@ from multiverse.cli.common import (
     apply_threads,
     check_device,
     load_engine,
-    resolve_model,
+    record_dir,
+    resolve_model_and_adapter,
 )
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
 from multiverse.format.prompts import render_chat, stop_token_ids, user_prompt
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     if not prompts:
         raise UsageError("give a prompt or --prompts FILE")
-    model = resolve_model(args.model)
+    model, adapter = resolve_model_and_adapter(args.model, args.adapter)
     check_device(args.device)
     threads = apply_threads(args.threads)
     from multiverse import SamplingParams
@@ -97,16 +98,19 @@ def run(args: argparse.Namespace) -> int:
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                         max_tokens=args.max_tokens, max_total_tokens=args.max_total_tokens,
                         parallel=not args.no_parallel)  # fmt: skip
-    print(f"loading {model} ({threads} thread(s)) ...", file=sys.stderr)
-    llm = load_engine(model, args.device, args.dtype)
+    with_adapter = f" + adapter {adapter}" if adapter is not None else ""
+    print(f"loading {model}{with_adapter} ({threads} thread(s)) ...", file=sys.stderr)
+    llm = load_engine(model, args.device, args.dtype, adapter)
     sp.stop_token_ids = stop_token_ids(llm.tokenizer)
-    texts, note = prompt_texts(prompts, llm.tokenizer, model, raw=args.raw, suffix=not args.no_prompt_suffix)
+    texts, note = prompt_texts(prompts, llm.tokenizer, record_dir(model, adapter), raw=args.raw,
+                               suffix=not args.no_prompt_suffix)  # fmt: skip
     print(note, file=sys.stderr)
     outs = llm.generate(texts, sp, use_tqdm=not args.json)
     if args.json:
         rows = [{"prompt": p, "text": o.text, "finish_reason": o.finish_reason, "tree": o.tree,
                  "usage": _usage(o)} for p, o in zip(prompts, outs, strict=True)]  # fmt: skip
-        print(json.dumps({"model": str(model), "outputs": rows}))
+        adapter_field = {"adapter": str(adapter)} if adapter is not None else {}
+        print(json.dumps({"model": str(model), **adapter_field, "outputs": rows}))
         return 0
     for p, o in zip(prompts, outs, strict=True):
         print(f"=== {p}\n{o.text}\n--- branch tree")

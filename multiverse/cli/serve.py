@@ -17,7 +17,8 @@ from multiverse.cli.common import (
     add_model_argument,
     add_threads_argument,
     apply_threads,
-    resolve_model,
+    load_engine,
+    resolve_model_and_adapter,
 )
 
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     try:
-        model = resolve_model(args.model)
+        model, adapter = resolve_model_and_adapter(args.model, args.adapter)
         _check(args)
         apply_threads(args.threads)
     except UsageError as e:
@@ -80,19 +81,22 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("multiverse serve: error: needs the server extra: pip install 'multiverse[server]'", file=sys.stderr)
         return 2
-    from multiverse.engine.llm import LLM
-
     api_key = args.api_key or os.environ.get("MULTIVERSE_API_KEY") or None
     warning = exposure_warning(args.host, api_key)
     if warning:
         print(f"multiverse serve: warning: {warning}", file=sys.stderr)
-    print(f"loading {model} ...", file=sys.stderr)
+    print(f"loading {model}" + (f" + adapter {adapter}" if adapter is not None else "") + " ...", file=sys.stderr)
     extra = {"num_kv_slots": args.kv_slots} if args.kv_slots else {}
-    llm = LLM(str(model), device=args.device, dtype=args.dtype, **extra)
+    try:
+        llm = load_engine(model, args.device, args.dtype, adapter, **extra)
+    except UsageError as e:
+        print(f"multiverse serve: error: {e}", file=sys.stderr)
+        return 2
     config = ServerConfig(api_key=api_key, max_queue=args.max_queue,
                           max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
                           max_n=args.max_n, request_timeout=args.request_timeout,
                           shutdown_timeout=args.shutdown_timeout)  # fmt: skip
-    app = create_app(llm, args.name or (model.stem if model.is_file() else model.name), config)
+    named = adapter if adapter is not None else model
+    app = create_app(llm, args.name or (named.stem if named.is_file() else named.name), config)
     serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     return 0

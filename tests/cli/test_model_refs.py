@@ -8,7 +8,12 @@ import argparse
 import pytest
 
 from multiverse import locations
-from multiverse.cli.common import UsageError, resolve_model
+from multiverse.cli.common import (
+    UsageError,
+    resolve_adapter,
+    resolve_model,
+    resolve_model_and_adapter,
+)
 from multiverse.engine.loader import find_smollm2_gguf
 
 
@@ -25,6 +30,37 @@ def test_resolve_model_accepts_dirs_and_gguf(tmp_path):
         resolve_model(str(tmp_path / "w.bin"))
     with pytest.raises(UsageError, match="not found"):
         resolve_model(str(tmp_path / "nope"))
+
+
+def test_resolve_model_accepts_a_lora_adapter_dir(tmp_path):
+    """A PEFT adapter directory is a model (its base named in its train_summary.json), and
+    ``--adapter DIR`` must be one; ``--adapter`` alone is the adapter as the model."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text("{}")
+    assert resolve_model(str(ad)) == ad
+    assert resolve_adapter(str(ad)) == ad and resolve_adapter(None) is None
+    with pytest.raises(UsageError, match="no config.json in it.*nor a LoRA adapter directory"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(UsageError, match="--adapter .*no adapter_config.json"):
+        resolve_adapter(str(tmp_path / "m"))
+    with pytest.raises(UsageError, match="--adapter .*not found"):
+        resolve_adapter(str(tmp_path / "nope"))
+    assert resolve_model_and_adapter(str(tmp_path / "m"), str(ad)) == (tmp_path / "m", ad)
+    assert resolve_model_and_adapter(None, str(ad)) == (ad, None)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "eval", "demo"])
+def test_every_model_command_takes_an_adapter(command):
+    from multiverse.cli import demo, evaluation, generate, serve
+
+    module = {"generate": generate, "serve": serve, "eval": evaluation, "demo": demo}[command]
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    args = p.parse_args(["--model", "base", "--adapter", "ad"] + (["--benchmark", "x"] if command == "eval" else []))
+    assert (args.model, args.adapter) == ("base", "ad")
 
 
 def test_default_model_search_order(tmp_path, monkeypatch):
