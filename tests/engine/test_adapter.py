@@ -251,3 +251,28 @@ def test_adapter_on_the_real_smollm2_gguf(tmp_path):
     assert llm.model.vocab_size == -(-len(tok) // 64) * 64 > rows
     out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=8, parallel=False, ignore_eos=True))[0]
     assert out.token_ids == want
+
+
+def test_serve_with_an_adapter(dirs, monkeypatch):
+    """`multiverse serve --model BASE --adapter DIR` serves the merged model, named after DIR."""
+    pytest.importorskip("fastapi")
+    import argparse
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from multiverse.cli import serve
+
+    base, adapter, _ = dirs
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    assert serve.run(p.parse_args(["--model", str(base), "--adapter", str(adapter), "--kv-slots", "2048"])) == 0
+    with TestClient(apps[0]) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == adapter.name
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+        assert c.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] > 0
+    apps[0].state.engine.close()
+    bad = p.parse_args(["--model", str(base), "--adapter", str(base)])
+    assert serve.run(bad) == 2  # not an adapter directory: a one-line error, no traceback
