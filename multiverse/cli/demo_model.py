@@ -202,6 +202,19 @@ def format_result(k: int, n: int, r: DemoResult, counter: Any) -> str:
     return "\n".join(lines)
 
 
+def default_twin(record: Path) -> Path | None:
+    """The autoregressive twin shipped next to a Multiverse model: the directory whose name has
+    ``autoregressive`` for ``multiverse`` (``multiverse-tiny`` -> ``autoregressive-tiny``,
+    ``smollm2-multiverse`` -> ``smollm2-autoregressive``), a model or an adapter directory."""
+    name = record.resolve().name
+    if "multiverse" not in name:
+        return None
+    twin = record.parent / name.replace("multiverse", "autoregressive")
+    if (twin / "config.json").is_file() or (twin / "adapter_config.json").is_file():
+        return twin
+    return None
+
+
 def run_model_demo(
     model_dir: str | Path,
     n_problems: int = 3,
@@ -215,16 +228,15 @@ def run_model_demo(
     ``adapter``: a LoRA adapter directory merged into ``model_dir`` (the base); its
     ``train_summary.json`` and tokenizer are then the model's.
 
-    ``twin_dir``: the autoregressive twin to compare with (default: ``autoregressive-tiny``
-    next to ``model_dir`` when it exists; ``""`` for none); ``threads``: the torch thread count
+    ``twin_dir``: the autoregressive twin to compare with (default: :func:`default_twin`;
+    ``""`` for none); ``threads``: the torch thread count
     printed with the versions (default: torch's current one). Returns 0, or 2 with a one-line
     message when a model cannot be loaded."""
     out = out or sys.stdout
     model_dir = Path(model_dir)
     record = Path(adapter) if adapter is not None else model_dir
     if twin_dir is None:
-        default = record.parent / "autoregressive-tiny"
-        twin_dir = default if (default / "config.json").is_file() and default != model_dir else ""
+        twin_dir = default_twin(record) or ""
     if n_problems < 1:
         print(f"multiverse demo: error: --problems must be >= 1, got {n_problems}", file=sys.stderr)
         return 2

@@ -137,3 +137,19 @@ def test_serve_runs_a_gguf_file(monkeypatch):
         out = c.post("/v1/chat/completions", json=body).json()
         assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["message"]["content"]
     app.state.engine.close()
+
+
+def test_demo_finds_the_autoregressive_twin_next_to_the_model(tmp_path):
+    from multiverse.cli.demo_model import default_twin
+
+    for mv, ar, marker in (
+        ("multiverse-tiny", "autoregressive-tiny", "config.json"),
+        ("smollm2-multiverse", "smollm2-autoregressive", "adapter_config.json"),
+    ):
+        (tmp_path / mv).mkdir()
+        assert default_twin(tmp_path / mv) is None  # no twin yet
+        (tmp_path / ar).mkdir()
+        (tmp_path / ar / marker).write_text("{}")
+        assert default_twin(tmp_path / mv) == tmp_path / ar
+    (tmp_path / "other").mkdir()
+    assert default_twin(tmp_path / "other") is None
