@@ -80,6 +80,34 @@ def check_output(hf, tokenizer, out, parallel: bool = True, atol: float = 1e-4) 
     return compared
 
 
+def check_greedy(hf, tokenizer, out, tie_gap: float = 1e-4) -> int:
+    """Assert that every token the engine sampled greedily (forking on) is the argmax of ONE
+    full-sequence forward of ``hf`` over prompt + output under the layout rule, and that the
+    engine's positions are the layout rule's; tokens the engine inserted itself (``out.forced``)
+    are not sampled and are skipped. A differing argmax is accepted only as a float-rounding
+    tie (logit gap below ``tie_gap``). Returns how many tokens were checked."""
+    n0 = len(out.prompt_token_ids)
+    full = list(out.prompt_token_ids) + list(out.token_ids)
+    lay = layout(full, grammar.tag_ids(tokenizer))
+    assert lay.position_ids[n0:].tolist() == list(out.position_ids), (
+        "engine positions differ from the layout rule"
+    )
+    rows = full_logprobs(hf, tokenizer, full)[n0 - 1 : len(full) - 1]  # row i predicts token i
+    pred = rows.argmax(-1).tolist()
+    checked = 0
+    for i, (token, forced) in enumerate(zip(out.token_ids, out.forced, strict=True)):
+        if forced:
+            continue
+        checked += 1
+        if pred[i] != token:
+            gap = float(rows[i].max() - rows[i, token])
+            assert gap < tie_gap, (
+                f"generated token {i} ({token}) is not the argmax ({pred[i]}) of the "
+                f"full-sequence forward; gap {gap:.3g}; text so far: {out.text[:200]!r}"
+            )
+    return checked
+
+
 def assert_no_leak(llm: LLM) -> None:
     llm.check_invariants()
     if llm.radix is not None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _engine_util import check_greedy
 
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
 from multiverse.format import grammar
-from multiverse.format import layout as attention
 
 REPO = Path(__file__).resolve().parents[2]
 MV_DIR = REPO / "models" / "multiverse-tiny"
@@ -70,45 +70,13 @@ def mv_outputs():
     return _generate(MV_DIR, parallel=True)
 
 
-def _check_greedy(model, tag_ids: dict[str, int], out) -> int:
-    """Assert the greedy-consistency invariant for one output; returns tokens checked."""
-    n0 = len(out.prompt_token_ids)
-    full = list(out.prompt_token_ids) + list(out.token_ids)
-    lay = attention.layout(full, tag_ids)
-    assert lay.position_ids[n0:].tolist() == list(out.position_ids), (
-        "engine positions differ from the layout rule"
-    )
-    with torch.no_grad():
-        logits = model(
-            input_ids=torch.tensor([full]),
-            position_ids=lay.position_ids[None],
-            attention_mask=lay.hf_attention_mask(torch.float32),
-        ).logits[0]
-    rows = logits[n0 - 1 : len(full) - 1]  # row i predicts generated token i
-    pred = rows.argmax(-1).tolist()
-    checked = 0
-    for i, (token, forced) in enumerate(zip(out.token_ids, out.forced, strict=True)):
-        if forced:
-            continue
-        checked += 1
-        if pred[i] != token:
-            gap = float(rows[i].max() - rows[i, token])
-            assert gap < TIE_GAP, (
-                f"generated token {i} ({token}) is not the argmax ({pred[i]}) of the "
-                f"full-sequence forward; logit gap {gap:.3g}; text so far: "
-                f"{out.text[:200]!r}"
-            )
-    return checked
-
-
 def test_multiverse_greedy_tokens_are_full_forward_argmax(mv_outputs):
     tok, outs = mv_outputs
-    tags = grammar.tag_ids(tok)
     model = _hf(MV_DIR)
     total_forced = 0
     for out in outs:
         assert out.usage.blocks >= 1, f"no fork happened: {out.text[:300]!r}"
-        assert _check_greedy(model, tags, out) > 50
+        assert check_greedy(model, tok, out, TIE_GAP) > 50
         total_forced += sum(out.forced)
     assert total_forced > 0  # forced tokens exist and were excluded
     assert min(out.text.count("<Path>") for out in outs) >= 5  # countdown: 5-6 paths each
@@ -131,12 +99,11 @@ def test_autoregressive_twin_is_sequential_and_consistent():
     from multiverse.eval.grading import grade
 
     tok, outs = _generate(AR_DIR, parallel=False)
-    tags = grammar.tag_ids(tok)
     model = _hf(AR_DIR)
     for rec, out in zip(_problems(), outs, strict=True):
         assert "<Parallel>" not in out.text
         assert out.usage.parallel_degree == pytest.approx(1.0)
-        assert _check_greedy(model, tags, out) > 30
+        assert check_greedy(model, tok, out, TIE_GAP) > 30
         assert grade(out.text, str(rec.answer), kind="exact"), rec.id
 
 
