@@ -1,7 +1,7 @@
 """Write ``train_log_summary.json`` for a model directory made by ``multiverse train``.
 
-Reads the trainer's ``train_summary.json`` and ``train_log.jsonl`` in DIR (and the weights for
-the parameter count) and writes the figures a model README quotes: run time, steps, examples,
+Reads the trainer's ``train_summary.json`` and ``train_log.jsonl`` in DIR (and the weights, or
+a LoRA adapter's own tensors, for the parameter count) and writes the figures a model README quotes: run time, steps, examples,
 first/final loss and the loss every ``--every`` steps.
 
     python scripts/summarize_training.py models/multiverse-tiny --hardware "..." \\
@@ -28,21 +28,34 @@ def summarize(model_dir: Path, hardware: str, reproduce: str, wall_s: float | No
     final = next((r for r in reversed(rows) if "train_runtime" in r), {})
     if not losses:
         raise SystemExit(f"summarize_training: {log_path} has no loss entries")
-    config = json.loads((model_dir / "config.json").read_text())
+    cfg = summary["config"]
     from safetensors import safe_open
 
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    cfg = summary["config"]
-    return {
-        "model": model_dir.name,
-        "architecture": (
+    if (model_dir / "adapter_config.json").is_file():  # a LoRA adapter (multiverse train --lora)
+        adapter = json.loads((model_dir / "adapter_config.json").read_text())
+        lora = summary.get("lora", {})
+        architecture = (
+            f"LoRA adapter on {summary.get('base_model')}: r {adapter['r']}, alpha "
+            f"{adapter['lora_alpha']}, targets {adapter['target_modules']}, plus the tag rows "
+            f"{adapter.get('trainable_token_indices')}; {lora.get('trainable_parameters')} of "
+            f"{lora.get('parameters')} parameters trainable"
+        )
+        weights = model_dir / "adapter_model.safetensors"
+    else:
+        config = json.loads((model_dir / "config.json").read_text())
+        architecture = (
             f"{config['architectures'][0]}, preset {cfg['config']}: hidden {config['hidden_size']}, "
             f"{config['num_hidden_layers']} layers, {config['num_attention_heads']} heads "
             f"({config['num_key_value_heads']} KV), MLP {config['intermediate_size']}, "
             f"vocab {config['vocab_size']}, tied embeddings {config.get('tie_word_embeddings')}"
-        ),
-        "parameters": params,
+        )
+        weights = model_dir / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {
+        "model": model_dir.name,
+        "architecture": architecture,
+        "parameters": params,  # of the weights file (an adapter: its own tensors)
         "dtype": "float32",
         "mode": cfg["mode"],
         "reproduce": reproduce,
