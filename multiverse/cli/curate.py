@@ -56,13 +56,38 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--price-out", type=float, default=0.0, metavar="USD", help="price per million completion tokens")
     r.add_argument("--request-max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request")
     r.add_argument("--fsync", action="store_true", help="fsync every journal/output line (survives power loss; slower)")
-    r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _progress(s: Any) -> None:
-    done = s.accepted + s.rejected
-    print(f"\rdone {done} | accepted {s.accepted} | rejected {s.rejected} | "
-          f"retries {s.retries} | tokens {s.prompt_tokens + s.completion_tokens}", end="", file=sys.stderr, flush=True)
+class _Progress:
+    """A progress bar over the input records (tqdm: done / total, rate, ETA, with accepted,
+    rejected, retries and tokens after it); a counter line where tqdm is not installed."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc="curate", unit="record", file=sys.stderr)
+
+    def __call__(self, s: Any) -> None:
+        done = s.skipped_done + s.accepted + s.rejected
+        stats = dict(accepted=s.accepted, rejected=s.rejected, retries=s.retries,
+                     tokens=s.prompt_tokens + s.completion_tokens)  # fmt: skip
+        if self.bar is None:
+            print("\r" + " | ".join(f"{k} {v}" for k, v in {"done": done, **stats}.items()),
+                  end="", file=sys.stderr, flush=True)  # fmt: skip
+            return
+        self.bar.n = done
+        self.bar.set_postfix(stats, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
 
 
 def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any:
@@ -79,7 +104,8 @@ def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any
         max_tokens=args.max_tokens, max_cost=args.max_cost, fsync=args.fsync, price_in=args.price_in,
         price_out=args.price_out,
     )  # fmt: skip
-    job = Run(config, progress=None if args.quiet else _progress)
+    progress = None if args.quiet else _Progress(len(records))
+    job = Run(config, progress=progress)
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
@@ -90,8 +116,8 @@ def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any
         return await job.run(records, unusable)
 
     s: Any = asyncio.run(main())
-    if not args.quiet:
-        print(file=sys.stderr)
+    if progress is not None:
+        progress.close()
     print(f"{s.accepted} accepted, {s.rejected} rejected, {s.pending} pending "
           f"({s.skipped_done} done before, {unusable} unusable inputs); {s.requests} requests, "
           f"{s.retries} retries -> {args.output}")

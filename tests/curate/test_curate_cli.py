@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from curate_standin import StandIn
 from test_curate_standin_run import MODEL, _records, _write_inputs
 
@@ -43,7 +44,9 @@ def test_remote_llm_standin_cli_run_then_report(tmp_path, capsys):
         assert cli.run(_args(["report", str(out)])) == 0
         rep = json.loads((out / "report.json").read_text())
         assert rep["counts"] == {"inputs": len(records), "accepted": len(records) - 1, "rejected": 1, "pending": 0}
-        assert rep["model"] == MODEL and rep["structure"]["trigger_rate"] == 1.0
+        parallel = sum(r.structure == "parallel" for r in records[1:]) / (len(records) - 1)
+        assert parallel < 1.0  # word_sequential has no block: the curator must not invent one
+        assert rep["model"] == MODEL and rep["structure"]["trigger_rate"] == pytest.approx(parallel)
         assert "edit distance" in rep["top_failure_reasons"][0]["reason"]
         assert rep["top_failure_reasons"][0]["example_id"] == records[0].id
         assert (out / "report.md").read_text().startswith("# Curation report")
@@ -144,3 +147,25 @@ def test_remote_llm_standin_ctrl_c_stops_intake_then_rerun_finishes(tmp_path):
         assert [r["id"] for r in J.read_jsonl(out / "curated.jsonl")] == [r.id for r in records]
     finally:
         s.stop()
+
+
+def test_progress_is_a_bar_over_the_records(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    s = SimpleNamespace(skipped_done=2, accepted=3, rejected=1, retries=4, prompt_tokens=10, completion_tokens=5)
+    bar = cli._Progress(10)
+    bar(s)
+    assert bar.bar is not None and bar.bar.n == 6 and bar.bar.total == 10
+    bar.close()
+    err = capsys.readouterr().err
+    assert "6/10" in err and "accepted=3" in err and "tokens=15" in err
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "tqdm"
+                        else real_import(name, *a, **k))  # fmt: skip
+    line = cli._Progress(10)
+    line(s)
+    line.close()
+    assert "done 6 | accepted 3 | rejected 1 | retries 4 | tokens 15" in capsys.readouterr().err
