@@ -40,13 +40,16 @@ def short_records(n: int, seed: int = 3) -> list[tasks.Record]:
 
 
 def batch_nll(model, tokenizer, records) -> float:
-    """Mean NLL over the assistant tokens of ``records``, one plain forward per record."""
+    """Mean NLL over the targets of ``records`` (assistant tokens but the path labels, as
+    ``tokenize`` labels them; the labels themselves are checked in test_train/test_path_labels),
+    one plain forward per record."""
     tags = grammar.tag_ids(tokenizer)
     total, count = 0.0, 0
     for r in records:
         rec = D.Record("x", r.question, r.chain, str(r.answer))
-        ids, _ = D.tokenize(tokenizer, D.render(rec, "multiverse"))
+        ids, labels = D.tokenize(tokenizer, D.render(rec, "multiverse"))
         prompt_len = len(D.prompt_ids(tokenizer, r.question))
+        targets = [t for t in range(prompt_len, len(ids)) if labels[t] != D.IGNORE_INDEX]
         pos, mask = attention.positions_and_mask(ids, tags)
         with torch.no_grad():
             logits = model(
@@ -55,8 +58,8 @@ def batch_nll(model, tokenizer, records) -> float:
                 attention_mask=mask[None, None],
             ).logits[0]
         logp = logits.double().log_softmax(-1)
-        total += sum(-float(logp[t - 1, ids[t]]) for t in range(prompt_len, len(ids)))
-        count += len(ids) - prompt_len
+        total += sum(-float(logp[t - 1, ids[t]]) for t in targets)
+        count += len(targets)
     return total / count
 
 
