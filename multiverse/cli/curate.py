@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _run_options(e)
     rep = sub.add_parser("report", help="counts, failure reasons and costs of a run (report.md, report.json)")
     rep.add_argument("directory", metavar="DIR")
+    rep.add_argument("--tokenizer", metavar="DIR|qwen2.5", default=None,
+                     help="tokenizer of the # parallel counts: a tokenizer directory or qwen2.5 (the "
+                     "released Multiverse-32B's; extra qwen); default: the built-in approximate counter")
 
 
 def _run_options(r: argparse.ArgumentParser) -> None:
@@ -162,7 +165,9 @@ def _report(args: argparse.Namespace) -> int:
 
     if not Path(args.directory).is_dir():
         raise ValueError(f"not a directory: {args.directory}")
-    rep = report.write(args.directory)
+    from multiverse.cli.inspection import token_counter
+
+    rep = report.write(args.directory, token_counter(args.tokenizer))
     print(report.markdown(rep))
     return 0
 

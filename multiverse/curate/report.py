@@ -35,7 +35,10 @@ def _bins(values: list[float]) -> dict[str, int]:
     return out
 
 
-def build(directory: str | Path) -> dict[str, Any]:
+def build(directory: str | Path, counter: Any = None) -> dict[str, Any]:
+    """The report of the run in ``directory``; ``counter``: the
+    :class:`multiverse.eval.structure.TokenCounter` of # parallel (default: the built-in
+    approximate one)."""
     d = Path(directory)
     good = read_jsonl(d / "curated.jsonl")
     bad = read_jsonl(d / "rejected.jsonl")
@@ -59,11 +62,12 @@ def build(directory: str | Path) -> dict[str, Any]:
             key = _fold(r)
             reasons[key] += 1
             example.setdefault(key, str(row.get("id")))
-    from multiverse.eval.structure import inspect_text
+    from multiverse.eval.structure import TokenCounter, inspect_text
 
+    counter = counter or TokenCounter()
     blocks, paths, depths, triggered, parallel = [], [], [], 0, []
     for row in good:
-        rep = inspect_text(row["chain"])
+        rep = inspect_text(row["chain"], counter)
         parallel.append(rep.to_dict()["parallel_degree"])
         st = grammar.stats(rep.doc)
         blocks.append(st.blocks)
@@ -88,7 +92,7 @@ def build(directory: str | Path) -> dict[str, Any]:
             "paths_per_block": round(sum(paths) / len(paths), 3) if paths else 0.0,
             "max_depth": max(depths, default=0),
             "parallel_degree_mean": round(sum(parallel) / len(parallel), 4) if parallel else 0.0,
-            "parallel_tokenizer": "builtin-regex (approximate)",
+            "parallel_tokenizer": counter.name,
         },
         "parallel_degree_per_record": parallel,
         "distances": distances,
@@ -148,10 +152,10 @@ def picture(rep: dict[str, Any], path: Path, threshold: float = 0.2) -> bool:
     return True
 
 
-def write(directory: str | Path) -> dict[str, Any]:
-    """Build the report and write ``report.json``, ``report.md`` and (with matplotlib)
-    ``report.png`` into ``directory``."""
-    rep = build(directory)
+def write(directory: str | Path, counter: Any = None) -> dict[str, Any]:
+    """Build the report (:func:`build`) and write ``report.json``, ``report.md`` and (with
+    matplotlib) ``report.png`` into ``directory``."""
+    rep = build(directory, counter)
     d = Path(directory)
     (d / "report.json").write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
     (d / "report.md").write_text(markdown(rep), encoding="utf-8")

@@ -50,6 +50,11 @@ def test_remote_llm_standin_cli_run_then_report(tmp_path, capsys):
         assert "edit distance" in rep["top_failure_reasons"][0]["reason"]
         assert rep["top_failure_reasons"][0]["example_id"] == records[0].id
         assert (out / "report.md").read_text().startswith("# Curation report")
+        assert rep["structure"]["parallel_tokenizer"] == "builtin-regex (approximate)"
+        tok_dir = REPO / "models" / "multiverse-tiny"  # a real tokenizer: real token counts
+        assert cli.run(_args(["report", str(out), "--tokenizer", str(tok_dir)])) == 0
+        real = json.loads((out / "report.json").read_text())["structure"]
+        assert str(tok_dir) in real["parallel_tokenizer"] and real["parallel_degree_mean"] > 1
         assert rep["structure"]["parallel_degree_mean"] > 1 and len(rep["parallel_degree_per_record"]) == len(records) - 1
         try:
             import matplotlib  # noqa: F401
