@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ def adapter_for(run: Path, examples: int, total: int) -> Path:
 
 
 def evaluate(base: Path, adapter: Path, out: Path, extra: list[str], args: argparse.Namespace) -> dict:
+    """``multiverse eval`` of one point; an existing complete ``results.json`` in ``out`` is
+    reused (the points can be evaluated one at a time, e.g. while the runs still train)."""
+    done = out / "results.json"
+    if done.is_file() and not args.rerun:
+        result = json.loads(done.read_text())
+        if result.get("complete") and result.get("n") == args.limit:
+            return result
     cmd = [
         sys.executable, "-m", "multiverse.cli", "eval", "--model", str(base), "--adapter",
         str(adapter), "--benchmark", "synthetic", "--tasks", "word_parallel", "word_sequential",
@@ -47,14 +55,32 @@ def evaluate(base: Path, adapter: Path, out: Path, extra: list[str], args: argpa
     return json.loads((out / "results.json").read_text())
 
 
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def step_errors(result: dict) -> tuple[int, int]:
+    """(wrong, all) arithmetic steps ``a op b = c`` written in the outputs: how often the model
+    miscalculates one step, whatever it chose to compute."""
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+           "/": lambda a, b: a / b if b else None}  # fmt: skip
+    wrong = total = 0
+    for sample in result["samples"]:
+        for a, op, b, c in STEP.findall(sample["text"]):
+            total += 1
+            wrong += ops[op](int(a), int(b)) != int(c)
+    return wrong, total
+
+
 def row(mode: str, examples: int, result: dict) -> dict:
     by_task = result.get("by_task") or {}
+    wrong, steps = step_errors(result)
     return {
         "mode": mode,
         "examples": examples,
         "accuracy": result["accuracy"],
         "trigger_rate": result["trigger_rate"],
         "parallel_degree": result["parallel_degree"],
+        "arithmetic_step_error_rate": round(wrong / steps, 4) if steps else None,
         **{
             f"{t}_{k}": by_task.get(t, {}).get(k)
             for t in ("word_parallel", "word_sequential")
@@ -105,6 +131,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--plot", type=Path, help="write the picture here (needs matplotlib)")
+    p.add_argument("--rerun", action="store_true", help="evaluate again even where results exist")
     args = p.parse_args()
     from multiverse.engine.loader import find_smollm2_gguf
 
