@@ -65,13 +65,17 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save(model: Any, output: Path, merge: bool) -> None:
+def save(model: Any, output: Path, merge: bool, base: str | None = None) -> None:
     """Write the adapter (only its own tensors: the LoRA matrices and the tag rows, never the
-    whole embedding) or, with ``merge``, the merged full model."""
+    whole embedding; ``adapter_config.json`` names ``base``, :func:`base_reference`) or, with
+    ``merge``, the merged full model."""
     if merge:
         merged = model.merge_and_unload()
         merged.save_pretrained(str(output))
         return
+    if base is not None:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base  # not this machine's path to the GGUF
     model.save_pretrained(str(output), save_embedding_layers=False)
 
 

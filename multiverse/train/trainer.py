@@ -382,7 +382,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     if not cfg.lora:
         trainer.save_model(str(output))  # writes on the main process only
     elif is_main:
-        lora.save(model, output, cfg.merge)
+        lora.save(model, output, cfg.merge, lora.base_reference(resolve_base_path(cfg.model)))
     if is_main:
         tokenizer.save_pretrained(str(output))
         summary = training_summary(cfg, backend, trainer.state.global_step, report)

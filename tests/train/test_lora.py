@@ -72,6 +72,8 @@ def test_lora_trains_an_adapter_and_leaves_the_base_alone(base_dir, data_file, t
     assert adapter and all("lora_" in k or "trainable_tokens" in k for k in adapter), sorted(adapter)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["base_model"] == str(base_dir.resolve())
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir.resolve())
     assert 0 < summary["lora"]["trainable_parameters"] < summary["lora"]["parameters"]
     # the base on disk is untouched, and base + adapter differs from the base on the tags' rows
     after = _state(base_dir / "model.safetensors")
