@@ -79,9 +79,14 @@ def mv_run():
     return llm, outs
 
 
-def test_multiverse_greedy_tokens_are_full_forward_argmax(mv_run):
+@pytest.fixture(scope="module")
+def mv_hf():
+    return _merged_hf(MV_DIR)
+
+
+def test_multiverse_greedy_tokens_are_full_forward_argmax(mv_run, mv_hf):
     llm, outs = mv_run
-    hf = _merged_hf(MV_DIR)
+    hf = mv_hf
     for out in outs:
         assert check_greedy(hf, llm.tokenizer, out, TIE_GAP) > 40
 
@@ -145,8 +150,8 @@ def test_twins_were_trained_alike_on_cpu_within_90_minutes():
         assert summary["config"]["device"] == "cpu" and 0 < summary["wall_s"] <= 90 * 60
 
 
-def test_the_merged_weights_differ_from_the_base_only_by_the_adapter():
-    hf = _merged_hf(MV_DIR)
+def test_the_merged_weights_differ_from_the_base_only_by_the_adapter(mv_hf):
+    hf = mv_hf
     from multiverse.engine.adapter import load_hf_model
 
     base = load_hf_model(find_smollm2_gguf())
