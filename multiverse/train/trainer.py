@@ -326,6 +326,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
         seed=cfg.seed,
         train_sampling_strategy="sequential" if cfg.curriculum or not cfg.shuffle else "random",
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient each step
         dataloader_pin_memory=device.type == "cuda",
         **({"activation_checkpointing": True} if cfg.gradient_checkpointing else {}),
         report_to="none",
@@ -387,8 +388,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
         tokenizer.save_pretrained(str(output))
         summary = training_summary(cfg, backend, trainer.state.global_step, report)
         if cfg.lora:
-            summary["lora"] = {"trainable_parameters": trainable[0], "parameters": trainable[1],
-                               "merged": cfg.merge}
+            summary["lora"] = {"trainable_parameters": trainable[0], "parameters": trainable[1], "merged": cfg.merge}
             if not cfg.merge:
                 summary["base_model"] = lora.base_reference(resolve_base_path(cfg.model))
         write_summary(output, summary)
