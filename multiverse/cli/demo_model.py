@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS as MAX_TOKENS
+from multiverse.locations import ADAPTER_CONFIG
 
 DEMO_SEED = 2026
 """Seed of the held-out problems the demo draws (any seed gives test-split problems)."""
@@ -210,7 +211,7 @@ def default_twin(record: Path) -> Path | None:
     if "multiverse" not in name:
         return None
     twin = record.parent / name.replace("multiverse", "autoregressive")
-    if (twin / "config.json").is_file() or (twin / "adapter_config.json").is_file():
+    if (twin / "config.json").is_file() or (twin / ADAPTER_CONFIG).is_file():
         return twin
     return None
 

