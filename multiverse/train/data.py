@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from multiverse.format import grammar, prompts
-from multiverse.train.path_labels import mask_path_labels
+from multiverse.train.path_labels import IGNORE_INDEX, mask_path_labels
 
 Form = Literal["multiverse", "sequential"]
 Mode = Literal["multiverse", "autoregressive"]
 
-IGNORE_INDEX = -100
 
 # SPEC section 6: share of Multiverse examples in each of the 8 curriculum segments, in order.
 CURRICULUM_MV_SHARES: tuple[float, ...] = (0.0, 0.0, 0.1, 0.5, 0.5, 0.9, 1.0, 1.0)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 IGNORE_INDEX = -100
+"""The label of a token that carries no loss (transformers' convention); the one definition,
+re-exported by :mod:`multiverse.train.data`."""
 _LABEL = re.compile(r"\d+(?:\.\d+)*:")
 _MAX_LABEL_TOKENS = 16  # "1.2.3:" is at most a handful of tokens in any BPE
 
