@@ -88,9 +88,10 @@ def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = Non
     from multiverse import LLM
 
     t0 = time.perf_counter()
+    if adapter is not None:
+        engine_config["adapter"] = str(adapter)
     try:
-        llm = LLM(str(model), device=device, dtype=dtype,
-                  adapter=str(adapter) if adapter is not None else None, **engine_config)  # fmt: skip
+        llm = LLM(str(model), device=device, dtype=dtype, **engine_config)
         log.info("loaded %s on %s (%s) in %.2f s", model, device, dtype, time.perf_counter() - t0)
         return llm
     except Exception as e:  # noqa: BLE001 - any load failure (safetensors, config, tokenizer) is one line

@@ -255,8 +255,8 @@ def run_model_demo(
         return 2
     print(choice.message, file=sys.stderr)
     try:
-        llm = LLM(str(model_dir), device="cpu", dtype="float32",
-                  adapter=str(adapter) if adapter is not None else None)  # fmt: skip
+        extra = {"adapter": str(adapter)} if adapter is not None else {}
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", **extra)
         twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
     except (OSError, ValueError, ImportError) as e:
         print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
