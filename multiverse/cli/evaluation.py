@@ -7,6 +7,8 @@ the problems, runs it at each ``--batch-size`` and writes ``results.json``, ``re
 ``--benchmark synthetic`` without ``--tasks`` poses the tasks the model directory (the
 ``--adapter`` directory when given) records it was trained on (:func:`multiverse.eval.datasets.synthetic_tasks_for`, training-only tasks left
 out) and says so on stderr; a model recording none gets the default mix with a warning.
+Problems are asked with the SPEC 1.3 suffix the model records (``--sequential-prompt`` /
+``--parallel-prompt`` choose), the parallel one when it records none; stderr says which.
 
 A progress bar with ETA goes to stderr (tqdm; a line per batch without it). Ctrl-C writes the
 results so far (``"complete": false`` in ``results.json``) and exits 130. ``results.json``
@@ -44,6 +46,7 @@ from multiverse.eval.evaluate import (
     format_markdown,
 )
 from multiverse.eval.grading import KINDS
+from multiverse.train.summary import prompt_format
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
@@ -117,11 +120,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "model's train_summary.json records, training-only ones left out; without a record "
         "every task but the training-only ones, with a warning)",
     )
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--sequential-prompt",
         action="store_true",
-        help='use " Think step by step before answering." (AR models) instead of the parallel one '
-        "(default: the parallel one)",
+        help='ask with the SPEC 1.3 sequential suffix " Think step by step before answering." '
+        "(default: the suffix the model records in train_summary.json, as generate and serve use; "
+        "the parallel one for a model recording none, the benchmarks' SPEC 1.3 prompt)",
+    )
+    which.add_argument(
+        "--parallel-prompt",
+        action="store_true",
+        help="ask with the parallel suffix even if the model records the sequential one "
+        "(default: the recorded one, else the parallel one)",
     )
     add_device_arguments(p)
     add_threads_argument(p)
@@ -140,6 +151,22 @@ def _tokenizer_of(llm: Any, model_dir: str) -> Any:
     from multiverse.format.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir)
+
+
+def eval_prompt(args: argparse.Namespace, model: Path) -> tuple[bool, str]:
+    """Whether problems are asked with the parallel suffix, and the line saying so: the flag,
+    else the format ``model``'s ``train_summary.json`` records (the one
+    :func:`multiverse.train.summary.prompt_format`, as for ``generate`` and ``serve``), else the
+    parallel suffix (unlike ``generate``/``serve``, which then add none: a benchmark question is
+    always posed as a SPEC 1.3 prompt)."""
+    if args.sequential_prompt or args.parallel_prompt:
+        which = "sequential" if args.sequential_prompt else "parallel"
+        return not args.sequential_prompt, f"prompt format: SPEC 1.3 {which} suffix (--{which}-prompt)"
+    fmt = prompt_format(model)
+    if fmt is None:
+        return True, (f"prompt format: SPEC 1.3 parallel suffix ({model} records no prompt format; "
+                      "the benchmark default)")  # fmt: skip
+    return fmt.parallel, f"prompt format: SPEC 1.3 {fmt.suffix} suffix ({fmt.source})"
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -195,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         choice = synthetic_tasks_for(record_dir(Path(args.model), adapter))
         print(choice.message, file=sys.stderr)
         task_names = list(choice.tasks)
+    parallel_prompt, note = eval_prompt(args, record_dir(Path(args.model), adapter))
+    print(note, file=sys.stderr)
     problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind, task_names)
     if not problems:
         raise UsageError(f"--benchmark {args.benchmark}: no problems")
@@ -220,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=size,
                     max_tokens=args.max_tokens,
                     speedup=not args.no_speedup,
-                    parallel_prompt=not args.sequential_prompt,
+                    parallel_prompt=parallel_prompt,
                     baseline=args.baseline,
                     warmup=len(runs) == 0,
                     progress=progress,

@@ -5,7 +5,9 @@ Each prompt is sent as the model was trained to be asked: the user turn gets the
 suffix the model directory records (:func:`multiverse.train.summary.prompt_format`: parallel for
 Multiverse models, sequential for autoregressive ones) and goes through the chat template.
 ``--no-prompt-suffix`` keeps the chat template without the suffix, ``--raw`` sends the text as
-is; stderr says which format was applied (and that none was, for a model recording none).
+is; stderr says which format was applied (and that none was, for a model recording none). A
+prompt already ending with a SPEC 1.3 suffix is sent without a second one. The rule is
+:mod:`multiverse.server.prompting`'s, which ``multiverse serve`` applies to chat requests too.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from multiverse.cli.common import (
     resolve_model_and_adapter,
 )
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
-from multiverse.format.prompts import render_chat, stop_token_ids, user_prompt
-from multiverse.train.summary import prompt_format
+from multiverse.format.prompts import render_chat, stop_token_ids
+from multiverse.server.prompting import apply_prompt_format, chat_prompt_format
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,22 +70,13 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def prompt_texts(prompts: list[str], tokenizer: Any, model: Any, raw: bool = False,
                  suffix: bool = True) -> tuple[list[str], str]:  # fmt: skip
-    """The texts sent for ``prompts`` and a line saying which prompt format was applied."""
+    """The texts sent for ``prompts`` and a line saying which prompt format was applied (the
+    rule is :mod:`multiverse.server.prompting`'s, shared with ``multiverse serve``)."""
     if raw:
         return list(prompts), "prompt format: raw (--raw: sent as is)"
-    fmt = prompt_format(model)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    template = "chat template" if has_template else "no chat template (plain rendering)"
-    if not suffix:
-        note = f"prompt format: {template}, no suffix (--no-prompt-suffix)"
-    elif fmt is None:
-        note = (f"prompt format: {template}, no suffix ({model} records no prompt format in "
-                "train_summary.json; a Multiverse model may need the SPEC 1.3 suffix)")  # fmt: skip
-    else:
-        note = f"prompt format: {template} + SPEC 1.3 {fmt.suffix} suffix ({fmt.source})"
-    use_suffix = suffix and fmt is not None
-    contents = [user_prompt(p, parallel=fmt.parallel) if use_suffix else p for p in prompts]  # type: ignore[union-attr]
-    return [render_chat(tokenizer, [{"role": "user", "content": c}]) for c in contents], note
+    fmt, note = chat_prompt_format(model, tokenizer, suffix)
+    chats = [apply_prompt_format([{"role": "user", "content": p}], fmt) for p in prompts]
+    return [render_chat(tokenizer, chat) for chat in chats], note
 
 
 def run(args: argparse.Namespace) -> int:

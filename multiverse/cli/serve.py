@@ -3,6 +3,12 @@
 The command only: the options, the model reference, uvicorn. The server itself (endpoints,
 streaming with live branches, cancellation, limits, auth, metrics) is :mod:`multiverse.server`;
 fastapi and uvicorn are imported lazily (extra ``server``).
+
+Chat requests are asked as ``multiverse generate`` asks its prompts: the last user message gets
+the SPEC 1.3 suffix the model records in ``train_summary.json`` (:mod:`multiverse.server.prompting`,
+the same rule), unless it already ends with it; ``--no-prompt-suffix`` sends chats as written.
+``/v1/completions`` takes raw text and changes nothing (``generate --raw``). The format in use is
+printed at start-up.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from multiverse.cli.common import (
     add_threads_argument,
     apply_threads,
     load_engine,
+    record_dir,
     resolve_model_and_adapter,
 )
 
@@ -31,6 +38,10 @@ def create_app(llm: Any, model_name: str = "multiverse", config: Any = None) -> 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
+    p.add_argument("--no-prompt-suffix", action="store_true",
+                   help="send chat messages as written (default: the last user message gets the SPEC 1.3 "
+                   "suffix the model records in train_summary.json, as `multiverse generate` does; a model "
+                   "recording none gets none; /v1/completions is always sent as is)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     add_device_arguments(p)
@@ -77,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
 
         from multiverse.server.app import ServerConfig
+        from multiverse.server.prompting import chat_prompt_format
         from multiverse.server.runner import exposure_warning, serve
     except ImportError:
         print("multiverse serve: error: needs the server extra: pip install 'multiverse[server]'", file=sys.stderr)
@@ -89,10 +101,12 @@ def run(args: argparse.Namespace) -> int:
     extra = {"num_kv_slots": args.kv_slots} if args.kv_slots else {}
     try:
         llm = load_engine(model, args.device, args.dtype, adapter, **extra)
-    except UsageError as e:
+        fmt, note = chat_prompt_format(record_dir(model, adapter), llm.tokenizer, not args.no_prompt_suffix)
+    except ValueError as e:  # UsageError, or an invalid train_summary.json
         print(f"multiverse serve: error: {e}", file=sys.stderr)
         return 2
-    config = ServerConfig(api_key=api_key, max_queue=args.max_queue,
+    print(f"{note} on /v1/chat/completions; /v1/completions: sent as is", file=sys.stderr)
+    config = ServerConfig(prompt_format=fmt, api_key=api_key, max_queue=args.max_queue,
                           max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
                           max_n=args.max_n, request_timeout=args.request_timeout,
                           shutdown_timeout=args.shutdown_timeout)  # fmt: skip

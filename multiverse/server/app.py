@@ -6,6 +6,7 @@ Server-Sent Events, :mod:`.streaming`), ``GET /v1/models``, ``GET /metrics`` (Pr
 the :class:`EngineThread` and await their results on an ``asyncio.Queue``; a client that goes
 away (streaming or not) has its generation aborted, and so has one whose ``timeout`` passes.
 Errors are OpenAI-shaped (:mod:`.errors`), the API key and body limit are :mod:`.auth`'s.
+Chats get ``ServerConfig.prompt_format``'s suffix on their last user turn (:mod:`.prompting`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from multiverse.server import errors, responses
 from multiverse.server.auth import Guard
 from multiverse.server.engine_thread import EngineStopped, EngineThread, Job, QueueFull
 from multiverse.server.errors import APIError, error_body
+from multiverse.server.prompting import PromptFormat, apply_prompt_format
 from multiverse.server.schemas import ChatCompletionRequest, CompletionRequest, sampling_params
 from multiverse.server.streaming import SSE_DONE, chat_chunk, completion_chunk, sse
 
@@ -43,6 +45,9 @@ class ServerConfig:
     max_n: int = 8
     request_timeout: float = 600.0  # seconds, when a request sets no ``timeout``
     shutdown_timeout: float = 30.0
+    prompt_format: PromptFormat | None = None
+    """The SPEC 1.3 suffix chat requests get on their last user message (``multiverse serve``:
+    the one the model records); ``None``: chats are rendered as sent. Completions never change."""
 
 
 def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | None = None) -> FastAPI:
@@ -212,7 +217,7 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """OpenAI chat completions; ``content`` is a string or a list of text parts."""
-        prompt = render_chat(tok, body.chat_messages())
+        prompt = render_chat(tok, apply_prompt_format(body.chat_messages(), cfg.prompt_format))
         if not prompt:
             raise APIError(400, "the messages render to an empty prompt", "messages")
         return await generate(request, body, prompt, chat=True)

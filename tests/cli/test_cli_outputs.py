@@ -92,6 +92,26 @@ def test_generate_says_when_a_model_records_no_format(tmp_path):
     assert "records no prompt format" in note and "Think step by step" not in texts[0]
 
 
+def test_eval_asks_with_the_recorded_suffix_else_the_parallel_one(tmp_path):
+    from multiverse.cli.evaluation import eval_prompt
+
+    sub = _subparsers(build_parser())["eval"]
+
+    def ask(model, *flags):
+        return eval_prompt(sub.parse_args(["--model", str(model), "--benchmark", "synthetic", *flags]), model)
+
+    assert ask(MODELS / "multiverse-tiny")[0] is True
+    parallel, note = ask(MODELS / "autoregressive-tiny")  # the twin records the sequential suffix
+    assert parallel is False and "sequential suffix" in note and "train_summary.json" in note
+    parallel, note = ask(tmp_path)  # no record: the benchmark default, said so
+    assert parallel is True and "records no prompt format" in note
+    assert ask(MODELS / "multiverse-tiny", "--sequential-prompt") == (
+        False, "prompt format: SPEC 1.3 sequential suffix (--sequential-prompt)")  # fmt: skip
+    assert ask(MODELS / "autoregressive-tiny", "--parallel-prompt")[0] is True
+    with pytest.raises(SystemExit):
+        sub.parse_args(["--model", "m", "--benchmark", "synthetic", "--parallel-prompt", "--sequential-prompt"])
+
+
 def test_inspect_reports_file_line_numbers(tmp_path, capsys):
     path = tmp_path / "trace.txt"
     path.write_text(TRACE.replace("<Path>\n2: a", "<Path>\n3: a"))  # label mismatch: an issue

@@ -1,5 +1,5 @@
 """``multiverse serve`` as a process: the options, SIGTERM's graceful shutdown (in-flight
-streams finish, then the process exits), the exposure warning."""
+streams finish, then the process exits), the exposure warning, the prompt format it announces."""
 
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ def test_sigterm_finishes_in_flight_streams_then_exits():
         proc.send_signal(signal.SIGTERM)
         t.join(60)
         assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        said = proc.stdout.read()
+        assert "prompt format: chat template + SPEC 1.3 parallel suffix (" in said, said  # the shipped model's
     finally:
         if proc.poll() is None:
             proc.kill()
