@@ -23,6 +23,7 @@ import torch
 from multiverse.engine.forkjoin import ForkJoin, Specials
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.model import KVPool
+from multiverse.engine.model.graphs import DEFAULT_MAX_BATCH, Capturer, EagerCapturer
 from multiverse.engine.outputs import RequestOutput, Usage, build_output, progress
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
@@ -48,7 +49,12 @@ class LLM:
     ``adapter`` (a PEFT LoRA adapter directory applied to ``model``, the base, merged at load;
     ``model`` may also be an adapter directory itself, its base named in its
     ``train_summary.json``: :mod:`multiverse.engine.adapter`),
-    ``check_invariants`` (check the engine state after every step; default off).
+    ``check_invariants`` (check the engine state after every step; default off),
+    ``cuda_graphs`` (decode steps replay CUDA graphs captured at start-up for batch and K/V-length
+    buckets; default: on for a CUDA model, unavailable on CPU), ``static_decode`` (decode steps
+    run the fixed-shape step without graphs; default: ``cuda_graphs``; on CPU a test/inspection
+    aid), ``graph_max_batch`` / ``graph_max_kv`` (the largest bucket; bigger steps run eagerly),
+    ``graph_capturer`` (a :class:`~multiverse.engine.model.graphs.Capturer`, for tests).
     """
 
     def __init__(self, model: Any, device: str = "cpu", dtype: str = "float32", **engine_config: Any) -> None:
@@ -75,8 +81,19 @@ class LLM:
     def _setup(self, model: Any, tokenizer: Any, num_kv_slots: int | None = None,
                kv_memory: float | None = None, max_batch_tokens: int = 2048, prefill_chunk: int = 512,
                enable_prefix_cache: bool = True, seed: int = 0,
-               eos_token_ids: Sequence[int] | None = None, check_invariants: bool = False) -> None:  # fmt: skip
+               eos_token_ids: Sequence[int] | None = None, check_invariants: bool = False,
+               cuda_graphs: bool | None = None, static_decode: bool | None = None,
+               graph_max_batch: int = DEFAULT_MAX_BATCH, graph_max_kv: int | None = None,
+               graph_capturer: Capturer | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
+        on_cuda = model.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device (this one is on {model.device}); "
+                             "static_decode=True runs the same fixed-shape step without graphs")  # fmt: skip
+        cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        static_decode = cuda_graphs if static_decode is None else bool(static_decode)
+        if cuda_graphs and not static_decode:
+            raise ValueError("cuda_graphs=True captures the static decode step: static_decode=False contradicts it")
         if num_kv_slots is not None and (isinstance(num_kv_slots, bool) or not isinstance(num_kv_slots, int)
                                          or num_kv_slots < 1):  # fmt: skip
             raise ValueError(f"num_kv_slots must be a positive integer (or None: the default), got {num_kv_slots!r}")
@@ -84,7 +101,11 @@ class LLM:
         self.kv = KVManager(slots)
         self.radix = RadixCache(self.kv) if enable_prefix_cache else None
         self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
-        self.runner = ModelRunner(model, slots)
+        capturer = graph_capturer or (None if cuda_graphs else EagerCapturer())
+        self.runner = ModelRunner(model, slots, static_decode=static_decode, capturer=capturer,
+                                  graph_max_batch=graph_max_batch, graph_max_kv=graph_max_kv)  # fmt: skip
+        if cuda_graphs and self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
         try:
             tags = tokenizer_tags.tag_ids(tokenizer)
         except ValueError:

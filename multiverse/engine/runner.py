@@ -16,6 +16,15 @@ A per-branch tensor mirror of ``attend`` grows in place between steps, so a deco
 rebuild an ``O(context)`` index tensor per branch. On CPU, a decode step whose siblings share a
 long prefix also hands the model ``ForwardBatch.groups`` (cascade attention: a family's prefix
 K/V read once per layer, not once per branch); the logits are the same.
+
+With ``static_decode`` (default: on CUDA, where it is captured as CUDA graphs), a plain decode
+step (every work one unmasked token that samples) runs as a replay of a fixed-shape step
+(:class:`~multiverse.engine.model.graphs.DecodeGraphs`): the pool gets one extra *scratch* slot
+that the allocator never hands out, for the padding rows; a branch's K/V list goes in as its
+mirror plus the few slots appended since the mirror was last filled (at most
+``TAIL_FLUSH``), packed with the step's ids, positions, slots and lengths into one
+host-to-device copy. Prefill, masked chunks, cascade steps and anything over the largest bucket
+run eagerly, as before.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from multiverse.engine.model import CausalLM, ForwardBatch, KVPool
+from multiverse.engine.model.graphs import DEFAULT_MAX_BATCH, DEFAULT_MAX_KV, Capturer, DecodeGraphs
 from multiverse.engine.request import Branch
 from multiverse.engine.scheduler import Work
 
@@ -50,18 +60,32 @@ CASCADE_MIN_SAVED_ROWS = 1024
 with six branches (~750 rows saved) gains nothing (0.99x with every family grouped), eight
 requests 1.07-1.13x, sixteen 1.19-1.23x."""
 
+TAIL_FLUSH = 32
+"""A static decode step sends a branch's slots appended since its mirror was filled with the
+step's one host-to-device copy; past this many, the mirror is filled (one copy, every
+``TAIL_FLUSH`` steps of a branch)."""
+
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_slots: int) -> None:
+    def __init__(self, model: CausalLM, num_slots: int, *, static_decode: bool = False,
+                 capturer: Capturer | None = None, graph_max_batch: int = DEFAULT_MAX_BATCH,
+                 graph_max_kv: int | None = None) -> None:  # fmt: skip
         self.model = model
         self.device = model.device
-        self.pool = KVPool.for_model(model, num_slots)
+        # static decoding: one more pool slot, the scratch slot padding rows write (never allocated)
+        self.pool = KVPool.for_model(model, num_slots + (1 if static_decode else 0))
         self._mirrors: dict[tuple[int, int], _Mirror] = {}
         # shared-prefix decode attention (ForwardBatch.groups); default: on CPU, where the
         # per-branch gather of a shared prefix is a large part of a forked decode step
         self.cascade = self.device.type == "cpu"
         self.cascade_min_saved_rows = CASCADE_MIN_SAVED_ROWS
         self.cascade_steps = 0  # decode steps that ran with groups (for tests and profiling)
+        self.graphs: DecodeGraphs | None = None
+        if static_decode:
+            max_kv = graph_max_kv or min(DEFAULT_MAX_KV, num_slots)
+            self.graphs = DecodeGraphs(model, self.pool.kv, scratch_slot=num_slots, capturer=capturer,
+                                       max_batch=graph_max_batch, max_kv=max_kv)  # fmt: skip
+        self.static_steps = 0  # decode steps that ran as a replay of a static step
 
     def forget(self, br: Branch) -> None:
         self._mirrors.pop((br.request.id, br.id), None)
@@ -83,6 +107,26 @@ class ModelRunner:
             m.length = len(att)
         return m.buffer[: len(att)]
 
+    def _attend_parts(self, br: Branch) -> list[torch.Tensor | list[int]]:
+        """A branch's K/V slot list as its mirror's filled part plus the slots appended since
+        (a host list, at most ``TAIL_FLUSH`` long), for :meth:`DecodeGraphs.run`."""
+        att = br.attend
+        m = self._mirrors.get((br.request.id, br.id))
+        if m is None or m.version != br.attend_version or m.length > len(att) or len(att) - m.length > TAIL_FLUSH:
+            return [self._attend_tensor(br)]
+        tail = att[m.length :]
+        return [m.buffer[: m.length], tail] if tail else [m.buffer[: m.length]]
+
+    def _static_decode(self, works: list[Work]) -> StepOutput | None:
+        """The step as a replay of a fixed-shape decode step, or None (run it eagerly)."""
+        assert self.graphs is not None
+        rows = [(w.branch.own_ids[w.start], w.branch.own_pos[w.start], w.slots[0]) for w in works]
+        logits = self.graphs.run(rows, [self._attend_parts(w.branch) for w in works])
+        if logits is None:
+            return None
+        self.static_steps += 1
+        return StepOutput(logits, list(range(len(works))), [[] for _ in works])
+
     def _masked(self, w: Work) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """K/V indices (all of the branch's ``kv`` up to the chunk's end), the chunk's rows of
         the layout mask, and the slots the chunk's last token attends (the new ``attend``)."""
@@ -103,6 +147,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, works: list[Work]) -> StepOutput:
+        if self.graphs is not None and all(w.count == 1 and not w.masked and w.completes
+                                           and not w.prompt_rows for w in works):  # fmt: skip
+            if not (self.cascade and self._groups_possible(works)):
+                out = self._static_decode(works)
+                if out is not None:
+                    return out
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -142,6 +192,11 @@ class ModelRunner:
                              t(rows) if rows else t([offset - 1]), groups)  # fmt: skip
         logits = self.model(batch, self.pool)
         return StepOutput(logits, sample_row, prompt_rows, attend_updates)
+
+    def _groups_possible(self, works: list[Work]) -> bool:
+        """Cascade attention would take this decode step (it then runs eagerly)."""
+        kv_indices = [self._attend_tensor(w.branch) for w in works]
+        return self._groups(works, kv_indices, self.cascade_min_saved_rows) is not None
 
     @staticmethod
     def _groups(
