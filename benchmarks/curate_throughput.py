@@ -2,10 +2,9 @@
 fixed 50 ms latency; wall time at --concurrency 1 vs 16 (goal >= 10x) and the tokens the LLM
 writes per record vs the chain's own length (refill in code; goal <= 0.3x on real chains).
 
-    .venv/bin/python tests/curate/bench_curate_throughput.py [--n 200] [--latency 0.05]
+    .venv/bin/python benchmarks/curate_throughput.py [--n 200] [--latency 0.05]
 
-Prints one JSON line. Meant for ``benchmarks/curate_throughput.py`` (it needs the stand-in of
-``tests/curate``).
+Prints one JSON line (it imports the stand-in of ``tests/curate``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 It knows the synthetic task records (``multiverse.eval.tasks``): for each one it derives, from
 the record's own Multiverse ``chain``, the replies a perfect curator LLM would give (the step
 tree over the units, the groups, each block's outlines and conclusion). It is served as a real
-HTTP server on 127.0.0.1 (``http.server`` in a thread, a free port) and can inject faults.
+HTTP server on 127.0.0.1 (``http.server`` in a thread, one thread per connection, a listen
+backlog of 128, a free port) and can inject faults.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ class Derived:
             self.blocks[key] = {"outlines": [o.text for o in item.outlines], "conclusion": item.conclusion, "edits": []}
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a client opening 16 connections at once (the
+    # curator at --concurrency 16) overflowed it, and the kernel retransmits a dropped SYN only
+    # after 1 s, so a few connections started a second late. Real servers (uvicorn under vLLM
+    # and SGLang, nginx) listen with a backlog of 2048 or more.
+    request_queue_size = 128
+
+
 def path_key(paths: list[str]) -> tuple[str, ...]:
     return tuple(grammar.flatten(p) for p in paths)
 
@@ -89,6 +98,7 @@ class StandIn:
         self.timeout_sleep = timeout_sleep
         self.requests: list[tuple[str, str]] = []
         self.counts: dict[str, int] = defaultdict(int)
+        self.connections = 0  # TCP connections accepted
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
 
@@ -143,6 +153,11 @@ class StandIn:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                with standin.lock:
+                    standin.connections += 1
+
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
                 try:
                     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -169,7 +184,7 @@ class StandIn:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"

@@ -96,3 +96,27 @@ def test_remote_llm_standin_faults_are_retried_repaired_or_rejected(tmp_path, st
     assert sum(1 for qq, step in s.requests if qq == q["countdown"] and step == "mapreduce") == 3
     assert "not valid JSON" in bad[by_task["wide_max"].id]["reasons"][0]
     assert bad[by_task["wide_max"].id]["stage"] == "summarise"
+
+
+def test_remote_llm_standin_client_keeps_one_connection_per_request_in_flight(standin):
+    import asyncio
+
+    from multiverse.curate.client import ChatClient
+
+    s, url, records = standin
+    payload = {"step": "parallelise", "question": records[0].question}
+    messages = [{"role": "user", "content": "INPUT JSON:" + json.dumps(payload)}]
+
+    async def go():
+        client = ChatClient(url, MODEL)
+        try:
+            for _ in range(3):  # three waves of 6 concurrent requests
+                done = await asyncio.gather(*(client.complete(messages) for _ in range(6)))
+                assert all(json.loads(c.text)["groups"] for c in done)
+        finally:
+            await client.aclose()
+        return client.stats
+
+    stats = asyncio.run(go())
+    assert stats.completions == 18
+    assert s.connections == 6  # kept alive and reused by the later waves, never more than in flight
