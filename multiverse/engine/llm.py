@@ -28,7 +28,7 @@ from multiverse.engine.outputs import RequestOutput, Usage, build_output, progre
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
 from multiverse.engine.runner import ModelRunner, StepOutput
-from multiverse.engine.sampling import SamplingParams, make_generator, sample, token_logprobs
+from multiverse.engine.sampling import SamplingParams, sample, token_logprobs
 from multiverse.engine.scheduler import Scheduler, Work
 from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.prompts import render_chat
@@ -248,15 +248,9 @@ class LLM:
         to_sample = [(br, row) for br, row in to_sample if not br.request.finished]
         if not to_sample:
             return
-        for br, _ in to_sample:
-            if br.generator is None and not br.request.params.greedy:
-                br.set_generator(make_generator(br.seed, out.logits.device))
-        saved = [(br.generator, br.generator.get_state()) for br, _ in to_sample if br.generator is not None]
         try:
             results = self._sample(to_sample, out.logits)
-        except Exception:  # one row at a time, from the same RNG states: only the culprit fails
-            for g, state in saved:
-                g.set_state(state)
+        except Exception:  # one row at a time (draws are stateless): only the culprit fails
             results = []
             for item in to_sample:
                 try:
@@ -286,15 +280,15 @@ class LLM:
         return w.completes and self.forkjoin.on_computed(br)
 
     def _sample(self, items: list[tuple[Branch, int]], logits: torch.Tensor) -> list[tuple[Branch, int, float | None]]:
-        params, gens, forced, want = [], [], [], []
+        params, streams, forced, want = [], [], [], []
         for br, _ in items:
             p = br.request.params
             params.append(p)
-            gens.append(br.generator)
+            streams.append((br.seed, len(br.own_ids)))  # the branch's n-th draw
             forced.append(self.forkjoin.forced_token(br))
             want.append(bool(p.logprobs) or forced[-1] is not None)
         rows = torch.tensor([r for _, r in items], device=logits.device)
-        tokens, lps = sample(logits.index_select(0, rows), params, gens, forced, want)
+        tokens, lps = sample(logits.index_select(0, rows), params, streams, forced, want)
         return [(br, tok, lp) for (br, _), tok, lp in zip(items, tokens, lps, strict=True)]
 
     # -- generate --------------------------------------------------------------------------

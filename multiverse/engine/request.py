@@ -73,7 +73,6 @@ class Branch:
     cursor: int = -1  # test hook (forced output): next index into the request's forced ids
     cursor_end: int = -1
     seed: int = 0
-    generator: Any = None  # the sampler's per-branch RNG, created lazily
     id: int = 0
     _layout: tuple[int, Layout] | None = None
 
@@ -180,9 +179,6 @@ class Branch:
         self.own_logprobs += child.own_logprobs
         self.max_pos = max(self.max_pos, child.max_pos)
         return PathRecord(child.label, start, len(self.own_ids), [b.shifted(start) for b in child.blocks])
-
-    def set_generator(self, generator: Any) -> None:
-        self.generator = generator
 
     # -- K/V (the caller makes the matching KVManager call) ----------------------------------
     def take_slots(self, slots: list[int], *, masked: bool) -> None:

@@ -1,8 +1,10 @@
 """Sampling parameters and the sampler (greedy, temperature, top-k, top-p, seeded, forced).
 
-Reproducibility: every branch owns a ``torch.Generator`` seeded from the request's seed and the
-branch's path labels (:func:`branch_seed`), so a branch draws the same tokens whatever else is in
-the batch, however the scheduler interleaves requests, and across preemption.
+Reproducibility: every branch has a seed derived from the request's seed and the branch's path
+labels (:func:`branch_seed`); its ``n``-th draw is :func:`uniform` of ``(seed, n)``, a
+counter-based stream with no state, so a branch draws the same tokens whatever else is in the
+batch, however the scheduler interleaves requests, and across preemption; and every sampled row
+of a step is drawn in one batched operation.
 
 Logprobs are those of the raw model distribution (``log_softmax`` of the logits, before
 temperature / top-k / top-p), for the token actually taken.
@@ -145,35 +147,50 @@ def branch_seed(seed: int, path: Sequence[str]) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+_MASK64 = (1 << 64) - 1
+
+
+def uniform(seed: int, counter: int) -> float:
+    """A uniform draw in ``[0, 1)`` that depends only on ``(seed, counter)`` (splitmix64 of
+    ``seed + (counter + 1) * golden``, top 53 bits): the branch's stream, random access, no state."""
+    z = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 11) * 2.0**-53
 
 
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    streams: Sequence[tuple[int, int] | None],
     forced: Sequence[int | None],
     want_logprobs: Sequence[bool],
 ) -> tuple[list[int], list[float | None]]:
     """One token per row of ``logits`` ``[R, vocab]`` (float32).
 
     Row ``r`` takes ``forced[r]`` when given (a negative id means "end": returned as is, no
-    logprob), else argmax (greedy) or a draw with ``generators[r]``. Returns the tokens and,
-    where ``want_logprobs[r]``, the raw model logprob of each.
+    logprob), else argmax (greedy) or a draw from its stream ``streams[r] = (seed, counter)``
+    (:func:`uniform`; the engine passes the branch's seed and its token count, so a branch draws
+    the same tokens whatever else is in the batch and after preemption). Greedy rows are one
+    batched argmax, sampled rows one batched temperature / top-k / top-p inverse-CDF draw (the
+    rows' settings and draws go to the device in one copy): no per-row kernels. Returns the
+    tokens and, where ``want_logprobs[r]``, the raw model logprob of each.
     """
     rows = logits.shape[0]
     tokens: list[int | None] = list(forced)
     todo_greedy = [r for r in range(rows) if tokens[r] is None and params[r].greedy]
-    if todo_greedy:
-        idx = torch.tensor(todo_greedy, device=logits.device)
-        for r, t in zip(todo_greedy, logits.index_select(0, idx).argmax(-1).tolist(), strict=True):
+    todo_draw = [r for r in range(rows) if tokens[r] is None and not params[r].greedy]
+    for todo, pick in ((todo_greedy, None), (todo_draw, True)):
+        if not todo:
+            continue
+        sub = logits.index_select(0, torch.tensor(todo, device=logits.device))
+        if pick is None:
+            chosen = sub.argmax(-1).tolist()
+        else:
+            chosen = _draw_rows(sub, [params[r] for r in todo], [streams[r] for r in todo])
+        for r, t in zip(todo, chosen, strict=True):
             tokens[r] = t
-    for r in range(rows):
-        if tokens[r] is None:
-            tokens[r] = _draw(logits[r], params[r], generators[r])
     out_tokens = [int(t) for t in tokens]  # type: ignore[arg-type]
     logprobs: list[float | None] = [None] * rows
     need = [r for r in range(rows) if want_logprobs[r] and out_tokens[r] >= 0]
@@ -186,19 +203,35 @@ def sample(
     return out_tokens, logprobs
 
 
-def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    scores = row.float() / p.temperature  # [vocab]
-    if p.top_k > 0 and p.top_k < scores.shape[0]:
-        kth = torch.topk(scores, p.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # drop a token when the tokens strictly before it already reach top_p
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def _draw_rows(scores: torch.Tensor, params: Sequence[SamplingParams],
+               streams: Sequence[tuple[int, int] | None]) -> list[int]:  # fmt: skip
+    """Batched draws: ``scores [R, V]`` raw logits -> one token per row (see :func:`sample`).
+
+    Top-k keeps the k highest scores, top-p then the smallest prefix (by probability after
+    top-k) whose mass reaches ``top_p``; the token is where the row's uniform falls in the
+    cumulative distribution of what is kept (float64)."""
+    r, v = scores.shape
+    draws = [uniform(*st) if st is not None else uniform(0, i) for i, st in enumerate(streams)]
+    table = torch.tensor(
+        [[p.temperature for p in params], [p.top_k if 0 < p.top_k < v else v for p in params],
+         [p.top_p for p in params], draws], dtype=torch.float64,
+    ).to(scores.device, non_blocking=True)  # fmt: skip
+    scores = scores.float() / table[0, :, None].float()
+    order = None
+    if any(0 < p.top_k < v or p.top_p < 1.0 for p in params):
+        scores, order = torch.sort(scores, dim=-1, descending=True)
+        ranks = torch.arange(v, device=scores.device)[None, :]
+        scores = scores.masked_fill(ranks >= table[1, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).double()
+    if order is not None:  # drop a token when those before it already reach top_p
+        probs = probs * ((torch.cumsum(probs, -1) - probs) < table[2, :, None])
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(table[3, :, None] * total, total * (1 - 1e-12))
+    idx = torch.searchsorted(cdf, x, right=True).clamp_(max=v - 1)  # first token whose mass covers x
+    if order is not None:
+        idx = order.gather(1, idx)
+    return idx[:, 0].tolist()
 
 
 def token_logprobs(logits: torch.Tensor, next_ids: Sequence[int]) -> list[float]:

@@ -63,17 +63,17 @@ def _batch(llm, with_bad: bool):
 
 def test_a_request_that_raises_in_sampling_fails_alone(pair, tok, monkeypatch):
     want = _batch(engine(pair[1], tok, num_kv_slots=2048), with_bad=False)
-    draw = sampling._draw
+    draw = sampling._draw_rows
     calls = {"n": 0}
 
-    def flaky(row, p, gen):
-        if p.temperature == MARK:
+    def flaky(scores, params, streams):
+        if any(p.temperature == MARK for p in params):
             calls["n"] += 1
             if calls["n"] >= 4:  # in the middle of its generation, batched with the others
                 raise RuntimeError("boom in sampling")
-        return draw(row, p, gen)
+        return draw(scores, params, streams)
 
-    monkeypatch.setattr(sampling, "_draw", flaky)
+    monkeypatch.setattr(sampling, "_draw_rows", flaky)
     llm = engine(pair[1], tok, num_kv_slots=2048)
     outs = _batch(llm, with_bad=True)
     bad = outs.pop(1)

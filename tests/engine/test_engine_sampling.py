@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 from _engine_util import assert_no_leak, block, check_output, engine, tiny_pair  # noqa: E402
 
 from multiverse import LLM, SamplingParams  # noqa: E402
-from multiverse.engine.sampling import branch_seed, sample  # noqa: E402
+from multiverse.engine import sampling  # noqa: E402
+from multiverse.engine.sampling import branch_seed, sample, uniform  # noqa: E402
 
 
 @pytest.fixture()
@@ -61,6 +62,42 @@ def test_sampler_forced_rows_and_logprobs():
     assert lps == pytest.approx([ref[0, 1].item(), ref[1, 2].item()])
     toks, lps = sample(logits[:1], [greedy], [None], [-1], [True])
     assert toks == [-1] and lps == [None]
+
+
+def test_draws_are_splitmix64_streams():
+    # splitmix64's first output from state 0 is 0xE220A8397B1DCDAF (the published sequence)
+    assert uniform(0, 0) == (0xE220A8397B1DCDAF >> 11) * 2.0**-53
+    draws = [uniform(12345, n) for n in range(2000)]
+    assert all(0.0 <= u < 1.0 for u in draws) and len(set(draws)) == 2000
+    assert abs(sum(draws) / 2000 - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("kw, expect", [
+    (dict(temperature=1.0), None),
+    (dict(temperature=0.5), None),
+    (dict(temperature=1.0, top_k=2), [0.0, 0.0, 0.5, 0.5]),
+    (dict(temperature=1.0, top_p=0.75), [0.0, 0.0, 0.5, 0.5]),
+], ids=["t1", "t0.5", "top-k", "top-p"])  # fmt: skip
+def test_batched_draws_follow_the_distribution(kw, expect):
+    logits = torch.log(torch.tensor([0.1, 0.15, 0.375, 0.375]))
+    sp = SamplingParams(seed=0, **kw)
+    n = 20000
+    toks, _ = sample(logits.expand(n, 4).contiguous(), [sp] * n, [(99, i) for i in range(n)], [None] * n, [False] * n)
+    freq = torch.bincount(torch.tensor(toks), minlength=4).double() / n
+    want = torch.softmax(logits.double() / sp.temperature, -1) if expect is None else torch.tensor(expect, dtype=torch.float64)
+    assert (freq - want).abs().max() < 0.015, (freq, want)
+    # a row's token depends on its own stream only, not on the rows next to it
+    alone, _ = sample(logits[None], [sp], [(99, 17)], [None], [False])
+    assert alone[0] == toks[17]
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-53])
+def test_a_draw_never_takes_a_dropped_token(monkeypatch, u):
+    monkeypatch.setattr(sampling, "uniform", lambda seed, counter: u)
+    logits = torch.tensor([[3.0, -1e9, 2.0, 1.0, 0.5]])
+    for sp in (SamplingParams(top_k=2), SamplingParams(top_p=0.5), SamplingParams()):
+        toks, _ = sample(logits, [sp], [(1, 0)], [None], [False])
+        assert toks[0] in ({0, 2} if sp.top_k == 2 else {0} if sp.top_p < 1 else {0, 2, 3, 4})
 
 
 def test_stop_strings_stop_token_ids_and_eos(llm, tok):
