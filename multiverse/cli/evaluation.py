@@ -180,6 +180,15 @@ def check_output_dir(out_dir: Path) -> None:
         raise UsageError(f"--output {out_dir}: cannot write there ({e.strerror or e})") from None
 
 
+def progress_stats(summary: dict[str, Any]) -> str:
+    """The figures the progress bar shows ("-" before the first result)."""
+
+    def show(v: Any) -> str:
+        return "-" if v is None else f"{v:.3g}"
+
+    return f"accuracy={show(summary['accuracy'])} # parallel={show(summary['parallel_degree'])}"
+
+
 class Progress:
     """Progress of the timed batches on stderr: a tqdm bar with ETA, or a line per batch."""
 
@@ -191,7 +200,7 @@ class Progress:
     def __call__(self, done: int, total: int, summary: dict[str, Any]) -> None:
         import time
 
-        stats = f"accuracy={summary['accuracy']} # parallel={summary['parallel_degree']}"
+        stats = progress_stats(summary)
         if self.bar is None and self.start is None:
             try:
                 from tqdm import tqdm

@@ -112,6 +112,13 @@ def test_eval_asks_with_the_recorded_suffix_else_the_parallel_one(tmp_path):
         sub.parse_args(["--model", "m", "--benchmark", "synthetic", "--parallel-prompt", "--sequential-prompt"])
 
 
+def test_eval_progress_shows_dashes_before_the_first_result():
+    from multiverse.cli.evaluation import progress_stats
+
+    assert progress_stats({"accuracy": None, "parallel_degree": None}) == "accuracy=- # parallel=-"
+    assert progress_stats({"accuracy": 0.995, "parallel_degree": 2.6472}) == "accuracy=0.995 # parallel=2.65"
+
+
 def test_inspect_reports_file_line_numbers(tmp_path, capsys):
     path = tmp_path / "trace.txt"
     path.write_text(TRACE.replace("<Path>\n2: a", "<Path>\n3: a"))  # label mismatch: an issue
