@@ -40,6 +40,15 @@ class Unit:
     sep: str = "\n"
 
 
+def _opens_fence(stripped: str) -> str | None:
+    """The fence (```` ``` ```` or ``~~~``) a line opens, or None; a line that opens and closes a
+    fence itself (```` ```x = 1``` ````) opens none."""
+    m = _FENCE_RE.match(stripped)
+    if not m or (len(stripped) >= 6 and stripped.endswith(m.group(1))):
+        return None
+    return m.group(1)
+
+
 def normalise(chain: str) -> str:
     """The chain as the curator compares it (see the module docstring)."""
     text = unicodedata.normalize("NFC", chain.replace("\r\n", "\n").replace("\r", "\n"))
@@ -60,9 +69,7 @@ def normalise(chain: str) -> str:
             continue
         if not stripped or grammar.is_cue(stripped):
             continue
-        m = _FENCE_RE.match(stripped)
-        if m:
-            in_fence = m.group(1)
+        in_fence = _opens_fence(stripped) or ""
         lines.append(stripped)
     while lines and not lines[-1].strip():
         lines.pop()
@@ -101,8 +108,8 @@ def split_units(text: str, max_chars: int = MAX_CHARS) -> list[Unit]:
         line = lines[i]
         sep = "\n" if pieces else ""
         stripped = line.strip()
-        fence = _FENCE_RE.match(stripped)
-        closing = fence.group(1) if fence else _display_end(stripped)
+        fence = _opens_fence(stripped)
+        closing = fence or _display_end(stripped)
         if closing:
             j = i + 1
             while j < len(lines) and not lines[j].strip().endswith(closing) and not (

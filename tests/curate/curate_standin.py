@@ -1,8 +1,9 @@
 """A scripted stand-in for a REMOTE OpenAI-compatible LLM, for the curator's tests.
 
-It knows the synthetic task records (``multiverse.eval.tasks``): for each one it derives, from
-the record's own Multiverse ``chain``, the replies a perfect curator LLM would give (the step
-tree over the units, the groups, each block's outlines and conclusion). It is served as a real
+It knows records with a Multiverse ``chain`` (the synthetic task records of
+``multiverse.eval.tasks``, or real traces): for each one it derives, from the record's own
+``chain``, the replies a perfect curator LLM would give (:class:`curate_derived.Derived`: the step
+tree over the units, the groups, each block's outlines, conclusion and opening edits). It is served as a real
 HTTP server on 127.0.0.1 (``http.server`` in a thread, one thread per connection, a listen
 backlog of 128, a free port) and can inject faults.
 """
@@ -16,56 +17,9 @@ from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from curate_derived import Derived
+
 from multiverse.format import grammar
-
-
-def _lines(text: str) -> list[str]:
-    return [x.strip() for x in text.split("\n") if x.strip() and not grammar.is_cue(x)]
-
-
-class Derived:
-    """The perfect replies for one record with a Multiverse ``chain``."""
-
-    def __init__(self, chain: str):
-        doc = grammar.parse(chain)
-        self.n = 0
-        self.steps: list[dict[str, Any]] = []
-        self.groups: list[dict[str, Any]] = []
-        self.blocks: dict[tuple[str, ...], dict[str, Any]] = {}
-        self._sequence(doc.body, self.steps, prefix="")
-
-    def _take(self, text: str) -> tuple[int, int] | None:
-        k = len(_lines(text))
-        if not k:
-            return None
-        first = self.n + 1
-        self.n += k
-        return first, self.n
-
-    def _sequence(self, body: list[Any], out: list[dict[str, Any]], prefix: str) -> None:
-        for item in body:
-            if isinstance(item, str):
-                rng = self._take(item)
-                if rng:
-                    out.append({"id": f"{prefix}{len(out) + 1}", "units": list(rng), "summary": "text"})
-                continue
-            ids = []
-            for path in item.paths:
-                sid = f"{prefix}{len(out) + 1}"
-                ids.append(sid)
-                step: dict[str, Any] = {"id": sid, "summary": "a path"}
-                first = self.n + 1
-                if path.blocks:
-                    subs: list[dict[str, Any]] = []
-                    self._sequence(path.body, subs, prefix=f"{sid}.")
-                    step["substeps"] = subs
-                else:
-                    self._take("".join(x for x in path.body if isinstance(x, str)))
-                step["units"] = [first, self.n]
-                out.append(step)
-            self.groups.append({"steps": ids, "reason": "independent"})
-            key = tuple(grammar.flatten(grammar.Document(body=p.body, has_think=False)) for p in item.paths)
-            self.blocks[key] = {"outlines": [o.text for o in item.outlines], "conclusion": item.conclusion, "edits": []}
 
 
 class _Server(ThreadingHTTPServer):
@@ -74,10 +28,6 @@ class _Server(ThreadingHTTPServer):
     # after 1 s, so a few connections started a second late. Real servers (uvicorn under vLLM
     # and SGLang, nginx) listen with a backlog of 2048 or more.
     request_queue_size = 128
-
-
-def path_key(paths: list[str]) -> tuple[str, ...]:
-    return tuple(grammar.flatten(p) for p in paths)
 
 
 class StandIn:
@@ -127,7 +77,7 @@ class StandIn:
         elif step == "parallelise":
             content = {"groups": derived.groups}
         else:
-            block = dict(derived.blocks[path_key(data["paths"])])
+            block = dict(derived.block(data["paths"]))
             block["outlines"] = list(block["outlines"])
             if fault == "outlines":
                 block["outlines"] = block["outlines"][:-1]

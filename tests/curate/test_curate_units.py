@@ -19,6 +19,8 @@ def _random_chain(rng: random.Random) -> str:
             lines += ["```python", "  x = 1. y = 2.", "```"]
         elif kind < 0.25:
             lines += ["\\[ x \\]", "Let's think in parallel."]
+        elif kind < 0.3:
+            lines.append("```x = 1;```")
         else:
             n = rng.choice([3, 10, 120])
             lines.append(" ".join(rng.choice(words) for _ in range(n)))
@@ -44,6 +46,13 @@ def test_math_and_code_blocks_are_one_unit_and_long_lines_become_sentences():
     units = U.split_units(U.normalise(text))
     assert units[0].text == "A." and units[1].sep == " "
     assert [u.text for u in units[-4:]] == ["$$\nx = 1. y = 2.\n$$", "```\n  code. more.\n```", "\\[\nz\n\\]", "end"]
+
+
+def test_a_fence_opened_and_closed_on_one_line_is_one_line():
+    text = "a\n  ```real adc = 100;```  \n  b  \n\n```\nc\n```\nd"
+    norm = U.normalise(text)
+    assert norm == "a\n```real adc = 100;```\nb\n```\nc\n```\nd"  # b stripped: no fence was open
+    assert [u.text for u in U.split_units(norm)] == ["a", "```real adc = 100;```", "b", "```\nc\n```", "d"]
 
 
 def test_inline_math_is_not_cut():
