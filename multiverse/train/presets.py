@@ -27,6 +27,7 @@ PRESETS: dict[str, Preset] = {
     "qwen2-mini": Preset(96, 6, 4, 2, 384, description="~0.9M params, learns a synthetic task in < 1 h on 2 CPU cores"),
     "qwen2-tiny": Preset(128, 6, 4, 2, 512, description="~1.5M params, memorises a task on CPU"),
     "qwen2-small": Preset(256, 10, 8, 4, 1024, description="~10M params"),
+    "qwen2.5-0.5b-shape": Preset(896, 24, 14, 2, 4864, description="Qwen2.5-0.5B's layer shapes (GPU benchmarks)"),
 }
 
 
