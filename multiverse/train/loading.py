@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from multiverse.format import tokenizer as tokenizer_tags
+from multiverse.format.prompts import stop_token_ids
 from multiverse.format.tokenizer import load_tokenizer
 from multiverse.locations import SMOLLM2_REFERENCE, smollm2_gguf
 from multiverse.train.data import ConfigError
@@ -77,12 +78,11 @@ def resolve_base_path(model: str) -> Path:
 
 
 def set_stop_tokens(model: Any, tokenizer: Any) -> None:
-    """Generation stops at the chat end-of-turn token as well as at EOS."""
-    vocab = tokenizer.get_vocab()
-    stops: list[int] = []
-    for token in ("<|im_end|>", tokenizer.eos_token):
-        if token and token in vocab and vocab[token] not in stops:
-            stops.append(vocab[token])
+    """The saved generation config stops where the engine does: the prompt format's stop ids
+    (:func:`multiverse.format.prompts.stop_token_ids`) and the tokenizer's EOS."""
+    stops = stop_token_ids(tokenizer)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(int(tokenizer.eos_token_id))
     if model.generation_config is not None and stops:
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         model.generation_config.pad_token_id = tokenizer.pad_token_id
