@@ -186,6 +186,7 @@ class DecodeGraphs:
             self._replays[key] = self.capturer.capture(step)
         return self._replays[key]
 
+    @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture every bucket now (start-up); returns how many were captured."""
         for b in self.batch_buckets:
@@ -193,6 +194,7 @@ class DecodeGraphs:
                 self.replay_fn(b, cols)
         return len(self._replays)
 
+    @torch.inference_mode()
     def run(self, rows: Sequence[Sequence[int]], kv_parts: Sequence[Sequence[torch.Tensor | list[int]]],
             ) -> torch.Tensor | None:  # fmt: skip
         """One decode step. ``rows[i] = (token id, position, output slot)``; ``kv_parts[i]``:
