@@ -12,7 +12,7 @@ path's Outline, or the first ten words of a stretch of plain text; no edits).
 Counted: every reply in the run's journal (what the LLM wrote) against the flattened chains,
 with the Qwen2.5 (Multiverse-32B) tokenizer when the ``qwen`` extra is installed, else the
 built-in regex counter (named in the output); split by step and into free text (summaries,
-reasons, outlines, conclusions) vs the rest (JSON keys, numbers, punctuation).
+reasons, outlines, conclusions, edit strings) vs the rest (JSON keys, numbers, punctuation).
 
     .venv/bin/python benchmarks/curate_tokens.py [--traces DIR] [--n 20]
 
@@ -60,15 +60,20 @@ def free_text(step: str, reply: str) -> list[str]:
     except json.JSONDecodeError:
         return []
     if step == "mapreduce":
-        return [*data.get("outlines", []), data.get("conclusion", "")]
+        edits = [x for e in data.get("edits", []) for x in (e.get("find", ""), e.get("replace", ""))]
+        return [*(data.get("outlines") or []), data.get("conclusion", ""), *edits]
     if step == "parallelise":
         return [g.get("reason", "") for g in data.get("groups", [])]
     out: list[str] = []
 
-    def walk(steps: list[dict]) -> None:
-        for s in steps:
-            out.append(s.get("summary", ""))
-            walk(s.get("substeps") or [])
+    def walk(steps: list) -> None:
+        for s in steps:  # v2 [first, last, "summary"(, [sub-steps])] or v1 {"summary", "substeps"}
+            if isinstance(s, list):
+                out.append(s[2])
+                walk(s[3] if len(s) > 3 else [])
+            else:
+                out.append(s.get("summary", ""))
+                walk(s.get("substeps") or [])
 
     walk(data.get("steps", []))
     return out
@@ -94,15 +99,20 @@ def main() -> None:
     chain_tokens = sum(count(grammar.flatten(t["chain"])) for t in truth)
     by_step: dict[str, int] = defaultdict(int)
     text_by_step: dict[str, int] = defaultdict(int)
+    by_record: dict[str, int] = defaultdict(int)
     for e in journal:
-        by_step[e["step"]] += count(e["reply"])
+        n = count(e["reply"])
+        by_step[e["step"]] += n
+        by_record[e["record"]] += n
         text_by_step[e["step"]] += sum(count(x) for x in free_text(e["step"], e["reply"]))
     written = sum(by_step.values())
+    ratios = sorted(by_record[t["id"]] / count(grammar.flatten(t["chain"])) for t in truth)
     print(json.dumps({
         "traces": len(truth), "accepted": s.accepted, "requests": s.requests, "model": MODEL,
         "tokenizer": tok_name, "chain_tokens": chain_tokens, "chain_tokens_per_trace": round(chain_tokens / len(truth)),
         "llm_output_tokens": written,
         "llm_output_tokens_per_chain_token": round(written / chain_tokens, 4),
+        "per_trace": {"min": round(ratios[0], 4), "median": round(ratios[len(ratios) // 2], 4), "max": round(ratios[-1], 4)},
         "by_step": {k: {"tokens": v, "free_text": text_by_step[k], "structure": v - text_by_step[k],
                         "per_chain_token": round(v / chain_tokens, 4)} for k, v in sorted(by_step.items())},
         "prompt_versions": prompts.versions(),

@@ -172,16 +172,18 @@ class Curator:
         seps = {u.index: u.sep or "\n" for u in units}
         edits: list[dict[str, Any]] = []
         order = skeleton.unit_order(items)
+        summary = {s.id: " ".join(s.summary.split()) for top in steps for s in (top, *top.substeps)}
         for _, blk in skeleton.iter_blocks(items):
             paths = [refill.render_container(p.items, texts, seps, "").rstrip("\n") for p in blk.paths]
             first = next(u for u in skeleton.unit_order([blk]))
             before = [texts[u] for u in order[: order.index(first)]][-3:]
+            outlines = [summary.get(sid, "") for sid in blk.steps]
             payload: dict[str, Any] = {"step": "mapreduce", "question": rec.question, "before": "\n".join(before),
-                                       "paths": paths}  # fmt: skip
+                                       "paths": paths, "outlines": outlines}  # fmt: skip
             if attempt:  # a regeneration: a new request, told what went wrong
                 payload["attempt"] = attempt + 1
                 payload["previous_attempt_problems"] = problems
-            reply = await self.ask(rec.id, "mapreduce", payload, usage, num_paths=len(blk.paths))
+            reply = await self.ask(rec.id, "mapreduce", payload, usage, num_paths=len(blk.paths), outlines=outlines)
             blk.outlines = [refill.outline_text(o, str(k + 1)) for k, o in enumerate(reply.outlines)]
             blk.conclusion = " ".join(reply.conclusion.split())
             edits += [r.to_json() for r in refill.apply_edits(blk, reply.edits, texts)]

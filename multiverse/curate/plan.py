@@ -2,13 +2,15 @@
 
 Three replies per record (SPEC 5, steps 1, 2 and 5):
 
-* *summarise*: ``{"steps": [{"id": "1", "units": [first, last], "summary": "...",
-  "substeps": [{"id": "1.1", "units": [...], "summary": "..."}, ...]}, ...]}``; two levels at
-  most; unit numbers are 1-based and inclusive;
+* *summarise*: ``{"steps": [[first, last, "summary"], [first, last, "summary", [[first,
+  last, "summary"], ...]], ...]}`` (prompt v2: step ``k`` has id ``"k"``, its sub-step ``j``
+  ``"k.j"``), or the v1 objects ``{"id", "units": [first, last], "summary", "substeps"}``; two
+  levels at most; unit numbers are 1-based and inclusive;
 * *parallelise*: ``{"groups": [{"steps": ["2", "3"], "reason": "..."}, ...]}``; a group lists
   adjacent sibling step ids (top-level steps, or sub-steps of one step);
-* *mapreduce* (one per block): ``{"outlines": ["...", ...], "conclusion": "...",
-  "edits": [{"path": 1, "find": "...", "replace": "..."}, ...]}``.
+* *mapreduce* (one per block): ``{"conclusion": "...", "edits": [{"path": 1, "find": "...",
+  "replace": "..."}, ...], "outlines": ["...", ...]}``; ``outlines`` may be left out (prompt
+  v2): the paths' step summaries, which the request shows, are the Outlines.
 
 The ``from_json`` readers check only shapes and types and raise :class:`PlanError` with a
 message that names the offending field; the semantic rules (cover, nesting, adjacency,
@@ -93,9 +95,17 @@ def _str(obj: dict[str, Any], key: str, where: str, default: str | None = None) 
     return value
 
 
-def _step(raw: Any, where: str, depth: int) -> Step:
+def _step(raw: Any, where: str, depth: int, implied: str) -> Step:
+    """One step: ``[first, last, "summary", [sub-steps]]`` (v2, the id implied by the position:
+    ``implied``) or ``{"id", "units": [first, last], "summary", "substeps"}`` (v1; the id
+    optional)."""
+    if isinstance(raw, list):
+        if not (3 <= len(raw) <= 4):
+            raise PlanError(f"{where} (step {implied}): a step is [first, last, \"summary\"] or "
+                            f"[first, last, \"summary\", [sub-steps]], got {len(raw)} items")  # fmt: skip
+        raw = {"id": implied, "units": raw[:2], "summary": raw[2], "substeps": raw[3] if len(raw) == 4 else []}
     obj = _obj(raw, where)
-    sid = obj.get("id")
+    sid = obj.get("id", implied)
     if isinstance(sid, int):
         sid = str(sid)
     if not isinstance(sid, str) or not sid:
@@ -108,13 +118,14 @@ def _step(raw: Any, where: str, depth: int) -> Step:
         raise PlanError(f"{where} (step {sid}): 'substeps' must be a list")
     if subs_raw and depth >= 2:
         raise PlanError(f"{where} (step {sid}): sub-steps may not have sub-steps (two levels at most)")
-    subs = [_step(s, f"{where}.substeps[{k}]", depth + 1) for k, s in enumerate(subs_raw)]
+    subs = [_step(s, f"{where}.substeps[{k}]", depth + 1, f"{sid}.{k + 1}") for k, s in enumerate(subs_raw)]
     return Step(sid, rng[0], rng[1], _str(obj, "summary", f"step {sid}", ""), subs)
 
 
 def steps_from_json(raw: Any) -> list[Step]:
     obj = _obj(raw, "the summarise reply")
-    return [_step(s, f"steps[{k}]", 1) for k, s in enumerate(_list(obj, "steps", "the summarise reply"))]
+    steps = _list(obj, "steps", "the summarise reply")
+    return [_step(s, f"steps[{k}]", 1, str(k + 1)) for k, s in enumerate(steps)]
 
 
 def groups_from_json(raw: Any) -> list[Group]:
@@ -130,9 +141,14 @@ def groups_from_json(raw: Any) -> list[Group]:
     return groups
 
 
-def block_text_from_json(raw: Any) -> BlockText:
+def block_text_from_json(raw: Any, default_outlines: list[str] | None = None) -> BlockText:
+    """The block text; ``outlines`` may be left out when ``default_outlines`` (the paths' step
+    summaries, v2) are given."""
     obj = _obj(raw, "the mapreduce reply")
-    outlines = _list(obj, "outlines", "the mapreduce reply")
+    if obj.get("outlines") is None and default_outlines is not None:
+        outlines = list(default_outlines)
+    else:
+        outlines = _list(obj, "outlines", "the mapreduce reply")
     if not all(isinstance(x, str) for x in outlines):
         raise PlanError("the mapreduce reply: every outline must be a string")
     edits: list[Edit] = []

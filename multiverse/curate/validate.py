@@ -138,11 +138,12 @@ def validate_block_text(reply: BlockText, num_paths: int) -> list[str]:
     return errors
 
 
-def parse_reply(kind: str, text: str, **context: int) -> tuple[Any, list[str]]:
+def parse_reply(kind: str, text: str, **context: Any) -> tuple[Any, list[str]]:
     """Extract, read and validate one reply: ``(plan, [])`` or ``(None, messages)``.
 
     ``kind`` is ``"summarise"`` (context ``num_units``), ``"parallelise"`` (context: the steps
-    as ``steps=``, passed through ``validate_groups``) or ``"mapreduce"`` (``num_paths``).
+    as ``steps=``, passed through ``validate_groups``) or ``"mapreduce"`` (``num_paths``, and
+    ``outlines=``: the paths' step summaries, used when the reply gives no outlines).
     """
     from multiverse.curate import plan
 
@@ -156,7 +157,7 @@ def parse_reply(kind: str, text: str, **context: int) -> tuple[Any, list[str]]:
             groups = plan.groups_from_json(raw)
             errors = validate_groups(groups, context["steps"])  # type: ignore[arg-type]
             return (groups, []) if not errors else (None, errors)
-        block = plan.block_text_from_json(raw)
+        block = plan.block_text_from_json(raw, context.get("outlines"))  # type: ignore[arg-type]
         errors = validate_block_text(block, context["num_paths"])
         return (block, []) if not errors else (None, errors)
     except PlanError as e:

@@ -22,6 +22,11 @@ from curate_derived import Derived
 from multiverse.format import grammar
 
 
+def compact(steps: list[dict[str, Any]]) -> list[list[Any]]:
+    """Steps in the summarise v2 reply form: ``[first, last, "summary"(, [sub-steps])]``."""
+    return [[*s["units"], s["summary"], *([compact(s["substeps"])] if s.get("substeps") else [])] for s in steps]
+
+
 class _Server(ThreadingHTTPServer):
     # socketserver's default listen backlog is 5: a client opening 16 connections at once (the
     # curator at --concurrency 16) overflowed it, and the kernel retransmits a dropped SYN only
@@ -73,14 +78,15 @@ class StandIn:
             return 200, {}, None, "Sure! Here is the plan: {steps: [1, 2", "stop"
         derived = self.by_question[question]
         if step == "summarise":
-            content: Any = {"steps": derived.steps}
+            content: Any = {"steps": compact(derived.steps)}
         elif step == "parallelise":
             content = {"groups": derived.groups}
         else:
             block = dict(derived.block(data["paths"]))
-            block["outlines"] = list(block["outlines"])
+            if block["outlines"] == data.get("outlines"):  # the given outlines fit: left out (v2)
+                del block["outlines"]
             if fault == "outlines":
-                block["outlines"] = block["outlines"][:-1]
+                block["outlines"] = list(data["outlines"])[:-1]
             if fault == "missing_edit":
                 block["edits"] = [{"path": 1, "find": "no such text here", "replace": "x"}]
             if fault == "delete":

@@ -9,6 +9,7 @@ from curate_standin import StandIn
 
 from multiverse.cli import curate as cli
 from multiverse.curate import evaluate as E
+from multiverse.curate import journal as J
 
 
 def test_marks_and_f1_on_real_traces(tmp_path, shared_data):
@@ -46,3 +47,26 @@ def test_remote_llm_standin_curate_eval_on_tasks_scores_perfectly(tmp_path, caps
     assert res["accepted"] == res["exact"] == 6 and res["block_f1"] == res["path_f1"] == 1.0
     assert res["parallel_degree"]["original"] == res["parallel_degree"]["curated_accepted"] > 1
     assert "| synthetic tasks | 6 | 6 | 6 | 1.0 | 1.0 |" in capsys.readouterr().out
+
+
+def test_remote_llm_standin_curate_eval_on_real_traces_scores_perfectly(tmp_path, shared_data):
+    traces = str(shared_data / "traces" / "multiverse-32b")
+    truth = E.ground_truth(traces, 4)
+    s = StandIn([types.SimpleNamespace(question=t["question"], chain=t["chain"]) for t in truth])
+    url = s.start()
+    try:
+        p = argparse.ArgumentParser()
+        cli.add_arguments(p)
+        args = p.parse_args(["eval", "--truth", traces, "--n", "4", "--output", str(tmp_path / "ev"),
+                             "--base-url", url, "--model", "standin-for-remote-llm", "--quiet"])  # fmt: skip
+        assert cli.run(args) == 0
+    finally:
+        s.stop()
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert res["records"] == res["accepted"] == 4 and res["block_f1"] == res["path_f1"] == 1.0
+    assert res["parallel_degree"]["original"] == res["parallel_degree"]["curated_accepted"] > 1
+    # the LLM writes a plan and small edits, never the chain: far fewer tokens than the chain has
+    written = sum(len(E.grammar.approx_tokens(e["reply"])) for e in J.read_jsonl(tmp_path / "ev" / "journal.jsonl"))
+    chain = sum(len(E.grammar.approx_tokens(E.grammar.flatten(t["chain"]))) for t in truth)
+    print("output tokens per chain token", written / chain)
+    assert written < 0.3 * chain

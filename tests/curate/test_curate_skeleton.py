@@ -143,3 +143,22 @@ def test_edit_applies_only_where_find_occurs_exactly_once():
     assert "found 2 times in path 2" in results[1].reason and "not found in path 3" in results[2].reason
     assert texts[2] == "X = 1." and texts[3] == "x = 1. x = 1." and texts[4] == "Y."
     assert refill.outline_text("1.2: sum  of A", "1.2") == "sum of A"
+
+
+def test_v2_steps_are_arrays_with_ids_by_position_and_outlines_default_to_the_summaries():
+    reply = '{"steps": [[1, 2, "setup"], [3, 6, "cases", [[3, 4, "case a"], [5, 6, "case b"]]]]}'
+    steps, errors = validate.parse_reply("summarise", reply, num_units=6)
+    assert errors == [] and [s.id for s in steps] == ["1", "2"] and [s.id for s in steps[1].substeps] == ["2.1", "2.2"]
+    assert (steps[1].substeps[1].start, steps[1].substeps[1].end, steps[1].substeps[1].summary) == (5, 6, "case b")
+    _, errors = validate.parse_reply("summarise", '{"steps": [[1, 6]]}', num_units=6)
+    assert "a step is [first, last" in errors[0]
+    block, errors = validate.parse_reply("mapreduce", '{"conclusion": "both", "edits": []}', num_paths=2,
+                                         outlines=["case a", "case b"])  # fmt: skip
+    assert errors == [] and block.outlines == ["case a", "case b"]
+    block, errors = validate.parse_reply("mapreduce", '{"conclusion": "c", "outlines": ["x", "y"]}', num_paths=2,
+                                         outlines=["case a", "case b"])  # fmt: skip
+    assert block.outlines == ["x", "y"]
+    _, errors = validate.parse_reply("mapreduce", '{"conclusion": "c"}', num_paths=2, outlines=["case a", ""])
+    assert errors == ["outline 2 is empty"]
+    _, errors = validate.parse_reply("mapreduce", '{"conclusion": "c"}', num_paths=2)  # no summaries given (v1)
+    assert "needs a list 'outlines'" in errors[0]
