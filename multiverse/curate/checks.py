@@ -49,26 +49,27 @@ class CheckResult:
                 "distance": round(self.distance, 6), "reasons": list(self.reasons)}  # fmt: skip
 
 
-def check_grammar(text: str, planned_paths: list[int]) -> list[str]:
-    issues = grammar.validate(text)
+def check_grammar(text: str, planned_paths: list[int], read: tuple[Any, list[Any]] | None = None) -> list[str]:
+    """``read``: ``grammar.read(text)`` when the caller has it already."""
+    doc, issues = read or grammar.read(text)
     reasons = [f"grammar: {i}" for i in issues[:5]]
     if issues:
         return reasons
-    found = grammar.stats(grammar.parse(text)).paths
+    found = grammar.stats(doc).paths
     if found != planned_paths:
         reasons.append(f"grammar: paths per block {found} differ from the plan {planned_paths}")
     return reasons
 
 
-def distance(result: str, original: str) -> float:
+def distance(result: str | grammar.Document, original: str) -> float:
     """Normalised edit distance between the flattened texts (0 = identical, 1 = unrelated)."""
     from rapidfuzz.distance import Levenshtein
 
     return float(Levenshtein.normalized_distance(grammar.flatten(result), grammar.flatten(original)))
 
 
-def check_style(text: str) -> list[str]:
-    doc, _ = grammar.read(text)
+def check_style(text: str | grammar.Document) -> list[str]:
+    doc = grammar.read(text)[0] if isinstance(text, str) else text
     reasons: list[str] = []
     for depth, blk in doc.iter_blocks():
         where = f"block at line {blk.line}" if blk.line else f"block at depth {depth}"
@@ -95,14 +96,15 @@ def check_style(text: str) -> list[str]:
 def run_checks(result: str, original: str, planned_paths: list[int], threshold: float = THRESHOLD) -> CheckResult:
     """All three checks on ``result`` (a curated chain) against the normalised ``original``."""
     out = CheckResult()
-    g = check_grammar(result, planned_paths)
+    read = grammar.read(result)  # once for the three checks (it runs on the event loop)
+    g = check_grammar(result, planned_paths, read)
     out.grammar = not g
-    out.distance = distance(result, original)
+    out.distance = distance(read[0], original)
     content = []
     if out.distance > threshold:
         content.append(f"content: edit distance {out.distance:.3f} to the original is over the threshold {threshold}")
     out.content = not content
-    s = check_style(result)
+    s = check_style(read[0])
     out.style = not s
     out.reasons = g + content + s
     return out
