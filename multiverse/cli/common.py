@@ -145,8 +145,18 @@ def resolve_model_and_adapter(model: str | None, adapter: str | None) -> tuple[P
 
 
 def record_dir(model: Path, adapter: Path | None) -> Path:
-    """Where the model's ``train_summary.json`` is: the adapter directory when there is one."""
-    return adapter if adapter is not None else model
+    """Where the model's ``train_summary.json`` is: the adapter directory when there is one; for
+    a trainer checkpoint (``OUTPUT/checkpoint-N``, which has none of its own) the run's
+    ``OUTPUT`` once the run has written it, so a checkpoint is asked like the finished model."""
+    import re
+
+    from multiverse.train.summary import SUMMARY_FILE
+
+    where = adapter if adapter is not None else model
+    if (not (where / SUMMARY_FILE).is_file() and re.fullmatch(r"checkpoint-\d+", where.name)
+            and (where.parent / SUMMARY_FILE).is_file()):  # fmt: skip
+        return where.parent
+    return where
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "recorded prompt format in its chat template)")  # fmt: skip
     p.add_argument("--no-prompt-suffix", action="store_true",
                    help="chat template without the SPEC 1.3 suffix the model records (default: add the "
-                   "recorded one; a model recording none, e.g. a checkpoint directory without "
-                   "train_summary.json, gets none, while `multiverse eval` then asks with the parallel one)")  # fmt: skip
+                   "recorded one, for OUTPUT/checkpoint-N the run's OUTPUT/train_summary.json; a model recording "
+                   "none gets none, while `multiverse eval` then asks with the parallel one)")  # fmt: skip
     p.add_argument("--no-parallel", action="store_true", help="decode sequentially (forking off)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"sequential depth budget (default {DEFAULT_MAX_TOKENS})")  # fmt: skip

@@ -119,6 +119,22 @@ def test_eval_progress_shows_dashes_before_the_first_result():
     assert progress_stats({"accuracy": 0.995, "parallel_degree": 2.6472}) == "accuracy=0.995 # parallel=2.65"
 
 
+def test_a_checkpoint_is_asked_like_its_finished_run(tmp_path):
+    from multiverse.cli.common import record_dir
+
+    ckpt = tmp_path / "checkpoint-100"
+    other = tmp_path / "best"
+    ckpt.mkdir(), other.mkdir()
+    assert record_dir(ckpt, None) == ckpt  # the run has written no record yet
+    (tmp_path / "train_summary.json").write_text('{"tasks": ["countdown"], "mode": "autoregressive"}')
+    assert record_dir(ckpt, None) == tmp_path
+    assert prompt_format(record_dir(ckpt, None)).suffix == "sequential"
+    assert record_dir(other, None) == other  # only the trainer's checkpoint-N directories
+    (ckpt / "train_summary.json").write_text('{"tasks": []}')
+    assert record_dir(ckpt, None) == ckpt  # its own record first
+    assert record_dir(tmp_path / "model", ckpt) == ckpt  # the adapter's record
+
+
 def test_inspect_reports_file_line_numbers(tmp_path, capsys):
     path = tmp_path / "trace.txt"
     path.write_text(TRACE.replace("<Path>\n2: a", "<Path>\n3: a"))  # label mismatch: an issue
