@@ -88,16 +88,22 @@ def marks(text: str) -> tuple[str, set[int], set[int]]:
 
 
 def _mapped(offsets: set[int], src: str, dst: str) -> set[int]:
-    """Offsets in ``src`` carried over to ``dst`` (equal texts: unchanged)."""
+    """Offsets in ``src`` carried over to ``dst`` (equal texts: unchanged): inside an equal span
+    by its shift; at the start of an edited span (an edit at a path's opening, "Alternatively,
+    if" -> "If") to the start of the text it replaced; elsewhere inside an edit: dropped."""
     if src == dst:
         return set(offsets)
     sm = difflib.SequenceMatcher(None, src, dst, autojunk=False)
     out = set()
+    ops = sm.get_opcodes()
     for o in offsets:
-        for a, b, size in sm.get_matching_blocks():
-            if a <= o < a + size or (o == len(src) and a + size == o):
-                out.add(b + (o - a))
+        for tag, i1, i2, j1, _ in ops:
+            if (tag == "equal" and i1 <= o < i2) or o == i1:
+                out.add(j1 + (o - i1))
                 break
+        else:
+            if o == len(src):
+                out.add(len(dst))
     return out
 
 

@@ -29,6 +29,8 @@ def test_marks_and_f1_on_real_traces(tmp_path, shared_data):
 def test_mapped_offsets_follow_small_edits():
     assert E._mapped({0, 5}, "abcdefgh", "abcdefgh") == {0, 5}
     assert E._mapped({4}, "abcdefgh", "abXcdefgh") == {5}
+    # a path's opening edited away ("Alternatively, if" -> "If"): its start maps to the original's
+    assert E._mapped({3, 8}, "abcIfxyz", "abcAlternatively,ifxyz") == {3, 22}
 
 
 def test_remote_llm_standin_curate_eval_on_tasks_scores_perfectly(tmp_path, capsys):
