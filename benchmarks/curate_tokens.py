@@ -63,7 +63,7 @@ def free_text(step: str, reply: str) -> list[str]:
         edits = [x for e in data.get("edits", []) for x in (e.get("find", ""), e.get("replace", ""))]
         return [*(data.get("outlines") or []), data.get("conclusion", ""), *edits]
     if step == "parallelise":
-        return [g.get("reason", "") for g in data.get("groups", [])]
+        return [g.get("reason", "") for g in data.get("groups", []) if isinstance(g, dict)]  # v2: no reason
     out: list[str] = []
 
     def walk(steps: list) -> None:
@@ -106,13 +106,20 @@ def main() -> None:
         by_record[e["record"]] += n
         text_by_step[e["step"]] += sum(count(x) for x in free_text(e["step"], e["reply"]))
     written = sum(by_step.values())
-    ratios = sorted(by_record[t["id"]] / count(grammar.flatten(t["chain"])) for t in truth)
+    lengths = {t["id"]: count(grammar.flatten(t["chain"])) for t in truth}
+    ratios = sorted(by_record[i] / n for i, n in lengths.items())
+    by_length: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # traces, written, chain tokens
+    for i, n in lengths.items():
+        name = "<2000" if n < 2000 else "2000-5000" if n < 5000 else ">=5000"
+        for k, v in enumerate((1, by_record[i], n)):
+            by_length[name][k] += v
     print(json.dumps({
         "traces": len(truth), "accepted": s.accepted, "requests": s.requests, "model": MODEL,
         "tokenizer": tok_name, "chain_tokens": chain_tokens, "chain_tokens_per_trace": round(chain_tokens / len(truth)),
         "llm_output_tokens": written,
         "llm_output_tokens_per_chain_token": round(written / chain_tokens, 4),
         "per_trace": {"min": round(ratios[0], 4), "median": round(ratios[len(ratios) // 2], 4), "max": round(ratios[-1], 4)},
+        "by_chain_length": {k: {"traces": v[0], "per_chain_token": round(v[1] / v[2], 4)} for k, v in sorted(by_length.items())},
         "by_step": {k: {"tokens": v, "free_text": text_by_step[k], "structure": v - text_by_step[k],
                         "per_chain_token": round(v / chain_tokens, 4)} for k, v in sorted(by_step.items())},
         "prompt_versions": prompts.versions(),

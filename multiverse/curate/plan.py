@@ -6,8 +6,9 @@ Three replies per record (SPEC 5, steps 1, 2 and 5):
   last, "summary"], ...]], ...]}`` (prompt v2: step ``k`` has id ``"k"``, its sub-step ``j``
   ``"k.j"``), or the v1 objects ``{"id", "units": [first, last], "summary", "substeps"}``; two
   levels at most; unit numbers are 1-based and inclusive;
-* *parallelise*: ``{"groups": [{"steps": ["2", "3"], "reason": "..."}, ...]}``; a group lists
-  adjacent sibling step ids (top-level steps, or sub-steps of one step);
+* *parallelise*: ``{"groups": [["2", "3"], ["4.1", "4.2"], ...]}`` (prompt v2) or the v1
+  objects ``{"steps": ["2", "3"], "reason": "..."}``; a group lists adjacent sibling step ids
+  (top-level steps, or sub-steps of one step);
 * *mapreduce* (one per block): ``{"conclusion": "...", "edits": [{"path": 1, "find": "...",
   "replace": "..."}, ...], "outlines": ["...", ...]}``; ``outlines`` may be left out (prompt
   v2): the paths' step summaries, which the request shows, are the Outlines.
@@ -132,6 +133,8 @@ def groups_from_json(raw: Any) -> list[Group]:
     obj = _obj(raw, "the parallelise reply")
     groups: list[Group] = []
     for k, g in enumerate(_list(obj, "groups", "the parallelise reply")):
+        if isinstance(g, list):  # v2: a group is its list of step ids
+            g = {"steps": g}
         g = _obj(g, f"groups[{k}]")
         ids = _list(g, "steps", f"groups[{k}]")
         ids = [str(x) if isinstance(x, int) else x for x in ids]

@@ -80,7 +80,7 @@ class StandIn:
         if step == "summarise":
             content: Any = {"steps": compact(derived.steps)}
         elif step == "parallelise":
-            content = {"groups": derived.groups}
+            content = {"groups": [g["steps"] for g in derived.groups]}  # v2: a group is its ids
         else:
             block = dict(derived.block(data["paths"]))
             if block["outlines"] == data.get("outlines"):  # the given outlines fit: left out (v2)
