@@ -145,13 +145,17 @@ def test_edit_applies_only_where_find_occurs_exactly_once():
     assert refill.outline_text("1.2: sum  of A", "1.2") == "sum of A"
 
 
-def test_v2_steps_are_arrays_with_ids_by_position_and_outlines_default_to_the_summaries():
+def test_v2_steps_and_groups_are_arrays_ids_by_position_outlines_default_to_the_summaries():
     reply = '{"steps": [[1, 2, "setup"], [3, 6, "cases", [[3, 4, "case a"], [5, 6, "case b"]]]]}'
     steps, errors = validate.parse_reply("summarise", reply, num_units=6)
     assert errors == [] and [s.id for s in steps] == ["1", "2"] and [s.id for s in steps[1].substeps] == ["2.1", "2.2"]
     assert (steps[1].substeps[1].start, steps[1].substeps[1].end, steps[1].substeps[1].summary) == (5, 6, "case b")
     _, errors = validate.parse_reply("summarise", '{"steps": [[1, 6]]}', num_units=6)
     assert "a step is [first, last" in errors[0]
+    groups, errors = validate.parse_reply("parallelise", '{"groups": [["2.1", "2.2"]]}', steps=steps)
+    assert errors == [] and groups[0].steps == ["2.1", "2.2"]
+    _, errors = validate.parse_reply("parallelise", '{"groups": [["1", "2.1"]]}', steps=steps)
+    assert "not siblings" in errors[0]
     block, errors = validate.parse_reply("mapreduce", '{"conclusion": "both", "edits": []}', num_paths=2,
                                          outlines=["case a", "case b"])  # fmt: skip
     assert errors == [] and block.outlines == ["case a", "case b"]
