@@ -83,7 +83,8 @@ class _Progress:
                   end="", file=sys.stderr, flush=True)  # fmt: skip
             return
         self.bar.n = done
-        self.bar.set_postfix(stats, refresh=False)
+        # as strings: tqdm formats numbers to 3 significant digits (40000 tokens -> "4e+4")
+        self.bar.set_postfix({k: str(v) for k, v in stats.items()}, refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
@@ -149,9 +150,10 @@ def _eval(args: argparse.Namespace) -> int:
     truth = evaluate.ground_truth(args.truth, args.n, args.seed)
     if not truth:
         raise ValueError(f"no usable ground truth in {args.truth}")
-    _execute(args, evaluate.inputs_of(truth), 0)
+    s = _execute(args, evaluate.inputs_of(truth), 0)
     result = evaluate.score(truth, Path(args.output))
-    result.update({"truth": args.truth, "model": args.model})
+    result.update({"truth": args.truth, "model": args.model, "wall_s": s.wall_s,
+                   "wall_s_note": "this invocation only (a resumed eval counts only what it ran)"})  # fmt: skip
     name = "synthetic tasks" if args.truth == "tasks" else Path(args.truth).name
     text = evaluate.table(result, name)
     (Path(args.output) / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

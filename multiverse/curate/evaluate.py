@@ -140,6 +140,11 @@ def score(truth: list[dict[str, str]], output: Path) -> dict[str, Any]:
             n_pred[kind] += len(pred)
             tp[kind] += len(pred & gold)
     n = len(truth)
+    ids = {t["id"] for t in truth}
+    journal = [e for e in read_jsonl(output / "journal.jsonl") if e.get("record") in ids]
+    written = sum(int((e.get("usage") or [0, 0])[1]) for e in journal)
+    replies = sum(len(grammar.approx_tokens(str(e.get("reply", "")))) for e in journal)  # one counter for
+    chain_tokens = sum(len(grammar.approx_tokens(grammar.flatten(t["chain"]))) for t in truth)  # both sides
 
     def mean(xs: list[float]) -> float:
         return round(sum(xs) / len(xs), 4) if xs else 0.0
@@ -154,14 +159,26 @@ def score(truth: list[dict[str, str]], output: Path) -> dict[str, Any]:
                          "curated": round(trig_cur / n, 4) if n else 0.0},  # fmt: skip
         "parallel_degree": {"original": mean(par_gold), "curated_accepted": mean(par_cur)},
         "tokenizer": "builtin-regex (approximate)",
+        # every finished request of these records in the journal (resumed runs included)
+        "llm_requests": len(journal),
+        "llm_output_tokens": written,  # completion tokens as the endpoint reported them
+        # the replies' tokens per token of the flattened chains, both counted with the builtin counter
+        "llm_output_tokens_per_chain_token": round(replies / chain_tokens, 4) if chain_tokens else 0.0,
     }
 
 
-def table(result: dict[str, Any], name: str) -> str:
+HEADER = ("| curating LLM | ground truth | records | accepted | exact | block F1 | path F1 | trigger (orig / cur) "
+          "| # parallel (orig / cur) | LLM output tokens (per chain token) | wall s |\n|" + "---|" * 11)
+
+
+def row(result: dict[str, Any], name: str) -> str:
+    """One table row of a :func:`score` result (with ``model`` and ``wall_s`` added)."""
     t, p = result["trigger_rate"], result["parallel_degree"]
-    return "\n".join([
-        "| ground truth | records | accepted | exact | block F1 | path F1 | trigger (orig / cur) | # parallel (orig / cur) |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {name} | {result['records']} | {result['accepted']} | {result['exact']} | {result['block_f1']} | "
-        f"{result['path_f1']} | {t['original']} / {t['curated']} | {p['original']} / {p['curated_accepted']} |",
-    ])  # fmt: skip
+    return (f"| {result.get('model', '')} | {name} | {result['records']} | {result['accepted']} | {result['exact']} | "
+            f"{result['block_f1']} | {result['path_f1']} | {t['original']} / {t['curated']} | "
+            f"{p['original']} / {p['curated_accepted']} | {result.get('llm_output_tokens', 0)} "
+            f"({result.get('llm_output_tokens_per_chain_token', 0.0)}) | {result.get('wall_s', '')} |")  # fmt: skip
+
+
+def table(result: dict[str, Any], name: str) -> str:
+    return HEADER + "\n" + row(result, name)

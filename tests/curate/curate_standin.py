@@ -99,7 +99,8 @@ class StandIn:
         return 200, {}, None, text, "stop"
 
     # ------------------------------------------------------------------ server
-    def start(self) -> str:
+    def start(self, port: int = 0) -> str:
+        """Listen on 127.0.0.1:``port`` (0: a free port); returns the base URL."""
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -140,7 +141,7 @@ class StandIn:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"

@@ -161,9 +161,12 @@ def test_progress_is_a_bar_over_the_records(capsys, monkeypatch):
     bar = cli._Progress(10)
     bar(s)
     assert bar.bar is not None and bar.bar.n == 6 and bar.bar.total == 10
+    s.prompt_tokens = 39_995  # tqdm would print a number 40000 as "4e+4"
+    bar(s)
     bar.close()
     err = capsys.readouterr().err
-    assert "6/10" in err and "accepted=3" in err and "tokens=15" in err
+    assert "6/10" in err and "accepted=3" in err and "tokens=15" in err and "tokens=40000" in err
+    s.prompt_tokens = 10
     import builtins
 
     real_import = builtins.__import__

@@ -48,7 +48,14 @@ def test_remote_llm_standin_curate_eval_on_tasks_scores_perfectly(tmp_path, caps
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert res["accepted"] == res["exact"] == 6 and res["block_f1"] == res["path_f1"] == 1.0
     assert res["parallel_degree"]["original"] == res["parallel_degree"]["curated_accepted"] > 1
-    assert "| synthetic tasks | 6 | 6 | 6 | 1.0 | 1.0 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| standin-for-remote-llm | synthetic tasks | 6 | 6 | 6 | 1.0 | 1.0 |" in out
+    # what a user compares LLMs on: requests, output tokens (as the endpoint reported) and wall time
+    journal = J.read_jsonl(tmp_path / "ev" / "journal.jsonl")
+    assert res["llm_requests"] == len(journal) > 6 and res["wall_s"] > 0
+    assert res["llm_output_tokens"] == sum(e["usage"][1] for e in journal) > 0
+    assert 0 < res["llm_output_tokens_per_chain_token"] and out.count("\n|---") == 1
+    assert f"| {res['llm_output_tokens']} ({res['llm_output_tokens_per_chain_token']}) | {res['wall_s']} |" in out
 
 
 def test_remote_llm_standin_curate_eval_on_real_traces_scores_perfectly(tmp_path, shared_data):
