@@ -96,7 +96,7 @@ class _Progress:
 
 def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any:
     """Run the pipeline over ``records`` with the run options of ``args``; prints the summary."""
-    from multiverse.curate.pipeline import Run, RunConfig
+    from multiverse.curate.pipeline import REFUSED, Run, RunConfig
 
     if args.concurrency < 1 or args.max_regen < 0 or not 0 <= args.threshold <= 1:
         raise ValueError("--concurrency must be >= 1, --max-regen >= 0, --threshold in [0, 1]")
@@ -127,6 +127,8 @@ def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any
           f"{s.retries} retries -> {args.output}")
     if s.stopped:
         print(f"intake stopped: {s.stopped}; run the same command again to resume")
+    if s.stopped.startswith(REFUSED) and not config.api_key:
+        print(f"(no API key was sent: ${args.api_key_env} is not set; --api-key-env names the variable)")
     return s
 
 
@@ -136,8 +138,14 @@ def _run(args: argparse.Namespace) -> int:
     records, bad = read_inputs(args.input)
     for source, reason in bad[:10]:
         print(f"skipped {source}: {reason}", file=sys.stderr)
-    _execute(args, records, len(bad))
-    return 0
+    s = _execute(args, records, len(bad))
+    return 1 if s.stopped.startswith(_refused()) else 0
+
+
+def _refused() -> str:
+    from multiverse.curate.pipeline import REFUSED
+
+    return REFUSED
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -151,6 +159,8 @@ def _eval(args: argparse.Namespace) -> int:
     if not truth:
         raise ValueError(f"no usable ground truth in {args.truth}")
     s = _execute(args, evaluate.inputs_of(truth), 0)
+    if s.stopped.startswith(_refused()):
+        return 1
     result = evaluate.score(truth, Path(args.output))
     result.update({"truth": args.truth, "model": args.model, "wall_s": s.wall_s,
                    "wall_s_note": "this invocation only (a resumed eval counts only what it ran)"})  # fmt: skip

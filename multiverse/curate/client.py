@@ -4,7 +4,8 @@ Works against OpenAI, vLLM, SGLang and ``multiverse serve``. Retries on HTTP 408
 and 5xx, on timeouts and on connection errors, with exponential backoff (``backoff * 2**k``,
 capped at ``max_backoff``) times a random jitter in [0.5, 1.5), or the server's
 ``Retry-After`` (seconds or an HTTP date) when it sends one. Any other status, or a retry
-budget spent, raises :class:`ClientError`. Counters (requests, retries, tokens) are kept on
+budget spent, raises :class:`ClientError` (HTTP 401, 403, 404 and 405 as ``refused``: the
+endpoint's configuration, not the record, is wrong). Counters (requests, retries, tokens) are kept on
 the client for the run summary. ``httpx`` is imported when a client is made.
 
 Connections: one keep-alive connection per request in flight, each in its own single-connection
@@ -25,15 +26,20 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 RETRY_STATUS = frozenset({408, 409, 429})
+# the endpoint, not the record, is wrong: no or a bad API key, a wrong --base-url or --model
+REFUSED_STATUS = frozenset({401, 403, 404, 405})
 
 
 class ClientError(RuntimeError):
     """A request that failed: ``permanent`` for a non-retryable status (the record is
-    rejected), else out of retries (the record stays pending for the next run)."""
+    rejected), else out of retries (the record stays pending for the next run); ``refused``
+    for a status saying the endpoint's configuration is wrong (:data:`REFUSED_STATUS`): the run
+    stops and every record stays pending, since no record would fare better."""
 
-    def __init__(self, message: str, permanent: bool = False):
+    def __init__(self, message: str, permanent: bool = False, refused: bool = False):
         super().__init__(message)
         self.permanent = permanent
+        self.refused = refused
 
 
 @dataclass(slots=True)
@@ -131,6 +137,8 @@ class ChatClient:
                 if resp.status_code == 200:
                     return self._completion(resp, attempt)
                 last = f"HTTP {resp.status_code}"
+                if resp.status_code in REFUSED_STATUS:
+                    raise ClientError(f"{last} from {self.url}: {resp.text[:200]}", refused=True)
                 if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
                     raise ClientError(f"{last} from {self.url}: {resp.text[:200]}", permanent=True)
                 header = resp.headers.get("Retry-After")

@@ -146,8 +146,8 @@ def score(truth: list[dict[str, str]], output: Path) -> dict[str, Any]:
     replies = sum(len(grammar.approx_tokens(str(e.get("reply", "")))) for e in journal)  # one counter for
     chain_tokens = sum(len(grammar.approx_tokens(grammar.flatten(t["chain"]))) for t in truth)  # both sides
 
-    def mean(xs: list[float]) -> float:
-        return round(sum(xs) / len(xs), 4) if xs else 0.0
+    def mean(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None  # None: no record (not a degree of 0)
 
     return {
         "records": n,
@@ -176,7 +176,8 @@ def row(result: dict[str, Any], name: str) -> str:
     t, p = result["trigger_rate"], result["parallel_degree"]
     return (f"| {result.get('model', '')} | {name} | {result['records']} | {result['accepted']} | {result['exact']} | "
             f"{result['block_f1']} | {result['path_f1']} | {t['original']} / {t['curated']} | "
-            f"{p['original']} / {p['curated_accepted']} | {result.get('llm_output_tokens', 0)} "
+            f"{p['original']} / {'-' if p['curated_accepted'] is None else p['curated_accepted']} | "
+            f"{result.get('llm_output_tokens', 0)} "
             f"({result.get('llm_output_tokens_per_chain_token', 0.0)}) | {result.get('wall_s', '')} |")  # fmt: skip
 
 

@@ -30,6 +30,8 @@ from multiverse.curate.curator import Budget, Curator, Outcome, StopIntake
 from multiverse.curate.inputs import InputRecord
 from multiverse.curate.journal import Journal, append_line, read_jsonl, repair_tail
 
+REFUSED = "the endpoint refused the request"  # RunSummary.stopped starts with it: see ClientError.refused
+
 
 @dataclass(slots=True)
 class RunConfig:
@@ -172,6 +174,9 @@ class Run:
             return None
         except ClientError as e:
             self.summary.errors.append(f"{rec.id}: {e}")
+            if e.refused:  # a wrong key, URL or model: rejecting records would hide them from the fixed rerun
+                self.stop(f"{REFUSED}: {e}; check --base-url, --model and the API key")
+                return None
             if not e.permanent:
                 return None
             row = {"id": rec.id, "question": rec.question, "answer": rec.answer, "source": rec.source,

@@ -39,7 +39,7 @@ class StandIn:
     """The scripted server. ``faults[(question, step)]`` is a list of fault names used in
     order, one per request of that record and step (step: summarise|parallelise|mapreduce).
 
-    Faults: ``429`` (with Retry-After), ``500``, ``timeout`` (sleeps past the client's
+    Faults: ``429`` (with Retry-After), ``401``, ``404``, ``500``, ``timeout`` (sleeps past the client's
     timeout), ``badjson``, ``length`` (truncated, finish_reason length), ``outlines`` (one
     outline too few), ``missing_edit`` (an edit whose find is absent), ``delete`` (edits
     deleting most of every path's first line).
@@ -70,6 +70,8 @@ class StandIn:
             self.counts[fault or "ok"] += 1
         if fault == "429":
             return 429, {"Retry-After": "0.05"}, {"error": "rate limited"}, "", ""
+        if fault in ("401", "404"):  # a missing key / a wrong URL or model name
+            return int(fault), {}, {"error": {"message": "invalid api key" if fault == "401" else "not found"}}, "", ""
         if fault == "500":
             return 500, {}, {"error": "boom"}, "", ""
         if fault == "timeout":

@@ -177,3 +177,32 @@ def test_progress_is_a_bar_over_the_records(capsys, monkeypatch):
     line(s)
     line.close()
     assert "done 6 | accepted 3 | rejected 1 | retries 4 | tokens 15" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("status", ["401", "404"])
+def test_remote_llm_standin_refusing_endpoint_stops_the_run_and_rejects_nothing(tmp_path, capsys, monkeypatch, status):
+    """A missing API key (401) or a wrong --base-url / --model (404) is the endpoint's fault, not
+    the records': the run stops with every record pending (exit 1, with a hint), and the rerun
+    with the endpoint fixed curates them all (they were once rejected, and then skipped as done)."""
+    records = _records(4)
+    s = StandIn(records)
+    url = s.start()
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    try:
+        _write_inputs(tmp_path / "in.jsonl", records)
+        out = tmp_path / "out"
+        argv = ["run", str(tmp_path / "in.jsonl"), "--output", str(out), "--base-url", url, "--model", MODEL,
+                "--concurrency", "2", "--quiet", "--api-key-env", "NO_SUCH_KEY_VAR"]  # fmt: skip
+        for r in records:
+            s.always[(r.question, "summarise")] = status
+        assert cli.run(_args(argv)) == 1
+        printed = capsys.readouterr().out
+        assert f"0 accepted, 0 rejected, {len(records)} pending" in printed
+        assert f"intake stopped: the endpoint refused the request: HTTP {status}" in printed
+        assert "$NO_SUCH_KEY_VAR is not set" in printed
+        assert J.read_jsonl(out / "rejected.jsonl") == [] and s.counts[status] <= 2  # no record tried after
+        s.always.clear()
+        assert cli.run(_args(argv)) == 0
+        assert f"{len(records)} accepted, 0 rejected, 0 pending (0 done before" in capsys.readouterr().out
+    finally:
+        s.stop()

@@ -79,3 +79,12 @@ def test_remote_llm_standin_curate_eval_on_real_traces_scores_perfectly(tmp_path
     chain = sum(len(E.grammar.approx_tokens(E.grammar.flatten(t["chain"]))) for t in truth)
     print("output tokens per chain token", written / chain)
     assert written < 0.3 * chain
+
+
+def test_nothing_accepted_has_no_curated_parallel_degree(tmp_path):
+    truth = E.ground_truth("tasks", 2)
+    (tmp_path / "curated.jsonl").write_text("")
+    res = E.score(truth, tmp_path)
+    assert res["accepted"] == 0 and res["parallel_degree"]["curated_accepted"] is None
+    assert res["llm_requests"] == res["llm_output_tokens"] == 0  # no journal either
+    assert f"| {res['parallel_degree']['original']} / - |" in E.table({**res, "model": "m"}, "synthetic tasks")
