@@ -127,7 +127,7 @@ def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any
           f"{s.retries} retries -> {args.output}")
     if s.stopped:
         print(f"intake stopped: {s.stopped}; run the same command again to resume")
-    if s.stopped.startswith(REFUSED) and not config.api_key:
+    if s.stopped.startswith((f"{REFUSED}: HTTP 401", f"{REFUSED}: HTTP 403")) and not config.api_key:
         print(f"(no API key was sent: ${args.api_key_env} is not set; --api-key-env names the variable)")
     return s
 

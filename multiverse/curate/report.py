@@ -99,7 +99,7 @@ def build(directory: str | Path, counter: Any = None) -> dict[str, Any]:
         "requests": {k: run.get(k, 0) for k in ("requests", "completions", "cached_requests", "retries")},
         "retry_reasons": run.get("retry_reasons", {}),
         "tokens": {"prompt": tokens[0], "completion": tokens[1],
-                   "per_accepted_record": round(sum(tokens) / n_good, 1) if n_good else 0.0},  # fmt: skip
+                   "per_accepted_record": round(sum(tokens) / n_good, 1) if n_good else None},  # fmt: skip
         "cost": run.get("cost", 0.0),
         "wall_s": run.get("wall_s", 0.0),
         "stopped": run.get("stopped", ""),
@@ -112,7 +112,7 @@ def markdown(rep: dict[str, Any]) -> str:
              "| inputs | accepted | rejected | pending |", "|---|---|---|---|",
              f"| {c['inputs']} | {c['accepted']} | {c['rejected']} | {c['pending']} |", "",
              "## Checks (pass rate over all attempts)", ""]  # fmt: skip
-    lines += [f"- {k}: {v:.1%}" for k, v in rep["pass_rate"].items()] or ["- (no attempts)"]
+    lines += [f"- {k}: {v:.1%}" for k, v in rep["pass_rate"].items()] or ["- (no attempt reached the checks)"]
     lines += ["", "## Top failure reasons", ""]
     lines += [f"- {r['count']} x {r['reason']} (e.g. `{r['example_id']}`)" for r in rep["top_failure_reasons"]] or ["- none"]
     lines += ["", "## Edit distance (all attempts)", "", "| range | attempts |", "|---|---|"]
@@ -124,7 +124,8 @@ def markdown(rep: dict[str, Any]) -> str:
               f"- attempts per record: {rep['attempts_per_record']}", "", "## Cost", "",
               f"- requests {q['requests']} (completions {q['completions']}, from the journal {q['cached_requests']}, "
               f"retries {q['retries']} {rep['retry_reasons']})",
-              f"- tokens: prompt {t['prompt']}, completion {t['completion']}, per accepted record {t['per_accepted_record']}; cost ${rep['cost']}",
+              f"- tokens: prompt {t['prompt']}, completion {t['completion']}, per accepted record "
+              f"{'-' if t['per_accepted_record'] is None else t['per_accepted_record']}; cost ${rep['cost']}",
               f"- wall time {rep['wall_s']} s" + (f"; stopped: {rep['stopped']}" if rep["stopped"] else ""), ""]  # fmt: skip
     return "\n".join(lines)
 
