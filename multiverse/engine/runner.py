@@ -147,12 +147,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, works: list[Work]) -> StepOutput:
-        if self.graphs is not None and all(w.count == 1 and not w.masked and w.completes
-                                           and not w.prompt_rows for w in works):  # fmt: skip
-            if not (self.cascade and self._groups_possible(works)):
-                out = self._static_decode(works)
-                if out is not None:
-                    return out
+        decode = all(w.count == 1 and not w.masked for w in works)
+        groups = None
+        if decode and self.cascade:
+            kv_plain = [self._attend_tensor(w.branch) for w in works]
+            groups = self._groups(works, kv_plain, self.cascade_min_saved_rows)
+        if self.graphs is not None and decode and groups is None and all(
+                w.completes and not w.prompt_rows for w in works):  # fmt: skip
+            out = self._static_decode(works)
+            if out is not None:
+                return out
+        return self._eager(works, groups)
+
+    def _eager(self, works: list[Work], groups: list[tuple[torch.Tensor, list[int]]] | None) -> StepOutput:
+        """The step through ``CausalLM.forward`` (``groups``: the decode step's cascade groups)."""
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -186,17 +194,11 @@ class ModelRunner:
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
-        groups = self._groups(works, kv_indices, self.cascade_min_saved_rows) if self.cascade else None
         self.cascade_steps += groups is not None
         batch = ForwardBatch(t(ids), t(pos), t(slots), q_lens, kv_indices, masks,
                              t(rows) if rows else t([offset - 1]), groups)  # fmt: skip
         logits = self.model(batch, self.pool)
         return StepOutput(logits, sample_row, prompt_rows, attend_updates)
-
-    def _groups_possible(self, works: list[Work]) -> bool:
-        """Cascade attention would take this decode step (it then runs eagerly)."""
-        kv_indices = [self._attend_tensor(w.branch) for w in works]
-        return self._groups(works, kv_indices, self.cascade_min_saved_rows) is not None
 
     @staticmethod
     def _groups(
