@@ -171,8 +171,9 @@ def sample(
 
     Row ``r`` takes ``forced[r]`` when given (a negative id means "end": returned as is, no
     logprob), else argmax (greedy) or a draw from its stream ``streams[r] = (seed, counter)``
-    (:func:`uniform`; the engine passes the branch's seed and its token count, so a branch draws
-    the same tokens whatever else is in the batch and after preemption). Greedy rows are one
+    (:func:`uniform`; None only for greedy or forced rows; the engine passes the branch's seed
+    and its token count, so a branch draws the same tokens whatever else is in the batch and
+    after preemption). Greedy rows are one
     batched argmax, sampled rows one batched temperature / top-k / top-p inverse-CDF draw (the
     rows' settings and draws go to the device in one copy): no per-row kernels. Returns the
     tokens and, where ``want_logprobs[r]``, the raw model logprob of each.
@@ -181,15 +182,14 @@ def sample(
     tokens: list[int | None] = list(forced)
     todo_greedy = [r for r in range(rows) if tokens[r] is None and params[r].greedy]
     todo_draw = [r for r in range(rows) if tokens[r] is None and not params[r].greedy]
-    for todo, pick in ((todo_greedy, None), (todo_draw, True)):
-        if not todo:
-            continue
-        sub = logits.index_select(0, torch.tensor(todo, device=logits.device))
-        if pick is None:
-            chosen = sub.argmax(-1).tolist()
-        else:
-            chosen = _draw_rows(sub, [params[r] for r in todo], [streams[r] for r in todo])
-        for r, t in zip(todo, chosen, strict=True):
+    if todo_greedy:
+        idx = torch.tensor(todo_greedy, device=logits.device)
+        for r, t in zip(todo_greedy, logits.index_select(0, idx).argmax(-1).tolist(), strict=True):
+            tokens[r] = t
+    if todo_draw:
+        idx = torch.tensor(todo_draw, device=logits.device)
+        drawn = _draw_rows(logits.index_select(0, idx), [params[r] for r in todo_draw], [streams[r] for r in todo_draw])
+        for r, t in zip(todo_draw, drawn, strict=True):
             tokens[r] = t
     out_tokens = [int(t) for t in tokens]  # type: ignore[arg-type]
     logprobs: list[float | None] = [None] * rows
@@ -210,8 +210,10 @@ def _draw_rows(scores: torch.Tensor, params: Sequence[SamplingParams],
     Top-k keeps the k highest scores, top-p then the smallest prefix (by probability after
     top-k) whose mass reaches ``top_p``; the token is where the row's uniform falls in the
     cumulative distribution of what is kept (float64)."""
-    r, v = scores.shape
-    draws = [uniform(*st) if st is not None else uniform(0, i) for i, st in enumerate(streams)]
+    v = scores.shape[1]
+    if any(st is None for st in streams):
+        raise ValueError("sample: a row that draws needs its stream (seed, counter); None is only for greedy or forced rows")
+    draws = [uniform(*st) for st in streams]  # type: ignore[misc]
     table = torch.tensor(
         [[p.temperature for p in params], [p.top_k if 0 < p.top_k < v else v for p in params],
          [p.top_p for p in params], draws], dtype=torch.float64,
