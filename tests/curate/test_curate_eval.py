@@ -33,19 +33,25 @@ def test_mapped_offsets_follow_small_edits():
     assert E._mapped({3, 8}, "abcIfxyz", "abcAlternatively,ifxyz") == {3, 22}
 
 
-def test_remote_llm_standin_curate_eval_on_tasks_scores_perfectly(tmp_path, capsys):
-    truth = E.ground_truth("tasks", 6)
+def _standin_eval(tmp_path, truth_arg: str, n: int):
+    """``curate eval --truth truth_arg --n n`` against the stand-in for a remote LLM, answering
+    for the same ground truth; returns (the ground truth, eval.json)."""
+    truth = E.ground_truth(truth_arg, n)
     s = StandIn([types.SimpleNamespace(question=t["question"], chain=t["chain"]) for t in truth])
     url = s.start()
     try:
         p = argparse.ArgumentParser()
         cli.add_arguments(p)
-        args = p.parse_args(["eval", "--truth", "tasks", "--n", "6", "--output", str(tmp_path / "ev"),
+        args = p.parse_args(["eval", "--truth", truth_arg, "--n", str(n), "--output", str(tmp_path / "ev"),
                              "--base-url", url, "--model", "standin-for-remote-llm", "--quiet"])  # fmt: skip
         assert cli.run(args) == 0
     finally:
         s.stop()
-    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    return truth, json.loads((tmp_path / "ev" / "eval.json").read_text())
+
+
+def test_remote_llm_standin_curate_eval_on_tasks_scores_perfectly(tmp_path, capsys):
+    _, res = _standin_eval(tmp_path, "tasks", 6)
     assert res["accepted"] == res["exact"] == 6 and res["block_f1"] == res["path_f1"] == 1.0
     assert res["parallel_degree"]["original"] == res["parallel_degree"]["curated_accepted"] > 1
     out = capsys.readouterr().out
@@ -60,18 +66,7 @@ def test_remote_llm_standin_curate_eval_on_tasks_scores_perfectly(tmp_path, caps
 
 def test_remote_llm_standin_curate_eval_on_real_traces_scores_perfectly(tmp_path, shared_data):
     traces = str(shared_data / "traces" / "multiverse-32b")
-    truth = E.ground_truth(traces, 4)
-    s = StandIn([types.SimpleNamespace(question=t["question"], chain=t["chain"]) for t in truth])
-    url = s.start()
-    try:
-        p = argparse.ArgumentParser()
-        cli.add_arguments(p)
-        args = p.parse_args(["eval", "--truth", traces, "--n", "4", "--output", str(tmp_path / "ev"),
-                             "--base-url", url, "--model", "standin-for-remote-llm", "--quiet"])  # fmt: skip
-        assert cli.run(args) == 0
-    finally:
-        s.stop()
-    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    truth, res = _standin_eval(tmp_path, traces, 4)
     assert res["records"] == res["accepted"] == 4 and res["block_f1"] == res["path_f1"] == 1.0
     assert res["parallel_degree"]["original"] == res["parallel_degree"]["curated_accepted"] > 1
     # the LLM writes a plan and small edits, never the chain: far fewer tokens than the chain has
