@@ -10,6 +10,7 @@ of 64, the rows past the tags zeroed).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,22 @@ def device_of(requested: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but no CUDA device is available")
     return dev
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def warn_if_bf16_emulated(bf16: bool, device: torch.device) -> None:
+    """A warning for ``--bf16`` on a CPU that emulates bf16 (an AVX2-only one, for instance):
+    there a SmolLM2-135M LoRA step is many times slower than in float32."""
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "--bf16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated there and "
+            "many times slower than float32; drop --bf16 on this machine",
+            stacklevel=2,
+        )
 
 
 def load_model_and_tokenizer(cfg: TrainConfig, attn_implementation: str) -> tuple[Any, Any]:

@@ -16,9 +16,8 @@ usual) with one change, :meth:`MultiverseTrainer.compute_loss`:
     micro-batches or packed rows: the logged loss of a step is the mean token NLL of its batch.
 
 Output: a standard HF model directory (weights, config, generation config, tokenizer with
-the tags) that ``AutoModelForCausalLM.from_pretrained`` and the engine load directly, plus
-``train_log.jsonl`` (one JSON object per logging step) and ``train_summary.json`` (what the
-model was trained on: tasks, records, mode, config; :mod:`multiverse.train.summary`).
+the tags) that ``AutoModelForCausalLM.from_pretrained`` and the engine load, ``train_log.jsonl``
+(a JSON object per logging step) and ``train_summary.json`` (:mod:`multiverse.train.summary`).
 
 Invariants:
   * a non-empty output directory is only written into with ``overwrite`` (the earlier run's
@@ -56,6 +55,7 @@ from multiverse.train.loading import (
     load_model_and_tokenizer,
     resolve_base_path,
     set_stop_tokens,
+    warn_if_bf16_emulated,
 )
 from multiverse.train.masks import ATTN_IMPLEMENTATION, Backend, attention_mask_for, resolve_backend
 from multiverse.train.output import (
@@ -304,6 +304,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
         if cfg.bf16 is not None
         else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     )
+    warn_if_bf16_emulated(bf16, device)
     args_cls, trainer_cls, log_cls = _trainer_classes()
     args = args_cls(  # joins the process group of a multi-process launch
         output_dir=str(output),
