@@ -9,6 +9,7 @@
 # CPU computes bf16 natively (AVX512-BF16 or AMX: 1.3x faster there), float32 elsewhere (on a
 # CPU without them, such as an AVX2-only one, bf16 is emulated and many times slower); set
 # PRECISION=bf16 or PRECISION=fp32 to choose.
+# (The shipped adapters: EXAMPLES=500, i.e. 100 steps; see their model cards.)
 # A checkpoint every 25 steps (125 examples): the rapid-transfer curve evaluates the ones at
 # 125, 250 and 500 examples next to the final adapter.
 #
@@ -26,7 +27,11 @@ EXAMPLES=${EXAMPLES:-1000}   # training examples (one pass, 5 a step)
 DATA=$OUT/word$EXAMPLES.jsonl
 PRECISION=${PRECISION:-auto}
 if [ "$PRECISION" = auto ]; then
-  if [ "$DEVICE" != cpu ] || grep -q -E 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; else PRECISION=fp32; fi
+  if [ "$DEVICE" != cpu ] || $PY -c "import sys; from multiverse.train.loading import cpu_has_native_bf16 as f; sys.exit(not f())"; then
+    PRECISION=bf16
+  else
+    PRECISION=fp32
+  fi
 fi
 BF16=()
 [ "$PRECISION" = bf16 ] && BF16=(--bf16)

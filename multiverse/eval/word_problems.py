@@ -14,9 +14,10 @@ are the same plain ``<Think>`` text (forking would be wrong here).
 The arithmetic is what a 135M model can get right after a short LoRA fine-tune: a product from
 the times table (2-9 by 2-12), doubling, halving of even numbers, adding or taking away whole
 tens (10-50). Each changes digits by a small fixed rule. General addition and subtraction (``36
-- 17``, ``79 + 119``) are left out: SmolLM2-135M-Instruct gets two-digit sums wrong three times
-in four before fine-tuning, and one pass over 1,000 problems left one such step in four wrong
-(the measurement is in ``models/smollm2-multiverse/README.md``). Every intermediate result is in
+- 17``, ``79 + 119``) are left out: SmolLM2-135M-Instruct got 9 of 60 two-digit sums and
+differences right before fine-tuning, and the adapter trained on 1,000 problems of the first
+version of these tasks (with additions and subtractions of 1-20) still got 87 of 322 of them
+wrong on 80 held-out problems (1 of 292 products and halvings). Every intermediate result is in
 1..199.
 """
 
@@ -140,11 +141,12 @@ def _word_parallel(rng: random.Random) -> Plan:
     and smallest counts are unique (the Reduce names one quantity)."""
     while True:
         plan = _draw_parallel(rng)
-        if _size(plan.question) <= MAX_QUESTION_SIZE and plan.answer >= 0:
+        if plan is not None and _size(plan.question) <= MAX_QUESTION_SIZE:
             return plan
 
 
-def _draw_parallel(rng: random.Random) -> Plan:
+def _draw_parallel(rng: random.Random) -> Plan | None:
+    """One draw; None when the count asked for is shared by two quantities."""
     place, container, pool, minus, plus = rng.choice(THEMES)
     items = rng.sample(pool, QUANTITIES)
     values: list[int] = []
@@ -162,7 +164,7 @@ def _draw_parallel(rng: random.Random) -> Plan:
     largest = rng.random() < 0.5
     pick = max(values) if largest else min(values)
     if values.count(pick) > 1:
-        return Plan(task="word_parallel", question=question, body=[], answer=-1)  # drawn again
+        return None
     if largest:
         question += rng.choice((" How many are in the largest group?", " What is the largest count?"))
     else:

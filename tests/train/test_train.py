@@ -371,3 +371,19 @@ def test_flex_attention_forward_matches_sdpa(tok, tag_ids, records):
             model.set_attn_implementation("flex_attention")
             got = float(multiverse_forward_loss(model, batch, "flex"))
         assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch):
+    import warnings
+
+    from multiverse.train import loading
+
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        loading.warn_if_bf16_emulated(True, torch.device("cpu"))
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loading.warn_if_bf16_emulated(True, torch.device("cpu"))  # native: silent
+        loading.warn_if_bf16_emulated(False, torch.device("cpu"))  # float32: silent
+        loading.warn_if_bf16_emulated(True, torch.device("meta"))  # not a CPU: silent
