@@ -137,8 +137,8 @@ def _size(text: str) -> int:
 
 
 def _word_parallel(rng: random.Random) -> Plan:
-    """Drawn until the question is short (about 105 SmolLM2 tokens at most) and the largest
-    and smallest counts are unique (the Reduce names one quantity)."""
+    """Drawn until the question is short (about 105 SmolLM2 tokens at most) and the count it
+    asks for (the largest or the smallest) belongs to one quantity only (the Reduce names it)."""
     while True:
         plan = _draw_parallel(rng)
         if plan is not None and _size(plan.question) <= MAX_QUESTION_SIZE:
