@@ -34,13 +34,13 @@ and a chat prompt about 75-115):
   ``countdown_warmup``  the same with starts 10-39 (short paths): a training warm-up only
 
 Word problems (:mod:`multiverse.eval.word_problems`; with the SmolLM2 tokenizer a question is
-at most ~105 tokens):
-  ``word_parallel``    a bakery's (farm's, school's, ...) 4 quantities, each 4 steps (a product,
-                       then three of doubling, halving, +/- 10-50); the largest or smallest count.
-                       One block, short outlines and conclusion: assistant turn ~290-333, mean
-                       ~312; # parallel of the reference chain ~2.05
+at most 100 tokens):
+  ``word_parallel``    a bakery's (farm's, school's, ...) 4 quantities, one line each: a product,
+                       then two of doubling, halving, +/- 10-50, ending at a whole ten; the total.
+                       One block whose paths restate their line; a Reduce of 3 sums: assistant
+                       turn ~469-521, mean ~491; # parallel of the reference chain ~2.12
   ``word_sequential``  one person's quantity through 4-6 dependent steps, NO block (``chain`` ==
-                       ``sequential_chain``, ``structure`` "sequential"): assistant turn ~60-113, mean ~83
+                       ``sequential_chain``, ``structure`` "sequential"): assistant turn ~75-131, mean ~101
 
 Every record says its ``structure``: ``"parallel"`` (the chain has a ``<Parallel>`` block) or
 ``"sequential"`` (``num_paths`` and ``depth`` 0). The word problems are chosen by name only:

@@ -50,6 +50,10 @@ def test_chains_valid_and_flatten_to_the_sequential_chain(records, task):
         assert rec.id.startswith(task + "-") and isinstance(rec.answer, int) and rec.answer >= 0
 
 
+def _lead(line: str) -> str:
+    return line.split(": ", 1)[0]
+
+
 def test_parallel_kind_is_one_block_of_short_outlines(records):
     for rec in records["word_parallel"]:
         assert rec.structure == "parallel" and rec.depth == 1 and rec.num_paths == word_problems.QUANTITIES == 4
@@ -57,24 +61,31 @@ def test_parallel_kind_is_one_block_of_short_outlines(records):
         assert len(doc.blocks) == 1
         blk = doc.blocks[0]
         names = [o.text.strip() for o in blk.outlines]
-        assert all(len(n.split()) == 1 for n in names)  # just the quantity's name
+        assert all(len(n.split()) == 1 and n[0].isupper() for n in names)  # just the quantity's name
+        rows = rec.question.splitlines()
+        assert rows[0].endswith(" has:") and len(rows) == 2 + len(names)
         values = []
-        for name, path in zip(names, blk.paths, strict=True):
+        for name, row, path in zip(names, rows[1:], blk.paths, strict=False):
             text = "".join(x for x in path.body if isinstance(x, str)).strip()
-            assert text.startswith(f"{name.capitalize()}: ")
-            steps = _steps(text)
-            assert len(steps) == 1 + word_problems.PATH_STEPS and steps[0][1] == "*"
+            first, *lines, last = text.splitlines()
+            assert first == row and row.startswith(f"{name}: ")  # the path restates its line
+            steps = [_steps(line) for line in lines]
+            assert all(len(s) == 1 for s in steps) and len(steps) == 1 + word_problems.PATH_STEPS
+            steps = [s[0] for s in steps]
+            assert steps[0][1] == "*" and _lead(lines[0]) in row
             assert all(s[3] == t[0] for s, t in zip(steps, steps[1:]))  # each step uses the last
+            for line in lines[1:]:  # led by the question's words for that step
+                assert _lead(line).lower() in row.lower(), (line, row)
             values.append(steps[-1][3])
-            assert name in rec.question.lower()
-        expect = ", ".join(f"{n} {v}" for n, v in zip(names, values, strict=True))
-        assert blk.conclusion.strip() == expect[0].upper() + expect[1:] + "."
-        after = rec.chain.split("</Parallel>\n", 1)[1].removesuffix("\n</Think>")
-        largest = "largest" in rec.question
-        assert rec.answer == (max(values) if largest else min(values))
-        assert values.count(rec.answer) == 1  # one quantity is named
-        name = names[values.index(rec.answer)]
-        assert after == f"{'Largest' if largest else 'Smallest'}: {name} {rec.answer}."
+            assert last == f"{name} = {values[-1]}." and values[-1] in word_problems.COUNTS
+        expect = ", ".join(f"{n} = {v}" for n, v in zip(names, values, strict=True))
+        assert blk.conclusion.strip() == expect + "."
+        after = rec.chain.split("</Parallel>\n", 1)[1].removesuffix("\n</Think>").splitlines()
+        total, sums = values[0], []
+        for v in values[1:]:
+            sums.append(f"{total} + {v} = {total + v}.")
+            total += v
+        assert after == [*sums, f"In all: {total}."] and rec.answer == total == sum(values)
 
 
 def test_sequential_kind_has_no_block(records):
@@ -87,6 +98,19 @@ def test_sequential_kind_has_no_block(records):
         assert 4 <= len(steps) <= 6 and steps[0][1] == "*"
         assert all(s[3] == t[0] for s, t in zip(steps, steps[1:]))  # dependent: a chain
         assert steps[-1][3] == rec.answer
+        for line in rec.chain.splitlines()[1:-1]:  # one step a line, led by the question's words
+            assert len(_steps(line)) == 1 and _lead(line).lower() in rec.question.lower(), line
+
+
+@pytest.mark.parametrize("task", WORD)
+def test_no_step_undoes_the_one_before(records, task):
+    undo = {"+": "-", "-": "+", "*": "/", "/": "*"}
+    for rec in records[task]:
+        body = rec.chain.split("<Conclusion>")[0]
+        for path in body.split("<Path>")[1:] if task == "word_parallel" else [body]:
+            steps = _steps(path)[1:]  # after the product
+            for (_, op, b, _), (_, op2, b2, _) in zip(steps, steps[1:]):
+                assert (op2, b2) != (undo[op], b), path
 
 
 @pytest.mark.parametrize("task", WORD)
@@ -109,11 +133,10 @@ def test_answers_recomputed_from_the_question(records, task):
     for rec in records[task][:60]:
         values = []
         one = task == "word_sequential"
-        parts = [rec.question] if one else re.split(r"(?<=\.) (?=[A-Z0-9])", rec.question)
+        parts = [rec.question] if one else rec.question.splitlines()[1:-1]
         for part in parts:
             m = re.search(r"(\d+) \w+ of (\d+)", part)
-            if not m:
-                continue
+            assert m, part
             value = int(m.group(1)) * int(m.group(2))
             for op in re.findall(r"(?:(\b(?:sells|gives out|gives away|lends out|picks)) (\d+)|"
                                  r"(\d+) more|(doubles)|(halves))", part[m.end():]):  # fmt: skip
@@ -128,11 +151,9 @@ def test_answers_recomputed_from_the_question(records, task):
             values.append(value)
         if task == "word_sequential":
             assert len(values) == 1 and rec.answer == values[0], rec.question
-        elif "largest" in rec.question:
-            assert len(values) == 4 and rec.answer == max(values), rec.question
         else:
-            assert "smallest" in rec.question
-            assert len(values) == 4 and rec.answer == min(values), rec.question
+            assert re.search(r"in all\?$|total\?$", rec.question), rec.question
+            assert len(values) == 4 and rec.answer == sum(values), rec.question
 
 
 def test_deterministic_and_seed_dependent():
@@ -153,15 +174,16 @@ def test_splits_disjoint_and_space_large_enough():
 
 
 def test_numbers_stay_small(records):
+    """Every product is from the times table (2-9 by 2-12), every other step (the Reduce's
+    additions included) doubles, halves or adds or takes away 10-50."""
     for task in WORD:
         for rec in records[task]:
-            chain = rec.chain.split("</Parallel>")[0]  # the Map steps, not the Reduce
-            chains = re.findall(r"(?m)^(?:\d+: )?\w+: \d+ \* .*$", chain) if task == "word_parallel" else [chain]
-            for text in chains:
-                (a, op, b, _), *rest = _steps(text)
-                assert op == "*" and 2 <= a <= 9 and 2 <= b <= 12, text
-                for _, op, b, c in rest:
-                    assert (op in "*/" and b == 2) or (op in "+-" and b in (10, 20, 30, 40, 50)), text
+            for line in rec.chain.splitlines():
+                for a, op, b, c in _steps(line):
+                    if " of " in _lead(line):
+                        assert op == "*" and 2 <= a <= 9 and 2 <= b <= 12, line
+                    else:
+                        assert (op in "*/" and b == 2) or (op in "+-" and b in (10, 20, 30, 40, 50)), line
                     assert 0 < c < word_problems.LIMIT
 
 
@@ -182,7 +204,8 @@ def test_records_round_trip_with_structure(tmp_path):
 
 
 def test_a_hand_checked_draw():
-    plan = word_problems.WORD_TASKS["word_sequential"](random.Random(0))
-    rec = to_record(plan)
+    rec = to_record(word_problems.WORD_TASKS["word_sequential"](random.Random(0)))
     lines = rec.chain.splitlines()[1:-1]
-    assert lines[0].startswith("Start: ") and all(": " in line for line in lines)
+    m = re.match(r"(\w+) has (\d+) (\w+) of (\d+) (\w+)\. ", rec.question)
+    assert m and lines[0] == f"{m[2]} {m[3]} of {m[4]} {m[5]}: {m[2]} * {m[4]} = {int(m[2]) * int(m[4])}."
+    assert rec.question.endswith(f"How many {m[5]} does {m[1]} have now?")
