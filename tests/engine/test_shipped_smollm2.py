@@ -62,7 +62,7 @@ def _merged_hf(adapter_dir: Path):
     return PeftModel.from_pretrained(hf, str(adapter_dir)).merge_and_unload().eval()
 
 
-def _generate(adapter_dir: Path, questions: list[str], parallel: bool, max_tokens: int = 400):
+def _generate(adapter_dir: Path, questions: list[str], parallel: bool, max_tokens: int = 700):
     from multiverse import LLM, SamplingParams
     from multiverse.format.prompts import chat_prompt, stop_token_ids
 
