@@ -34,7 +34,7 @@ and a chat prompt about 75-115):
   ``countdown_warmup``  the same with starts 10-39 (short paths): a training warm-up only
 
 Word problems (:mod:`multiverse.eval.word_problems`; with the SmolLM2 tokenizer a question is
-at most 100 tokens):
+at most ~110 tokens):
   ``word_parallel``    a bakery's (farm's, school's, ...) 4 quantities, one line each: a product,
                        then two of doubling, halving, +/- 10-50, ending at a whole ten; the total.
                        One block whose paths restate their line; a Reduce of 3 sums: assistant
