@@ -10,7 +10,10 @@ trigger rate) and a picture of the curve.
         --plot docs/transfer_curve.png
 
 The from-scratch reference (``models/multiverse-tiny``: 20,800 training problems) is drawn as a
-marker when its ``eval_summary.json`` is present. JSON last line: the rows.
+marker when its ``eval_summary.json`` is present. ``--keep FILE`` adds the rows of an earlier
+``transfer_curve.json`` (another run, e.g. a 500-example one for the points below 1,000) at the
+example counts not evaluated now; each row names its run (``run_examples``). JSON last line:
+the rows.
 """
 
 from __future__ import annotations
@@ -71,12 +74,13 @@ def step_errors(result: dict) -> tuple[int, int]:
     return wrong, total
 
 
-def row(mode: str, examples: int, result: dict) -> dict:
+def row(mode: str, examples: int, result: dict, run_examples: int) -> dict:
     by_task = result.get("by_task") or {}
     wrong, steps = step_errors(result)
     return {
         "mode": mode,
         "examples": examples,
+        "run_examples": run_examples,
         "accuracy": result["accuracy"],
         "trigger_rate": result["trigger_rate"],
         "parallel_degree": result["parallel_degree"],
@@ -116,9 +120,35 @@ def plot(rows: list[dict], path: Path, reference: dict | None) -> None:
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Rapid transfer: SmolLM2-135M-Instruct + LoRA on word problems")
+    counts = sorted({r["examples"] for r in rows})
+    ax2.set_xticks(counts, labels=[f"{x:,}" for x in counts])
+    ax2.minorticks_off()
+    runs: dict[int, list[int]] = {}
+    for r in rows:
+        runs.setdefault(r.get("run_examples", r["examples"]), []).append(r["examples"])
+    where = "; ".join(
+        f"{', '.join(f'{x:,}' for x in sorted(set(xs)))}: the {run:,}-example run"
+        for run, xs in sorted(runs.items())
+    )
+    fig.suptitle(f"Rapid transfer: SmolLM2-135M-Instruct + LoRA on word problems\n({where})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def kept_rows(path: Path) -> list[dict]:
+    """The rows of an earlier ``transfer_curve.json``; each must name its run."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"transfer_curve: --keep {path}: {exc}") from None
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and {"mode", "examples", "accuracy", "run_examples"} <= r.keys() for r in rows
+    ):
+        raise SystemExit(
+            f"transfer_curve: --keep {path}: expected a list of rows with mode, examples, "
+            "accuracy and run_examples (the examples of the run each came from)"
+        )
+    return rows
 
 
 def main() -> int:
@@ -132,7 +162,10 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--plot", type=Path, help="write the picture here (needs matplotlib)")
     p.add_argument("--rerun", action="store_true", help="evaluate again even where results exist")
+    p.add_argument("--keep", type=Path, metavar="FILE",
+                   help="an earlier transfer_curve.json: its rows join at the counts not evaluated now")
     args = p.parse_args()
+    kept = kept_rows(args.keep) if args.keep else []
     from multiverse.engine.loader import find_smollm2_gguf
 
     base = find_smollm2_gguf()
@@ -144,8 +177,11 @@ def main() -> int:
         for n in args.examples:
             out = args.runs / "curve" / f"{mode}-{n}"
             result = evaluate(base, adapter_for(run, n, args.total), out, MODES[mode], args)
-            rows.append(row(mode, n, result))
+            rows.append(row(mode, n, result, args.total))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    done = {(r["mode"], r["examples"]) for r in rows}
+    rows += [r for r in kept if r["mode"] in args.modes and (r["mode"], r["examples"]) not in done]
+    rows.sort(key=lambda r: (list(MODES).index(r["mode"]), r["examples"]))
     (args.runs / "transfer_curve.json").write_text(json.dumps(rows, indent=2) + "\n")
     ref_path = Path("models/multiverse-tiny/eval_summary.json")
     reference = None
