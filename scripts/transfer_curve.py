@@ -125,7 +125,7 @@ def plot(rows: list[dict], path: Path, reference: dict | None) -> None:
     ax2.minorticks_off()
     runs: dict[int, list[int]] = {}
     for r in rows:
-        runs.setdefault(r.get("run_examples", r["examples"]), []).append(r["examples"])
+        runs.setdefault(r["run_examples"], []).append(r["examples"])
     where = "; ".join(
         f"{', '.join(f'{x:,}' for x in sorted(set(xs)))}: the {run:,}-example run"
         for run, xs in sorted(runs.items())
