@@ -23,7 +23,7 @@ import torch
 from multiverse.engine.forkjoin import ForkJoin, Specials
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.model import KVPool
-from multiverse.engine.model.graphs import DEFAULT_MAX_BATCH, Capturer, EagerCapturer
+from multiverse.engine.model.graphs import Capturer, EagerCapturer
 from multiverse.engine.outputs import RequestOutput, Usage, build_output, progress
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
@@ -53,8 +53,10 @@ class LLM:
     ``cuda_graphs`` (decode steps replay CUDA graphs captured at start-up for batch and K/V-length
     buckets; default: on for a CUDA model, unavailable on CPU), ``static_decode`` (decode steps
     run the fixed-shape step without graphs; default: ``cuda_graphs``; on CPU a test/inspection
-    aid), ``graph_max_batch`` / ``graph_max_kv`` (the largest bucket; bigger steps run eagerly),
-    ``graph_capturer`` (a :class:`~multiverse.engine.model.graphs.Capturer`, for tests).
+    aid), ``graph_max_batch`` / ``graph_max_kv`` (the largest bucket, default 64 / 16384, capped
+    at ``max_batch_tokens`` / the pool; bigger steps run eagerly, as do the buckets whose capture
+    fails: one warning each), ``graph_capturer`` (a
+    :class:`~multiverse.engine.model.graphs.Capturer`, for tests).
     """
 
     def __init__(self, model: Any, device: str = "cpu", dtype: str = "float32", **engine_config: Any) -> None:
@@ -83,7 +85,7 @@ class LLM:
                enable_prefix_cache: bool = True, seed: int = 0,
                eos_token_ids: Sequence[int] | None = None, check_invariants: bool = False,
                cuda_graphs: bool | None = None, static_decode: bool | None = None,
-               graph_max_batch: int = DEFAULT_MAX_BATCH, graph_max_kv: int | None = None,
+               graph_max_batch: int | None = None, graph_max_kv: int | None = None,
                graph_capturer: Capturer | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         on_cuda = model.device.type == "cuda"
@@ -103,7 +105,8 @@ class LLM:
         self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
         capturer = graph_capturer or (None if cuda_graphs else EagerCapturer())
         self.runner = ModelRunner(model, slots, static_decode=static_decode, capturer=capturer,
-                                  graph_max_batch=graph_max_batch, graph_max_kv=graph_max_kv)  # fmt: skip
+                                  graph_max_batch=graph_max_batch, graph_max_kv=graph_max_kv,
+                                  max_step_rows=max_batch_tokens)  # fmt: skip
         if cuda_graphs and self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         try:
