@@ -152,7 +152,9 @@ def bucket_limits(num_slots: int, max_rows: int, max_batch: int | None = None,
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +178,11 @@ class CaptureReport:
     def line(self, graphs: DecodeGraphs) -> str:
         """The start-up log line."""
         shape = f"batch {graphs.batch_buckets[0]}..{graphs.max_batch}, K/V {graphs.kv_buckets[0]}..{graphs.max_kv}"
+        pool = (f"CUDA memory reserved by the capture {_size(self.device_bytes)}" if graphs.device.type == "cuda"
+                else "no device memory pool")  # fmt: skip
         text = (f"decode graphs: captured {self.captured} of {self.buckets} buckets ({shape}) in "
                 f"{self.seconds:.2f} s; they hold {_size(self.held_bytes)} (static buffers "
-                f"{_size(self.static_bytes)}, device memory reserved by the capture {_size(self.device_bytes)})")  # fmt: skip
+                f"{_size(self.static_bytes)}, {pool})")  # fmt: skip
         if self.failed:
             names = ", ".join(f"{b}x{n}" for b, n in self.failed)
             text += f"; {len(self.failed)} run eagerly (capture failed, see the warnings): {names}"
