@@ -88,15 +88,20 @@ class CudaGraphCapturer:
         self.replays = 0
 
     def capture(self, fn: Callable[[], torch.Tensor], bucket: Bucket) -> Replay:
+        current = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
+        stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    fn()
+            current.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn()
+        except BaseException:
+            torch.cuda.set_stream(current)  # a failing capture_end skips torch.cuda.graph's stream exit
+            raise
         self.captures += 1
 
         def replay() -> torch.Tensor:
@@ -190,10 +195,13 @@ class CaptureReport:
 
 
 def _reserved(device: torch.device) -> int:
-    """Bytes the CUDA caching allocator holds on ``device`` (0 off CUDA)."""
+    """Bytes the CUDA caching allocator holds on ``device`` once its free cached blocks are
+    released (each ``torch.cuda.graph`` capture releases them too; a graph pool's stay): 0 off
+    CUDA."""
     if device.type != "cuda":
         return 0
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     return torch.cuda.memory_reserved(device)
 
 
