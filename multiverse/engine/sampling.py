@@ -1,12 +1,13 @@
-"""Sampling parameters and the sampler (penalties, greedy, temperature, top-k, top-p, seeded, forced).
+"""Sampling parameters and the sampler (penalties, greedy, temperature, top-k, top-p, seeds).
 
 Reproducibility: a request's seed is ``SamplingParams.seed``, or, when that is None, one the
-engine draws from the OS (``RequestOutput.seed`` reports it either way: passing it back
-replays the request); every branch has a seed derived from the request's seed and the branch's
-path labels (:func:`branch_seed`, the one rule); its ``n``-th draw is :func:`uniform` of ``(seed, n)``, a
-counter-based stream with no state, so a branch draws the same tokens whatever else is in the
-batch, however the scheduler interleaves requests, and across preemption; and every sampled row
-of a step is drawn in one batched operation.
+engine draws from the OS (:func:`request_seed`; ``RequestOutput.seed`` reports it either way:
+passing it back replays the request); every branch has a seed derived from the request's seed
+and the branch's path labels (:func:`branch_seed`, the one rule for every branch); its ``n``-th
+draw is :func:`uniform` of ``(seed, n)``, a counter-based stream with no state, so a branch
+draws the same tokens whatever else is in the batch, however the scheduler interleaves
+requests, and across preemption; and every sampled row of a step is drawn in one batched
+operation.
 
 Penalties (vLLM / OpenAI semantics, applied first): ``logits[t] -= presence_penalty * (count[t]
 > 0) + frequency_penalty * count[t]``, where ``count[t]`` counts token ``t`` among the tokens
@@ -32,7 +33,7 @@ import torch
 
 MIN_TEMPERATURE = 1e-3  # a temperature is 0 (greedy) or at least this: logits / T stay finite
 TOTAL_TOKENS_FACTOR = 4  # default max_total_tokens = TOTAL_TOKENS_FACTOR * max_tokens
-MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI)
 _INTS = ("top_k", "max_tokens", "max_depth", "max_paths", "max_live_branches")
 
 
@@ -95,10 +96,9 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (abs(self.presence_penalty) <= MAX_PENALTY,
-             f"presence_penalty must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {self.presence_penalty}"),
-            (abs(self.frequency_penalty) <= MAX_PENALTY,
-             f"frequency_penalty must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {self.frequency_penalty}"),
+            *((abs(getattr(self, name)) <= MAX_PENALTY,
+               f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)}")
+              for name in ("presence_penalty", "frequency_penalty")),
             (self.max_total_tokens is None or self.max_total_tokens >= 1,
              f"max_total_tokens must be >= 1 or None, got {self.max_total_tokens}"),
             (self.max_depth >= 0, f"max_depth must be >= 0, got {self.max_depth}"),
@@ -225,11 +225,12 @@ def sample(
     penalized = [r for r in range(rows) if tokens[r] is None and params[r].penalized]
     if penalized:
         if generated is None or any(generated[r] is None for r in penalized):
-            raise ValueError("sample: a row with a presence / frequency penalty needs its generated tokens")
+            raise ValueError("sample: a row with a presence / frequency penalty needs its "
+                             "generated tokens")
         scores = logits.float().clone()
         idx = torch.tensor(penalized, device=logits.device)
-        rows_p = apply_penalties(scores.index_select(0, idx), [params[r] for r in penalized],
-                                 [generated[r] for r in penalized])  # type: ignore[misc]  # fmt: skip
+        history = [generated[r] or [] for r in penalized]
+        rows_p = apply_penalties(scores.index_select(0, idx), [params[r] for r in penalized], history)
         scores.index_copy_(0, idx, rows_p)
     todo_greedy = [r for r in range(rows) if tokens[r] is None and params[r].greedy]
     todo_draw = [r for r in range(rows) if tokens[r] is None and not params[r].greedy]
@@ -267,9 +268,10 @@ def apply_penalties(scores: torch.Tensor, params: Sequence[SamplingParams],
         raise ValueError(f"apply_penalties: a generated token id is outside the vocabulary [0, {v})")
     host = torch.tensor([row_of, flat], dtype=torch.long).to(scores.device, non_blocking=True)
     counts = torch.zeros(r, v, dtype=torch.float32, device=scores.device)
-    counts.index_put_((host[0], host[1]), torch.ones(len(flat), device=scores.device), accumulate=True)
-    pen = torch.tensor([[p.presence_penalty for p in params], [p.frequency_penalty for p in params]],
-                       dtype=torch.float32).to(scores.device, non_blocking=True)  # fmt: skip
+    ones = torch.ones(len(flat), device=scores.device)
+    counts.index_put_((host[0], host[1]), ones, accumulate=True)  # [R, V] occurrences
+    pen = torch.tensor([[p.presence_penalty for p in params],
+                        [p.frequency_penalty for p in params]]).to(scores.device, non_blocking=True)  # fmt: skip
     return scores.float() - pen[0, :, None] * (counts > 0) - pen[1, :, None] * counts
 
 
