@@ -1,0 +1,130 @@
+"""A KV pool under pressure with the prefix cache on (SPEC 4, Memory): the engine never drops a
+request that fits the pool alone, and preemption changes no result. Tiny random Qwen2, CPU,
+:meth:`~multiverse.engine.llm.LLM.check_invariants` after every step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from _engine_util import assert_no_leak, block, engine  # noqa: E402
+
+from multiverse import SamplingParams  # noqa: E402
+
+
+def _plain(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, parallel=False)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_fitting_request_is_not_dropped_when_its_victim_reclaims_a_cached_prompt(
+    pair, tok, prefix_cache
+):
+    # issue 28, item 1: A (10 + 25) and B (20 + 15) each fit 40 slots, not together. When A
+    # needs a slot it preempts B; B's prompt slots are then held by the prefix cache alone and
+    # must be evicted too (B takes them back from the cache whenever it runs again).
+    llm = engine(pair[1], tok, num_kv_slots=40, enable_prefix_cache=prefix_cache)
+    a = llm.add_request(list(range(200, 210)), _plain(25))
+    llm.step()
+    b = llm.add_request(list(range(300, 320)), _plain(15))
+    while llm.has_unfinished():
+        llm.step()
+    assert [a.finish_reason, b.finish_reason] == ["length", "length"]
+    assert [a.num_generated, b.num_generated] == [25, 15]
+    assert llm.scheduler.num_preemptions > 0
+    roomy = engine(pair[1], tok, num_kv_slots=4096, enable_prefix_cache=prefix_cache)
+    ref = roomy.generate([list(range(200, 210)), list(range(300, 320))], [_plain(25), _plain(15)])
+    assert [llm.output(a).token_ids, llm.output(b).token_ids] == [o.token_ids for o in ref]
+    assert_no_leak(llm)
+
+
+# -- randomized soak -----------------------------------------------------------------------
+HEADS = [[200 + (7 * i + 13 * h) % 290 for i in range(14)] for h in range(3)]  # prompt starts
+
+
+def _forked_text(rng: random.Random) -> str:
+    paths = [(str(i), " ".join(rng.choice("abcxyz") for _ in range(rng.randint(0, 6))))
+             for i in range(1, rng.randint(2, 4) + 1)]  # fmt: skip
+    return "<Think>\n" + block(paths, conclusion="c" * rng.randint(1, 3)) + "</Think>\n\nAnswer: 1"
+
+
+def _case(rng: random.Random, tok) -> tuple[int, list[tuple[int, list[int], SamplingParams]]]:
+    """(pool size, [(arrival step, prompt ids, params)]): each request fits the pool alone
+    (prompt + every token it may write), the pool is a little larger than the largest."""
+    reqs, need = [], 0
+    for _ in range(rng.randint(2, 5)):
+        head = rng.choice(HEADS)[: rng.randint(0, 14)]
+        prompt = head + [rng.randrange(200, 490) for _ in range(rng.randint(1, 10))]
+        kind = rng.random()
+        if kind < 0.4:  # forks: the "model" writes a block (forced output; the model's logprobs)
+            forced = tok.encode(_forked_text(rng), add_special_tokens=False)
+            total = len(forced) + 4
+            sp = SamplingParams(temperature=0.0, max_tokens=total, max_total_tokens=total,
+                                forced_output=forced, logprobs=True)  # fmt: skip
+        else:  # the tiny model's own greedy tokens, tags ordinary (0.4-0.7) or structural (0.7-1)
+            total = rng.randint(1, 30)
+            sp = SamplingParams(temperature=0.0, max_tokens=total, max_total_tokens=total, ignore_eos=True,
+                                logprobs=True, parallel=kind >= 0.7)  # fmt: skip
+        need = max(need, len(prompt) + total)
+        reqs.append((rng.randint(0, 25), prompt, sp))
+    return need + rng.randint(0, 6), reqs
+
+
+def _drive(llm, reqs) -> list:
+    """Add each request at its arrival step, step until all finished; the outputs in order."""
+    added, step = [None] * len(reqs), 0
+    while step <= max(r[0] for r in reqs) or llm.has_unfinished():
+        for i, (arrival, prompt, sp) in enumerate(reqs):
+            if arrival == step:
+                added[i] = llm.add_request(prompt, sp)
+        if llm.has_unfinished():
+            llm.step()
+        step += 1
+        assert step < 5000, "the engine does not finish"
+    return [llm.output(r) for r in added]
+
+
+def _spy(match, seen: list[int]):
+    def spy(*args, **kw):
+        slots = match(*args, **kw)
+        seen.append(len(slots))
+        return slots
+
+    return spy
+
+
+def test_soak_small_pool_with_prefix_cache_drops_nothing_and_changes_nothing(pair, tok):
+    rng = random.Random(28)
+    preemptions = hits = forks = 0
+    for case in range(24):
+        slots, reqs = _case(rng, tok)
+        small = engine(pair[1], tok, num_kv_slots=slots, max_batch_tokens=rng.choice([8, 32, 256]),
+                       prefill_chunk=rng.choice([4, 16, 512]))  # fmt: skip
+        seen: list[int] = []  # the length of every prefix-cache match
+        small.radix.match = _spy(small.radix.match, seen)
+        got = _drive(small, reqs)
+        ref = _drive(engine(pair[1], tok, num_kv_slots=4096), reqs)
+        for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+            where = f"case {case} (pool {slots}), request {i}"
+            assert a.finish_reason != "kv_capacity", f"{where}: dropped for capacity"
+            assert a.finish_reason == b.finish_reason, where
+            assert a.token_ids == b.token_ids and a.position_ids == b.position_ids, where
+            assert a.forced == b.forced, where
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4), where
+            forks += a.usage.blocks
+        preemptions += small.scheduler.num_preemptions
+        hits += sum(1 for n in seen if n)
+        assert_no_leak(small)
+    assert preemptions > 0 and hits > 0 and forks > 0  # the soak did exercise all three
+
+
+def test_step_with_nothing_queued_is_a_no_op(pair, tok):
+    llm = engine(pair[1], tok, num_kv_slots=64)
+    assert llm.step() == []  # issue 28, item 9: it raised IndexError
+    out = llm.generate(list(range(200, 205)), _plain(3))[0]
+    assert llm.step() == [] and not llm.has_unfinished()
+    assert len(out.token_ids) == 3
+    assert_no_leak(llm)
