@@ -94,9 +94,20 @@ class RadixCache:
         parent.children[node.key[0]] = mid
         node.key, node.slots, node.parent = node.key[n:], node.slots[n:], mid
 
-    # -- eviction --------------------------------------------------------------------------
+    # -- eviction ----------------------------------------------------------------------------
+    def _free_tail(self, node: _Node) -> int:
+        """How many of ``node``'s last slots the cache alone holds. A request holds a prefix of
+        a cached path (a hit may end inside an edge: a root takes all but its prompt's last
+        token), so the slots only the cache holds are a suffix of the edge."""
+        k = 0
+        for s in reversed(node.slots):
+            if self.kv.refcount(s) != 1:
+                break
+            k += 1
+        return k
+
     def _evictable(self, node: _Node) -> bool:
-        return not node.children and all(self.kv.refcount(s) == 1 for s in node.slots)
+        return not node.children and self._free_tail(node) > 0
 
     def _leaves(self) -> list[_Node]:
         out, stack = [], [c for r in self._roots.values() for c in r.children.values()]
@@ -109,28 +120,35 @@ class RadixCache:
         return out
 
     def evictable_slots(self) -> int:
-        """Slots that :meth:`evict` could free right now: nodes held by the cache alone whose
+        """Slots that :meth:`evict` could free right now: those held by the cache alone whose
         whole subtree is too."""
 
         def walk(node: _Node) -> tuple[bool, int]:
-            ok, total = all(self.kv.refcount(s) == 1 for s in node.slots), 0
+            ok, total = True, 0
             for child in node.children.values():
                 c_ok, c_total = walk(child)
                 ok, total = ok and c_ok, total + c_total
-            return ok, total + (len(node.slots) if ok else 0)
+            if not ok:
+                return False, total
+            tail = self._free_tail(node)
+            return tail == len(node.slots), total + tail
 
         return sum(walk(c)[1] for r in self._roots.values() for c in r.children.values())
 
     def evict(self, num_slots: int) -> int:
         """Free at least ``num_slots`` slots if possible, least recently used leaves first;
-        nodes whose slots a request still holds are kept. Returns the slots freed."""
+        slots a request still holds are kept (a leaf whose head a request reads is split and
+        only its tail goes). Returns the slots freed."""
         heap = [(n.last_used, id(n), n) for n in self._leaves()]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_slots:
             _, _, node = heapq.heappop(heap)
-            freed += self._drop(node)
+            keep = len(node.slots) - self._free_tail(node)
+            if keep:
+                self._split(node, keep)  # the head stays, a leaf a request reads
             parent = node.parent
+            freed += self._drop(node)
             if parent is not None and parent.parent is not None and self._evictable(parent):
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
         return freed

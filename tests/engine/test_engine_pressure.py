@@ -41,13 +41,35 @@ def test_a_fitting_request_is_not_dropped_when_its_victim_reclaims_a_cached_prom
     assert_no_leak(llm)
 
 
+def test_a_request_that_fills_the_pool_after_a_cache_hit_is_not_dropped(pair, tok):
+    # X (10 + 20) fills the 30-slot pool exactly. Preempted by H, it takes its prompt back from
+    # the cache but its last token, which it computes anew: the cache's copy of that one slot
+    # must be evictable, or X ends kv_capacity one token short.
+    llm = engine(pair[1], tok, num_kv_slots=30)
+    h = llm.add_request(list(range(400, 405)), _plain(15))  # 20 slots: the cache may stay
+    llm.step()
+    x = llm.add_request(list(range(300, 310)), _plain(20))
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.scheduler.num_preemptions > 0
+    assert [h.finish_reason, x.finish_reason] == ["length", "length"]
+    assert x.num_generated == 20
+    assert_no_leak(llm)
+
+
 # -- randomized soak -----------------------------------------------------------------------
 HEADS = [[200 + (7 * i + 13 * h) % 290 for i in range(14)] for h in range(3)]  # prompt starts
 
 
+def _paths(rng: random.Random, prefix: str = "") -> list[tuple[str, str]]:
+    return [(f"{prefix}{i}", " ".join(rng.choice("abcxyz") for _ in range(rng.randint(0, 6))))
+            for i in range(1, rng.randint(2, 4) + 1)]  # fmt: skip
+
+
 def _forked_text(rng: random.Random) -> str:
-    paths = [(str(i), " ".join(rng.choice("abcxyz") for _ in range(rng.randint(0, 6))))
-             for i in range(1, rng.randint(2, 4) + 1)]  # fmt: skip
+    paths = _paths(rng)
+    if rng.random() < 0.3:  # a nested block in path 1
+        paths[0] = ("1", "go\n" + block(_paths(rng, "1."), conclusion="n").rstrip("\n"))
     return "<Think>\n" + block(paths, conclusion="c" * rng.randint(1, 3)) + "</Think>\n\nAnswer: 1"
 
 
