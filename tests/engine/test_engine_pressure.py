@@ -5,6 +5,7 @@ request that fits the pool alone, and preemption changes no result. Tiny random 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ pytest.importorskip("transformers")
 from _engine_util import assert_no_leak, block, engine  # noqa: E402
 
 from multiverse import SamplingParams  # noqa: E402
+
+MV_DIR = Path(__file__).resolve().parents[2] / "models" / "multiverse-tiny"
 
 
 def _plain(max_tokens: int) -> SamplingParams:
@@ -149,4 +152,38 @@ def test_step_with_nothing_queued_is_a_no_op(pair, tok):
     out = llm.generate(list(range(200, 205)), _plain(3))[0]
     assert llm.step() == [] and not llm.has_unfinished()
     assert len(out.token_ids) == 3
+    assert_no_leak(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (MV_DIR / "config.json").is_file(), reason="models/multiverse-tiny is not present"
+)
+def test_three_countdown_chats_in_800_slots_finish_as_alone():
+    # issue 28, item 12: three countdown chats a few steps apart in 800 slots ended the first
+    # one early (kv_capacity after 614 of its 682 tokens); each fits alone
+    from multiverse.engine.llm import LLM
+    from multiverse.eval import tasks
+    from multiverse.format.prompts import render_chat
+
+    llm = LLM(MV_DIR, num_kv_slots=800, check_invariants=True)
+    recs = tasks.generate(4, seed=1, split="test", tasks=["countdown"])
+    prompts = [
+        render_chat(llm.tokenizer, [{"role": "user", "content": tasks.user_text(recs[i])}])
+        for i in (3, 0, 2)
+    ]
+    sp = SamplingParams(temperature=0.0, max_tokens=1024)
+    alone = [llm.generate(p, sp)[0] for p in prompts]
+    assert all(o.finish_reason == "stop" for o in alone)
+    reqs = []
+    for p in prompts:
+        reqs.append(llm.add_request(p, sp))
+        for _ in range(10):
+            llm.step()
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.scheduler.num_preemptions > 0
+    for req, ref in zip(reqs, alone, strict=True):
+        out = llm.output(req)
+        assert (out.finish_reason, out.token_ids) == (ref.finish_reason, ref.token_ids)
     assert_no_leak(llm)
