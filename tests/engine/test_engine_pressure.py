@@ -95,7 +95,7 @@ def _case(rng: random.Random, tok) -> tuple[int, list[tuple[int, list[int], Samp
                                 logprobs=True, parallel=kind >= 0.7)  # fmt: skip
         need = max(need, len(prompt) + total)
         reqs.append((rng.randint(0, 25), prompt, sp))
-    return need + rng.randint(0, 6), reqs
+    return need + rng.choice([0, 0, 1, 4]), reqs  # slack 0: a request may fill the pool
 
 
 def _drive(llm, reqs) -> list:
@@ -122,9 +122,11 @@ def _spy(match, seen: list[int]):
 
 
 def test_soak_small_pool_with_prefix_cache_drops_nothing_and_changes_nothing(pair, tok):
-    rng = random.Random(28)
+    # seeded: on main these 28 cases drop a request both ways fixed here (case 4: a preempted
+    # root re-claiming its cached prompt; case 24: a cached prompt slot stranded)
+    rng = random.Random(5)
     preemptions = hits = forks = 0
-    for case in range(24):
+    for case in range(28):
         slots, reqs = _case(rng, tok)
         small = engine(pair[1], tok, num_kv_slots=slots, max_batch_tokens=rng.choice([8, 32, 256]),
                        prefill_chunk=rng.choice([4, 16, 512]))  # fmt: skip
