@@ -109,37 +109,29 @@ class RadixCache:
     def _evictable(self, node: _Node) -> bool:
         return not node.children and self._free_tail(node) > 0
 
-    def _leaves(self) -> list[_Node]:
+    def _nodes(self) -> list[_Node]:
         out, stack = [], [c for r in self._roots.values() for c in r.children.values()]
         while stack:
             node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif self._evictable(node):
-                out.append(node)
+            out.append(node)
+            stack.extend(node.children.values())
         return out
 
+    def _cache_only(self, node: _Node) -> int:
+        return sum(1 for s in node.slots if self.kv.refcount(s) == 1)
+
     def evictable_slots(self) -> int:
-        """Slots that :meth:`evict` could free right now: those held by the cache alone whose
-        whole subtree is too."""
-
-        def walk(node: _Node) -> tuple[bool, int]:
-            ok, total = True, 0
-            for child in node.children.values():
-                c_ok, c_total = walk(child)
-                ok, total = ok and c_ok, total + c_total
-            if not ok:
-                return False, total
-            tail = self._free_tail(node)
-            return tail == len(node.slots), total + tail
-
-        return sum(walk(c)[1] for r in self._roots.values() for c in r.children.values())
+        """Slots that :meth:`evict` could free right now: every slot the cache alone holds."""
+        return sum(self._cache_only(n) for n in self._nodes())
 
     def evict(self, num_slots: int) -> int:
-        """Free at least ``num_slots`` slots if possible, least recently used leaves first;
-        slots a request still holds are kept (a leaf whose head a request reads is split and
-        only its tail goes). Returns the slots freed."""
-        heap = [(n.last_used, id(n), n) for n in self._leaves()]
+        """Free at least ``num_slots`` slots if possible; slots a request holds are never freed.
+        Least recently used leaves go first (a leaf whose head a request reads is split and only
+        its tail goes). If that is not enough, a node the cache alone holds above one a request
+        reads (the request computed its prompt before that prefix was cached, so it holds its
+        own copy) goes with its subtree: the request keeps its slots, the cache forgets them.
+        Returns the slots freed."""
+        heap = [(n.last_used, id(n), n) for n in self._nodes() if self._evictable(n)]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_slots:
@@ -151,6 +143,13 @@ class RadixCache:
             freed += self._drop(node)
             if parent is not None and parent.parent is not None and self._evictable(parent):
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
+        if freed < num_slots:
+            stranded = sorted((n for n in self._nodes() if self._cache_only(n)), key=lambda n: n.last_used)
+            for node in stranded:
+                if freed >= num_slots:
+                    break
+                if node.parent is not None:  # not gone with an ancestor already
+                    freed += self._drop_subtree(node)
         return freed
 
     def _drop(self, node: _Node) -> int:
@@ -158,6 +157,17 @@ class RadixCache:
         del node.parent.children[node.key[0]]
         node.parent = None
         return self.kv.release(node)
+
+    def _drop_subtree(self, node: _Node) -> int:
+        assert node.parent is not None
+        del node.parent.children[node.key[0]]
+        freed, stack = 0, [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            n.children, n.parent = {}, None
+            freed += self.kv.release(n)
+        return freed
 
     def clear(self) -> int:
         """Drop every cached prefix (slots still held by requests stay allocated)."""

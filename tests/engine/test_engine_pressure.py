@@ -60,6 +60,21 @@ def test_a_request_that_fills_the_pool_after_a_cache_hit_is_not_dropped(pair, to
     assert_no_leak(llm)
 
 
+def test_a_request_that_fills_the_pool_after_its_prompt_head_was_cached_meanwhile(pair, tok):
+    # S and X start together and share a 6-token head; both compute it. S's prompt is cached
+    # first, so X's cached prompt hangs below S's copy of the head, which the cache alone holds
+    # once S is done. X (10 + 20) fills the 30-slot pool: that copy must be evictable.
+    head = list(range(250, 256))
+    llm = engine(pair[1], tok, num_kv_slots=30)
+    s = llm.add_request(head + [400], _plain(3))
+    x = llm.add_request(head + [300, 301, 302, 303], _plain(20))
+    while llm.has_unfinished():
+        llm.step()
+    assert [s.finish_reason, x.finish_reason] == ["length", "length"]
+    assert x.num_generated == 20
+    assert_no_leak(llm)
+
+
 # -- randomized soak -----------------------------------------------------------------------
 HEADS = [[200 + (7 * i + 13 * h) % 290 for i in range(14)] for h in range(3)]  # prompt starts
 

@@ -102,3 +102,19 @@ def test_eviction_frees_the_tail_of_a_prefix_a_request_reads():
     kv.release("again")
     assert rc.evict(8) == 3 and kv.num_free == 8
     kv.check_invariants()
+
+
+def test_eviction_frees_a_prefix_the_cache_alone_holds_above_one_a_request_reads():
+    # a request computed [1, 2, 3, 4] itself while [1, 2] was cached by another: its [3, 4] hangs
+    # below the cache's own copy of [1, 2], which no request reads and must still be evictable
+    kv, rc = _cache(8)
+    rc.insert([1, 2], _prompt(kv, "other", [1, 2]))
+    kv.release("other")
+    mine = _prompt(kv, "mine", [1, 2, 3, 4])
+    assert rc.insert([1, 2, 3, 4], mine) == 2
+    assert kv.num_used == 6 and rc.evictable_slots() == 2
+    assert rc.evict(2) == 2 and kv.num_used == 4  # the request keeps all its slots
+    assert rc.match([1, 2, 3, 4]) == [] and rc.num_cached_tokens() == 0
+    kv.check_invariants()
+    kv.release("mine")
+    assert kv.num_free == 8
