@@ -186,9 +186,12 @@ class LLM:
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that finished in it. Requests may be added
-        (:meth:`add_request`) between steps."""
+        """Run one engine step; returns the requests that finished in it (none, and nothing is
+        run, when no request is unfinished). Requests may be added (:meth:`add_request`) between
+        steps."""
         active = [r for r in self.requests if not r.finished]
+        if not active:
+            return []
         works = self.scheduler.schedule(active)
         if not works:  # nothing fits: the first request alone exceeds the KV pool
             self.forkjoin.finish(active[0], "kv_capacity")
