@@ -52,7 +52,7 @@ def _paths(tree: dict, ids: list[int], decode, prefix: str = "") -> list[tuple[s
 def test_stream_matches_the_final_output(llm, text, stop):
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text, stop=stop))
-    streamer = BranchStreamer(tok, hold=len(stop or ""))
+    streamer = BranchStreamer(tok)
     sent, events, snapshots = "", [], []
     while not req.finished:
         llm.step()
