@@ -8,8 +8,8 @@
   with ``stop_token_ids``). So a match lies inside one *run*: the sampled non-tag tokens of one
   branch since its last engine-inserted token or tag (:func:`run_start`), across token
   boundaries.
-* Where several stops match (overlapping stops), the earliest start wins
-  (:func:`earliest_stop`).
+* Where several stops match (overlapping stops), the first one completed wins, on a tie the
+  one that starts first (:func:`earliest_stop`): the text is cut at its start.
 * In a forked path, a stop ends THAT path: its text is cut before the stop and the engine closes
   it with ``</Path>\\n`` (as it does at EOS or a budget); the other paths and the request go on
   to the merge and the Conclusion. In the root (the shared prefix, the Conclusion, or a block
@@ -41,9 +41,12 @@ def run_start(own_ids: Sequence[int], own_forced: Sequence[bool], tag_names: dic
 
 
 def earliest_stop(text: str, stops: Sequence[str]) -> int:
-    """Where the earliest of ``stops`` starts in ``text`` (-1: none)."""
-    found = [k for k in (text.find(s) for s in stops) if k >= 0]
-    return min(found, default=-1)
+    """Where the stop that wins in ``text`` starts (-1: none): the first one completed (the
+    earliest end), on a tie the earliest start (the longer one). Checked after every token, a
+    run holds at most the matches its last token completed, so this does not depend on how the
+    text was split into tokens."""
+    found = [(k + len(s), k) for s in stops if (k := text.find(s)) >= 0]
+    return min(found)[1] if found else -1
 
 
 def stop_hold(text: str, stops: Sequence[str], limit: int | None = None) -> int:
