@@ -43,12 +43,10 @@ class FullText:
         new = [(blk.start, len(stops.render(decode, ids, cuts, blk.start, blk.end))) for blk in b.blocks[self.nb :]]
         self.nb = len(b.blocks)
         full = stops.render(decode, ids, cuts, self.first)
-        if final:
-            self.text, self.run = full, 0
-        else:
-            self.text = full.rstrip("\ufffd")
-            r = stops.run_start(ids, b.own_forced, tags, self.first)
-            self.run = len(decode(list(ids[r:])).rstrip("\ufffd")) if r < len(ids) else 0
+        self.text = full if final else full.rstrip("\ufffd")
+        r = stops.run_start(ids, b.own_forced, tags, self.first)
+        run = decode(list(ids[r:])) if r < len(ids) and not (cuts and cuts[-1][1] == len(ids)) else ""
+        self.run = len(run if final else run.rstrip("\ufffd"))
         return new
 
     def length(self) -> int:
