@@ -97,4 +97,6 @@ def render(decode: Callable[[list[int]], str], ids: Sequence[int], cuts: Sequenc
 
 def output_text(tokenizer: Any, own_ids: Sequence[int], cuts: Sequence[Cut], start: int) -> str:
     """A branch's text from ``start`` (the canonical output text of a root from the prompt's end)."""
-    return render(lambda ids: tokenizer.decode(ids, skip_special_tokens=False), own_ids, cuts, start)
+    return render(
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=False), own_ids, cuts, start
+    )

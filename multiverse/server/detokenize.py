@@ -40,12 +40,17 @@ class FullText:
                 block_text: BlockText) -> list[tuple[int, int]]:  # fmt: skip
         """Read ``b`` now; returns ``(start, length)`` of each block merged since the last call."""
         ids, cuts = b.own_ids, b.cuts
-        new = [(blk.start, len(stops.render(decode, ids, cuts, blk.start, blk.end))) for blk in b.blocks[self.nb :]]
+        new = [
+            (blk.start, len(stops.render(decode, ids, cuts, blk.start, blk.end)))
+            for blk in b.blocks[self.nb :]
+        ]
         self.nb = len(b.blocks)
         full = stops.render(decode, ids, cuts, self.first)
         self.text = full if final else full.rstrip("\ufffd")
         r = stops.run_start(ids, b.own_forced, tags, self.first)
-        run = decode(list(ids[r:])) if r < len(ids) and not (cuts and cuts[-1][1] == len(ids)) else ""
+        run = (
+            decode(list(ids[r:])) if r < len(ids) and not (cuts and cuts[-1][1] == len(ids)) else ""
+        )
         self.run = len(run if final else run.rstrip("\ufffd"))
         return new
 
@@ -65,13 +70,28 @@ class FullText:
 class IncrementalText:
     """The same text, decoding only what is new (see the module docstring)."""
 
-    __slots__ = ("first", "prefix", "read", "prefix_len", "scan", "text", "tent", "run_tok", "run_char", "nb", "nc")
+    __slots__ = (
+        "first",
+        "prefix",
+        "read",
+        "prefix_len",
+        "scan",
+        "text",
+        "tent",
+        "run_tok",
+        "run_char",
+        "nb",
+        "nc",
+    )
 
     def __init__(self, first: int) -> None:
         self.first = first
         self.prefix = self.read = self.scan = self.run_tok = first  # token offsets into own_ids
         self.prefix_len = 0  # len(decode(own_ids[prefix:read]))
-        self.text, self.tent = "", ""  # committed text (up to read); tentative (after it, no partial char)
+        self.text, self.tent = (
+            "",
+            "",
+        )  # committed text (up to read); tentative (after it, no partial char)
         self.run_char = 0  # where the live run starts in ``text``
         self.nb = self.nc = 0  # blocks / cuts of the branch already read
 
@@ -100,7 +120,9 @@ class IncrementalText:
             if self.scan <= start:
                 self._scan(ids, forced, tags, decode, start)
             if self.run_tok != start:
-                raise AssertionError(f"stop cut at {start} does not start the run read from {self.run_tok}")
+                raise AssertionError(
+                    f"stop cut at {start} does not start the run read from {self.run_tok}"
+                )
             self.text = self.text[: self.run_char] + text
             self._restart(end)
             self.nc += 1
@@ -112,7 +134,9 @@ class IncrementalText:
         self.prefix = self.read = self.scan = self.run_tok = at
         self.prefix_len, self.tent, self.run_char = 0, "", len(self.text)
 
-    def _scan(self, ids: list[int], forced: list[bool], tags: dict[int, str], decode: Decode, end: int) -> None:
+    def _scan(
+        self, ids: list[int], forced: list[bool], tags: dict[int, str], decode: Decode, end: int
+    ) -> None:
         """Read tokens up to ``end``: commit after each engine-inserted token or tag (a run starts)."""
         for i in range(self.scan, end):
             if forced[i] or ids[i] in tags:

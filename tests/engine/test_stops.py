@@ -6,14 +6,17 @@ first completed stop wins."""
 from __future__ import annotations
 
 import pytest
-
 from _engine_util import assert_no_leak, block, engine
 
 from multiverse.engine import stops
 from multiverse.engine.sampling import SamplingParams
 
 TWO = "<Think>\n" + block([("1", "one STOP more"), ("2", "two")], "both") + "</Think>\nAnswer: 7"
-LAST = "<Think>\n" + block([("1", "one"), ("2", "two"), ("3", "yy ZZ tail")], "all three") + "</Think>\nAnswer: 7"
+LAST = (
+    "<Think>\n"
+    + block([("1", "one"), ("2", "two"), ("3", "yy ZZ tail")], "all three")
+    + "</Think>\nAnswer: 7"
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +25,24 @@ def llm(pair, tok):
 
 
 def _gen(llm, text, stop):
-    out = llm.generate(["q"], SamplingParams(temperature=0.0, max_tokens=600, forced_output=text, stop=stop))[0]
+    out = llm.generate(
+        ["q"], SamplingParams(temperature=0.0, max_tokens=600, forced_output=text, stop=stop)
+    )[0]
     assert_no_leak(llm)
     return out
 
 
 def test_a_stop_in_a_path_ends_that_path_and_the_request_goes_on(llm):
     out = _gen(llm, TWO, ["STOP"])
-    assert "<Path>\n1: one </Path>\n<Path>\n2: two\n</Path>\n<Conclusion>\nboth\n</Conclusion>" in out.text
-    assert out.text.endswith("</Think>\nAnswer: 7") and "STOP" not in out.text and "more" not in out.text
+    assert (
+        "<Path>\n1: one </Path>\n<Path>\n2: two\n</Path>\n<Conclusion>\nboth\n</Conclusion>"
+        in out.text
+    )
+    assert (
+        out.text.endswith("</Think>\nAnswer: 7")
+        and "STOP" not in out.text
+        and "more" not in out.text
+    )
     assert out.usage.blocks == 1
 
 

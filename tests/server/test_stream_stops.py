@@ -13,10 +13,9 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from _engine_util import block, tiny_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from _engine_util import block, tiny_pair
 
 from multiverse.engine import stops
 from multiverse.engine.llm import LLM
@@ -78,12 +77,23 @@ def cases(draw):
     from the paths' text (the alphabets differ a little, so a stop lands where it was drawn)."""
     prefix = draw(st.text("xyé. \n", max_size=8))
     bodies = draw(st.lists(st.text("abZ€😀é .", max_size=10), min_size=1, max_size=4))
-    conclusion, after = draw(st.text("qé€😀 ", min_size=1, max_size=8)), draw(st.text("xyq", max_size=5))
+    conclusion, after = (
+        draw(st.text("qé€😀 ", min_size=1, max_size=8)),
+        draw(st.text("xyq", max_size=5)),
+    )
     stop = []
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["path", "path", "path", "conclusion", "prefix", "random", "engine"]))
+        kind = draw(
+            st.sampled_from(["path", "path", "path", "conclusion", "prefix", "random", "engine"])
+        )
         if kind in ("path", "conclusion", "prefix"):
-            src = draw(st.sampled_from(bodies)) if kind == "path" else conclusion if kind == "conclusion" else prefix
+            src = (
+                draw(st.sampled_from(bodies))
+                if kind == "path"
+                else conclusion
+                if kind == "conclusion"
+                else prefix
+            )
             i = draw(st.integers(0, len(src)))
             s = src[i : i + draw(st.integers(1, 4))]
         elif kind == "random":
@@ -93,7 +103,9 @@ def cases(draw):
         if s:
             stop.append(s)
             if len(s) > 1 and draw(st.booleans()):  # an overlapping stop
-                stop.append(draw(st.sampled_from([s[1:], s[:-1], s + draw(st.sampled_from(ALPHABET))])))
+                stop.append(
+                    draw(st.sampled_from([s[1:], s[:-1], s + draw(st.sampled_from(ALPHABET))]))
+                )
     return prefix, bodies, conclusion, after, stop
 
 
@@ -106,7 +118,9 @@ class _Warnings(logging.Handler):
         self.records.append(record)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(cases())
 def test_streamed_stops_agree_with_the_final_text(llm, case):
     prefix, bodies, conclusion, after, stop = case
@@ -136,7 +150,9 @@ def test_streamed_stops_agree_with_the_final_text(llm, case):
         assert rest == ref.finish(req, out.text)
     finally:
         logging.getLogger("multiverse.server").removeHandler(warnings)
-    assert not warnings.records, [r.getMessage() for r in warnings.records]  # the streamer's own text
+    assert not warnings.records, [
+        r.getMessage() for r in warnings.records
+    ]  # the streamer's own text
     sent += rest[0]
     events += rest[1]
     assert out.text == want
@@ -165,11 +181,15 @@ def token_pool():
     ids = set(range(3, 259))  # the byte symbols: lone and partial UTF-8 bytes
     ids |= set(tok.encode("héllo wörld € 😀 ab\n\n. é€😀Z", add_special_tokens=False))
     tags = {tok.convert_tokens_to_ids(t): t for t in TAGS}
-    inserted = sorted(set(tok.encode("\n1:2:</Path>\n", add_special_tokens=False)))  # what the engine inserts
+    inserted = sorted(
+        set(tok.encode("\n1:2:</Path>\n", add_special_tokens=False))
+    )  # what the engine inserts
     return tok, sorted(ids), tags, inserted
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_incremental_text_equals_the_full_decode(token_pool, data):
     tok, ids, tags, inserted = token_pool
