@@ -128,20 +128,22 @@ class BranchStreamer:
         st.released = max(st.released, n)
         return st
 
-    def _emit(self, st: _State, name: str, events: list[dict[str, Any]], out: list[str], canonical: bool,
-              done: bool) -> None:  # fmt: skip
+    def _emit(self, st: _State, out: list[str], canonical: bool, path: Any = None, name: str = "",
+              events: list[dict[str, Any]] | None = None, done: bool = False) -> None:  # fmt: skip
+        """Send ``st``'s released text: as canonical text (``canonical``: everything before it
+        has been sent) and, for a ``path`` (a child branch), as delta / path_end events."""
         if canonical and st.released > st.canon:
             out.append(st.text.piece(st.canon, st.released))
             st.canon = st.released
-        if name is None:
+        if path is None or events is None or st.ended:
             return
-        if st.released > st.sent and not st.ended:
-            block = self.child_block.get(name[0])
-            events.append({"type": "delta", "branch": name[1], "block": block, "text": st.text.piece(st.sent, st.released)})
+        block = self.child_block.get(path)
+        if st.released > st.sent:
+            events.append({"type": "delta", "branch": name, "block": block, "text": st.text.piece(st.sent, st.released)})
             st.sent = st.released
-        if done and not st.ended:
+        if done:
             st.ended = True
-            events.append({"type": "path_end", "branch": name[1], "block": self.child_block.get(name[0])})
+            events.append({"type": "path_end", "branch": name, "block": block})
 
     def _walk(self, req: Any, b: Any, name: str, events: list[dict[str, Any]], out: list[str],
               frontier: bool) -> bool:  # fmt: skip
@@ -154,7 +156,7 @@ class BranchStreamer:
             known = None
         done = b.status in _DONE
         st = self._advance(req, b, done)
-        self._emit(st, None if b.parent is None else (b, name), events, out, frontier, done)  # type: ignore[arg-type]
+        self._emit(st, out, frontier, b if b.parent is not None else None, name, events, done)
         if kids and known is None:
             block = self.num_blocks
             self.num_blocks += 1
@@ -174,10 +176,10 @@ class BranchStreamer:
         for c in kids:
             cname = branch_name(name, c.label)
             if c in self.forks:
-                self._emit(self._state(req, c), None, events, out, frontier, False)  # type: ignore[arg-type]
+                self._emit(self._state(req, c), out, frontier)  # its text before its own block
                 self._close(req, c, events, out, frontier)
             st = self._advance(req, c, True)
-            self._emit(st, (c, cname), events, out, frontier, True)  # type: ignore[arg-type]
+            self._emit(st, out, frontier, c, cname, events, True)
             texts.append(st.text.piece(0))
             self.states.pop(c, None)
             self.child_block.pop(c, None)
