@@ -190,6 +190,9 @@ class ForkJoin:
         if at_base and tag in _BREAKING:
             self.end_branch(br, "stop")
             return
+        if tag is not None and p.stop and self._cut_stop(br, tag):  # the tag is not written
+            self._stopped(br)
+            return
         if self._stalls(br, tag):
             self.finish(req, "malformed")
             return
@@ -208,19 +211,24 @@ class ForkJoin:
             else:
                 br.start_closing()
         elif p.stop and tag is None and self._cut_stop(br):
-            if child:
-                self.end_branch(br, "stop")  # the path ends; the request goes on to the merge
-            else:
-                self.finish(req, "stop", cut_stop=True)
+            self._stopped(br)
 
-    def _cut_stop(self, br: Branch) -> bool:
-        """Did ``br``'s last (sampled) token complete a stop string? Then cut it (:mod:`.stops`)."""
+    def _cut_stop(self, br: Branch, tag: str | None = None) -> bool:
+        """Did ``br``'s last sampled token (or the ``tag`` it is about to write) complete a stop
+        string? Then cut it (:mod:`.stops`)."""
         req = br.request
         first = req.prompt_len if br.parent is None else 0
-        cut = stops.find_cut(self.decode, br.own_ids, br.own_forced, req.tag_names, first, req.params.stop)
+        cut = stops.find_cut(self.decode, br.own_ids, br.own_forced, req.tag_names, first, req.params.stop, tag)
         if cut is not None:
             br.cut_at_stop(*cut)
         return cut is not None
+
+    def _stopped(self, br: Branch) -> None:
+        """A stop string: a path ends (the request goes on to the merge); the root ends the request."""
+        if br.parent is not None:
+            self.end_branch(br, "stop")
+        else:
+            self.finish(br.request, "stop", cut_stop=True)
 
     def end_branch(self, br: Branch, reason: str) -> None:
         """EOS / stop / budget: a child is closed (``</Parallel>\\n`` per block it left open,

@@ -3,11 +3,13 @@
 (:mod:`multiverse.server.streaming`).
 
 * A stop string matches only text the model wrote: never the prompt, never a token the engine
-  inserted (``<Path>\\n1:``, ``</Path>\\n``, ``<Conclusion>\\n``, ``\\n`` after ``</Goal>``...),
-  and never across a Multiverse tag of a parallel request (tags are structure; stop on a tag
-  with ``stop_token_ids``). So a match lies inside one *run*: the sampled non-tag tokens of one
-  branch since its last engine-inserted token or tag (:func:`run_start`), across token
-  boundaries.
+  inserted (``<Path>\\n1:``, ``</Path>\\n``, ``<Conclusion>\\n``, ``\\n`` after ``</Goal>``...).
+  A Multiverse tag the model writes (a parallel request) can end a match but not sit inside
+  one: a match lies in one *run* (the sampled non-tag tokens of one branch since its last
+  engine-inserted token or tag, :func:`run_start`, across token boundaries), optionally
+  followed by the tag the model writes next. A stop completed by a tag ends the branch before
+  the tag, which is not written (a tag is never cut in half), so ``stop=["</Think>"]`` ends
+  where the model closes its thinking and the structure left stays well formed.
 * Where several stops match (overlapping stops), the first one completed wins, on a tie the
   one that starts first (:func:`earliest_stop`): the text is cut at its start.
 * In a forked path, a stop ends THAT path: its text is cut before the stop and the engine closes
@@ -64,20 +66,22 @@ def stop_hold(text: str, stops: Sequence[str], limit: int | None = None) -> int:
 
 
 def find_cut(decode: Callable[[list[int]], str], own_ids: Sequence[int], own_forced: Sequence[bool],
-             tag_names: dict[int, str], first: int, stops: Sequence[str]) -> Cut | None:  # fmt: skip
-    """The cut for a stop string completed by the last token of ``own_ids`` (None: no stop).
+             tag_names: dict[int, str], first: int, stops: Sequence[str], tag: str | None = None) -> Cut | None:  # fmt: skip
+    """The cut for a stop string completed by the last token of ``own_ids`` (None: no stop), or,
+    with ``tag``, by the Multiverse tag the branch is about to write (the tag is then not
+    written: the cut is at the tag's start at the latest, so a tag is never cut in half).
 
     Called after every sampled token, so only the tail is decoded: a window of tokens long enough
     for the longest stop (4 bytes a character at worst) and the last token."""
     window = 4 * max(len(s) for s in stops) + 8
     start = run_start(own_ids, own_forced, tag_names, first, window)
-    tail = decode(list(own_ids[start:]))
+    tail = decode(list(own_ids[start:])) + (tag or "")
     if not any(s in tail for s in stops):
         return None
     start = run_start(own_ids, own_forced, tag_names, first)
     run = decode(list(own_ids[start:]))
-    k = earliest_stop(run, stops)
-    return None if k < 0 else (start, len(own_ids), run[:k])
+    k = earliest_stop(run + (tag or ""), stops)
+    return None if k < 0 else (start, len(own_ids), run[: min(k, len(run))])
 
 
 def render(decode: Callable[[list[int]], str], ids: Sequence[int], cuts: Sequence[Cut], start: int = 0,

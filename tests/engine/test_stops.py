@@ -1,7 +1,7 @@
 """Stop strings in a fork/join generation (:mod:`multiverse.engine.stops`), on forced outputs: a
 stop in a path ends that path (cut before the stop, closed with ``</Path>\\n``) and the request
-goes on to the merge; in the root it ends the request; engine-inserted text never matches; the
-first completed stop wins."""
+goes on to the merge; in the root it ends the request; engine-inserted text never matches; a
+tag the model writes can end a match (cut before the tag); the first completed stop wins."""
 
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def test_engine_inserted_text_never_matches(llm):
     plain = _gen(llm, TWO, None)
     for stop in (["Path>"], ["<Path>\n2:"], ["Conclusion>\n"], ["</Path>\n<Path>"]):
         assert _gen(llm, TWO, stop).text == plain.text, stop
+
+
+def test_a_tag_the_model_writes_can_end_a_stop_and_is_not_written(llm):
+    out = _gen(llm, TWO, ["</Think>"])  # the root: the request ends before the tag
+    assert out.text.endswith("</Conclusion>\n</Parallel>\n") and out.finish_reason == "stop"
+    out = _gen(llm, TWO, ["<Goal>"])  # before the fork: nothing forks
+    assert out.text == "<Think>\n<Parallel>\n" and out.usage.blocks == 0
+    out = _gen(llm, TWO, ["two\n</Path>"])  # in a path: cut before "two", the engine closes it
+    assert "<Path>\n2: </Path>\n<Conclusion>\nboth\n" in out.text and out.text.endswith("Answer: 7")
+    out = _gen(llm, TWO, ["x<Goal>", "Outline>\n1"])  # a match never spans over a tag
+    assert out.text == _gen(llm, TWO, None).text
 
 
 def test_the_first_completed_stop_wins_and_no_part_of_it_is_left(llm):

@@ -26,7 +26,7 @@ from multiverse.server.streaming import BranchStreamer, branch_name
 from multiverse.train.bpe import default_tokenizer
 
 ALPHABET = "abqxyZ .\né€😀"  # 1 to 4 UTF-8 bytes: characters split across byte tokens
-TAG_RE = re.compile("|".join(re.escape(t) for t in TAGS))
+TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in TAGS) + ")")
 
 
 @pytest.fixture(scope="module")
@@ -43,29 +43,32 @@ def _first_stop(run: str, stop: list[str]) -> int | None:
 
 
 def _cut(text: str, stop: list[str]) -> int | None:
-    """Where a stop cuts model-written ``text``: never across a tag."""
-    pos = 0
-    for piece in [*TAG_RE.split(text)]:
-        k = _first_stop(piece, stop)
+    """Where a stop cuts model-written ``text``: in a run between tags, or ending in the tag that
+    follows the run (then before the tag: a tag is never cut in half)."""
+    pos, parts = 0, [*TAG_RE.split(text), ""]  # run, tag, run, tag, ..., run, ""
+    for run, tag in zip(parts[::2], parts[1::2], strict=True):
+        k = _first_stop(run, stop)
+        if k is None and tag:
+            k = _first_stop(run + tag, stop)
+            k = None if k is None else min(k, len(run))
         if k is not None:
             return pos + k
-        pos += len(piece)
-        m = TAG_RE.match(text, pos)
-        pos = m.end() if m else pos
+        pos += len(run) + len(tag)
     return None
 
 
 def expected_text(head: str, bodies: list[str], tail: str, stop: list[str]) -> str:
     """The final text of forced output ``head`` (up to ``</Goal>``) + the paths + ``tail`` (after
     ``<Conclusion>\\n``): engine-inserted text (``\\n`` after ``</Goal>``, ``<Path>\\nk:``, ``\\n``
-    after ``</Path>``, ``<Conclusion>\\n``) never matches; a stop in a path cuts that path only."""
+    after ``</Path>``, ``<Conclusion>\\n``) never matches; a stop in a path cuts that path only;
+    a tag the model writes can end a match (cut before the tag)."""
     k = _cut(head, stop)
     if k is not None:
         return head[:k]
     out = head + "\n"
     for i, body in enumerate(bodies, 1):
         run = f" {body}\n"
-        k = _cut(run, stop)
+        k = _cut(run + "</Path>", stop)  # the model's </Path> (the engine adds the \n)
         out += f"<Path>\n{i}:" + (run if k is None else run[:k]) + "</Path>\n"
     k = _cut(tail, stop)
     return out + "<Conclusion>\n" + (tail if k is None else tail[:k])
@@ -99,7 +102,8 @@ def cases(draw):
         elif kind == "random":
             s = draw(st.text(ALPHABET, min_size=1, max_size=3))
         else:
-            s = draw(st.sampled_from(["Path>", "1:", "\n2:", "<Conclusion>", "</Path>\n", ":"]))
+            s = draw(st.sampled_from(["Path>", "1:", "\n2:", "<Conclusion>", "</Path>\n", ":", "</Think>", "<Goal>",
+                                      "Goal>", "\n</Path>", "</Outline>\n", "\n</Conclusion>"]))  # fmt: skip
         if s:
             stop.append(s)
             if len(s) > 1 and draw(st.booleans()):  # an overlapping stop
