@@ -207,8 +207,7 @@ class EngineThread:
             return
         job.req = req
         if job.stream:
-            stops = getattr(job.params, "stop", None) or []
-            job.streamer = BranchStreamer(self.llm.tokenizer, hold=max((len(s) for s in stops), default=0))
+            job.streamer = BranchStreamer(self.llm.tokenizer)  # stop strings: read from the request
         with self.cond:
             self.running[req.id] = job
 
