@@ -9,7 +9,13 @@ import httpx
 import pytest
 from conftest import API_KEY, running_server
 
-from multiverse.format.prompts import chat_input, chat_prompt_input, encode_chat, render_chat, user_prompt
+from multiverse.format.prompts import (
+    chat_input,
+    chat_prompt_input,
+    encode_chat,
+    render_chat,
+    user_prompt,
+)
 from multiverse.format.tokenizer import load_tokenizer
 from multiverse.locations import find_model
 
