@@ -131,7 +131,7 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                engine.cancel(jobs)
+                engine.cancel(jobs, timed_out=True)
                 return ("timeout", 0, None, None)
             try:
                 return await asyncio.wait_for(inbox.get(), min(POLL_S, left))

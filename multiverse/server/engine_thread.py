@@ -66,6 +66,7 @@ class Job:
     req: Any = field(default=None, init=False)
     streamer: BranchStreamer | None = field(default=None, init=False)
     finished: bool = field(default=False, init=False)
+    timed_out: bool = field(default=False, init=False)  # cancelled by its handler at the deadline
     seen_tokens: int = field(default=0, init=False)
     seen_blocks: int = field(default=0, init=False)
     after: Job | None = None  # admitted once that job's prompt is computed (``n`` > 1: the prefix cache)
@@ -116,16 +117,19 @@ class EngineThread:
                 self.waiting.append(job)
             self.cond.notify()
 
-    def cancel(self, jobs: list[Job]) -> None:
-        """The client is gone: drop waiting jobs now, abort running ones between two steps."""
+    def cancel(self, jobs: list[Job], timed_out: bool = False) -> None:
+        """The client is gone (or, ``timed_out``, its handler's deadline passed): drop waiting
+        jobs now, abort running ones between two steps."""
         with self.cond:
             for job in jobs:
                 if job.finished:
                     continue
+                job.timed_out = job.timed_out or timed_out
                 if job in self.waiting:
                     self.waiting.remove(job)
                     job.finished = True
                     self.metrics.aborted += 1
+                    self.metrics.timeouts += int(timed_out)
                 else:
                     self.cancels.append(job)
             self.cond.notify()
@@ -209,7 +213,7 @@ class EngineThread:
             for job in gone:
                 job.sink(("shutdown" if self.shutting_down else "timeout", job.index, None, None))
             for job in cancels:
-                self._abort(job, "shutdown" if self.shutting_down else "abort")
+                self._abort(job, "shutdown" if self.shutting_down else "timeout" if job.timed_out else "abort")
             for job in new:
                 self._admit(job)
             now = time.monotonic()

@@ -15,6 +15,7 @@ import pytest
 from conftest import API_KEY, running_server
 
 from multiverse.server import app as app_module
+from multiverse.server.metrics import parse
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = {"prompt": "a", "max_tokens": 8000, "ignore_eos": True, "temperature": 0}  # many seconds on the tiny model
@@ -45,6 +46,7 @@ def _post_later(url: str, path: str, body: dict, done: dict, name: str) -> threa
 def test_a_queued_request_times_out_in_the_queue_and_is_never_run(one_at_a_time):
     url, llm = one_at_a_time
     before = llm._next_id  # requests the engine has taken so far
+    timeouts = _timeouts(url)
     done: dict[str, tuple[httpx.Response, float]] = {}
     a = _post_later(url, "/v1/completions", LONG, done, "running")  # capped at the server's 3 s
     end = time.monotonic() + 30
@@ -56,6 +58,14 @@ def test_a_queued_request_times_out_in_the_queue_and_is_never_run(one_at_a_time)
     assert done["queued"][0].status_code == 504 and done["queued"][0].json()["error"]["code"] == "timeout"
     assert done["queued"][1] < done["running"][1]  # answered at its own deadline, not after the running one
     assert llm._next_id == before + 1  # the queued one was never admitted (never prefilled)
+    end = time.monotonic() + 10
+    while _timeouts(url) < timeouts + 2:  # both counted as timeouts (the running one: at the cap)
+        assert time.monotonic() < end, (_timeouts(url), timeouts)
+        time.sleep(0.05)
+
+
+def _timeouts(url: str) -> float:
+    return parse(httpx.get(url + "/metrics", headers=AUTH, timeout=10).text)["multiverse_requests_timeout_total"]
 
 
 def test_a_client_timeout_cannot_exceed_the_servers(one_at_a_time):
