@@ -125,11 +125,27 @@ def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any
     print(f"{s.accepted} accepted, {s.rejected} rejected, {s.pending} pending "
           f"({s.skipped_done} done before, {unusable} unusable inputs); {s.requests} requests, "
           f"{s.retries} retries -> {args.output}")
+    for line in pending_reasons(s):
+        print(line)
     if s.stopped:
         print(f"intake stopped: {s.stopped}; run the same command again to resume")
     if s.stopped.startswith((f"{REFUSED}: HTTP 401", f"{REFUSED}: HTTP 403")) and not config.api_key:
         print(f"(no API key was sent: ${args.api_key_env} is not set; --api-key-env names the variable)")
     return s
+
+
+def pending_reasons(s: Any, top: int = 3) -> list[str]:
+    """Why records stayed pending, for the console (``run.json`` has every error): the most
+    common request failures and the retries by reason."""
+    if not s.pending or not (s.errors or s.retry_reasons):
+        return []
+    from collections import Counter
+
+    why = Counter(e.split(": ", 1)[-1] for e in s.errors).most_common(top)
+    parts = [f"{n} x {msg}" for msg, n in why]
+    if s.retry_reasons:
+        parts.append("retries: " + ", ".join(f"{k} {v}" for k, v in sorted(s.retry_reasons.items())))
+    return [f"pending because: {'; '.join(parts)}"]
 
 
 def _run(args: argparse.Namespace) -> int:
