@@ -245,6 +245,16 @@ def test_pending_records_exit_non_zero_and_url_credentials_stay_out_of_every_fil
         s.stop()
 
 
+def test_help_shows_the_defaults_of_the_request_options():
+    p = argparse.ArgumentParser(prog="multiverse curate")
+    cli.add_arguments(p)
+    run = p._subparsers._group_actions[0].choices["run"]
+    helps = {a.option_strings[0]: a.help or "" for a in run._actions if a.option_strings}
+    for option, default in (("--timeout", "120"), ("--max-retries", "6"), ("--concurrency", "8")):
+        assert f"(default {default})" in helps[option], (option, helps[option])
+        assert str(run.get_default(option[2:].replace("-", "_"))).removesuffix(".0") == default
+
+
 def test_report_of_a_run_with_nothing_accepted_says_so(tmp_path, capsys):
     """(A 135M model's run: every record rejected at summarise.) No per-record figure of 0."""
     row = {"id": "r1", "question": "q", "chain": "c", "stage": "summarise", "curation": {"attempts": 0},
