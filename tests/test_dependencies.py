@@ -36,4 +36,6 @@ def test_every_core_dependency_is_imported():
     deps = _core_dependencies()
     assert "torch" in deps
     unused = [d for d in deps if d not in _imported_top_level()]
-    assert not unused, f"declared in [project] dependencies but imported nowhere in multiverse/: {unused}"
+    assert not unused, (
+        f"declared in [project] dependencies but imported nowhere in multiverse/: {unused}"
+    )
