@@ -170,7 +170,10 @@ class EngineThread:
             self.waiting.clear(), self.running.clear(), self.cancels.clear()
         for job in jobs:
             job.finished = True
-            job.sink(("shutdown", job.index, None, None))
+            try:
+                job.sink(("shutdown", job.index, None, None))
+            except RuntimeError:  # its handler's event loop is already closed: nobody to answer
+                log.debug("job %d: no handler left to answer at close", job.index)
 
     # -- the engine thread -----------------------------------------------------------------
     def _loop(self) -> None:

@@ -140,3 +140,27 @@ def test_an_engine_failure_is_logged_with_its_traceback(caplog):
     assert r.status_code == 500 and "RuntimeError: boom in the step" in r.json()["error"]["message"]
     logged = [rec for rec in caplog.records if rec.exc_info and "boom in the step" in str(rec.exc_info[1])]
     assert logged, [rec.getMessage() for rec in caplog.records]
+
+
+def test_a_request_failing_in_the_engine_keeps_its_traceback_and_says_why(tiny_llm, caplog):
+    """``finish_reason="error"``: the message goes to the client (``multiverse.error``), the
+    traceback to the log."""
+    from fastapi.testclient import TestClient
+
+    from multiverse.engine.llm import LLM
+    from multiverse.server.app import create_app
+
+    llm = LLM.from_model(tiny_llm.model, tiny_llm.tokenizer, num_kv_slots=2048)
+
+    def kaboom(works):
+        raise RuntimeError("kaboom in the runner")
+
+    llm.runner.run = kaboom
+    app = create_app(llm, "failing")
+    with caplog.at_level(logging.ERROR, logger="multiverse"), TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "timeout": 30})
+    app.state.engine.close()
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "error"
+    assert choice["multiverse"]["error"] == "RuntimeError: kaboom in the runner"
+    assert any(rec.exc_info and "kaboom" in str(rec.exc_info[1]) for rec in caplog.records)
