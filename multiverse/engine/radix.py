@@ -120,6 +120,9 @@ class RadixCache:
     def _cache_only(self, node: _Node) -> int:
         return sum(1 for s in node.slots if self.kv.refcount(s) == 1)
 
+    def _any_cache_only(self, node: _Node) -> bool:
+        return any(self.kv.refcount(s) == 1 for s in node.slots)
+
     def evictable_slots(self) -> int:
         """Slots that :meth:`evict` could free right now: every slot the cache alone holds."""
         return sum(self._cache_only(n) for n in self._nodes())
@@ -144,7 +147,7 @@ class RadixCache:
             if parent is not None and parent.parent is not None and self._evictable(parent):
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
         if freed < num_slots:
-            stranded = sorted((n for n in self._nodes() if self._cache_only(n)), key=lambda n: n.last_used)
+            stranded = sorted((n for n in self._nodes() if self._any_cache_only(n)), key=lambda n: n.last_used)
             for node in stranded:
                 if freed >= num_slots:
                     break

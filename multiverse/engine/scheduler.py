@@ -12,8 +12,8 @@ order each step (path 1 to its end, then path 2, ...): the sequential baseline o
 When the pool is full the scheduler first evicts the prefix cache, then preempts the
 lowest-priority branch that holds K/V (its slots are released, its tokens kept, and it is
 recomputed later from its own tokens with the layout rule's mask: same positions, same results),
-evicting the cache again after each preemption: a preempted root's prompt slots, shared with the
-cache, become free only then.
+evicting the cache again after each preempted root: its prompt slots, shared with the cache,
+become free only then.
 Taking the last branch in pre-order first means a parent goes only after all its descendants:
 whole families are preempted. A branch never preempts one of higher priority, so the highest
 one always progresses; if even it cannot get a single slot, its request alone exceeds the pool
@@ -109,15 +109,18 @@ class Scheduler:
 
     def _make_room(self, n: int, lower: list[Branch]) -> bool:
         """Free slots until ``n`` are free (or at least one): evict the prefix cache, then
-        preempt branches of lower priority, last first, evicting again after each one (a
-        preempted root's cached prompt slots become evictable only once it lets go of them).
+        preempt branches of lower priority, last first, evicting again after each root (its
+        cached prompt slots become evictable only once it lets go of them; its children go
+        before it and hold nothing the root does not).
         False if not even one slot is free."""
         if self._evict(n):
             return True
         for victim in reversed(lower):
             if self.kv.held(victim):
                 self.preempt(victim)
-                if self._evict(n):
+                if victim.parent is None and self._evict(n):  # only a root holds cached slots
+                    return True
+                if self.kv.num_free >= n:
                     return True
         return self.kv.num_free > 0
 

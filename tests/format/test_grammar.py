@@ -161,6 +161,8 @@ def test_outline_labels_for_engine_fork():
         (["1", None, "3"], ["1", "2", "3"]),
         (["1.2", "1.2", None], ["1.2", "1.3", "1.4"]),
         (["5", None, "2"], ["5", "6", "2"]),
+        (["1.2", "2"], ["1.2", "1.3"]),  # under the prefix 1., a bare 2 is 1.2
+        (["1.1", "2"], ["1.1", "2"]),
     ],
 )
 def test_outline_labels_are_unique_within_a_block(written, labels):
