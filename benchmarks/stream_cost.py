@@ -12,7 +12,8 @@ multi-byte characters included) until ``max_tokens``, so every cell runs the sam
 * ``incremental``: the streamer as served (only the new tokens are decoded).
 
 Per (tokens, mode): ``steps_per_s`` over the whole run and ``stream_ms_per_step`` (time in the
-streamers; ``stream_steps_per_s``: the steps per second if the engine step itself were free),
+streamers; ``stream_steps_per_s``: the steps per second if the engine step itself were free;
+``stream_ms_first_256`` / ``_last_256``: within one run, a short and a long text, same load),
 the best of ``--repeat`` runs (the modes interleaved: a shared machine is noisy). Prints a
 table, then one JSON object on the last line with the 2,048 / 256 ratios per mode (goal:
 within 10% for ``incremental``). On a CPU the engine's own step grows with the context (the
@@ -47,7 +48,7 @@ def run_cell(
     streamers = {
         r.id: BranchStreamer(llm.tokenizer, incremental=mode == "incremental") for r in reqs
     }
-    steps, in_stream, chars = 0, 0.0, 0
+    steps, in_stream, chars, per_step = 0, 0.0, 0, []
     t0 = time.perf_counter()
     while llm.requests:
         llm.step()
@@ -58,13 +59,17 @@ def run_cell(
         for r in reqs:
             if not r.finished:
                 chars += len(streamers[r.id].update(r)[0])
-        in_stream += time.perf_counter() - t1
+        per_step.append(time.perf_counter() - t1)
+        in_stream += per_step[-1]
     wall = time.perf_counter() - t0
     out = [llm.output(r) for r in reqs]
     assert all(len(o.token_ids) == tokens for o in out), [len(o.token_ids) for o in out]
     return {"tokens": tokens, "mode": mode, "steps": steps, "seconds": round(wall, 3),
             "steps_per_s": round(steps / wall, 2), "stream_ms_per_step": round(1e3 * in_stream / steps, 3),
             "stream_steps_per_s": round(steps / in_stream, 1) if in_stream else None,
+            # the same run's streaming time at its first and its last 256 steps (the same load)
+            "stream_ms_first_256": round(1e3 * sum(per_step[:256]) / 256, 3) if per_step else None,
+            "stream_ms_last_256": round(1e3 * sum(per_step[-256:]) / 256, 3) if per_step else None,
             "streamed_chars": chars}  # fmt: skip
 
 

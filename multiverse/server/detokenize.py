@@ -88,10 +88,8 @@ class IncrementalText:
         self.first = first
         self.prefix = self.read = self.scan = self.run_tok = first  # token offsets into own_ids
         self.prefix_len = 0  # len(decode(own_ids[prefix:read]))
-        self.text, self.tent = (
-            "",
-            "",
-        )  # committed text (up to read); tentative (after it, no partial char)
+        self.text = ""  # committed text (up to ``read``)
+        self.tent = ""  # tentative text after it (up to a trailing partial character)
         self.run_char = 0  # where the live run starts in ``text``
         self.nb = self.nc = 0  # blocks / cuts of the branch already read
 

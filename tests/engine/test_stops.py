@@ -71,7 +71,7 @@ def test_a_tag_the_model_writes_can_end_a_stop_and_is_not_written(llm):
     assert out.text == "<Think>\n<Parallel>\n" and out.usage.blocks == 0
     out = _gen(llm, TWO, ["two\n</Path>"])  # in a path: cut before "two", the engine closes it
     assert "<Path>\n2: </Path>\n<Conclusion>\nboth\n" in out.text and out.text.endswith("Answer: 7")
-    out = _gen(llm, TWO, ["x<Goal>", "Outline>\n1"])  # a match never spans over a tag
+    out = _gen(llm, TWO, ["<Goal>\n<Outline>", "Outline>\n1"])  # a match never spans over a tag
     assert out.text == _gen(llm, TWO, None).text
 
 

@@ -100,3 +100,61 @@ def test_stream_matches_the_final_output(llm, text, stop):
         assert len(ends) == len(fork["paths"]) and max(ends) < merge_at
     if text is NESTED and stop != ["deeper"]:
         assert {"1.1.1", "1.1.2", "1.2", "2"} <= {name for _, name in got}
+
+
+@pytest.mark.parametrize("stop", [None, ["deeper"]])
+def test_an_abort_inside_nested_blocks_closes_the_stream(llm, stop):
+    """Aborted while nested paths decode: the folded blocks close (path_end, merge), the stream
+    ends equal to the final text, and the incremental streamer still matches the full re-decode."""
+    tok = llm.tokenizer
+    req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=NESTED, stop=stop))
+    streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
+    sent, events = "", []
+    while sum(1 for b in req.branches() if b.parent is not None) < 3:
+        llm.step()
+        chunk = streamer.update(req)
+        assert chunk == reference.update(req)
+        sent += chunk[0]
+        events += chunk[1]
+    llm.abort(req)
+    out = llm.output(req)
+    rest = streamer.finish(req, out.text)
+    assert rest == reference.finish(req, out.text)
+    assert out.finish_reason == "abort" and sent + rest[0] == out.text
+    events += rest[1]
+    forks = [e for e in events if e["type"] == "fork"]
+    assert len(forks) >= 2 and len([e for e in events if e["type"] == "merge"]) == len(forks)
+    ended = {(e["block"], e["branch"]) for e in events if e["type"] == "path_end"}
+    assert ended == {(f["block"], p) for f in forks for p in f["paths"]}
+
+
+class _Counting:
+    """A tokenizer that counts the tokens it is asked to decode."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kw)
+
+
+@pytest.mark.parametrize("stop", [None, ["never there"]])
+def test_each_step_decodes_only_what_is_new(llm, stop):
+    """The streamer's work per step does not grow with the text (the old one re-decoded it all)."""
+    text = "alpha beta gamma délta € 😀 epsilon\n" * 60
+    sp = SamplingParams(temperature=0, max_tokens=400, forced_output=text, parallel=False, stop=stop)
+    req = llm.add_request("q", sp)
+    inc, full = _Counting(llm.tokenizer), _Counting(llm.tokenizer)
+    streamers = BranchStreamer(inc), BranchStreamer(full, incremental=False)
+    per_step = []
+    while True:
+        llm.step()
+        if req.finished:
+            break
+        before = inc.decoded
+        assert streamers[0].update(req) == streamers[1].update(req)
+        per_step.append(inc.decoded - before)
+    assert len(per_step) > 300 and max(per_step) <= 8, max(per_step)
+    assert full.decoded > 100 * sum(per_step)  # the reference re-decodes everything every step
+    llm.output(req)
