@@ -200,8 +200,9 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                     chunk = chat_chunk(head, index, delta, finish, events)
                 else:
                     chunk = completion_chunk(head, index, text, finish, events)
-                if finish is not None:  # the engine's own reason (``malformed``, ``max_total_tokens`` ...)
-                    chunk.setdefault("multiverse", {"index": index})["finish_reason"] = payload.finish_reason
+                if finish is not None:  # the engine's own reason (``malformed`` ...), the seed to replay
+                    chunk.setdefault("multiverse", {"index": index}).update(
+                        finish_reason=payload.finish_reason, seed=payload.seed, forking=payload.forking)
                 yield sse(chunk)
             if include_usage:
                 yield sse({**head, "object": "chat.completion.chunk" if chat else "text_completion",

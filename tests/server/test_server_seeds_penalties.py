@@ -49,6 +49,21 @@ def test_each_choice_reports_its_seed_and_the_seed_replays_it(server):
     assert replay["choices"][0]["message"] == forked["message"]
 
 
+def test_a_stream_reports_its_seed_and_the_seed_replays_it(server):
+    """The last chunk of a streamed choice carries the seed it ran with, as a response does."""
+    import json
+
+    url, _ = server
+    body = {"prompt": "q", "temperature": 1.0, "max_tokens": 32, "ignore_eos": True, "parallel": False}
+    with httpx.stream("POST", url + "/v1/completions", headers=HEADERS, timeout=120,
+                      json={**body, "stream": True}) as r:  # fmt: skip
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    ext = chunks[-1]["multiverse"]
+    assert isinstance(ext["seed"], int) and ext["forking"] == "off"
+    assert _post(url, "/v1/completions", {**body, "seed": ext["seed"]})["choices"][0]["text"] == text
+
+
 def test_penalties_go_from_the_request_to_the_sampling_params():
     for body in (
         CompletionRequest(prompt="x", presence_penalty=0.5, frequency_penalty=-1.25),
