@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 log = logging.getLogger("multiverse.remote")
 
@@ -143,7 +143,7 @@ class Replica:
         """One completion (``body``: the JSON request), retried as the module docstring says;
         ``counts[0]`` counts the calls sent (retries included)."""
         retrying = AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(self.retries + 1),
-                                 wait=wait_exponential_jitter(initial=0.2, max=8.0), reraise=True,
+                                 wait=wait_random_exponential(multiplier=0.2, max=8.0), reraise=True,
                                  before_sleep=_log_retry)  # fmt: skip
         async for attempt in retrying:
             with attempt:
