@@ -96,6 +96,8 @@ def test_exact_merge_equals_the_local_engine(reference, tiny_server):
     for lo, ro in zip(local, outs, strict=True):
         _same(lo, ro)
         assert ro.merge == "exact" and ro.http_requests >= 2 + ro.usage.branches
+        assert ro.prefix_cache_hit_rate is not None and ro.prefix_cache_hit_rate > 0  # the server's /metrics
+    print(f"multiverse serve prefix-cache hit rate over the driver's requests: {outs[0].prefix_cache_hit_rate:.3f}")
     for tree in driver.trees:
         tree.check_invariants()
 
