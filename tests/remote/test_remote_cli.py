@@ -93,3 +93,11 @@ def test_base_url_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_demo_base_url(tiny_server, capsys, monkeypatch):
+    monkeypatch.setenv("MULTIVERSE_API_KEY", API_KEY)
+    argv = ["demo", "--base-url", tiny_server[0], "--tokenizer", str(find_model()), "--problems", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "summary: " in out and "block" in out and "speedup" in out
