@@ -28,7 +28,6 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -98,6 +97,8 @@ class RemoteLLM:
         self.transport = transport
         self._rng = random.Random(seed)
         self.trees: list[Tree] = []  # the last generate call's trees (tests check their invariants)
+        self._replicas: list[Replica] | None = None
+        self._loop: Any = None
 
     @property
     def max_model_len(self) -> int | None:
@@ -234,26 +235,25 @@ class RemoteLLM:
         start = time.perf_counter()
         trees = [self._tree(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         self.trees = trees
-        async with AsyncExitStack() as stack:
-            replicas = []
-            for info in self.infos:
-                rep = Replica(info.base_url, self.api_key, self.timeout, self.retries,
-                              asyncio.Semaphore(self.max_concurrency), self.transport)  # fmt: skip
-                replicas.append(await stack.enter_async_context(rep))
-            before = await asyncio.gather(*(r.prefix_cache() for r in replicas))
-            counts = [[0] for _ in trees]
-            chosen = []
-            for tree in trees:
-                i = min(range(len(replicas)), key=lambda k: replicas[k].in_flight)
-                replicas[i].in_flight += 1
-                chosen.append(i)
-                tree.req.t_arrival = start
-            runs = [
-                self._run(t, replicas[i], self.infos[i], n)
-                for t, i, n in zip(trees, chosen, counts, strict=True)
-            ]
+        replicas = await self._open()
+        before = await asyncio.gather(*(r.prefix_cache() for r in replicas))
+        counts = [[0] for _ in trees]
+        chosen = []
+        for tree in trees:  # each request, with all its sub-requests, to the least busy replica
+            i = min(range(len(replicas)), key=lambda k: replicas[k].in_flight)
+            replicas[i].in_flight += 1
+            chosen.append(i)
+            tree.req.t_arrival = start
+        runs = [
+            self._run(t, replicas[i], self.infos[i], n)
+            for t, i, n in zip(trees, chosen, counts, strict=True)
+        ]
+        try:
             await asyncio.gather(*runs)
-            after = await asyncio.gather(*(r.prefix_cache() for r in replicas))
+        finally:
+            for i in chosen:
+                replicas[i].in_flight -= 1
+        after = await asyncio.gather(*(r.prefix_cache() for r in replicas))
         rates = [_rate(b, a) for b, a in zip(before, after, strict=True)]
         outs = []
         for tree, prompt, i, n in zip(trees, prompts, chosen, counts, strict=True):
@@ -268,7 +268,31 @@ class RemoteLLM:
                  use_tqdm: bool = False) -> list[RemoteOutput]:  # fmt: skip
         """One output per prompt, in order (``LLM.generate``'s signature; ``use_tqdm`` is
         accepted for it and ignored: the requests run concurrently)."""
-        return asyncio.run(self.agenerate(prompts, sampling_params))
+
+        async def once() -> list[RemoteOutput]:
+            try:
+                return await self.agenerate(prompts, sampling_params)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(once())
+
+    async def _open(self) -> list[Replica]:
+        """The replicas' connection pools and concurrency limits, kept for this event loop."""
+        loop = asyncio.get_running_loop()
+        if self._replicas is None or self._loop is not loop:
+            self._replicas, self._loop = [], loop
+            for info in self.infos:
+                rep = Replica(info.base_url, self.api_key, self.timeout, self.retries,
+                              asyncio.Semaphore(self.max_concurrency), self.transport)  # fmt: skip
+                self._replicas.append(await rep.__aenter__())
+        return self._replicas
+
+    async def aclose(self) -> None:
+        """Close the connection pools (``agenerate`` callers, at their end)."""
+        replicas, self._replicas = self._replicas or [], None
+        for rep in replicas:
+            await rep.__aexit__(None, None, None)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RemoteOutput]:  # fmt: skip

@@ -69,8 +69,8 @@ def test_the_map_and_every_path_are_token_identical(runs):
         if not same:
             at = next((i for i, (a, b) in enumerate(zip(lo.token_ids, ro.token_ids)) if a != b),
                       min(len(lo.token_ids), len(ro.token_ids)))  # fmt: skip
-            print(f"flat merge diverges {at - end} tokens into the Conclusion: local {lo.text[end:][:80]!r}, "
-                  f"vLLM {ro.text[end:][:80]!r}")  # fmt: skip
+            here, there = (driver.tokenizer.decode(o.token_ids[at : at + 12]) for o in (lo, ro))
+            print(f"flat merge diverges {at - end} tokens after the last path: local {here!r}, vLLM {there!r}")
     print(
         f"vLLM flat merge: {identical}/{len(forked)} forked outputs token-identical to LLM.generate"
     )
