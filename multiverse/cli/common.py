@@ -248,10 +248,11 @@ def format_environment(env: dict[str, Any]) -> str:
 API_KEY_ENV = ("MULTIVERSE_API_KEY", "OPENAI_API_KEY")
 
 
-def add_remote_arguments(p: argparse.ArgumentParser) -> None:
+def add_remote_arguments(p: argparse.ArgumentParser, key_flag: str = "--api-key") -> None:
     """``--base-url`` (repeatable: data-parallel replicas), ``--served-model``, ``--api-key``,
     ``--tokenizer``, ``--merge``, ``--max-concurrency``: generate on remote servers through
-    :class:`multiverse.remote.RemoteLLM` instead of a local ``--model``."""
+    :class:`multiverse.remote.RemoteLLM` instead of a local ``--model`` (``key_flag``: the key
+    option's name, ``--upstream-api-key`` for ``serve``, whose ``--api-key`` is its own)."""
     g = p.add_argument_group("remote engine (instead of --model)")
     g.add_argument("--base-url", action="append", default=None, metavar="URL",
                    help="an OpenAI-compatible server (vLLM, SGLang, `multiverse serve`), e.g. "
@@ -259,7 +260,7 @@ def add_remote_arguments(p: argparse.ArgumentParser) -> None:
                    "its sub-requests go to one) (default: none: the local --model)")  # fmt: skip
     g.add_argument("--served-model", default=None, metavar="NAME",
                    help="the server's model name (default: the first /v1/models lists)")  # fmt: skip
-    g.add_argument("--api-key", dest="remote_api_key", default=None, metavar="KEY",
+    g.add_argument(key_flag, dest="remote_api_key", default=None, metavar="KEY",
                    help=f"the server's API key (default: ${API_KEY_ENV[0]}, then ${API_KEY_ENV[1]}; "
                    "prefer the variable: a key on the command line shows in `ps`)")  # fmt: skip
     g.add_argument("--tokenizer", default=None, metavar="DIR",

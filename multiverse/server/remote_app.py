@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,7 +41,13 @@ POLL_S = 0.2  # how often a waiting handler checks that its client is still ther
 def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
     """The app over ``remote`` (a :class:`~multiverse.remote.RemoteLLM`); ``config``: the
     local server's :class:`~multiverse.server.app.ServerConfig`."""
-    app = FastAPI(title="Multiverse (fork/join driver over a fleet)", version="0.2",
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await remote.aclose()
+
+    app = FastAPI(title="Multiverse (fork/join driver over a fleet)", version="0.2", lifespan=lifespan,
                   description="OpenAI-compatible server; generation runs on the --base-url servers.")  # fmt: skip
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     errors.install(app)
