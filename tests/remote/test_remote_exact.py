@@ -96,8 +96,12 @@ def test_exact_merge_equals_the_local_engine(reference, tiny_server):
     for lo, ro in zip(local, outs, strict=True):
         _same(lo, ro)
         assert ro.merge == "exact" and ro.http_requests >= 2 + ro.usage.branches
-        assert ro.prefix_cache_hit_rate is not None and ro.prefix_cache_hit_rate > 0  # the server's /metrics
-    print(f"multiverse serve prefix-cache hit rate over the driver's requests: {outs[0].prefix_cache_hit_rate:.3f}")
+        assert (
+            ro.prefix_cache_hit_rate is not None and ro.prefix_cache_hit_rate > 0
+        )  # the server's /metrics
+    print(
+        f"multiverse serve prefix-cache hit rate over the driver's requests: {outs[0].prefix_cache_hit_rate:.3f}"
+    )
     for tree in driver.trees:
         tree.check_invariants()
 
@@ -185,3 +189,28 @@ def test_replicas_keep_a_request_on_one_server(reference, tiny_server):
         ids = driver.tokenizer.encode(p, add_special_tokens=False)
         hosts = {h for h, b in rec.calls if b["prompt"][: len(ids)] == ids}
         assert hosts == {httpx.URL(o.base_url).host}
+
+
+def test_return_token_ids_keeps_the_stop_token_as_vllm_does(tiny_server):
+    url, _, llm = tiny_server
+    tok = llm.tokenizer
+    goal = tag_ids(tok)["</Goal>"]
+    prompt = tok.encode(chat_prompt(tok, tiny_problems(1)[0]), add_special_tokens=False)
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": 400, "stop_token_ids": [goal],
+            "return_token_ids": True, "logprobs": 1}  # fmt: skip
+    choice = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                        timeout=60).json()["choices"][0]  # fmt: skip
+    assert (
+        choice["token_ids"][-1] == goal
+        and choice["stop_reason"] == goal
+        and choice["finish_reason"] == "stop"
+    )
+    assert len(choice["logprobs"]["token_logprobs"]) == len(choice["token_ids"])
+    assert choice["logprobs"]["token_logprobs"][-1] is not None  # the stop token's own logprob
+    assert "</Goal>" not in choice["text"]  # the text leaves it out
+    plain = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": False},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).json()["choices"][0]  # fmt: skip
+    assert (
+        "token_ids" not in plain
+        and len(plain["logprobs"]["token_logprobs"]) == len(choice["token_ids"]) - 1
+    )
