@@ -33,6 +33,7 @@ from typing import Any
 
 from multiverse.engine.forkjoin import Specials
 from multiverse.engine.outputs import RequestOutput
+from multiverse.engine.policy import check_request
 from multiverse.engine.request import Branch
 from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import render_chat
@@ -109,7 +110,7 @@ class RemoteLLM:
 
     # -- requests --------------------------------------------------------------------------
     def _tree(self, prompt: str | Sequence[int], params: SamplingParams) -> Tree:
-        if not isinstance(params, SamplingParams):
+        if not isinstance(params, SamplingParams):  # checked first: the refusals below read it
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.forced_output is not None:
             raise ValueError(
@@ -123,15 +124,9 @@ class RemoteLLM:
             if isinstance(prompt, str)
             else list(prompt)
         )
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        ctx = self.max_model_len
-        if ctx and len(ids) >= ctx:
-            raise ValueError(f"prompt is {len(ids)} tokens, the server's context is {ctx}")
-        if ctx and params.max_tokens > ctx:
-            raise ValueError(
-                f"max_tokens ({params.max_tokens}) is larger than the server's context ({ctx})"
-            )
+        check_request(
+            ids, params, context=self.max_model_len
+        )  # the engine's rules (the server checks the ids)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Tree(
             ids, params, self.specials, self.tag_names, self.eos_token_ids, self._decode, seed

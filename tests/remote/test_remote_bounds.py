@@ -143,3 +143,25 @@ def test_a_stock_server_needs_the_tokenizer_and_offers_only_flat(tok):
             RemoteLLM(url, tokenizer=find_model(), merge="exact")
         with pytest.raises(ValueError, match="--served-model other"):
             RemoteLLM(url, tokenizer=find_model(), served_model="other")
+
+
+def test_requests_are_checked_as_the_engine_checks_them(tok):
+    """One validation for both backends (:func:`multiverse.engine.policy.check_request`)."""
+    from multiverse.engine.llm import LLM
+
+    local = LLM(str(find_model()), num_kv_slots=4096)
+    with serve_app(scripted_app(Script(lambda ctx: iter([0])))) as url:
+        remote = RemoteLLM(url, tokenizer=find_model())
+        for prompt, params, message in [
+            ([], SamplingParams(), "empty prompt"),
+            ([1, 2], 3, "params must be a SamplingParams"),
+            ([1, 2], SamplingParams(max_tokens=40000), "larger than the model's context"),
+        ]:
+            for backend in (
+                local,
+                remote,
+            ):  # contexts: the tiny model's 32768, the scripted server's 4096
+                with pytest.raises(ValueError, match=message):
+                    backend.generate([prompt], params)
+        with pytest.raises(ValueError, match="test hook"):
+            remote.generate(["q"], SamplingParams(forced_output="x"))
