@@ -9,7 +9,8 @@ Measured in one process on one random model (default: Qwen2.5-0.5B's shape, bf16
    (``engine_vs_hf.floor_ms``). Goal: graphs <= 1.5x floor at both batch sizes.
 2. ``engine``: ``LLM.generate`` of 1 and 16 requests (``--tokens`` each, EOS ignored, forking
    off), graphs on vs off: tokens/s and ms per step; ``host_ms`` = the engine's ms per step
-   minus the replay alone (scheduling, bookkeeping, input packing, sampling).
+   minus the replay alone (scheduling, bookkeeping, input packing, sampling); with graphs,
+   ``capture``: the start-up capture (buckets captured and failed, seconds, MiB held).
 3. ``fork``: k = 2, 4, 8 equal paths forced (``fork_speed.forced_text``), forking on vs off
    (same tokens): speedup vs # parallel (goal: speedup >= 0.9 x # parallel), with graphs and
    with eager cascade attention (shared prefixes read once; graphs cannot take those steps).
@@ -100,10 +101,12 @@ def bench_step(model: CausalLM, batch: int, context: int, reps: int) -> dict[str
     if device.type == "cuda":
         graphs = DecodeGraphs(model, pool.kv, scratch, max_batch=batch, max_kv=context)
         got = graphs.run(rows, [[x] for x in kv_t])
-        out["graph_vs_static_max_abs"] = float((got - ref).abs().max())
-        out["graphs_ms"] = timed_ms(lambda: graphs.run(rows, [[x] for x in kv_t]), device, reps)
-        replay = graphs.replay_fn(batch, context)
-        out["replay_ms"] = timed_ms(replay, device, reps)
+        if got is None:  # its capture failed (logged with the cause): no graph figure
+            out["graph_capture_failed"] = graphs.failed.get((batch, context), "no bucket")
+        else:
+            out["graph_vs_static_max_abs"] = float((got - ref).abs().max())
+            out["graphs_ms"] = timed_ms(lambda: graphs.run(rows, [[x] for x in kv_t]), device, reps)
+            out["replay_ms"] = timed_ms(graphs.replay_fn(batch, context), device, reps)
     out["floor_ms"] = floor_ms(model, batch, reps)
     best = out.get("graphs_ms", out["static_eager_ms"])
     out["step_over_floor"] = best / out["floor_ms"]
@@ -122,8 +125,14 @@ def bench_engine(model: CausalLM, tok: Any, n: int, tokens: int, graphs: bool) -
     sync(model.device)
     wall = time.perf_counter() - t0
     made = sum(len(o.token_ids) for o in outs)
+    report = llm.runner.graphs.report if llm.runner.graphs is not None else None
+    capture = None if report is None else {  # start-up: capture time and the memory the graphs hold
+        "buckets": report.buckets, "captured": report.captured, "seconds": report.seconds,
+        "held_mib": report.held_bytes / 2**20, "device_mib": report.device_bytes / 2**20,
+        "failed": [f"{b}x{n}: {why}" for (b, n), why in report.failed.items()]}  # fmt: skip
     return {"requests": n, "graphs": graphs, "tokens": made, "wall_s": wall, "tok_per_s": made / wall,
-            "ms_per_step": wall / tokens * 1e3, "static_steps": llm.runner.static_steps}  # fmt: skip
+            "ms_per_step": wall / tokens * 1e3, "static_steps": llm.runner.static_steps,
+            "capture": capture}  # fmt: skip
 
 
 def bench_fork(model: CausalLM, tok: Any, k: int, path_tokens: int, cascade: bool) -> dict[str, Any]:

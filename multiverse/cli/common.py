@@ -60,6 +60,15 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights and KV cache dtype (default float32)",
     )
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_const",
+        const=False,
+        default=None,
+        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at "
+        "start-up (the default there; graphs are never used on CPU): docs/gpu.md",
+    )
 
 
 def check_device(device: str) -> str:
@@ -79,10 +88,12 @@ def check_device(device: str) -> str:
     return device
 
 
-def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = None, **engine_config: Any) -> Any:
-    """``multiverse.LLM`` on ``model`` (with the LoRA ``adapter`` merged when given); a load
-    failure (missing or truncated weights, a bad config, an adapter that does not fit) becomes
-    a :class:`UsageError` naming ``--model`` (and ``--adapter``) and the path."""
+def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = None,
+                cuda_graphs: bool | None = None, **engine_config: Any) -> Any:  # fmt: skip
+    """``multiverse.LLM`` on ``model`` (with the LoRA ``adapter`` merged when given;
+    ``cuda_graphs``: ``--no-cuda-graphs``, passed on only when given); a load failure (missing or
+    truncated weights, a bad config, an adapter that does not fit) becomes a :class:`UsageError`
+    naming ``--model`` (and ``--adapter``) and the path."""
     check_device(device)
     import time
 
@@ -91,6 +102,8 @@ def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = Non
     t0 = time.perf_counter()
     if adapter is not None:
         engine_config["adapter"] = str(adapter)
+    if cuda_graphs is not None:
+        engine_config["cuda_graphs"] = cuda_graphs
     try:
         llm = LLM(str(model), device=device, dtype=dtype, **engine_config)
         log.info("loaded %s on %s (%s) in %.2f s", model, device, dtype, time.perf_counter() - t0)

@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out_dir)
     threads = apply_threads(args.threads)
     env = run_environment(threads)
-    llm = remote if remote is not None else load_engine(Path(args.model), args.device, args.dtype, adapter)
+    llm = remote if remote is not None else load_engine(Path(args.model), args.device, args.dtype, adapter,
+                                                        cuda_graphs=args.cuda_graphs)  # fmt: skip
     tokenizer = _tokenizer_of(llm, args.model)
     sizes = list(dict.fromkeys(args.batch_size))
     runs: list[EvalResult] = []

@@ -55,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
     p.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens (default -1: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default: drawn from the OS per prompt; the seed used is printed, "
+                   "and passing it back replays the output)")  # fmt: skip
     add_device_arguments(p)
     add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON object (last line) instead of text")
@@ -108,15 +110,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         with_adapter = f" + adapter {adapter}" if adapter is not None else ""
         print(f"loading {model}{with_adapter} ({threads} thread(s)) ...", file=sys.stderr)
-        llm = load_engine(model, args.device, args.dtype, adapter)
+        llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs)
         texts, note = prompt_texts(prompts, llm.tokenizer, record_dir(model, adapter), raw=args.raw,
                                    suffix=not args.no_prompt_suffix)  # fmt: skip
     sp.stop_token_ids = stop_token_ids(llm.tokenizer)
     print(note, file=sys.stderr)
     outs = llm.generate(texts, sp, use_tqdm=not args.json)
     if args.json:
-        rows = [{"prompt": p, "text": o.text, "finish_reason": o.finish_reason, "tree": o.tree,
-                 "usage": _usage(o), **_remote(o)} for p, o in zip(prompts, outs, strict=True)]  # fmt: skip
+        rows = [{"prompt": p, "text": o.text, "finish_reason": o.finish_reason, "seed": o.seed,
+                 "forking": o.forking, "tree": o.tree, "usage": _usage(o), **_remote(o)}
+                for p, o in zip(prompts, outs, strict=True)]  # fmt: skip
         adapter_field = {"adapter": str(adapter)} if adapter is not None else {}
         print(json.dumps({"model": str(model), **adapter_field, "outputs": rows}))
         return 0
@@ -126,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         u = o.usage
         print(f"--- {u.completion_tokens} tokens ({u.forced_tokens} inserted), depth {u.depth_tokens}, "
               f"# parallel {u.parallel_degree:.2f}, {u.blocks} blocks, {u.branches} branches, "
-              f"{u.seconds:.2f} s, {u.tokens_per_s:.1f} tok/s, finish: {o.finish_reason}")  # fmt: skip
+              f"{u.seconds:.2f} s, {u.tokens_per_s:.1f} tok/s, finish: {o.finish_reason}, seed {o.seed}, "
+              f"forking {o.forking}")  # fmt: skip
         if remote is not None:
             print("--- remote: " + ", ".join(f"{k} {v}" for k, v in _remote(o).items()))
     return 0

@@ -13,6 +13,7 @@ no K/V held by a branch outside a live request): for tests, at a cost linear in 
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -23,18 +24,20 @@ import torch
 from multiverse.engine.forkjoin import ForkJoin, Specials
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.model import KVPool
-from multiverse.engine.model.graphs import DEFAULT_MAX_BATCH, Capturer, EagerCapturer
+from multiverse.engine.model.graphs import Capturer, EagerCapturer
 from multiverse.engine.outputs import RequestOutput, Usage, build_output, progress
 from multiverse.engine.policy import check_request
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
 from multiverse.engine.runner import ModelRunner, StepOutput
-from multiverse.engine.sampling import SamplingParams, sample, token_logprobs
+from multiverse.engine.sampling import SamplingParams, request_seed, sample, token_logprobs
 from multiverse.engine.scheduler import Scheduler, Work
 from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.prompts import render_chat
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "Usage"]
+
+log = logging.getLogger(__name__)
 
 
 class LLM:
@@ -54,8 +57,12 @@ class LLM:
     ``cuda_graphs`` (decode steps replay CUDA graphs captured at start-up for batch and K/V-length
     buckets; default: on for a CUDA model, unavailable on CPU), ``static_decode`` (decode steps
     run the fixed-shape step without graphs; default: ``cuda_graphs``; on CPU a test/inspection
-    aid), ``graph_max_batch`` / ``graph_max_kv`` (the largest bucket; bigger steps run eagerly),
-    ``graph_capturer`` (a :class:`~multiverse.engine.model.graphs.Capturer`, for tests).
+    aid), ``graph_max_batch`` / ``graph_max_kv`` (the largest bucket, default 64 / 16384, capped
+    at ``max_batch_tokens`` / the pool; bigger steps run eagerly, as do the buckets whose capture
+    fails: one warning each), ``graph_capturer`` (a
+    :class:`~multiverse.engine.model.graphs.Capturer`, for tests), ``seed``
+    (:func:`~multiverse.engine.sampling.request_seed`'s ``rng``; default None: the OS). Without
+    the Multiverse tags in the tokenizer nothing forks: a warning once, ``forking="unavailable"``.
     """
 
     def __init__(self, model: Any, device: str = "cpu", dtype: str = "float32", **engine_config: Any) -> None:
@@ -81,10 +88,10 @@ class LLM:
 
     def _setup(self, model: Any, tokenizer: Any, num_kv_slots: int | None = None,
                kv_memory: float | None = None, max_batch_tokens: int = 2048, prefill_chunk: int = 512,
-               enable_prefix_cache: bool = True, seed: int = 0,
+               enable_prefix_cache: bool = True, seed: int | None = None,
                eos_token_ids: Sequence[int] | None = None, check_invariants: bool = False,
                cuda_graphs: bool | None = None, static_decode: bool | None = None,
-               graph_max_batch: int = DEFAULT_MAX_BATCH, graph_max_kv: int | None = None,
+               graph_max_batch: int | None = None, graph_max_kv: int | None = None,
                graph_capturer: Capturer | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         on_cuda = model.device.type == "cuda"
@@ -104,7 +111,8 @@ class LLM:
         self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
         capturer = graph_capturer or (None if cuda_graphs else EagerCapturer())
         self.runner = ModelRunner(model, slots, static_decode=static_decode, capturer=capturer,
-                                  graph_max_batch=graph_max_batch, graph_max_kv=graph_max_kv)  # fmt: skip
+                                  graph_max_batch=graph_max_batch, graph_max_kv=graph_max_kv,
+                                  max_step_rows=max_batch_tokens)  # fmt: skip
         if cuda_graphs and self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         try:
@@ -121,7 +129,8 @@ class LLM:
                                  eos_ids=self.eos_token_ids)  # fmt: skip
         self.checks_invariants = check_invariants
         self.requests: list[Request] = []
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed) if seed is not None else None
+        self._warned_no_tags = False
         self._next_id = 0
 
     def _decode(self, ids: list[int]) -> str:
@@ -132,11 +141,15 @@ class LLM:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         check_request(ids, params, vocab_size=self.model.vocab_size, num_slots=self.kv.num_slots,
                       context=getattr(self.model.config, "max_position_embeddings", None))  # fmt: skip
+        if params.parallel and self.specials is None and not self._warned_no_tags:
+            self._warned_no_tags = True
+            log.warning("the tokenizer has no Multiverse tags: forking is unavailable, requests with "
+                        "parallel=True decode sequentially (outputs say forking='unavailable')")
         names = self._tag_names if params.parallel else {}
         forced = params.forced_output
         if isinstance(forced, str):
             forced = self.tokenizer.encode(forced, add_special_tokens=False)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seed = request_seed(params.seed, self._rng)
         req = Request.create(self._next_id, ids, params, names, seed=seed, forced_ids=forced,
                              t_arrival=time.perf_counter())  # fmt: skip
         self._next_id += 1
@@ -269,15 +282,16 @@ class LLM:
         return w.completes and self.forkjoin.on_computed(br)
 
     def _sample(self, items: list[tuple[Branch, int]], logits: torch.Tensor) -> list[tuple[Branch, int, float | None]]:
-        params, streams, forced, want = [], [], [], []
+        params, streams, forced, want, generated = [], [], [], [], []
         for br, _ in items:
             p = br.request.params
             params.append(p)
             streams.append((br.seed, len(br.own_ids)))  # the branch's n-th draw
             forced.append(self.forkjoin.forced_token(br))
             want.append(bool(p.logprobs) or forced[-1] is not None)
+            generated.append(br.seq_ids()[br.request.prompt_len :] if p.penalized else None)
         rows = torch.tensor([r for _, r in items], device=logits.device)
-        tokens, lps = sample(logits.index_select(0, rows), params, streams, forced, want)
+        tokens, lps = sample(logits.index_select(0, rows), params, streams, forced, want, generated)
         return [(br, tok, lp) for (br, _), tok, lp in zip(items, tokens, lps, strict=True)]
 
     # -- generate --------------------------------------------------------------------------

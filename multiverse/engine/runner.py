@@ -23,8 +23,9 @@ step (every work one unmasked token that samples) runs as a replay of a fixed-sh
 that the allocator never hands out, for the padding rows; a branch's K/V list goes in as its
 mirror plus the few slots appended since the mirror was last filled (at most
 ``TAIL_FLUSH``), packed with the step's ids, positions, slots and lengths into one
-host-to-device copy. Prefill, masked chunks, cascade steps and anything over the largest bucket
-run eagerly, as before.
+host-to-device copy. Prefill, masked chunks, cascade steps, anything over the largest bucket
+(capped at what the pool and ``max_step_rows`` let a step hold) and the steps of a bucket whose
+capture failed run eagerly, as before.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from multiverse.engine.model import CausalLM, ForwardBatch, KVPool
-from multiverse.engine.model.graphs import DEFAULT_MAX_BATCH, DEFAULT_MAX_KV, Capturer, DecodeGraphs
+from multiverse.engine.model.graphs import Capturer, DecodeGraphs, bucket_limits
 from multiverse.engine.request import Branch
 from multiverse.engine.scheduler import Work
 
@@ -68,8 +69,8 @@ step's one host-to-device copy; past this many, the mirror is filled (one copy, 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_slots: int, *, static_decode: bool = False,
-                 capturer: Capturer | None = None, graph_max_batch: int = DEFAULT_MAX_BATCH,
-                 graph_max_kv: int | None = None) -> None:  # fmt: skip
+                 capturer: Capturer | None = None, graph_max_batch: int | None = None,
+                 graph_max_kv: int | None = None, max_step_rows: int | None = None) -> None:  # fmt: skip
         self.model = model
         self.device = model.device
         # static decoding: one more pool slot, the scratch slot padding rows write (never allocated)
@@ -81,10 +82,10 @@ class ModelRunner:
         self.cascade_min_saved_rows = CASCADE_MIN_SAVED_ROWS
         self.cascade_steps = 0  # decode steps that ran with groups (for tests and profiling)
         self.graphs: DecodeGraphs | None = None
-        if static_decode:
-            max_kv = graph_max_kv or min(DEFAULT_MAX_KV, num_slots)
+        if static_decode:  # buckets no larger than a step can fill (max_step_rows: the scheduler's budget)
+            max_batch, max_kv = bucket_limits(num_slots, max_step_rows or num_slots, graph_max_batch, graph_max_kv)
             self.graphs = DecodeGraphs(model, self.pool.kv, scratch_slot=num_slots, capturer=capturer,
-                                       max_batch=graph_max_batch, max_kv=max_kv)  # fmt: skip
+                                       max_batch=max_batch, max_kv=max_kv)  # fmt: skip
         self.static_steps = 0  # decode steps that ran as a replay of a static step
 
     def forget(self, br: Branch) -> None:

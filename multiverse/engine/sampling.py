@@ -1,19 +1,31 @@
-"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, seeded, forced).
+"""Sampling parameters and the sampler (penalties, greedy, temperature, top-k, top-p, seeds).
 
-Reproducibility: every branch has a seed derived from the request's seed and the branch's path
-labels (:func:`branch_seed`); its ``n``-th draw is :func:`uniform` of ``(seed, n)``, a
-counter-based stream with no state, so a branch draws the same tokens whatever else is in the
-batch, however the scheduler interleaves requests, and across preemption; and every sampled row
-of a step is drawn in one batched operation.
+Reproducibility: a request's seed is ``SamplingParams.seed``, or, when that is None, one the
+engine draws from the OS (:func:`request_seed`; ``RequestOutput.seed`` reports it either way:
+passing it back replays the request); every branch has a seed derived from the request's seed
+and the branch's path labels (:func:`branch_seed`, the one rule for every branch); its ``n``-th
+draw is :func:`uniform` of ``(seed, n)``, a counter-based stream with no state, so a branch
+draws the same tokens whatever else is in the batch, however the scheduler interleaves
+requests, and across preemption; and every sampled row of a step is drawn in one batched
+operation.
+
+Penalties (vLLM / OpenAI semantics, applied first): ``logits[t] -= presence_penalty * (count[t]
+> 0) + frequency_penalty * count[t]``, where ``count[t]`` counts token ``t`` among the tokens
+generated so far in the sequence the branch continues - its own tokens and, for a path, the
+generated tokens before its fork (the prefix it attends, shared with its siblings), never a
+sibling's tokens or the prompt; the engine's inserted tokens (``<Path>\n1:``...) count like
+sampled ones (they are output tokens). After a merge the root's sequence holds every path.
 
 Logprobs are those of the raw model distribution (``log_softmax`` of the logits, before
-temperature / top-k / top-p), for the token actually taken.
+penalties / temperature / top-k / top-p), for the token actually taken.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +33,7 @@ import torch
 
 MIN_TEMPERATURE = 1e-3  # a temperature is 0 (greedy) or at least this: logits / T stay finite
 TOTAL_TOKENS_FACTOR = 4  # default max_total_tokens = TOTAL_TOKENS_FACTOR * max_tokens
+MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI)
 _INTS = ("top_k", "max_tokens", "max_depth", "max_paths", "max_live_branches")
 
 
@@ -46,12 +59,17 @@ class SamplingParams:
     ``forced_output`` is a test hook: a text (or token ids) that the "model" writes instead of
     sampling (each branch writes its own part of it; logprobs are still the model's). When it
     runs out, the branch behaves as if it sampled EOS.
+
+    ``presence_penalty`` / ``frequency_penalty`` (in ``[-2, 2]``, 0: off) lower the logits of the
+    tokens already generated (module docstring: which tokens count).
     """
 
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: int = 256
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
@@ -78,6 +96,9 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            *((abs(getattr(self, name)) <= MAX_PENALTY,
+               f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)}")
+              for name in ("presence_penalty", "frequency_penalty")),
             (self.max_total_tokens is None or self.max_total_tokens >= 1,
              f"max_total_tokens must be >= 1 or None, got {self.max_total_tokens}"),
             (self.max_depth >= 0, f"max_depth must be >= 0, got {self.max_depth}"),
@@ -92,6 +113,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """A presence or frequency penalty applies (the sampler then needs the generated tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def total_budget(self) -> int:
@@ -109,7 +135,7 @@ def _check_types(p: SamplingParams) -> None:
     def bad(name: str, want: str) -> ValueError:
         return ValueError(f"SamplingParams: {name} must be {want}, got {getattr(p, name)!r}")
 
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         v = getattr(p, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise bad(name, "a finite number")
@@ -139,6 +165,16 @@ def _check_types(p: SamplingParams) -> None:
         raise bad("forced_output", "a string or a list of token ids")
 
 
+def request_seed(seed: int | None, rng: random.Random | None = None) -> int:
+    """The seed a request runs with (``RequestOutput.seed``): ``seed`` when given, else a fresh
+    63-bit one from ``rng`` (an engine built with ``seed=``: a replayable sequence, for tests) or,
+    by default, from the OS (:mod:`secrets`): unseeded runs differ, and any run replays from its
+    reported seed."""
+    if seed is not None:
+        return seed
+    return rng.getrandbits(63) if rng is not None else secrets.randbits(63)
+
+
 def branch_seed(seed: int, path: Sequence[str]) -> int:
     """A 63-bit seed for the branch at ``path`` (labels from the root) of a request seeded ``seed``."""
     if not path:
@@ -166,8 +202,13 @@ def sample(
     streams: Sequence[tuple[int, int] | None],
     forced: Sequence[int | None],
     want_logprobs: Sequence[bool],
+    generated: Sequence[Sequence[int] | None] | None = None,
 ) -> tuple[list[int], list[float | None]]:
     """One token per row of ``logits`` ``[R, vocab]`` (float32).
+
+    ``generated[r]``: the tokens row ``r``'s branch has generated so far (module docstring),
+    needed only for a row whose params are :attr:`~SamplingParams.penalized`; its penalties are
+    applied to the scores it samples from (:func:`apply_penalties`), not to its logprobs.
 
     Row ``r`` takes ``forced[r]`` when given (a negative id means "end": returned as is, no
     logprob), else argmax (greedy) or a draw from its stream ``streams[r] = (seed, counter)``
@@ -180,15 +221,26 @@ def sample(
     """
     rows = logits.shape[0]
     tokens: list[int | None] = list(forced)
+    scores = logits
+    penalized = [r for r in range(rows) if tokens[r] is None and params[r].penalized]
+    if penalized:
+        if generated is None or any(generated[r] is None for r in penalized):
+            raise ValueError("sample: a row with a presence / frequency penalty needs its "
+                             "generated tokens")
+        scores = logits.float().clone()
+        idx = torch.tensor(penalized, device=logits.device)
+        history = [generated[r] or [] for r in penalized]
+        rows_p = apply_penalties(scores.index_select(0, idx), [params[r] for r in penalized], history)
+        scores.index_copy_(0, idx, rows_p)
     todo_greedy = [r for r in range(rows) if tokens[r] is None and params[r].greedy]
     todo_draw = [r for r in range(rows) if tokens[r] is None and not params[r].greedy]
     if todo_greedy:
         idx = torch.tensor(todo_greedy, device=logits.device)
-        for r, t in zip(todo_greedy, logits.index_select(0, idx).argmax(-1).tolist(), strict=True):
+        for r, t in zip(todo_greedy, scores.index_select(0, idx).argmax(-1).tolist(), strict=True):
             tokens[r] = t
     if todo_draw:
         idx = torch.tensor(todo_draw, device=logits.device)
-        drawn = _draw_rows(logits.index_select(0, idx), [params[r] for r in todo_draw], [streams[r] for r in todo_draw])
+        drawn = _draw_rows(scores.index_select(0, idx), [params[r] for r in todo_draw], [streams[r] for r in todo_draw])
         for r, t in zip(todo_draw, drawn, strict=True):
             tokens[r] = t
     out_tokens = [int(t) for t in tokens]  # type: ignore[arg-type]
@@ -201,6 +253,26 @@ def sample(
         for r, v in zip(need, lp.gather(1, toks[:, None])[:, 0].tolist(), strict=True):
             logprobs[r] = v
     return out_tokens, logprobs
+
+
+def apply_penalties(scores: torch.Tensor, params: Sequence[SamplingParams],
+                    generated: Sequence[Sequence[int]]) -> torch.Tensor:  # fmt: skip
+    """``scores [R, V]`` with row ``r`` lowered by ``presence_penalty * (count > 0) +
+    frequency_penalty * count``, ``count [V]`` the occurrences of each token in
+    ``generated[r]`` (vLLM / OpenAI semantics; a negative penalty raises). A new tensor; the
+    counts go to the device in one copy."""
+    r, v = scores.shape
+    row_of = [i for i, ids in enumerate(generated) for _ in ids]
+    flat = [t for ids in generated for t in ids]
+    if any(not 0 <= t < v for t in flat):
+        raise ValueError(f"apply_penalties: a generated token id is outside the vocabulary [0, {v})")
+    host = torch.tensor([row_of, flat], dtype=torch.long).to(scores.device, non_blocking=True)
+    counts = torch.zeros(r, v, dtype=torch.float32, device=scores.device)
+    ones = torch.ones(len(flat), device=scores.device)
+    counts.index_put_((host[0], host[1]), ones, accumulate=True)  # [R, V] occurrences
+    pen = torch.tensor([[p.presence_penalty for p in params],
+                        [p.frequency_penalty for p in params]]).to(scores.device, non_blocking=True)  # fmt: skip
+    return scores.float() - pen[0, :, None] * (counts > 0) - pen[1, :, None] * counts
 
 
 def _draw_rows(scores: torch.Tensor, params: Sequence[SamplingParams],

@@ -1,7 +1,9 @@
 """Response bodies of the OpenAI-compatible endpoints, from the engine's ``RequestOutput`` s.
 
 Each choice carries a ``multiverse`` object (depth tokens, # parallel, forced tokens, blocks,
-branches, seconds, the branch tree of token ranges); the response's top-level ``multiverse`` is
+branches, seconds, the branch tree of token ranges, the ``seed`` it ran with - sent back as
+``seed`` with ``n=1`` it replays the choice - and ``forking``: ``on``, ``off`` or
+``unavailable``, a model without the tags); the response's top-level ``multiverse`` is
 that of the first choice. ``usage.completion_tokens`` counts the tokens of all branches (and of
 all ``n`` choices); the prompt is counted once.
 """
@@ -31,7 +33,8 @@ def extension(out: Any) -> dict[str, Any]:
     u = out.usage
     return {"depth_tokens": u.depth_tokens, "parallel_degree": round(u.parallel_degree, 4),
             "forced_tokens": u.forced_tokens, "blocks": u.blocks, "branches": u.branches,
-            "seconds": round(u.seconds, 4), "finish_reason": out.finish_reason, "tree": out.tree}  # fmt: skip
+            "seconds": round(u.seconds, 4), "finish_reason": out.finish_reason, "tree": out.tree,
+            "seed": out.seed, "forking": out.forking}  # fmt: skip
 
 
 def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:

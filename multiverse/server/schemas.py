@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from multiverse.engine.sampling import SamplingParams
+from multiverse.engine.sampling import MAX_PENALTY, SamplingParams
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
 
 MAX_TOKENS_LIMIT = 1 << 20  # far beyond any KV pool; a bound keeps arithmetic sane
@@ -47,11 +47,14 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Seed | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = Field(0.0, description="accepted, not applied")
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = Field(0.0, description="accepted, not applied")
+    presence_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = Field(
+        0.0, description="subtracted from the logit of every token the sequence has generated")
+    frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = Field(
+        0.0, description="times its count so far, subtracted from a generated token's logit")
     user: str | None = None
     # Multiverse extensions
-    parallel: bool = Field(True, description="Multiverse: fork at <Parallel> blocks (False: decode sequentially)")
+    parallel: bool = Field(True, description="Multiverse: fork at <Parallel> blocks (False: decode sequentially; "
+                           "a model without the tags cannot fork: the response's multiverse.forking says so)")
     max_total_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = Field(
         None, description="Multiverse: bound on the tokens of all branches together"
     )
@@ -140,6 +143,7 @@ def sampling_params(body: _Common, eos_ids: list[int], seed_offset: int = 0) -> 
     seed = None if body.seed is None else (body.seed + seed_offset) & ((1 << 63) - 1)
     return SamplingParams(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=seed,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS, stop=body.stop,
         stop_token_ids=list(body.stop_token_ids or []) + ([] if body.ignore_eos else eos_ids), ignore_eos=body.ignore_eos,
         logprobs=logprobs, parallel=body.parallel, max_total_tokens=body.max_total_tokens,

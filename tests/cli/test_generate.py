@@ -58,3 +58,17 @@ def test_format_tree_draws_nested_blocks():
     drawn = format_tree(out, tok)
     assert drawn.splitlines()[0] == f"main: {len(out.token_ids)} tokens"
     assert "├─ 1:" in drawn and "└─ 2:" in drawn and "1.1:" in drawn and "└─ 1.2:" in drawn
+
+
+def test_generate_reports_the_seed_and_it_replays(model_dir, capsys):
+    argv = ["generate", "--model", str(model_dir), "--max-tokens", "12", "--temperature", "1", "hi"]
+    runs = []
+    for _ in range(2):  # unseeded: each run draws its own seed (a tiny random model: texts differ)
+        assert main([*argv, "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs"][0])
+    a, b = runs
+    assert isinstance(a["seed"], int) and a["seed"] != b["seed"] and a["text"] != b["text"]
+    assert a["forking"] == "on"
+    assert main([*argv, "--seed", str(a["seed"])]) == 0  # the reported seed replays the text
+    out = capsys.readouterr().out
+    assert f"=== hi\n{a['text']}\n--- branch tree" in out and f", seed {a['seed']}, forking on" in out

@@ -1,7 +1,8 @@
 """CUDA graphs for decode (skipped without a CUDA device; ``benchmarks/gpu_check.sh`` runs them):
 a graph replay equals the same static step run eagerly (exactly in fp32, within tolerance in
 bf16), and the engine with graphs gives the eager engine's tokens and the full forward's
-logprobs, with forks, merges, preemption and sampling."""
+logprobs, with forks, merges, preemption and sampling; a bucket whose capture fails runs eagerly
+with the same tokens (the fail-safe path, on a real capture)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ def test_bf16_engine_with_graphs_matches_eager(pair, tok):
         if sp.forced_output is not None:  # same tokens by construction: compare the logprobs
             assert a.token_ids == b.token_ids
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True) if x is not None) < 0.1
+
+
+class _FailingCapture(CudaGraphCapturer):
+    """Raises inside the real ``torch.cuda.graph`` capture (after the warm-up) of chosen buckets."""
+
+    def __init__(self, fail):
+        super().__init__(torch.device("cuda"))
+        self.fail = fail
+
+    def capture(self, fn, bucket):
+        def step():
+            out = fn()
+            if bucket in self.fail and torch.cuda.is_current_stream_capturing():
+                raise torch.OutOfMemoryError(f"injected at the capture of {bucket}")
+            return out
+
+        return super().capture(step, bucket)
+
+
+def test_a_bucket_whose_cuda_capture_fails_runs_eagerly_with_the_same_tokens(pair, tok, caplog):
+    model = _cuda_model(pair, torch.float32)
+    prompts, params = _mixed()
+    ref = engine(model, tok, cuda_graphs=False, num_kv_slots=4096).generate(prompts, params)
+    fail = [(1, 256), (8, 512)]
+    with caplog.at_level("WARNING", logger="multiverse.engine.model.graphs"):
+        llm = engine(model, tok, num_kv_slots=4096, graph_max_batch=8, graph_max_kv=512,
+                     graph_capturer=_FailingCapture(fail))  # fmt: skip
+        got = llm.generate(prompts, params)
+    graphs = llm.runner.graphs
+    assert set(graphs.failed) == set(fail) and graphs.report.captured == graphs.report.buckets - 2
+    assert graphs.report.device_bytes > 0 and llm.runner.static_steps > 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and all("capture failed" in m and "injected" in m for m in warned)
+    for a, b in zip(got, ref, strict=True):
+        assert a.token_ids == b.token_ids and a.position_ids == b.position_ids
+    assert_no_leak(llm)

@@ -72,9 +72,9 @@ def test_static_plan_equals_reference_attention(fold_gqa):
 class _WarmupCapturer(EagerCapturer):
     """Runs the step at capture time, as a CUDA graph capture (warm-up + capture) does."""
 
-    def capture(self, fn):
+    def capture(self, fn, bucket):
         fn()
-        return super().capture(fn)
+        return super().capture(fn, bucket)
 
 
 def test_one_static_step_equals_the_reference_forward_and_touches_no_live_slot(pair):
