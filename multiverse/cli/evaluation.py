@@ -256,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out_dir)
     threads = apply_threads(args.threads)
     env = run_environment(threads)
+    if remote is not None:  # results.json names the servers and the merge mode (exact / flat)
+        env["remote"] = {"base_urls": [i.base_url for i in remote.infos], "model": remote.infos[0].model,
+                         "merge": remote.merge}  # fmt: skip
     llm = remote if remote is not None else load_engine(Path(args.model), args.device, args.dtype, adapter,
                                                         cuda_graphs=args.cuda_graphs)  # fmt: skip
     tokenizer = _tokenizer_of(llm, args.model)

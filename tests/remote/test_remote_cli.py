@@ -71,6 +71,8 @@ def test_eval_base_url_gives_the_local_figures(tiny_server, tmp_path, capsys, mo
     remote = _last_json(capsys.readouterr().out)
     for key in ("n", "accuracy", "parallel_degree", "trigger_rate"):
         assert remote[key] == local[key], key
+    env = json.loads((tmp_path / "remote" / "results.json").read_text())["environment"]["remote"]
+    assert env["merge"] == "exact" and env["base_urls"] == [url]
     assert remote["trigger_rate"] > 0
 
 
