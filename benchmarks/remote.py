@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         "--vllm-model", default=None, help="its model directory, for the tokenizer (default: none)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--save", default=None, help="append each problem's outputs to this JSONL file (default: none)")
     args = p.parse_args(argv)
     import torch
 
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 out = engine.generate([prompt], sp)[0]
                 secs[way] += time.perf_counter() - t0
                 outs[way].append(out)
+            if args.save:  # each problem's outputs as they come
+                row = {w: {"text": outs[w][-1].text, "blocks": outs[w][-1].usage.blocks,
+                           "parallel_degree": outs[w][-1].usage.parallel_degree,
+                           "identical": outs[w][-1].token_ids == outs["local"][-1].token_ids} for w in ways}  # fmt: skip
+                with open(args.save, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"problem": k, "answer": str(problems[k].answer), **row}) + "\n")
             print(f"problem {k + 1}/{len(prompts)}: " + ", ".join(
                 f"{w} {outs[w][-1].usage.blocks} blocks" for w in ways), file=sys.stderr)  # fmt: skip
     rows = {}
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         o = outs[way]
         rows[way] = {
             "accuracy": sum(
-                grade(x.text, r.answer, r.kind) for x, r in zip(o, problems, strict=True)
+                grade(x.text, str(r.answer), "exact") for x, r in zip(o, problems, strict=True)
             )
             / len(o),
             "trigger_rate": sum(x.usage.blocks > 0 for x in o) / len(o),
