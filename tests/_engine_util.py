@@ -1,19 +1,17 @@
 """Shared helpers for the engine tests: a tiny random Qwen2, engines that check their own state
 after every step, the full-sequence reference, and :class:`ModelFree` (the engine's bookkeeping
-driven by scripted tokens, no model at all)."""
+driven by scripted tokens through the real ``LLM.step``, no model at all)."""
 
 from __future__ import annotations
 
 import torch
 
-from multiverse.engine.forkjoin import ForkJoin, Specials
-from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.llm import LLM
 from multiverse.engine.model import CausalLM
-from multiverse.engine.radix import RadixCache
+from multiverse.engine.model.batch import check_forward_batch
 from multiverse.engine.request import Branch, Request
 from multiverse.engine.sampling import SamplingParams
-from multiverse.engine.scheduler import Scheduler, Work
+from multiverse.engine.scheduler import Work
 from multiverse.format import grammar
 from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.layout import layout
@@ -128,60 +126,96 @@ def block(labels_and_bodies: list[tuple[str, str]], conclusion: str = "ok") -> s
     return "".join(out)
 
 
+class NoModel:
+    """A stand-in for :class:`~multiverse.engine.model.CausalLM` without weights: what
+    :class:`~multiverse.engine.runner.ModelRunner` and :class:`LLM` read of a model (device,
+    dtype, pool shape, vocabulary size, config), and a forward that checks the step's
+    :class:`~multiverse.engine.model.ForwardBatch` against its contract and returns zero logits
+    (every sampled token then comes from ``forced_output``); ``error``: an exception it raises
+    instead."""
+
+    def __init__(self, vocab_size: int) -> None:
+        import types
+
+        self.vocab_size = vocab_size
+        self.config = types.SimpleNamespace(max_position_embeddings=None)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.num_layers = self.num_kv_heads = self.head_dim = 1  # the smallest K/V pool
+        self.forwards = 0
+        self.error: Exception | None = None
+
+    def __call__(self, batch, pool) -> torch.Tensor:
+        check_forward_batch(batch)
+        if self.error is not None:
+            raise self.error
+        self.forwards += 1
+        rows = len(batch.q_lens) if batch.logits_rows is None else batch.logits_rows.numel()
+        return torch.zeros(rows, self.vocab_size)
+
+
+class _WithoutTags:
+    """``tokenizer`` as a tokenizer without the 12 Multiverse tags (the engine forks nothing)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+    def get_vocab(self) -> dict[str, int]:
+        return {t: i for t, i in self._tok.get_vocab().items() if t not in tokenizer_tags.TAGS}
+
+
 class ModelFree:
-    """Scheduler + ForkJoin + KVManager (+ prefix cache) stepped the way :meth:`LLM.step` does,
-    with no model: a masked chunk's ``attend`` comes from the layout rule (what the runner
-    returns), and every sampled token is the request's ``forced_output``. After every step the
-    KVManager and every request (finished ones included) pass their ``check_invariants``."""
+    """The real :meth:`LLM.step` (scheduler, :class:`~multiverse.engine.runner.ModelRunner`,
+    fork/join, sampling) over :class:`NoModel`: no weights, every sampled token is the
+    request's ``forced_output``. After every step the KVManager and every request (finished
+    ones included) pass their ``check_invariants`` and no branch outside a live request holds
+    K/V. An exception inside the step is raised (not turned into ``finish_reason="error"``).
+
+    ``history``: the works the scheduler gave each step; ``llm``: the engine; ``kv``, ``radix``,
+    ``scheduler``, ``forkjoin``, ``specials``: its parts."""
 
     def __init__(self, tokenizer, num_slots: int = 512, max_batch_tokens: int = 64, prefill_chunk: int = 16,
                  prefix_cache: bool = False, tags: bool = True) -> None:  # fmt: skip
         self.tok = tokenizer
-        self.kv = KVManager(num_slots)
-        self.radix = RadixCache(self.kv) if prefix_cache else None
-        self.scheduler = Scheduler(self.kv, self.radix, max_batch_tokens, prefill_chunk)
-        tag_ids = tokenizer_tags.tag_ids(tokenizer) if tags else None
-        self.specials = Specials.from_tokenizer(tokenizer, tag_ids) if tag_ids else None
-        self.tag_names = {v: k for k, v in tag_ids.items()} if tag_ids else {}
-        self.forkjoin = ForkJoin(self.kv, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), self.specials,
-                                 eos_ids=frozenset({tokenizer.eos_token_id}))  # fmt: skip
-        self.requests: list[Request] = []
+        self.model = NoModel(len(tokenizer))
+        self.llm = LLM.from_model(self.model, tokenizer if tags else _WithoutTags(tokenizer),
+                                  num_kv_slots=num_slots, max_batch_tokens=max_batch_tokens,
+                                  prefill_chunk=prefill_chunk, enable_prefix_cache=prefix_cache)  # fmt: skip
+        self.llm._fail = _reraise  # ModelFree tests want the traceback, not a failed request
+        self.kv, self.radix, self.scheduler = self.llm.kv, self.llm.radix, self.llm.scheduler
+        self.forkjoin, self.specials = self.llm.forkjoin, self.llm.specials
+        self.tag_names = {v: k for k, v in tokenizer_tags.tag_ids(tokenizer).items()} if tags else {}
+        schedule = self.scheduler.schedule
+
+        def recorded(active):
+            self._works = schedule(active)
+            return self._works
+
+        self.scheduler.schedule = recorded
+        self._works: list[Work] = []
+        self.requests: list[Request] = []  # every request added, finished ones included
         self.history: list[list[Work]] = []  # the works of every step
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
     def add(self, prompt: str, output: str, **params) -> Request:
-        """A request whose "model" writes ``output`` (greedy, logprobs off)."""
+        """A request whose "model" writes ``output`` (greedy, logprobs off). Added directly (not
+        through :meth:`LLM.add_request`, which refuses a prompt larger than the pool)."""
         sp = SamplingParams(temperature=0.0, forced_output=self.encode(output), **params)
         names = self.tag_names if sp.parallel else {}
         req = Request.create(len(self.requests), self.encode(prompt), sp, names, seed=0, forced_ids=sp.forced_output)
         self.requests.append(req)
+        self.llm.requests.append(req)
         return req
 
     def step(self) -> list[Work]:
-        active = [r for r in self.requests if not r.finished]
-        works = self.scheduler.schedule(active)
-        if not works:
-            self.forkjoin.finish(active[0], "kv_capacity")
-        for w in works:  # the runner's part: the masked chunk's last row of the layout mask
-            if w.masked:
-                br = w.branch
-                hi = br.prefix_len + w.start + w.count
-                row = br.layout(hi).dense_mask(rows=slice(hi - 1, hi))[0, :hi]
-                br.set_attend([br.kv[j] for j in row.nonzero()[:, 0].tolist()])
-        to_sample = []
-        for w in works:
-            br, req = w.branch, w.branch.request
-            if br.parent is None and not req.finished and not req.prompt_cached and br.num_computed >= req.prompt_len:
-                req.mark_prompt_cached()
-                if self.radix is not None:
-                    self.radix.insert(req.prompt_ids, br.kv[: req.prompt_len], namespace=req.parallel)
-            if w.completes and not req.finished and self.forkjoin.on_computed(br):
-                to_sample.append(br)
-        for br in to_sample:
-            if not br.request.finished:
-                self.forkjoin.on_sampled(br, self.forkjoin.forced_token(br), None)
+        """One :meth:`LLM.step`; returns the works scheduled in it."""
+        self._works = []
+        self.llm.step()
+        works = self._works
         self.history.append(works)
         self.check()
         return works
@@ -197,6 +231,7 @@ class ModelFree:
         self.kv.check_invariants()
         for r in self.requests:
             r.check_invariants(self.kv)
+            assert r.finish_reason != "error", f"request {r.id} failed: {r.error}"
         live = {b for r in self.requests if not r.finished for b in r.branches()}
         leaked = [h for h in self.kv.holders() if isinstance(h, Branch) and h not in live]
         assert not leaked, f"K/V held by branches outside any live request: {leaked}"
@@ -204,3 +239,7 @@ class ModelFree:
     def text(self, req: Request) -> str:
         """The canonical output so far (the root's tokens after the prompt)."""
         return self.tok.decode(req.root.own_ids[req.prompt_len :], skip_special_tokens=False)
+
+
+def _reraise(*args, **kwargs) -> None:
+    raise  # called by LLM inside its ``except`` block: the exception goes on

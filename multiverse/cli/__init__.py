@@ -8,7 +8,10 @@ What every command shares is handled here once:
   * ``--log-level`` (before the command) sets the level of the ``multiverse`` loggers;
   * a bad argument, a :class:`multiverse.cli.common.UsageError`, an ``OSError`` or a load error
     (``ValueError``, a missing extra's ``ImportError``) becomes one line on stderr,
-    ``multiverse COMMAND: error: ...``, and exit code 2, never a traceback;
+    ``multiverse COMMAND: error: ...``, and exit code 2; its traceback is logged at debug
+    (``--log-level debug`` shows where it came from);
+  * any other exception (a bug) is one line too, its traceback logged at error level (shown at
+    every ``--log-level``), exit code 1;
   * Ctrl-C is exit code 130; a closed stdout (``multiverse inspect ... | head -1``) ends the
     command quietly with exit code 0.
 """
@@ -36,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+log = logging.getLogger("multiverse.cli")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -97,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 0
     except (ValueError, OSError, ImportError) as e:  # UsageError is a ValueError
+        log.debug("%s failed: %s: %s", prog, type(e).__name__, e, exc_info=True)  # the cause
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: the traceback always
+        log.error("%s failed unexpectedly", prog, exc_info=True)
+        print(f"{prog}: error: internal error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 def one_line(e: BaseException) -> str:

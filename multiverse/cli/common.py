@@ -93,7 +93,8 @@ def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = Non
     """``multiverse.LLM`` on ``model`` (with the LoRA ``adapter`` merged when given;
     ``cuda_graphs``: ``--no-cuda-graphs``, passed on only when given); a load failure (missing or
     truncated weights, a bad config, an adapter that does not fit) becomes a :class:`UsageError`
-    naming ``--model`` (and ``--adapter``) and the path."""
+    naming ``--model`` (and ``--adapter``) and the path, chained to the cause (its traceback:
+    ``--log-level debug``)."""
     check_device(device)
     import time
 
@@ -111,7 +112,7 @@ def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = Non
     except Exception as e:  # noqa: BLE001 - any load failure (safetensors, config, tokenizer) is one line
         msg = " ".join(str(e).split()) or type(e).__name__
         what = f"--model {model}" + (f" --adapter {adapter}" if adapter is not None else "")
-        raise UsageError(f"{what}: cannot load ({msg[:400]})") from None
+        raise UsageError(f"{what}: cannot load ({msg[:400]})") from e  # the cause: --log-level debug
 
 
 def resolve_model(ref: str | None) -> Path:

@@ -9,6 +9,11 @@ OpenAI-compatible LLM (SPEC section 5; the library is :mod:`multiverse.curate`).
 
 ``run`` writes ``DIR/curated.jsonl`` (a ``multiverse train --data`` file), ``DIR/rejected.jsonl``
 (with reasons), ``DIR/journal.jsonl`` and ``DIR/run.json``; running it again resumes.
+
+Exit status of ``run`` and ``eval``: 0 when every record was curated or rejected; 1 when the
+endpoint refused the requests (HTTP 401/403/404/405); :data:`EXIT_PENDING` when records are left
+pending otherwise (requests out of retries, a --max-requests/--max-tokens/--max-cost budget
+reached); 130 after Ctrl-C. Running the same command again resumes the pending records.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+EXIT_PENDING = 3
+"""Exit status of a run that leaves records pending (not refused, not interrupted)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,19 +53,20 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--output", "-o", required=True, metavar="DIR")
     r.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     r.add_argument("--model", required=True, metavar="NAME")
-    r.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR", help="environment variable with the key")
-    r.add_argument("--concurrency", type=int, default=8, metavar="N")
-    r.add_argument("--max-regen", type=int, default=2, metavar="N", help="regenerations (steps 3-5) before rejecting")
+    r.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR", help="environment variable with the key (default OPENAI_API_KEY)")
+    r.add_argument("--concurrency", type=int, default=8, metavar="N", help="requests in flight at once (default 8)")
+    r.add_argument("--max-regen", type=int, default=2, metavar="N", help="regenerations (steps 3-5) before rejecting (default 2)")
     r.add_argument("--threshold", type=float, default=0.2, help="largest edit distance accepted (default 0.2)")
     r.add_argument("--max-requests", type=int, default=None, metavar="N", help="stop intake after N requests")
-    r.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request")
-    r.add_argument("--max-retries", type=int, default=6, metavar="N")
-    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)")
+    r.add_argument("--max-retries", type=int, default=6, metavar="N",
+                   help="retries of a request (timeouts, 429, 5xx) before its record is left pending (default 6)")
+    r.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the requests (default 0)")
     r.add_argument("--max-tokens", type=int, default=None, metavar="N", help="stop intake after N tokens (prompt + completion)")
     r.add_argument("--max-cost", type=float, default=None, metavar="USD", help="stop intake after this cost")
     r.add_argument("--price-in", type=float, default=0.0, metavar="USD", help="price per million prompt tokens")
     r.add_argument("--price-out", type=float, default=0.0, metavar="USD", help="price per million completion tokens")
-    r.add_argument("--request-max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request")
+    r.add_argument("--request-max-tokens", type=int, default=4096, metavar="N", help="completion tokens per request (default 4096)")
     r.add_argument("--fsync", action="store_true", help="fsync every journal/output line (survives power loss; slower)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -125,11 +134,27 @@ def _execute(args: argparse.Namespace, records: list[Any], unusable: int) -> Any
     print(f"{s.accepted} accepted, {s.rejected} rejected, {s.pending} pending "
           f"({s.skipped_done} done before, {unusable} unusable inputs); {s.requests} requests, "
           f"{s.retries} retries -> {args.output}")
+    for line in pending_reasons(s):
+        print(line)
     if s.stopped:
         print(f"intake stopped: {s.stopped}; run the same command again to resume")
     if s.stopped.startswith((f"{REFUSED}: HTTP 401", f"{REFUSED}: HTTP 403")) and not config.api_key:
         print(f"(no API key was sent: ${args.api_key_env} is not set; --api-key-env names the variable)")
     return s
+
+
+def pending_reasons(s: Any, top: int = 3) -> list[str]:
+    """Why records stayed pending, for the console (``run.json`` has every error): the most
+    common request failures and the retries by reason."""
+    if not s.pending or not (s.errors or s.retry_reasons):
+        return []
+    from collections import Counter
+
+    why = Counter(e.split(": ", 1)[-1] for e in s.errors).most_common(top)
+    parts = [f"{n} x {msg}" for msg, n in why]
+    if s.retry_reasons:
+        parts.append("retries: " + ", ".join(f"{k} {v}" for k, v in sorted(s.retry_reasons.items())))
+    return [f"pending because: {'; '.join(parts)}"]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -139,7 +164,17 @@ def _run(args: argparse.Namespace) -> int:
     for source, reason in bad[:10]:
         print(f"skipped {source}: {reason}", file=sys.stderr)
     s = _execute(args, records, len(bad))
-    return 1 if s.stopped.startswith(_refused()) else 0
+    return 1 if s.stopped.startswith(_refused()) else _pending_status(s)
+
+
+def _pending_status(s: Any) -> int:
+    """0, or (records left pending) a line saying how many and that a rerun resumes them, and
+    :data:`EXIT_PENDING` (130 when the run was interrupted)."""
+    if not s.pending:
+        return 0
+    print(f"{s.pending} record{'s' * (s.pending != 1)} left pending: run the same command again "
+          "to resume them", file=sys.stderr)  # fmt: skip
+    return 130 if s.stopped == "stopped by the user" else EXIT_PENDING
 
 
 def _refused() -> str:
@@ -169,7 +204,7 @@ def _eval(args: argparse.Namespace) -> int:
     (Path(args.output) / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (Path(args.output) / "eval.md").write_text(text + "\n", encoding="utf-8")
     print(text)
-    return 0
+    return _pending_status(s)  # a pending record counts as missed in the scores above
 
 
 def _report(args: argparse.Namespace) -> int:

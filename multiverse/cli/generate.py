@@ -32,7 +32,7 @@ from multiverse.cli.common import (
     resolve_model_and_adapter,
 )
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
-from multiverse.format.prompts import render_chat, stop_token_ids
+from multiverse.format.prompts import chat_input, stop_token_ids
 from multiverse.server.prompting import apply_prompt_format, chat_prompt_format
 
 
@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat template without the SPEC 1.3 suffix the model records (default: add the "
                    "recorded one, for OUTPUT/checkpoint-N the run's OUTPUT/train_summary.json; a model recording "
                    "none gets none, while `multiverse eval` then asks with the parallel one)")  # fmt: skip
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="parse special tokens and Multiverse tags written in a prompt (<|im_end|>, <Parallel>) as "
+                   "tokens (default: a prompt is text, they stay characters; --raw sends text as is)")  # fmt: skip
     p.add_argument("--no-parallel", action="store_true", help="decode sequentially (forking off)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"sequential depth budget (default {DEFAULT_MAX_TOKENS})")  # fmt: skip
@@ -76,15 +79,17 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def prompt_texts(prompts: list[str], tokenizer: Any, model: Any, raw: bool = False,
-                 suffix: bool = True) -> tuple[list[str], str]:  # fmt: skip
+def prompt_texts(prompts: list[str], tokenizer: Any, model: Any, raw: bool = False, suffix: bool = True,
+                 special_tokens: bool = False) -> tuple[list[str | list[int]], str]:  # fmt: skip
     """The texts sent for ``prompts`` and a line saying which prompt format was applied (the
-    rule is :mod:`multiverse.server.prompting`'s, shared with ``multiverse serve``)."""
+    rule is :mod:`multiverse.server.prompting`'s, shared with ``multiverse serve``). A chat
+    prompt is text: special tokens and tags in it stay characters (then it goes as token ids,
+    :func:`multiverse.format.prompts.chat_input`) unless ``special_tokens``."""
     if raw:
         return list(prompts), "prompt format: raw (--raw: sent as is)"
     fmt, note = chat_prompt_format(model, tokenizer, suffix)
     chats = [apply_prompt_format([{"role": "user", "content": p}], fmt) for p in prompts]
-    return [render_chat(tokenizer, chat) for chat in chats], note
+    return [chat_input(tokenizer, chat, special_tokens) for chat in chats], note
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,14 +110,14 @@ def run(args: argparse.Namespace) -> int:
         llm, model, adapter = remote, " ".join(args.base_url), None
         fmt, note = remote_prompt_format(llm, args, not args.no_prompt_suffix)
         chats = [apply_prompt_format([{"role": "user", "content": p}], fmt) for p in prompts]
-        texts = list(prompts) if args.raw else [render_chat(llm.tokenizer, c) for c in chats]
+        texts = list(prompts) if args.raw else [chat_input(llm.tokenizer, c, args.parse_special_tokens) for c in chats]
         note = "prompt format: raw (--raw: sent as is)" if args.raw else note
     else:
         with_adapter = f" + adapter {adapter}" if adapter is not None else ""
         print(f"loading {model}{with_adapter} ({threads} thread(s)) ...", file=sys.stderr)
         llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs)
         texts, note = prompt_texts(prompts, llm.tokenizer, record_dir(model, adapter), raw=args.raw,
-                                   suffix=not args.no_prompt_suffix)  # fmt: skip
+                                   suffix=not args.no_prompt_suffix, special_tokens=args.parse_special_tokens)  # fmt: skip
     sp.stop_token_ids = stop_token_ids(llm.tokenizer)
     print(note, file=sys.stderr)
     outs = llm.generate(texts, sp, use_tqdm=not args.json)

@@ -6,12 +6,17 @@ prints the reports and draws the pictures (:mod:`multiverse.cli.pictures`).
 ``--json`` prints one JSON object per input (a file, or a JSONL record); for a directory (or
 with ``--summary``) the last line is the summary, ``{"summary": true, ...}``, with the
 violations counted by kind. Line numbers are those of the file read.
+
+Binary input (NUL bytes, or over 10% of it not UTF-8 / control characters) is refused with
+one line naming the file; control characters in the text report are shown escaped (``\x1b``),
+never written raw to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +80,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-errors", type=int, default=20, help="issues listed per input in the text report (default 20)")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 (but \t \n \r) and C1
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\x1b``): safe to write to a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def check_text(source: Source) -> None:
+    """Raise ``ValueError`` naming ``source`` when it is binary data rather than text."""
+    text = source.text
+    if "\x00" in text:
+        raise ValueError(f"{source.name}: binary data, not text (it holds NUL bytes)")
+    odd = text.count("\ufffd") + len(_CONTROL.findall(text))
+    if odd > max(len(text) // 10, 16):
+        raise ValueError(f"{source.name}: binary data, not text ({odd} of its {len(text)} characters are not "
+                         "UTF-8 text or are control characters)")  # fmt: skip
+
+
 def iter_reports(sources: list[Source], counter: TokenCounter) -> Iterator[Report]:
     for s in sources:
         yield inspect_text(s.text, counter, s.name, s.line_offset)
@@ -85,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     sources = load_sources(args.source)
     if not sources:
         raise ValueError(f"{args.source}: nothing to inspect")
+    for source in sources:
+        check_text(source)
     summary_only = args.summary or (Path(args.source).is_dir() and not args.json)
     with_summary = args.summary or Path(args.source).is_dir()
     reports = []
@@ -94,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             if sys.stderr.isatty():
                 print(f"\r{k + 1}/{len(sources)}", end="", file=sys.stderr)
             continue
-        print(json.dumps(rep.to_dict(), ensure_ascii=False) if args.json else format_report(rep, counter, args.max_errors))
+        print(json.dumps(rep.to_dict(), ensure_ascii=False) if args.json
+              else printable(format_report(rep, counter, args.max_errors)))  # fmt: skip
     if with_summary:
         summary = summarize(reports)
         if args.json:
@@ -109,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             )
             kinds = list(summary["files_with_violation"].items())[:5]
             if kinds:
-                print("most common violations (files): " + "; ".join(f"{k} ({n})" for k, n in kinds))
+                print(printable("most common violations (files): " + "; ".join(f"{k} ({n})" for k, n in kinds)))
     if args.plot:
         from multiverse.cli.pictures import plot_mask
 

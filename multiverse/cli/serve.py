@@ -8,7 +8,12 @@ Chat requests are asked as ``multiverse generate`` asks its prompts: the last us
 the SPEC 1.3 suffix the model records in ``train_summary.json`` (:mod:`multiverse.server.prompting`,
 the same rule), unless it already ends with it; ``--no-prompt-suffix`` sends chats as written.
 ``/v1/completions`` takes raw text and changes nothing (``generate --raw``). The format in use is
-printed at start-up.
+printed at start-up. Message contents are text: special tokens and tags written in them stay
+characters, unless a request sets ``parse_special_tokens`` and the server runs with
+``--allow-special-tokens`` (trusted clients only).
+
+``--host`` / ``--port`` are tried before the model loads (a bad port, a port in use: one line,
+exit 2).
 """
 
 from __future__ import annotations
@@ -46,13 +51,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "suffix the model records in train_summary.json, as `multiverse generate` does; a model "
                    "recording none gets none; /v1/completions is always sent as is)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0-65535 (default 8000; 0: any free port)")
+    p.add_argument("--allow-special-tokens", action="store_true",
+                   help="honour a chat request's parse_special_tokens: special tokens and tags written in its "
+                   "messages (<|im_end|>, <Parallel>) become tokens; for trusted clients only (default: refused "
+                   "with 400; message contents are text)")  # fmt: skip
     add_device_arguments(p)
     add_threads_argument(p)
     p.add_argument("--name", help="model name reported by /v1/models (default: the directory or file name)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                   "(default: $MULTIVERSE_API_KEY; none: open)")  # fmt: skip
+                   help="default: $MULTIVERSE_API_KEY (prefer it: a key on the command line is visible to "
+                   "every user of the machine in `ps`); with a key, every endpoint but /health needs "
+                   "'Authorization: Bearer KEY'; none: open")  # fmt: skip
     p.add_argument("--max-concurrent-requests", type=int, default=64, metavar="N",
                    help="requests in the engine's running batch at once (default 64)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
@@ -61,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="B",
                    help="largest request body; larger gets 413 (default 1 MiB)")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
-                   help="seconds before a request without its own `timeout` is aborted (default 600)")  # fmt: skip
+                   help="seconds before a request is aborted (504): the default of a request's `timeout` "
+                   "and its cap (default 600)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted (default 30)")  # fmt: skip
     p.add_argument("--kv-slots", type=int, default=None, metavar="N", help="KV pool size in tokens (default: by memory)")
@@ -95,9 +106,14 @@ def run(args: argparse.Namespace) -> int:
 
         from multiverse.server.app import ServerConfig
         from multiverse.server.prompting import chat_prompt_format
-        from multiverse.server.runner import exposure_warning, serve
+        from multiverse.server.runner import check_bind, exposure_warning, serve
     except ImportError:
         print("multiverse serve: error: needs the server extra: pip install 'multiverse[server]'", file=sys.stderr)
+        return 2
+    try:
+        check_bind(args.host, args.port)  # before the model loads
+    except ValueError as e:
+        print(f"multiverse serve: error: {e}", file=sys.stderr)
         return 2
     api_key = args.api_key or os.environ.get("MULTIVERSE_API_KEY") or None
     warning = exposure_warning(args.host, api_key)
@@ -115,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(prompt_format=fmt, api_key=api_key, max_queue=args.max_queue,
                           max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
                           max_n=args.max_n, request_timeout=args.request_timeout,
-                          shutdown_timeout=args.shutdown_timeout)  # fmt: skip
+                          shutdown_timeout=args.shutdown_timeout,
+                          allow_special_tokens=args.allow_special_tokens)  # fmt: skip
     named = adapter if adapter is not None else model
     app = create_app(llm, args.name or (named.stem if named.is_file() else named.name), config)
     serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)

@@ -104,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="train into a non-empty --output: its model files are replaced, its train_log.jsonl, "
-        "train_summary.json and checkpoint-* directories removed first",
+        help="train into a non-empty --output: its model files (a full model's or an adapter's), "
+        "train_log.jsonl, train_summary.json and checkpoint-* directories are removed first",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init and data order (default 0)")
     parser.add_argument(

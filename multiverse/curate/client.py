@@ -14,16 +14,23 @@ when none is idle). One shared pool of N connections would cost O(N) per request
 pool bookkeeping (it scans every connection, polling its socket, on each assignment), which at
 ``--concurrency 16`` took a third of the client's CPU time. The clients share one SSL context
 (made once: loading the CA bundle costs ~0.1 s of CPU, which would block the event loop).
+
+Credentials: a ``user:password@`` in ``base_url`` is sent as HTTP basic auth and kept out of the
+URL the client uses, so no error message, log line (httpx logs each request's URL at INFO) or
+file of the run (``run.json``, ``rejected.jsonl``) can hold it; :class:`ClientError` messages
+are passed through :func:`redact_urls` as well (a reply's text may quote a URL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 RETRY_STATUS = frozenset({408, 409, 429})
 # the endpoint, not the record, is wrong: no or a bad API key, a wrong --base-url or --model
@@ -37,7 +44,7 @@ class ClientError(RuntimeError):
     stops and every record stays pending, since no record would fare better."""
 
     def __init__(self, message: str, permanent: bool = False, refused: bool = False):
-        super().__init__(message)
+        super().__init__(redact_urls(message))
         self.permanent = permanent
         self.refused = refused
 
@@ -61,6 +68,24 @@ class ClientStats:
     retry_reasons: dict[str, int] = field(default_factory=dict)
 
 
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without its ``user:password@`` part, and that part (percent-decoded) or None."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
+
+
 def retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header, or None."""
     if not value:
@@ -81,7 +106,7 @@ class ChatClient:
                  temperature: float = 0.0, max_tokens: int = 4096, seed: int | None = None):  # fmt: skip
         import httpx
 
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url, self._auth = split_credentials(base_url.rstrip("/") + "/chat/completions")
         self.model = model
         self.max_retries = max_retries
         self.backoff = backoff
@@ -100,6 +125,7 @@ class ChatClient:
         if self._idle:
             return self._idle.pop()
         http = self._httpx.AsyncClient(timeout=self._timeout, headers=self._headers, verify=self._ssl,
+                                       auth=self._auth,  # basic auth from the URL's user:password@
                                        limits=self._httpx.Limits(max_connections=1, max_keepalive_connections=1))  # fmt: skip
         self._all.append(http)
         return http

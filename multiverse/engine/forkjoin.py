@@ -10,9 +10,9 @@ the :class:`KVManager`; positions only from each branch's ``LayoutState``.
   that would no longer fit the KV pool)
   just lets the branch sample on.
 * Path end: a child that samples ``</Path>`` outside any block of its own gets ``\\n``; EOS, a
-  stop string, the budget, or a tag that would break its parent's block (``<Path>``,
-  ``<Conclusion>``, ``</Parallel>``, dropped) end it with ``</Path>\\n`` (first ``</Parallel>\\n``
-  per block it left open).
+  stop string (its text cut before the stop), the budget, or a tag that would break its
+  parent's block (``<Path>``, ``<Conclusion>``, ``</Parallel>``, dropped) end it with
+  ``</Path>\\n`` (first ``</Parallel>\\n`` per block it left open).
 * Merge: when every child has ENDED and holds its K/V, the parent's K/V list becomes prefix +
   child 1 + child 2 + ... (outline order): references move, nothing is copied or recomputed. The
   parent's state is ``LayoutState.join``-ed and ``<Conclusion>\\n`` (forced) follows.
@@ -23,8 +23,9 @@ the :class:`KVManager`; positions only from each branch's ``LayoutState``.
 * Structure that cannot make progress ends the request with ``"malformed"``: ``<Parallel>``
   right after ``<Parallel>``, an empty path restarted by ``<Path>`` in a sequential block.
   ``<Path>`` at the root or after a block's Conclusion is an ordinary token (the layout rule).
-* Stop strings are matched in the decoded tail of the branch's generated tokens (``decode``:
-  the tokenizer's, whether or not it has the Multiverse tags).
+* Stop strings (:mod:`.stops`): a stop the model writes in a forked path ends that path (its
+  text cut before the stop, closed with ``</Path>\\n``); in the root it ends the request. Only
+  sampled text matches (``decode``: the tokenizer's, whether or not it has the tags).
 
 Branch state changes only through :mod:`.request` methods (``fork``, ``merge_children``,
 ``fold_children``, the status transitions...); this module makes the matching KVManager calls.
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from multiverse.engine import stops
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.request import Branch, Request, Status
 from multiverse.engine.sampling import branch_seed
@@ -188,6 +190,9 @@ class ForkJoin:
         if at_base and tag in _BREAKING:
             self.end_branch(br, "stop")
             return
+        if tag is not None and p.stop and self._cut_stop(br, tag):  # the tag is not written
+            self._stopped(br)
+            return
         if self._stalls(br, tag):
             self.finish(req, "malformed", ended_by=(token, logprob))
             return
@@ -205,19 +210,25 @@ class ForkJoin:
                 br.start_fork()
             else:
                 br.start_closing()
-        elif p.stop and self._hit_stop(br):
-            if child:
-                self.end_branch(br, "stop")
-            else:
-                self.finish(req, "stop", cut_stop=True)
+        elif p.stop and tag is None and self._cut_stop(br):
+            self._stopped(br)
 
-    def _hit_stop(self, br: Branch) -> bool:
-        """Does a stop string occur in the tail of ``br``'s generated text (never the prompt)?"""
-        stops = br.request.params.stop
-        window = max(len(s) for s in stops) + 8
-        first = br.request.prompt_len if br.parent is None else 0
-        tail = self.decode(br.own_ids[max(first, len(br.own_ids) - window) :])
-        return any(s in tail for s in stops)
+    def _cut_stop(self, br: Branch, tag: str | None = None) -> bool:
+        """Did ``br``'s last sampled token (or the ``tag`` it is about to write) complete a stop
+        string? Then cut it (:mod:`.stops`)."""
+        req = br.request
+        first = req.prompt_len if br.parent is None else 0
+        cut = stops.find_cut(self.decode, br.own_ids, br.own_forced, req.tag_names, first, req.params.stop, tag)
+        if cut is not None:
+            br.cut_at_stop(*cut)
+        return cut is not None
+
+    def _stopped(self, br: Branch) -> None:
+        """A stop string: a path ends (the request goes on to the merge); the root ends the request."""
+        if br.parent is not None:
+            self.end_branch(br, "stop")
+        else:
+            self.finish(br.request, "stop", cut_stop=True)
 
     def end_branch(self, br: Branch, reason: str, ended_by: tuple[int, float | None] | None = None) -> None:
         """EOS / stop / budget: a child is closed (``</Parallel>\\n`` per block it left open,

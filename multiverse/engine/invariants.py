@@ -7,7 +7,8 @@ For every branch of an unfinished request:
   * ``attend`` is a subsequence of ``kv``;
   * the :class:`~multiverse.engine.kv_manager.KVManager` holds exactly the slots of ``kv`` for
     the branch, and each slot's reference count covers every branch that lists it;
-  * a branch has children exactly while it is WAITING, each with ``prefix_len`` = its ``seq_len``;
+  * a branch has children exactly while it is WAITING, each with ``prefix_len`` = its ``seq_len``
+    and a label of its own (SPEC 4: labels are unique within a block);
     only a child closes or ends a path, only a root finishes.
 A finished request's root is FINISHED, has no children and holds no slot.
 
@@ -68,6 +69,7 @@ def check_branch(b: Branch, kv: KVManager) -> None:
     for c in b.children:
         need(c.parent is b and c.prefix_len == b.seq_len,
              f"child {c} has prefix_len {c.prefix_len}, seq_len is {b.seq_len}")  # fmt: skip
+    need(len({c.label for c in b.children}) == len(b.children), "two children share a label")
     if parent is None:
         need(b.status not in (Status.CLOSING, Status.ENDED), "the root is closing a path")
     else:

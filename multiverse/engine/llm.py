@@ -33,7 +33,7 @@ from multiverse.engine.runner import ModelRunner, StepOutput
 from multiverse.engine.sampling import SamplingParams, request_seed, sample, token_logprobs
 from multiverse.engine.scheduler import Scheduler, Work
 from multiverse.format import tokenizer as tokenizer_tags
-from multiverse.format.prompts import render_chat
+from multiverse.format.prompts import chat_input
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "Usage"]
 
@@ -175,9 +175,12 @@ class LLM:
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one engine step; returns the requests that finished in it. Requests may be added
-        (:meth:`add_request`) between steps."""
+        """Run one engine step; returns the requests that finished in it (none, and nothing is
+        run, when no request is unfinished). Requests may be added (:meth:`add_request`) between
+        steps."""
         active = [r for r in self.requests if not r.finished]
+        if not active:
+            return []
         works = self.scheduler.schedule(active)
         if not works:  # nothing fits: the first request alone exceeds the KV pool
             self.forkjoin.finish(active[0], "kv_capacity")
@@ -210,10 +213,12 @@ class LLM:
                 raise AssertionError(f"{holder} holds KV slots {self.kv.held(holder)[:8]}... but is not live")
 
     def _fail(self, req: Request) -> None:
-        """Finish ``req`` with ``finish_reason="error"`` (message kept) after an exception."""
+        """Finish ``req`` with ``finish_reason="error"`` (message kept, traceback logged) after an exception."""
+        import logging
         import sys
 
         err = sys.exc_info()[1]
+        logging.getLogger(__name__).error("request %d failed (finish_reason error)", req.id, exc_info=err)
         self.forkjoin.finish(req, "error", error=f"{type(err).__name__}: {err}")
 
     def _isolate(self, works: list[Work]) -> None:
@@ -321,9 +326,10 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
-        """Apply the tokenizer's chat template (generation prompt added) and generate."""
+        """Apply the tokenizer's chat template (generation prompt added) and generate; message
+        contents are text (:func:`multiverse.format.prompts.encode_chat`)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [render_chat(self.tokenizer, c) for c in convs]
+        prompts = [chat_input(self.tokenizer, c) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def output(self, req: Request, prompt: str | None = None, start: float | None = None) -> RequestOutput:

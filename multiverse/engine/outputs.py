@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from multiverse.engine import stops
 from multiverse.engine.request import Request
 
 __all__ = ["RequestOutput", "Usage", "build_output", "progress"]
@@ -55,10 +56,7 @@ def build_output(tokenizer: Any, req: Request, prompt: str | None = None, start:
     start = req.t_arrival if start is None else start
     root, n0 = req.root, req.prompt_len
     ids = root.own_ids[n0:]
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    if req.stop_offset is not None:
-        cut = max((text.rfind(s) for s in req.params.stop), default=-1)
-        text = text[:cut] if cut >= 0 else text
+    text = stops.output_text(tokenizer, root.own_ids, root.cuts, n0)  # stop strings cut (.stops)
     pos = root.own_pos[n0:]
     depth = (max(pos) + 1 - req.gen_start) if pos else 0
     secs = max(req.t_finish - start, 1e-9)

@@ -98,45 +98,65 @@ class RadixCache:
         parent.children[node.key[0]] = mid
         node.key, node.slots, node.parent = node.key[n:], node.slots[n:], mid
 
-    # -- eviction --------------------------------------------------------------------------
-    def _evictable(self, node: _Node) -> bool:
-        return not node.children and all(self.kv.refcount(s) == 1 for s in node.slots)
+    # -- eviction ----------------------------------------------------------------------------
+    def _free_tail(self, node: _Node) -> int:
+        """How many of ``node``'s last slots the cache alone holds. A request holds a prefix of
+        a cached path (a hit may end inside an edge: a root takes all but its prompt's last
+        token), so the slots only the cache holds are a suffix of the edge."""
+        k = 0
+        for s in reversed(node.slots):
+            if self.kv.refcount(s) != 1:
+                break
+            k += 1
+        return k
 
-    def _leaves(self) -> list[_Node]:
+    def _evictable(self, node: _Node) -> bool:
+        return not node.children and self._free_tail(node) > 0
+
+    def _nodes(self) -> list[_Node]:
         out, stack = [], [c for r in self._roots.values() for c in r.children.values()]
         while stack:
             node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif self._evictable(node):
-                out.append(node)
+            out.append(node)
+            stack.extend(node.children.values())
         return out
 
+    def _cache_only(self, node: _Node) -> int:
+        return sum(1 for s in node.slots if self.kv.refcount(s) == 1)
+
+    def _any_cache_only(self, node: _Node) -> bool:
+        return any(self.kv.refcount(s) == 1 for s in node.slots)
+
     def evictable_slots(self) -> int:
-        """Slots that :meth:`evict` could free right now: nodes held by the cache alone whose
-        whole subtree is too."""
-
-        def walk(node: _Node) -> tuple[bool, int]:
-            ok, total = all(self.kv.refcount(s) == 1 for s in node.slots), 0
-            for child in node.children.values():
-                c_ok, c_total = walk(child)
-                ok, total = ok and c_ok, total + c_total
-            return ok, total + (len(node.slots) if ok else 0)
-
-        return sum(walk(c)[1] for r in self._roots.values() for c in r.children.values())
+        """Slots that :meth:`evict` could free right now: every slot the cache alone holds."""
+        return sum(self._cache_only(n) for n in self._nodes())
 
     def evict(self, num_slots: int) -> int:
-        """Free at least ``num_slots`` slots if possible, least recently used leaves first;
-        nodes whose slots a request still holds are kept. Returns the slots freed."""
-        heap = [(n.last_used, id(n), n) for n in self._leaves()]
+        """Free at least ``num_slots`` slots if possible; slots a request holds are never freed.
+        Least recently used leaves go first (a leaf whose head a request reads is split and only
+        its tail goes). If that is not enough, a node the cache alone holds above one a request
+        reads (the request computed its prompt before that prefix was cached, so it holds its
+        own copy) goes with its subtree: the request keeps its slots, the cache forgets them.
+        Returns the slots freed."""
+        heap = [(n.last_used, id(n), n) for n in self._nodes() if self._evictable(n)]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_slots:
             _, _, node = heapq.heappop(heap)
-            freed += self._drop(node)
+            keep = len(node.slots) - self._free_tail(node)
+            if keep:
+                self._split(node, keep)  # the head stays, a leaf a request reads
             parent = node.parent
+            freed += self._drop(node)
             if parent is not None and parent.parent is not None and self._evictable(parent):
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
+        if freed < num_slots:
+            stranded = sorted((n for n in self._nodes() if self._any_cache_only(n)), key=lambda n: n.last_used)
+            for node in stranded:
+                if freed >= num_slots:
+                    break
+                if node.parent is not None:  # not gone with an ancestor already
+                    freed += self._drop_subtree(node)
         return freed
 
     def _drop(self, node: _Node) -> int:
@@ -144,6 +164,17 @@ class RadixCache:
         del node.parent.children[node.key[0]]
         node.parent = None
         return self.kv.release(node)
+
+    def _drop_subtree(self, node: _Node) -> int:
+        assert node.parent is not None
+        del node.parent.children[node.key[0]]
+        freed, stack = 0, [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            n.children, n.parent = {}, None
+            freed += self.kv.release(n)
+        return freed
 
     def clear(self) -> int:
         """Drop every cached prefix (slots still held by requests stay allocated)."""

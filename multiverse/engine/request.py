@@ -70,6 +70,7 @@ class Branch:
     open_at: list[int] = field(default_factory=list)  # seq index of each open <Parallel>
     children: list[Branch] = field(default_factory=list)
     blocks: list[BlockRecord] = field(default_factory=list)
+    cuts: list[tuple[int, int, str]] = field(default_factory=list)  # stop strings: own_ids[a:b] reads as text
     cursor: int = -1  # test hook (forced output): next index into the request's forced ids
     cursor_end: int = -1
     seed: int = 0
@@ -178,7 +179,12 @@ class Branch:
         self.own_forced += child.own_forced
         self.own_logprobs += child.own_logprobs
         self.max_pos = max(self.max_pos, child.max_pos)
+        self.cuts += [(a + start, b + start, text) for a, b, text in child.cuts]
         return PathRecord(child.label, start, len(self.own_ids), [b.shifted(start) for b in child.blocks])
+
+    def cut_at_stop(self, start: int, end: int, text: str) -> None:  # the tokens stay (.stops)
+        """A stop string: ``own_ids[start:end]`` (the run that completed it) reads as ``text``."""
+        self.cuts.append((start, end, text))
 
     # -- K/V (the caller makes the matching KVManager call) ----------------------------------
     def take_slots(self, slots: list[int], *, masked: bool) -> None:
@@ -324,7 +330,7 @@ class Request:
     gen_start: int = 0  # position after the prompt: depth is counted from here
     forced_ids: list[int] | None = None  # test hook: the output the "model" must write
     forced_layout: Layout | None = None
-    stop_offset: int | None = None  # canonical output text is cut here (a stop string)
+    stop_offset: int | None = None  # -1: a stop string in the root ended it (its text: root.cuts)
     ended_by: tuple[int, float | None] | None = None  # (token, logprob) sampled, not kept, that ended it
     t_arrival: float = 0.0
     t_finish: float = 0.0

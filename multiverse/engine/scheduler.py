@@ -11,7 +11,9 @@ order each step (path 1 to its end, then path 2, ...): the sequential baseline o
 
 When the pool is full the scheduler first evicts the prefix cache, then preempts the
 lowest-priority branch that holds K/V (its slots are released, its tokens kept, and it is
-recomputed later from its own tokens with the layout rule's mask: same positions, same results).
+recomputed later from its own tokens with the layout rule's mask: same positions, same results),
+evicting the cache again after each preempted root: its prompt slots, shared with the cache,
+become free only then.
 Taking the last branch in pre-order first means a parent goes only after all its descendants:
 whole families are preempted. A branch never preempts one of higher priority, so the highest
 one always progresses; if even it cannot get a single slot, its request alone exceeds the pool
@@ -107,17 +109,26 @@ class Scheduler:
 
     def _make_room(self, n: int, lower: list[Branch]) -> bool:
         """Free slots until ``n`` are free (or at least one): evict the prefix cache, then
-        preempt branches of lower priority, last first. False if not even one slot is free."""
-        if self.kv.num_free >= n:
+        preempt branches of lower priority, last first, evicting again after each root (its
+        cached prompt slots become evictable only once it lets go of them; its children go
+        before it and hold nothing the root does not).
+        False if not even one slot is free."""
+        if self._evict(n):
             return True
-        if self.radix is not None:
-            self.radix.evict(n - self.kv.num_free)
         for victim in reversed(lower):
-            if self.kv.num_free >= n:
-                break
             if self.kv.held(victim):
                 self.preempt(victim)
+                if victim.parent is None and self._evict(n):  # only a root holds cached slots
+                    return True
+                if self.kv.num_free >= n:
+                    return True
         return self.kv.num_free > 0
+
+    def _evict(self, n: int) -> bool:
+        """Evict cached prefixes until ``n`` slots are free; True if they are."""
+        if self.kv.num_free < n and self.radix is not None:
+            self.radix.evict(n - self.kv.num_free)
+        return self.kv.num_free >= n
 
     def preempt(self, br: Branch) -> None:
         """Release ``br``'s K/V; it keeps its tokens and is recomputed when it runs again."""

@@ -42,7 +42,7 @@ from multiverse.engine.policy import DEFAULT_MAX_TOKENS  # the backends' one def
 from multiverse.eval.datasets import Problem
 from multiverse.eval.grading import extract_answer, grade
 from multiverse.format import grammar
-from multiverse.format.prompts import chat_prompt, stop_token_ids
+from multiverse.format.prompts import chat_prompt_input, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def evaluate(
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     off_mode = {"parallel": False} if baseline == "plain" else {"parallel": True, "serial_branches": True}
     off = make(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop, **off_mode)
-    prompts = [chat_prompt(tokenizer, p.question, parallel_prompt) for p in problems]
+    prompts = [chat_prompt_input(tokenizer, p.question, parallel_prompt) for p in problems]  # questions are text
     result = EvalResult(
         benchmark=benchmark,
         model=model,

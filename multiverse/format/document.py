@@ -7,7 +7,7 @@ The names are re-exported by :mod:`multiverse.format.grammar`, the module caller
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -68,6 +68,35 @@ class Block:
 
 
 Item = Union[str, Block]
+
+
+def unique_labels(labels: Sequence[str | None]) -> list[str]:
+    """The labels a block's Outlines stand for, in order (SPEC 4; the engine forks one Path per
+    Outline with these). Labels are unique within a block: a written label is kept unless an
+    earlier Outline already has it; a repeated or missing one takes the next number not used
+    (counting on from the previous Outline's number), with the others' nested prefix (``1.``
+    when the first written label is ``1.2``; under it a bare ``2`` is the same label as ``1.2``,
+    as in a stream's branch names). ``["2", None]`` and ``["2", "2"]`` give ``["2", "3"]``;
+    ``[None, None]`` gives ``["1", "2"]``; ``["1.2", "2"]`` gives ``["1.2", "1.3"]``."""
+    known = [x for x in labels if x]
+    prefix = known[0].rsplit(".", 1)[0] + "." if known and "." in known[0] else ""
+    out: list[str] = []
+    used: set[str] = set()  # full labels: a bare number in a nested block with the prefix
+
+    def full(label: str) -> str:
+        return prefix + label if prefix and "." not in label else label
+
+    prev = 0
+    for label in labels:
+        if not label or full(label) in used:
+            k = prev + 1
+            while f"{prefix}{k}" in used:
+                k += 1
+            label = f"{prefix}{k}"
+        used.add(full(label))
+        out.append(label)
+        prev = int(label.rsplit(".", 1)[-1])
+    return out
 
 
 @dataclass(slots=True)

@@ -36,6 +36,7 @@ from multiverse.format.document import (  # noqa: F401 (the tree types are part 
     MultiverseSyntaxError,
     Outline,
     PathNode,
+    unique_labels,
 )
 from multiverse.format.parser import _Parser, _split_label, _strip_nl
 from multiverse.format.prompts import (  # noqa: F401 (public names)
@@ -136,18 +137,14 @@ def outline_labels(goal_text: str) -> list[str]:
     """Labels of the Outlines in the text of one (possibly partial) Goal, in order.
 
     Used by the engine at a fork: ``goal_text`` is a branch's text from its innermost
-    ``<Parallel>`` up to ``</Goal>``. Unlabelled outlines are numbered ``1, 2, ...`` in order
-    (prefixed with ``prefix.`` when the others carry a nested prefix).
+    ``<Parallel>`` up to ``</Goal>``. Labels are unique: a repeated or missing label takes the
+    next number not used (:func:`~multiverse.format.document.unique_labels`, the one rule).
     """
-    labels: list[str] = []
+    labels: list[str | None] = []
     for m in re.finditer(r"<outline>(.*?)(?:</outline>|(?=<outline>)|$)", goal_text, re.IGNORECASE | re.DOTALL):
         label, _ = _split_label(_strip_nl(m.group(1)).lstrip())
-        labels.append(label if label is not None else "")
-    prefix = ""
-    known = [x for x in labels if x]
-    if known and "." in known[0]:
-        prefix = known[0].rsplit(".", 1)[0] + "."
-    return [x if x else f"{prefix}{k + 1}" for k, x in enumerate(labels)]
+        labels.append(label)
+    return unique_labels(labels)
 
 
 # ----------------------------------------------------------------------------- statistics

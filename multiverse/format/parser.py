@@ -20,6 +20,7 @@ from multiverse.format.document import (
     Item,
     Outline,
     PathNode,
+    unique_labels,
 )
 
 
@@ -237,11 +238,13 @@ class _Parser:
 
     def _check_labels(self, blk: Block, goal_tok: _Tok | None, path_toks: list[_Tok]) -> None:
         n_out, n_path = len(blk.outlines), len(blk.paths)
+        want = unique_labels([o.label for o in blk.outlines])  # a repeated label is renumbered
         for k, (p, tok) in enumerate(zip(blk.paths, path_toks)):
             if k >= n_out:
                 self._issue(tok, f"<Path> {p.label or k + 1} has no matching <Outline> (Goal has {n_out})")
-            elif blk.outlines[k].label is not None and p.label is not None and blk.outlines[k].label != p.label:
-                self._issue(tok, f"<Path> label {p.label} does not match <Outline> {k + 1} label {blk.outlines[k].label}")
+            elif blk.outlines[k].label is not None and p.label is not None and want[k] != p.label:
+                again = "" if want[k] == blk.outlines[k].label else f" ({blk.outlines[k].label} is repeated)"
+                self._issue(tok, f"<Path> label {p.label} does not match <Outline> {k + 1} label {want[k]}{again}")
         if n_out > n_path and goal_tok is not None:
             self._issue(goal_tok, f"<Goal> has {n_out} <Outline>s but the block has {n_path} <Path>s")
 

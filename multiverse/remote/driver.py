@@ -155,6 +155,7 @@ class RemoteLLM:
             body["seed"] = tree.seed_for(br)
         if p.top_k != -1:
             body["top_k"] = p.top_k
+        # an early stop: the ids keep the stop's tokens (vLLM, ours); the engine's rule cuts
         if p.stop:
             body["stop"] = list(p.stop)
         if p.ignore_eos:

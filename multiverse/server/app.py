@@ -6,12 +6,19 @@ Server-Sent Events, :mod:`.streaming`), ``GET /v1/models``, ``GET /metrics`` (Pr
 the :class:`EngineThread` and await their results on an ``asyncio.Queue``; a client that goes
 away (streaming or not) has its generation aborted, and so has one whose ``timeout`` passes.
 Errors are OpenAI-shaped (:mod:`.errors`), the API key and body limit are :mod:`.auth`'s.
-Chats get ``ServerConfig.prompt_format``'s suffix on their last user turn (:mod:`.prompting`).
+Chats get ``ServerConfig.prompt_format``'s suffix on their last user turn (:mod:`.prompting`);
+message contents are text (special tokens and tags in them stay characters,
+:func:`~multiverse.format.prompts.encode_chat`) unless the request sets
+``parse_special_tokens`` and the server allows it (``--allow-special-tokens``).
+A request's ``timeout`` is capped at the server's ``request_timeout``; the handler answers 504
+at the deadline even while its job waits in the queue (the engine never admits an expired job).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from multiverse.format.prompts import render_chat, stop_token_ids
+from multiverse.format.prompts import encode_chat, render_chat, stop_token_ids
 from multiverse.server import errors, remote_info, responses
 from multiverse.server.auth import Guard
 from multiverse.server.engine_thread import EngineStopped, EngineThread, Job, QueueFull
@@ -32,6 +39,7 @@ from multiverse.server.schemas import ChatCompletionRequest, CompletionRequest, 
 from multiverse.server.streaming import SSE_DONE, chat_chunk, completion_chunk, sse
 
 POLL_S = 0.2  # how often a waiting handler checks that its client is still there
+log = logging.getLogger("multiverse.server")
 
 
 @dataclass(slots=True)
@@ -43,11 +51,14 @@ class ServerConfig:
     max_concurrent_requests: int = 64  # requests (each of ``n``) in the engine's batch at once
     max_body_bytes: int = 1 << 20
     max_n: int = 8
-    request_timeout: float = 600.0  # seconds, when a request sets no ``timeout``
+    request_timeout: float = 600.0  # seconds: a request's ``timeout`` default and cap
     shutdown_timeout: float = 30.0
     prompt_format: PromptFormat | None = None
     """The SPEC 1.3 suffix chat requests get on their last user message (``multiverse serve``:
     the one the model records); ``None``: chats are rendered as sent. Completions never change."""
+    allow_special_tokens: bool = False
+    """Honour a chat request's ``parse_special_tokens`` (special tokens and tags written in its
+    messages become tokens): for trusted clients only; otherwise such a request gets 400."""
 
 
 def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | None = None) -> FastAPI:
@@ -88,7 +99,8 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
         def sink(msg: tuple[Any, ...]) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(inbox.put_nowait, msg)
 
-        timeout = body.timeout or cfg.request_timeout
+        timeout = min(body.timeout or cfg.request_timeout, cfg.request_timeout)  # the operator's cap
+        deadline = time.monotonic() + timeout
         jobs = [Job(prompt, p, sink, index=i, stream=body.stream, timeout=timeout) for i, p in enumerate(params)]
         for job in jobs[1:]:
             job.after = jobs[0]  # the other choices start from the first one's cached prompt
@@ -102,41 +114,57 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                 "model": model_name}  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(request, inbox, jobs, head, chat, include_usage),
+            return StreamingResponse(stream(request, inbox, jobs, head, chat, include_usage, deadline),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-        outs = await collect(request, inbox, jobs)
+        outs = await collect(request, inbox, jobs, deadline)
         if chat:
             top = body.top_logprobs
             return JSONResponse(responses.chat_body(head, outs, tok, top))
         return JSONResponse(responses.completion_body(head, outs, tok, body.return_token_ids))
 
-    async def next_message(request: Request, inbox: asyncio.Queue, jobs: list[Job]) -> tuple[Any, ...] | None:
-        """The next engine message, or None once the client has gone (its jobs are cancelled)."""
+    async def next_message(request: Request, inbox: asyncio.Queue, jobs: list[Job],
+                           deadline: float) -> tuple[Any, ...] | None:  # fmt: skip
+        """The next engine message, or None once the client has gone (its jobs are cancelled);
+        at ``deadline`` a ``timeout`` message of our own (the jobs are cancelled: a job still
+        queued is answered now, not when the engine gets to it)."""
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                engine.cancel(jobs, timed_out=True)
+                return ("timeout", 0, None, None)
             try:
-                return await asyncio.wait_for(inbox.get(), POLL_S)
+                return await asyncio.wait_for(inbox.get(), min(POLL_S, left))
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     engine.cancel(jobs)
                     return None
 
-    async def collect(request: Request, inbox: asyncio.Queue, jobs: list[Job]) -> list[Any]:
+    def ended_error(kind: str, payload: Any) -> APIError | None:
+        """The error answer of a job that ended with ``kind`` (None: it finished)."""
+        if kind == "error":
+            return engine_error(payload)
+        if kind == "timeout":
+            return APIError(504, "generation did not finish within the request timeout", "timeout", code="timeout")
+        if kind == "shutdown":
+            return APIError(503, "the server is shutting down: the generation was aborted", code="shutdown",
+                            headers={"Retry-After": "1"})  # fmt: skip
+        return None
+
+    async def collect(request: Request, inbox: asyncio.Queue, jobs: list[Job], deadline: float) -> list[Any]:
         outs: list[Any] = [None] * len(jobs)
         left = len(jobs)
         try:
             while left:
-                msg = await next_message(request, inbox, jobs)
+                msg = await next_message(request, inbox, jobs, deadline)
                 if msg is None:
                     raise APIError(499, "client closed the request", code="client_closed")
                 kind, index, payload, _ = msg
                 if kind == "chunk":
                     continue
-                if kind == "error":
-                    raise engine_error(payload)
-                if kind == "timeout":
-                    raise APIError(504, "generation did not finish within the request timeout", "timeout",
-                                   code="timeout")  # fmt: skip
+                err = ended_error(kind, payload)
+                if err is not None:
+                    raise err
                 outs[index] = payload
                 left -= 1
         finally:
@@ -144,7 +172,7 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
         return outs
 
     async def stream(request: Request, inbox: asyncio.Queue, jobs: list[Job], head: dict[str, Any], chat: bool,
-                     include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+                     include_usage: bool, deadline: float) -> AsyncIterator[str]:  # fmt: skip
         outs: list[Any] = [None] * len(jobs)
         left = len(jobs)
         try:
@@ -152,13 +180,12 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                 for i in range(len(jobs)):
                     yield sse(chat_chunk(head, i, {"role": "assistant", "content": ""}, None))
             while left:
-                msg = await next_message(request, inbox, jobs)
+                msg = await next_message(request, inbox, jobs, deadline)
                 if msg is None:
                     return
                 kind, index, payload, rest = msg
-                if kind in ("error", "timeout"):
-                    err = engine_error(payload) if kind == "error" else APIError(
-                        504, "generation did not finish within the request timeout", "timeout", code="timeout")
+                err = ended_error(kind, payload)
+                if err is not None:
                     yield sse(err.body())
                     yield SSE_DONE
                     return
@@ -170,9 +197,12 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                     left -= 1
                 if chat:
                     delta = {"content": text} if text else {}
-                    yield sse(chat_chunk(head, index, delta, finish, events))
+                    chunk = chat_chunk(head, index, delta, finish, events)
                 else:
-                    yield sse(completion_chunk(head, index, text, finish, events))
+                    chunk = completion_chunk(head, index, text, finish, events)
+                if finish is not None:  # the engine's own reason (``malformed``, ``max_total_tokens`` ...)
+                    chunk.setdefault("multiverse", {"index": index})["finish_reason"] = payload.finish_reason
+                yield sse(chunk)
             if include_usage:
                 yield sse({**head, "object": "chat.completion.chunk" if chat else "text_completion",
                            "choices": [], "usage": responses.usage(outs)})  # fmt: skip
@@ -183,7 +213,8 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
     def engine_error(e: Any) -> APIError:
         if isinstance(e, ValueError):  # the engine refused the prompt
             return APIError(400, str(e), "prompt", code="invalid_prompt")
-        return APIError(500, f"engine error: {e}", code="engine_error")
+        # logged with its traceback where it happened (the engine thread)
+        return APIError(500, f"engine error: {type(e).__name__}: {e}", code="engine_error")
 
     @app.get("/health")
     async def health() -> Any:
@@ -220,9 +251,15 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """OpenAI chat completions; ``content`` is a string or a list of text parts."""
-        prompt = render_chat(tok, apply_prompt_format(body.chat_messages(), cfg.prompt_format))
-        if not prompt:
+        if body.parse_special_tokens and not cfg.allow_special_tokens:
+            raise APIError(400, "parse_special_tokens is not allowed by this server (start it with "
+                           "--allow-special-tokens, for trusted clients; or send token ids to /v1/completions)",
+                           "parse_special_tokens")  # fmt: skip
+        messages = apply_prompt_format(body.chat_messages(), cfg.prompt_format)
+        if not render_chat(tok, messages):
             raise APIError(400, "the messages render to an empty prompt", "messages")
+        # tokenised on the engine thread; contents are text unless the client may and asks
+        prompt = functools.partial(encode_chat, messages=messages, special_tokens=body.parse_special_tokens)
         return await generate(request, body, prompt, chat=True)
 
     return app

@@ -12,8 +12,16 @@ steps the engine, and reports to each job's ``sink`` (a thread-safe callable, us
     (``text`` extends the canonical text sent so far; ``events``: :mod:`.streaming`);
   * ``("done", index, output, (text, events))``: the request finished (``output``: its
     :class:`~multiverse.engine.llm.RequestOutput`; for a streaming job the rest of its text);
-  * ``("timeout", index, output, None)``: its ``deadline`` passed; it was aborted;
-  * ``("error", index, exception, None)``: the prompt was refused or the engine failed.
+  * ``("timeout", index, output, None)``: its ``deadline`` passed; it was aborted (``output``
+    ``None``: it expired in the queue, never admitted);
+  * ``("shutdown", index, output, None)``: the server is shutting down and the job was aborted
+    (or never admitted: ``output`` ``None``);
+  * ``("error", index, exception, None)``: the prompt was refused or the engine failed (an
+    unexpected failure is logged with its traceback here).
+
+A job's prompt is text, token ids, or a callable ``tokenizer -> ids`` (a chat: rendered and
+tokenised here, on the thread that owns the tokenizer). Counters of :attr:`metrics` are written
+under :attr:`cond` (the HTTP side counts cancels and 429s too).
 
 The engine state is only read here (``llm.requests``, the requests' branch trees, ``llm.kv``)
 and changed only through the engine's API: ``add_request``, ``step``, ``abort``.
@@ -48,7 +56,7 @@ class EngineStopped(RuntimeError):
 class Job:
     """One completion: a prompt, its settings, and where its results go."""
 
-    prompt: str | list[int]
+    prompt: str | list[int] | Callable[[Any], list[int]]
     params: Any  # SamplingParams
     sink: Callable[[tuple[Any, ...]], None]
     index: int = 0
@@ -58,6 +66,7 @@ class Job:
     req: Any = field(default=None, init=False)
     streamer: BranchStreamer | None = field(default=None, init=False)
     finished: bool = field(default=False, init=False)
+    timed_out: bool = field(default=False, init=False)  # cancelled by its handler at the deadline
     seen_tokens: int = field(default=0, init=False)
     seen_blocks: int = field(default=0, init=False)
     after: Job | None = None  # admitted once that job's prompt is computed (``n`` > 1: the prefix cache)
@@ -80,6 +89,7 @@ class EngineThread:
         self.cancels: list[Job] = []
         self.running: dict[int, Job] = {}  # request id -> job; touched by the engine thread only
         self.intake = True
+        self.shutting_down = False  # set by :meth:`drain` when its time is up: answer and abort everything
         self.stopped = False
         self.error: BaseException | None = None
         self.snapshot: dict[str, float] = {}
@@ -107,16 +117,19 @@ class EngineThread:
                 self.waiting.append(job)
             self.cond.notify()
 
-    def cancel(self, jobs: list[Job]) -> None:
-        """The client is gone: drop waiting jobs now, abort running ones between two steps."""
+    def cancel(self, jobs: list[Job], timed_out: bool = False) -> None:
+        """The client is gone (or, ``timed_out``, its handler's deadline passed): drop waiting
+        jobs now, abort running ones between two steps."""
         with self.cond:
             for job in jobs:
                 if job.finished:
                     continue
+                job.timed_out = job.timed_out or timed_out
                 if job in self.waiting:
                     self.waiting.remove(job)
                     job.finished = True
                     self.metrics.aborted += 1
+                    self.metrics.timeouts += int(timed_out)
                 else:
                     self.cancels.append(job)
             self.cond.notify()
@@ -130,8 +143,9 @@ class EngineThread:
             return not self.waiting and not self.running and not self.cancels
 
     def drain(self, timeout: float) -> bool:
-        """Stop intake, let in-flight work finish for up to ``timeout`` s, then abort the rest.
-        Returns True when everything finished on its own."""
+        """Stop intake, let in-flight work finish for up to ``timeout`` s, then abort the rest:
+        every job still queued or running is answered ``("shutdown", ...)``. Returns True when
+        everything finished on its own."""
         self.stop_intake()
         end = time.monotonic() + timeout
         while time.monotonic() < end and self.alive and not self.idle():
@@ -139,9 +153,7 @@ class EngineThread:
         clean = self.idle()
         if not clean:
             with self.cond:
-                self.cancels.extend(self.waiting)
-                self.waiting.clear()
-                self.cancels.extend(self.running.values())
+                self.shutting_down = True
                 self.cond.notify()
             end = time.monotonic() + 5
             while time.monotonic() < end and self.alive and not self.idle():
@@ -153,12 +165,22 @@ class EngineThread:
             self.stopped = True
             self.cond.notify()
         self.thread.join(timeout=10)
+        with self.cond:  # the thread has ended (or hangs in a step): nobody is left waiting
+            jobs = [j for j in [*self.waiting, *self.running.values(), *self.cancels] if not j.finished]
+            self.waiting.clear(), self.running.clear(), self.cancels.clear()
+        for job in jobs:
+            job.finished = True
+            try:
+                job.sink(("shutdown", job.index, None, None))
+            except RuntimeError:  # its handler's event loop is already closed: nobody to answer
+                log.debug("job %d: no handler left to answer at close", job.index)
 
     # -- the engine thread -----------------------------------------------------------------
     def _loop(self) -> None:
         try:
             self._serve()
         except BaseException as e:  # the thread must not die silently with clients waiting
+            log.exception("the engine thread failed")
             self.error = e
             with self.cond:
                 jobs = list(self.running.values()) + list(self.waiting) + self.cancels
@@ -175,6 +197,13 @@ class EngineThread:
                 if self.stopped:
                     return
                 cancels, self.cancels = self.cancels, []
+                now = time.monotonic()
+                gone = [j for j in self.waiting if self.shutting_down or j.deadline <= now]
+                for job in gone:  # expired in the queue (or shutting down): answered, never prefilled
+                    self.waiting.remove(job)
+                    job.finished = True
+                    self.metrics.aborted += 1
+                    self.metrics.timeouts += int(not self.shutting_down)
                 new = []
                 for job in list(self.waiting):
                     if len(self.running) + len(new) >= self.max_running:
@@ -182,8 +211,12 @@ class EngineThread:
                     if _ready(job):
                         self.waiting.remove(job)
                         new.append(job)
+                if self.shutting_down:
+                    cancels += [j for j in self.running.values() if j not in cancels]
+            for job in gone:
+                job.sink(("shutdown" if self.shutting_down else "timeout", job.index, None, None))
             for job in cancels:
-                self._abort(job, "abort")
+                self._abort(job, "shutdown" if self.shutting_down else "timeout" if job.timed_out else "abort")
             for job in new:
                 self._admit(job)
             now = time.monotonic()
@@ -196,19 +229,24 @@ class EngineThread:
     def _admit(self, job: Job) -> None:
         try:
             ids = job.prompt
-            if isinstance(ids, str):  # tokenized here: the tokenizer is the engine thread's too
+            if callable(ids):  # a chat, tokenised here: the tokenizer is the engine thread's too
+                ids = ids(self.llm.tokenizer)
+            elif isinstance(ids, str):
                 ids = self.llm.tokenizer.encode(ids, add_special_tokens=False)
             kv = getattr(self.llm, "kv", None)
             if kv is not None and len(ids) >= kv.num_slots:
                 raise ValueError(f"the prompt is {len(ids)} tokens; the KV pool holds {kv.num_slots}")
             req = self.llm.add_request(ids, job.params)
         except Exception as e:  # a bad prompt: answer this client, keep serving
+            if isinstance(e, ValueError):  # refused (400): the traceback only at debug
+                log.debug("prompt of job %d refused: %s", job.index, e, exc_info=True)
+            else:
+                log.exception("admitting a request failed")
             self._fail(job, e)
             return
         job.req = req
         if job.stream:
-            stops = getattr(job.params, "stop", None) or []
-            job.streamer = BranchStreamer(self.llm.tokenizer, hold=max((len(s) for s in stops), default=0))
+            job.streamer = BranchStreamer(self.llm.tokenizer)  # stop strings: read from the request
         with self.cond:
             self.running[req.id] = job
 
@@ -216,6 +254,7 @@ class EngineThread:
         try:
             done = self.llm.step()
         except Exception as e:  # an engine failure must not hang the clients
+            log.exception("engine step failed; failing %d running request(s)", len(self.running))
             with self.cond:
                 jobs = list(self.running.values())
                 self.running.clear()
@@ -257,6 +296,7 @@ class EngineThread:
         try:
             out = self.llm.output(job.req, job.prompt if isinstance(job.prompt, str) else None)
         except Exception as e:  # never leave a client waiting
+            log.exception("building the output of request %s failed", job.req.id)
             job.sink(("error", job.index, e, None))
             return
         self.metrics.observe(out)
@@ -277,9 +317,9 @@ class EngineThread:
             return
         self._count(job)
         self._try_abort(job)
-        self.metrics.aborted += 1
-        if kind == "timeout":
-            self.metrics.timeouts += 1
+        with self.cond:  # cancel() counts on the HTTP side
+            self.metrics.aborted += 1
+            self.metrics.timeouts += int(kind == "timeout")
         if notify:
             self._complete(job, kind)
         else:
@@ -288,7 +328,8 @@ class EngineThread:
 
     def _fail(self, job: Job, e: BaseException) -> None:
         job.finished = True
-        self.metrics.errors += 1
+        with self.cond:
+            self.metrics.errors += 1
         job.sink(("error", job.index, e, None))
 
     def _take_snapshot(self) -> None:

@@ -56,7 +56,8 @@ def install(app: Any) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Any, exc: RequestValidationError) -> Any:
         errs = exc.errors()
-        first = errs[0] if errs else {}
+        # a validator's own message (a union tries each member: its type errors come first) else the first
+        first = next((e for e in errs if e.get("type") == "value_error"), errs[0] if errs else {})
         param, where = _loc(first.get("loc", ()))
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":

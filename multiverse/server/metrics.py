@@ -1,7 +1,8 @@
 """``GET /metrics``: the server's counters in the Prometheus text format (version 0.0.4).
 
-Counters and histograms are written by the engine thread only (plain ints and floats: a reader
-on another thread sees a value at most one step old); gauges come from the engine thread's
+Counters and histograms are plain ints and floats written under the engine thread's lock
+(``EngineThread.cond``: the HTTP side counts cancelled queued requests and 429s; a reader on
+another thread sees a value at most one step old); gauges come from the engine thread's
 snapshot taken after every step (requests running / waiting, KV slots used / free / held by
 the prefix cache).
 """

@@ -16,7 +16,9 @@ _LENGTH = ("length", "max_tokens", "max_total_tokens", "kv_capacity")
 
 
 def finish_reason(out: Any) -> str:
-    """OpenAI's ``stop`` / ``length``; ``abort`` and ``error`` are passed on as they are."""
+    """OpenAI's ``stop`` / ``length``; ``abort`` and ``error`` are passed on as they are. Any
+    other reason (``malformed``: the model broke the SPEC 1 grammar) is ``stop``: the engine's
+    own reason is the ``multiverse.finish_reason`` field (streams: of the last chunk)."""
     reason = out.finish_reason
     if reason in _LENGTH:
         return "length"
@@ -34,7 +36,8 @@ def extension(out: Any) -> dict[str, Any]:
     return {"depth_tokens": u.depth_tokens, "parallel_degree": round(u.parallel_degree, 4),
             "forced_tokens": u.forced_tokens, "blocks": u.blocks, "branches": u.branches,
             "seconds": round(u.seconds, 4), "finish_reason": out.finish_reason, "tree": out.tree,
-            "seed": out.seed, "forking": out.forking}  # fmt: skip
+            "seed": out.seed, "forking": out.forking,
+            **({"error": out.error} if getattr(out, "error", None) else {})}  # fmt: skip
 
 
 def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:

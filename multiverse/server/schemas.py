@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from multiverse.engine.sampling import MAX_PENALTY, SamplingParams
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
@@ -21,6 +21,16 @@ MAX_TOKENS_LIMIT = 1 << 20  # far beyond any KV pool; a bound keeps arithmetic s
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 1  # the engine keeps the sampled token's logprob only
 
+def _unicode(v: str) -> str:
+    """Text a tokenizer can take: JSON can carry a lone surrogate (``"\\ud800"``), Unicode text cannot."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: a lone surrogate {v[e.start]!r} at character {e.start}") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 NonNegInt = Annotated[int, Field(ge=0, le=(1 << 31) - 1)]
 Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
 
@@ -45,7 +55,7 @@ class _Common(BaseModel):
     n: Annotated[int, Field(ge=1, le=64)] = Field(1, description="completions per prompt (server limit --max-n)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
     seed: Seed | None = None
     presence_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = Field(
         0.0, description="subtracted from the logit of every token the sequence has generated")
@@ -66,7 +76,8 @@ class _Common(BaseModel):
     stop_token_ids: Annotated[list[NonNegInt], Field(max_length=256)] | None = None
     ignore_eos: bool = False
     timeout: Annotated[float, Field(gt=0.0, le=86400.0)] | None = Field(
-        None, description="seconds; the generation is aborted when it runs longer (default: the server's)"
+        None, description="seconds from arrival (queue included); the request is aborted with 504 when it runs "
+        "longer (default and cap: the server's --request-timeout)"
     )
 
     @field_validator("stop")
@@ -80,7 +91,7 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] | Annotated[
         list[NonNegInt], Field(min_length=1)
     ] = Field(..., description="a string or a list of token ids (a list of one string is accepted)")
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
@@ -95,13 +106,13 @@ class CompletionRequest(_Common):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -125,6 +136,11 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    parse_special_tokens: bool = Field(
+        False, description="Multiverse, trusted clients: special tokens and tags written in the messages "
+        "(<|im_end|>, <Parallel>) become tokens (default: message contents are text; needs the server's "
+        "--allow-special-tokens)"
+    )
 
     def chat_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them (text parts joined; developer -> system)."""

@@ -8,8 +8,10 @@ engine steps (read only) and says what is new since the last look:
   the text before the block, every path that has ended, in outline order, up to the first one
   that has not, and the live text of that first unfinished path (recursively, for nested
   blocks). The root's tokens, a child's tokens and the merge only ever append, so what was sent
-  stays a prefix of the final text; held back: a trailing partial UTF-8 character, and the
-  last ``hold`` characters when stop strings may still cut the text.
+  stays a prefix of the final text; held back: a trailing partial UTF-8 character, and the end
+  of a live branch's run that could still begin a stop string (:mod:`multiverse.engine.stops`:
+  a stop cuts that path, or in the root the request, right there). Each branch's text is
+  decoded incrementally (:mod:`.detokenize`), so a step costs the same at any length.
 * **events** (the ``multiverse`` field of a chunk; docs/streaming.md):
   ``{"type": "fork", "block": 0, "branch": "", "labels": ["1", "2"], "paths": ["1", "2"]}``,
   ``{"type": "delta", "branch": "1.2", "block": 1, "text": "..."}``,
@@ -27,10 +29,14 @@ The functions below build the OpenAI chunk objects and the SSE framing.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+from multiverse.engine import stops
 from multiverse.engine.records import Status
+from multiverse.server.detokenize import FullText, IncrementalText
 
+log = logging.getLogger("multiverse.server")
 _DONE = (Status.CLOSING, Status.ENDED, Status.FINISHED)
 
 
@@ -41,53 +47,34 @@ def branch_name(parent: str, label: str) -> str:
     return f"{parent}.{label}"
 
 
-def stable_ids(root: Any, prompt_len: int) -> list[int]:
-    """Token ids of the certain prefix of the canonical output (module docstring)."""
-    out: list[int] = []
+class _State:
+    """What the streamer knows of one branch: its text and how much of it went where."""
 
-    def walk(b: Any, skip: int) -> bool:  # True: the branch and everything under it is complete
-        out.extend(b.own_ids[skip:])
-        if not b.children:
-            return b.status in _DONE
-        for c in list(b.children):
-            if not walk(c, 0):
-                return False
-        return False  # every path ended, the merge has not happened yet
+    __slots__ = ("text", "released", "sent", "canon", "ended")
 
-    walk(root, prompt_len)
-    return out
-
-
-class _Text:
-    """Incremental decoding of a growing token list (partial characters held back)."""
-
-    __slots__ = ("sent",)
-
-    def __init__(self) -> None:
-        self.sent = ""
-
-    def advance(self, text: str, hold: int = 0, final: bool = False) -> str:
-        if not final:
-            text = text.rstrip("\ufffd")
-            text = text[: max(len(text) - hold, 0)]
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
+    def __init__(self, text: IncrementalText | FullText) -> None:
+        self.text = text
+        self.released = 0  # characters certain (held back: a partial character, a possible stop)
+        self.sent = 0  # ... sent as delta events
+        self.canon = 0  # ... sent as the canonical text
+        self.ended = False
 
 
 class BranchStreamer:
-    """What is new in one request since the last call (see the module docstring)."""
+    """What is new in one request since the last call (see the module docstring).
 
-    def __init__(self, tokenizer: Any, hold: int = 0) -> None:
+    ``incremental=False``: every branch's text is re-decoded in full after every step (the
+    reference: the same chunks, at a cost growing with the length)."""
+
+    def __init__(self, tokenizer: Any, incremental: bool = True) -> None:
         self.tokenizer = tokenizer
-        self.hold = hold
-        self.text = _Text()
-        self.branch_text: dict[Any, _Text] = {}  # Branch (by identity) -> text sent as deltas
-        self.ended: set[Any] = set()
-        self.forks: dict[Any, tuple[int, str, list[Any]]] = {}  # parent -> (block, name, children)
+        self.incremental = incremental
+        self.states: dict[Any, _State] = {}  # Branch (by identity) -> its text so far
+        self.forks: dict[Any, tuple[int, str, list[Any], int]] = {}  # parent -> (block, name, children, start)
+        self.merged: dict[tuple[Any, int], tuple[str, bool]] = {}  # (parent, start) -> (text, sent as canonical)
         self.child_block: dict[Any, int] = {}
         self.num_blocks = 0
+        self.sent = 0  # characters of canonical text sent
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -95,59 +82,108 @@ class BranchStreamer:
     def update(self, req: Any) -> tuple[str, list[dict[str, Any]]]:
         """(new canonical text, new events) of ``req`` now."""
         events: list[dict[str, Any]] = []
-        self._walk(req.root, "", events)
-        text = self._decode(stable_ids(req.root, req.prompt_len))
-        return self.text.advance(text, self.hold), events
+        out: list[str] = []
+        self._walk(req, req.root, "", events, out, True)
+        text = "".join(out)
+        self.sent += len(text)
+        return text, events
 
     def finish(self, req: Any, final_text: str) -> tuple[str, list[dict[str, Any]]]:
         """The rest, once ``req`` has finished with ``final_text`` (``RequestOutput.text``)."""
         events: list[dict[str, Any]] = []
-        self._walk(req.root, "", events)
+        out: list[str] = []
+        self._walk(req, req.root, "", events, out, True)
         for parent in list(self.forks):  # blocks folded at an abort / the KV capacity
-            self._close(parent, events)
-        return self.text.advance(final_text, final=True), events
+            self._close(req, parent, events, out, False)
+        rest = "".join(out)
+        sent, self.sent = self.sent, len(final_text)
+        if sent + len(rest) != len(final_text):  # a bug: the final text is what counts
+            log.warning("request %s: streamed %d + %d characters, the output has %d", req.id, sent, len(rest),
+                        len(final_text))  # fmt: skip
+        return final_text[sent:], events
 
-    def _walk(self, b: Any, name: str, events: list[dict[str, Any]]) -> None:
+    def _state(self, req: Any, b: Any) -> _State:
+        st = self.states.get(b)
+        if st is None:
+            first = req.prompt_len if b.parent is None else 0
+            st = self.states[b] = _State(IncrementalText(first) if self.incremental else FullText(first))
+        return st
+
+    def _block_text(self, b: Any, blk: Any) -> str:
+        """A merged block's text: its children's, or decoded here if the streamer never saw them."""
+        known = self.merged.get((b, blk.start))
+        return known[0] if known is not None else stops.render(self._decode, b.own_ids, b.cuts, blk.start, blk.end)
+
+    def _advance(self, req: Any, b: Any, final: bool) -> _State:
+        """Read ``b``'s new tokens; ``released``: its text up to what a stop could still cut."""
+        st = self._state(req, b)
+        for start, length in st.text.advance(b, self._decode, req.tag_names, final, self._block_text):
+            known = self.merged.pop((b, start), None)
+            if known is not None and known[1]:  # its children's text went out as canonical text
+                st.canon += length
+        n = st.text.length()
+        stop = req.params.stop
+        if stop and not final:
+            n -= stops.stop_hold(st.text.tail(max(map(len, stop))), stop, st.text.run_len())
+        st.released = max(st.released, n)
+        return st
+
+    def _emit(self, st: _State, out: list[str], canonical: bool, path: Any = None, name: str = "",
+              events: list[dict[str, Any]] | None = None, done: bool = False) -> None:  # fmt: skip
+        """Send ``st``'s released text: as canonical text (``canonical``: everything before it
+        has been sent) and, for a ``path`` (a child branch), as delta / path_end events."""
+        if canonical and st.released > st.canon:
+            out.append(st.text.piece(st.canon, st.released))
+            st.canon = st.released
+        if path is None or events is None or st.ended:
+            return
+        block = self.child_block.get(path)
+        if st.released > st.sent:
+            events.append({"type": "delta", "branch": name, "block": block, "text": st.text.piece(st.sent, st.released)})
+            st.sent = st.released
+        if done:
+            st.ended = True
+            events.append({"type": "path_end", "branch": name, "block": block})
+
+    def _walk(self, req: Any, b: Any, name: str, events: list[dict[str, Any]], out: list[str],
+              frontier: bool) -> bool:  # fmt: skip
+        """Events and canonical text (``frontier``: everything before ``b`` has been sent) of ``b``
+        and its subtree; True when ``b`` is a path whose text is complete."""
         known = self.forks.get(b)
         kids = list(b.children)
         if known is not None and [id(c) for c in known[2]] != [id(c) for c in kids]:
-            self._close(b, events)  # merged (children gone), maybe forked again since
+            self._close(req, b, events, out, frontier)  # merged (children gone), maybe forked again since
             known = None
+        done = b.status in _DONE
+        st = self._advance(req, b, done)
+        self._emit(st, out, frontier, b if b.parent is not None else None, name, events, done)
         if kids and known is None:
             block = self.num_blocks
             self.num_blocks += 1
-            self.forks[b] = (block, name, kids)
+            self.forks[b] = (block, name, kids, len(b.own_ids))
             for c in kids:
                 self.child_block[c] = block
             events.append({"type": "fork", "block": block, "branch": name, "labels": [c.label for c in kids],
                            "paths": [branch_name(name, c.label) for c in kids]})  # fmt: skip
         for c in kids:
-            cname = branch_name(name, c.label)
-            self._delta(c, cname, events)
-            self._walk(c, cname, events)
+            frontier = self._walk(req, c, branch_name(name, c.label), events, out, frontier) and frontier
+        return b.parent is not None and done
 
-    def _delta(self, c: Any, name: str, events: list[dict[str, Any]], final: bool = False) -> None:
-        if c in self.ended:
-            return
-        sent = self.branch_text.setdefault(c, _Text())
-        done = final or c.status in _DONE
-        delta = sent.advance(self._decode(c.own_ids), final=done)
-        if delta:
-            events.append({"type": "delta", "branch": name, "block": self.child_block.get(c), "text": delta})
-        if done:
-            self.ended.add(c)
-            events.append({"type": "path_end", "branch": name, "block": self.child_block.get(c)})
-
-    def _close(self, parent: Any, events: list[dict[str, Any]]) -> None:
-        block, name, kids = self.forks.pop(parent)
+    def _close(self, req: Any, parent: Any, events: list[dict[str, Any]], out: list[str], frontier: bool) -> None:
+        """``parent``'s block was merged or folded: every path's text is final."""
+        block, name, kids, start = self.forks.pop(parent)
+        texts = []
         for c in kids:
             cname = branch_name(name, c.label)
             if c in self.forks:
-                self._close(c, events)
-            self._delta(c, cname, events, final=True)
-            self.branch_text.pop(c, None)
-            self.ended.discard(c)
+                self._emit(self._state(req, c), out, frontier)  # its text before its own block
+                self._close(req, c, events, out, frontier)
+            st = self._advance(req, c, True)
+            self._emit(st, out, frontier, c, cname, events, True)
+            texts.append(st.text.piece(0))
+            self.states.pop(c, None)
             self.child_block.pop(c, None)
+        self.merged[(parent, start)] = ("".join(texts), frontier)
         events.append({"type": "merge", "block": block, "branch": name})
 
 

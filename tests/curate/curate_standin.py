@@ -39,7 +39,7 @@ class StandIn:
     """The scripted server. ``faults[(question, step)]`` is a list of fault names used in
     order, one per request of that record and step (step: summarise|parallelise|mapreduce).
 
-    Faults: ``429`` (with Retry-After), ``401``, ``404``, ``500``, ``timeout`` (sleeps past the client's
+    Faults: ``429`` (with Retry-After), ``400``, ``401``, ``404``, ``500``, ``timeout`` (sleeps past the client's
     timeout), ``badjson``, ``length`` (truncated, finish_reason length), ``outlines`` (one
     outline too few), ``missing_edit`` (an edit whose find is absent), ``delete`` (edits
     deleting most of every path's first line).
@@ -52,6 +52,7 @@ class StandIn:
         self.latency = latency
         self.timeout_sleep = timeout_sleep
         self.requests: list[tuple[str, str]] = []
+        self.authorization: set[str | None] = set()  # the Authorization headers received
         self.counts: dict[str, int] = defaultdict(int)
         self.connections = 0  # TCP connections accepted
         self.lock = threading.Lock()
@@ -72,6 +73,8 @@ class StandIn:
             return 429, {"Retry-After": "0.05"}, {"error": "rate limited"}, "", ""
         if fault in ("401", "404"):  # a missing key / a wrong URL or model name
             return int(fault), {}, {"error": {"message": "invalid api key" if fault == "401" else "not found"}}, "", ""
+        if fault == "400":  # this record's request is bad (e.g. over the model's context)
+            return 400, {}, {"error": {"message": "bad request"}}, "", ""
         if fault == "500":
             return 500, {}, {"error": "boom"}, "", ""
         if fault == "timeout":
@@ -122,6 +125,8 @@ class StandIn:
                     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 except (ConnectionError, ValueError):  # a client killed mid-request
                     return
+                with standin.lock:
+                    standin.authorization.add(self.headers.get("Authorization"))
                 if standin.latency:
                     time.sleep(standin.latency)
                 status, headers, err, content, finish = standin.reply(body)

@@ -73,10 +73,10 @@ def test_remote_llm_standin_max_requests_stops_intake_and_rerun_resumes(tmp_path
         _write_inputs(tmp_path / "in.jsonl", records)
         base = ["run", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"), "--base-url", url,
                 "--model", MODEL, "--concurrency", "2", "--quiet"]  # fmt: skip
-        cli.run(_args([*base, "--max-requests", "5"]))
+        assert cli.run(_args([*base, "--max-requests", "5"])) == cli.EXIT_PENDING
         assert "intake stopped: --max-requests 5 reached" in capsys.readouterr().out
         assert len(s.requests) == 5
-        cli.run(_args(base))
+        assert cli.run(_args(base)) == 0
         rows = J.read_jsonl(tmp_path / "o" / "curated.jsonl")
         assert [r["id"] for r in rows] == [r.id for r in records]
         assert len(s.requests) == sum(2 + r.chain.count("<Parallel>") for r in records)  # nothing asked twice
@@ -144,8 +144,9 @@ def test_remote_llm_standin_ctrl_c_stops_intake_then_rerun_finishes(tmp_path):
         while time.monotonic() < deadline and len(J.read_jsonl(out / "curated.jsonl")) < 2:
             time.sleep(0.02)
         child.send_signal(signal.SIGINT)
-        stdout, _ = child.communicate(timeout=30)
-        assert child.returncode == 0 and "intake stopped: stopped by the user" in stdout
+        stdout, stderr = child.communicate(timeout=30)
+        assert child.returncode == 130 and "intake stopped: stopped by the user" in stdout  # Ctrl-C: 130
+        assert "left pending: run the same command again to resume them" in stderr
         first = len(J.read_jsonl(out / "curated.jsonl"))
         assert 2 <= first < len(records)
         subprocess.run(argv, env=env, check=True, timeout=60, capture_output=True)
@@ -206,6 +207,52 @@ def test_remote_llm_standin_refusing_endpoint_stops_the_run_and_rejects_nothing(
         assert f"{len(records)} accepted, 0 rejected, 0 pending (0 done before" in capsys.readouterr().out
     finally:
         s.stop()
+
+
+def test_pending_records_exit_non_zero_and_url_credentials_stay_out_of_every_file(tmp_path, capsys):
+    """A run that leaves records pending (a request out of retries) exits ``EXIT_PENDING`` and
+    says how many and that a rerun resumes them; the rerun finishes them and exits 0. A
+    ``user:password@`` in ``--base-url`` is sent as basic auth and is in no error string, no
+    ``run.json``, no ``rejected.jsonl`` and nothing printed."""
+    import base64
+
+    records = _records(1)
+    s = StandIn(records)
+    url = s.start()
+    try:
+        _write_inputs(tmp_path / "in.jsonl", records)
+        out = tmp_path / "out"
+        assert url.startswith("http://")
+        argv = ["run", str(tmp_path / "in.jsonl"), "--output", str(out), "--base-url",
+                url.replace("http://", "http://curator:s3cr%40t@"), "--model", MODEL, "--concurrency", "2",
+                "--max-retries", "0", "--quiet"]  # fmt: skip
+        s.always[(records[0].question, "summarise")] = "400"  # rejected, with the request's error
+        s.always[(records[-1].question, "summarise")] = "500"  # out of retries: pending
+        assert cli.run(_args(argv)) == cli.EXIT_PENDING
+        printed = capsys.readouterr()
+        assert f"{len(records) - 2} accepted, 1 rejected, 1 pending" in printed.out
+        assert "1 record left pending: run the same command again to resume them" in printed.err
+        run_json, rejected = (out / "run.json").read_text(), (out / "rejected.jsonl").read_text()
+        host = url.removeprefix("http://").split("/")[0]
+        assert f"HTTP 500 from http://{host}/" in run_json and f"HTTP 400 from http://{host}/" in rejected
+        for text in (run_json, rejected, printed.out, printed.err):
+            assert "s3cr" not in text and "curator:" not in text
+        assert s.authorization == {"Basic " + base64.b64encode(b"curator:s3cr@t").decode()}
+        s.always.clear()
+        assert cli.run(_args(argv)) == 0
+        assert "0 pending" in capsys.readouterr().out
+    finally:
+        s.stop()
+
+
+def test_help_shows_the_defaults_of_the_request_options():
+    p = argparse.ArgumentParser(prog="multiverse curate")
+    cli.add_arguments(p)
+    run = p._subparsers._group_actions[0].choices["run"]
+    helps = {a.option_strings[0]: a.help or "" for a in run._actions if a.option_strings}
+    for option, default in (("--timeout", "120"), ("--max-retries", "6"), ("--concurrency", "8")):
+        assert f"(default {default})" in helps[option], (option, helps[option])
+        assert str(run.get_default(option[2:].replace("-", "_"))).removesuffix(".0") == default
 
 
 def test_report_of_a_run_with_nothing_accepted_says_so(tmp_path, capsys):

@@ -259,17 +259,18 @@ def test_serve_with_an_adapter(dirs, monkeypatch):
     pytest.importorskip("fastapi")
     import argparse
 
-    import uvicorn
     from fastapi.testclient import TestClient
 
     from multiverse.cli import serve
+    from multiverse.server import runner
 
     base, adapter, _ = dirs
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(runner, "serve", lambda app, **kw: apps.append(app))  # instead of listening
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
-    assert serve.run(p.parse_args(["--model", str(base), "--adapter", str(adapter), "--kv-slots", "2048"])) == 0
+    assert serve.run(p.parse_args(["--model", str(base), "--adapter", str(adapter), "--kv-slots", "2048",
+                                           "--port", "0"])) == 0
     with TestClient(apps[0]) as c:
         assert c.get("/v1/models").json()["data"][0]["id"] == adapter.name
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}

@@ -73,3 +73,48 @@ def test_eviction_is_lru_and_climbs_to_parents():
     rc.clear()
     assert kv.num_free == 16
     kv.check_invariants()
+
+
+def test_one_eviction_climbs_to_parents_that_become_leaves():
+    kv, rc = _cache(16)
+    for i, toks in enumerate(([5, 6, 1], [5, 6, 2])):
+        rc.insert(toks, _prompt(kv, i, toks))
+        kv.release(i)
+    assert kv.num_used == 4 and rc.evictable_slots() == 4
+    assert rc.evict(4) == 4  # [1], [2], then their parent [5, 6], in one call
+    assert kv.num_free == 16 and rc.num_cached_tokens() == 0
+    kv.check_invariants()
+
+
+def test_eviction_frees_the_tail_of_a_prefix_a_request_reads():
+    # a root takes all but its prompt's last token from the cache and computes that one anew:
+    # the cached last slot is the cache's alone and must not be stranded (issue 28, item 1)
+    kv, rc = _cache(8)
+    prompt = [1, 2, 3, 4]
+    slots = _prompt(kv, "first", prompt)
+    rc.insert(prompt, slots)
+    kv.release("first")
+    hit = rc.match(prompt[:-1])
+    kv.share("again", hit)
+    assert hit == slots[:3] and rc.evictable_slots() == 1
+    assert rc.evict(1) == 1 and kv.num_free == 8 - 3
+    assert rc.match(prompt) == slots[:3]  # the part in use stays cached
+    kv.release("again")
+    assert rc.evict(8) == 3 and kv.num_free == 8
+    kv.check_invariants()
+
+
+def test_eviction_frees_a_prefix_the_cache_alone_holds_above_one_a_request_reads():
+    # a request computed [1, 2, 3, 4] itself while [1, 2] was cached by another: its [3, 4] hangs
+    # below the cache's own copy of [1, 2], which no request reads and must still be evictable
+    kv, rc = _cache(8)
+    rc.insert([1, 2], _prompt(kv, "other", [1, 2]))
+    kv.release("other")
+    mine = _prompt(kv, "mine", [1, 2, 3, 4])
+    assert rc.insert([1, 2, 3, 4], mine) == 2
+    assert kv.num_used == 6 and rc.evictable_slots() == 2
+    assert rc.evict(2) == 2 and kv.num_used == 4  # the request keeps all its slots
+    assert rc.match([1, 2, 3, 4]) == [] and rc.num_cached_tokens() == 0
+    kv.check_invariants()
+    kv.release("mine")
+    assert kv.num_free == 8

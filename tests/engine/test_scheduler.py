@@ -147,3 +147,19 @@ def test_request_larger_than_the_pool_is_finished_not_hung(tok):
     req = mf.add(WORDS, "ok", max_tokens=10, parallel=False)
     mf.run(max_steps=10)
     assert req.finish_reason == "kv_capacity" and mf.kv.num_used == 0
+
+
+def test_model_free_runs_the_real_engine_step(tok):
+    """:class:`ModelFree` is :meth:`LLM.step` over a weightless model (no copy of the step to keep
+    in sync): every step with work is one forward of the model, finished requests leave the
+    engine, and an exception inside the step reaches the test instead of failing the request."""
+    mf = ModelFree(tok)
+    req = mf.add("q", FAMILY, max_tokens=300)
+    mf.run()
+    assert mf.text(req) == FAMILY and mf.llm.requests == []
+    assert mf.model.forwards == sum(1 for works in mf.history if works) > 0
+    broken = ModelFree(tok)
+    broken.add("q", "ok", max_tokens=5)
+    broken.model.error = RuntimeError("forward failed")
+    with pytest.raises(RuntimeError, match="forward failed"):
+        broken.step()

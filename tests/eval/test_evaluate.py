@@ -372,7 +372,6 @@ def _tiny_model_dir(path):
 def test_eval_with_real_engine_on_tiny_random_model(tmp_path, capsys):
     """Integration: the real engine on a tiny random model; answers are garbage, so only the
     structure of the results is checked."""
-    pytest.importorskip("multiverse.engine.llm", reason="engine LLM not available yet")
     from multiverse import cli
 
     model = _tiny_model_dir(tmp_path / "tiny")
@@ -398,7 +397,6 @@ def test_eval_real_engine_forced_multiverse_answer(tmp_path):
     """Integration: the real engine writes a known Multiverse answer (its forced-output test
     hook) for a nested synthetic problem; forking on must yield the same canonical text, the
     layout rule's # parallel, a correct grade, and forking off the same text sequentially."""
-    pytest.importorskip("multiverse.engine.llm", reason="engine LLM not available yet")
     from multiverse import LLM, SamplingParams
     from multiverse.eval import tasks
     from multiverse.eval.datasets import problems_from_records

@@ -152,6 +152,36 @@ def test_outline_labels_for_engine_fork():
     assert g.outline_labels("<Outline>\nx\n</Outline><Outline>\ny\n</Outline>") == ["1", "2"]
 
 
+@pytest.mark.parametrize(
+    ("written", "labels"),
+    [
+        (["2", None], ["2", "3"]),  # issue 28, item 5: ["2", "2"]
+        (["2", "2"], ["2", "3"]),
+        ([None, "1"], ["1", "2"]),
+        (["1", None, "3"], ["1", "2", "3"]),
+        (["1.2", "1.2", None], ["1.2", "1.3", "1.4"]),
+        (["5", None, "2"], ["5", "6", "2"]),
+        (["1.2", "2"], ["1.2", "1.3"]),  # under the prefix 1., a bare 2 is 1.2
+        (["1.1", "2"], ["1.1", "2"]),
+    ],
+)
+def test_outline_labels_are_unique_within_a_block(written, labels):
+    goal = "".join(f"<Outline>\n{w + ': ' if w else ''}x\n</Outline>\n" for w in written)
+    assert g.outline_labels(f"<Parallel>\n<Goal>\n{goal}</Goal>") == labels
+    assert g.unique_labels(written) == labels
+
+
+def test_reader_checks_path_labels_against_the_unique_labels():
+    def text(paths: list[str]) -> str:
+        body = "".join(f"<Path>\n{p}: y\n</Path>\n" for p in paths)
+        goal = "<Outline>\n2: a\n</Outline>\n<Outline>\n2: b\n</Outline>\n"
+        return f"<Think>\n<Parallel>\n<Goal>\n{goal}</Goal>\n{body}<Conclusion>\nc\n</Conclusion>\n</Parallel>\n</Think>"
+
+    assert g.validate(text(["2", "3"])) == []  # what the engine writes for outlines 2, 2
+    (issue,) = g.validate(text(["2", "2"]))
+    assert "label 2 does not match <Outline> 2 label 3 (2 is repeated)" in issue.message
+
+
 def test_approx_tokens_keeps_tags_whole():
     toks = g.approx_tokens("<Path>\n12: ok.</Path>")
     assert toks == ["<Path>", "\n", "1", "2", ":", "ok", ".", "</Path>"]

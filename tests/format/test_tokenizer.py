@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from multiverse.format import grammar
 from multiverse.format.tokenizer import load_tokenizer
 from multiverse.train.bpe import EOS_TOKEN, IM_END, IM_START, build_tokenizer, default_tokenizer
 
@@ -41,8 +42,7 @@ def test_tags_are_single_consecutive_tokens_in_order(tok):
     assert tok.convert_tokens_to_ids("<Path>") in enc
 
 
-def test_tags_follow_grammar_order_when_available(tok):
-    grammar = pytest.importorskip("multiverse.format.grammar")
+def test_tags_follow_grammar_order(tok):
     assert tuple(grammar.TAGS) == TAGS
     assert grammar.tag_ids(tok) == {t: tok.convert_tokens_to_ids(t) for t in TAGS}
 

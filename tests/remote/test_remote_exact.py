@@ -214,3 +214,15 @@ def test_return_token_ids_keeps_the_stop_token_as_vllm_does(tiny_server):
         "token_ids" not in plain
         and len(plain["logprobs"]["token_logprobs"]) == len(choice["token_ids"]) - 1
     )
+
+
+def test_stop_strings_end_paths_as_the_engine_does(tiny_local, tiny_server):
+    """A stop string met inside paths 1 and 3 (" 50 47") ends those paths, cut as the engine
+    cuts them; the driver applies the engine's rule to the server's tokens."""
+    tok = tiny_local.tokenizer
+    prompt = chat_prompt(tok, tiny_problems(1)[0])
+    sp = _params(tok, stop=[" 50 47"])
+    local = tiny_local.generate(prompt, sp)[0]
+    assert local.usage.blocks >= 1 and " 50 47" not in local.text
+    remote = RemoteLLM(tiny_server[0], api_key=API_KEY).generate(prompt, sp)[0]
+    _same(local, remote)

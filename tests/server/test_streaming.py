@@ -1,6 +1,8 @@
-""":class:`BranchStreamer` on forced outputs (nested blocks, uneven paths, two blocks, a stop
-string): the streamed text is always a prefix of the final text and ends equal to it; the
-branch events rebuild the final tree exactly, with every path ended before its block's merge."""
+""":class:`BranchStreamer` on forced outputs (nested blocks, uneven paths, two blocks, stop
+strings in the root and in nested paths): the streamed text is always a prefix of the final text
+and ends equal to it; the branch events rebuild the final tree exactly (stop cuts included),
+with every path ended before its block's merge; the incremental streamer sends exactly what the
+full re-decode sends."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ pytest.importorskip("transformers")
 
 from _engine_util import block, tiny_pair  # noqa: E402
 
+from multiverse.engine import stops  # noqa: E402
 from multiverse.engine.llm import LLM  # noqa: E402
 from multiverse.engine.sampling import SamplingParams  # noqa: E402
 from multiverse.server.streaming import BranchStreamer, branch_name  # noqa: E402
@@ -36,49 +39,58 @@ def llm():
     return LLM.from_model(tiny_pair(tok)[1], tok, num_kv_slots=4096)
 
 
-def _paths(tree: dict, ids: list[int], decode, prefix: str = "") -> list[tuple[str, str]]:
-    """(branch name, text) of every path in ``tree`` (the RequestOutput's tree)."""
+def _paths(tree: dict, text, prefix: str = "") -> list[tuple[str, str]]:
+    """(branch name, text) of every path in ``tree`` (the RequestOutput's tree); ``text(start,
+    end)``: the final text of a token range."""
     out = []
     for b in tree["blocks"]:
         for p in b["paths"]:
             name = branch_name(prefix, p["label"])
-            out.append((name, decode(ids[p["start"] : p["end"]])))
-            out += _paths(p, ids, decode, name)
+            out.append((name, text(p["start"], p["end"])))
+            out += _paths(p, text, name)
     return out
 
 
-@pytest.mark.parametrize(("text", "stop"), [(NESTED, None), (UNEVEN, None), (UNEVEN, "after")],
-                         ids=["nested", "uneven", "stop"])  # fmt: skip
+@pytest.mark.parametrize(("text", "stop"), [(NESTED, None), (UNEVEN, None), (UNEVEN, "after"),
+                                            (NESTED, ["tom b", "gain"]), (NESTED, ["deeper"])],
+                         ids=["nested", "uneven", "stop", "nested-path-stops", "stop-above-a-nested-block"])  # fmt: skip
 def test_stream_matches_the_final_output(llm, text, stop):
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text, stop=stop))
-    streamer = BranchStreamer(tok, hold=len(stop or ""))
+    streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
     sent, events, snapshots = "", [], []
     while not req.finished:
         llm.step()
         if req.finished:
             break
         delta, evs = streamer.update(req)
+        assert (delta, evs) == reference.update(req)  # incremental == full re-decode
         sent += delta
         events += evs
         snapshots.append(sent)
     out = llm.output(req)
     llm.check_invariants()
     delta, evs = streamer.finish(req, out.text)
+    assert (delta, evs) == reference.finish(req, out.text)
     sent += delta
     events += evs
     assert sent == out.text
     assert all(out.text.startswith(s) for s in snapshots)
     assert len(set(snapshots)) > 5  # it really streamed
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-    want = _paths(out.tree, out.token_ids, decode)
+    n0 = req.prompt_len
+    want = _paths(out.tree, lambda a, b: stops.render(decode, req.root.own_ids, req.root.cuts, n0 + a, n0 + b))
     got: dict[tuple[int, str], str] = {}
     for e in events:
         if e["type"] == "delta":
             key = (e["block"], e["branch"])
             got[key] = got.get(key, "") + e["text"]
-    if stop is None:
-        assert sorted((name, t) for (_, name), t in got.items()) == sorted(want)
+    assert sorted((name, t) for (_, name), t in got.items()) == sorted(want)
+    if stop == ["tom b", "gain"]:  # two nested paths cut, the request went on to the end
+        assert "<Path>\n1.1.2: bot</Path>\n" in out.text and "<Path>\n1: a</Path>\n" in out.text
+        assert out.text.endswith("Answer: 7")
+    if stop == ["deeper"]:  # path 1.1 cut before its nested block: nothing forked inside it
+        assert "<Path>\n1.1: </Path>\n<Path>\n1.2: side" in out.text and "1.1.1" not in out.text
     forks = {e["block"]: e for e in events if e["type"] == "fork"}
     assert len(forks) == out.usage.blocks
     for block_id, fork in forks.items():
@@ -86,5 +98,63 @@ def test_stream_matches_the_final_output(llm, text, stop):
         ends = [i for i, e in enumerate(events) if e["type"] == "path_end" and e["branch"] in fork["paths"]
                 and e["block"] == block_id]  # fmt: skip
         assert len(ends) == len(fork["paths"]) and max(ends) < merge_at
-    if text is NESTED:
+    if text is NESTED and stop != ["deeper"]:
         assert {"1.1.1", "1.1.2", "1.2", "2"} <= {name for _, name in got}
+
+
+@pytest.mark.parametrize("stop", [None, ["deeper"]])
+def test_an_abort_inside_nested_blocks_closes_the_stream(llm, stop):
+    """Aborted while nested paths decode: the folded blocks close (path_end, merge), the stream
+    ends equal to the final text, and the incremental streamer still matches the full re-decode."""
+    tok = llm.tokenizer
+    req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=NESTED, stop=stop))
+    streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
+    sent, events = "", []
+    while sum(1 for b in req.branches() if b.parent is not None) < 3:
+        llm.step()
+        chunk = streamer.update(req)
+        assert chunk == reference.update(req)
+        sent += chunk[0]
+        events += chunk[1]
+    llm.abort(req)
+    out = llm.output(req)
+    rest = streamer.finish(req, out.text)
+    assert rest == reference.finish(req, out.text)
+    assert out.finish_reason == "abort" and sent + rest[0] == out.text
+    events += rest[1]
+    forks = [e for e in events if e["type"] == "fork"]
+    assert len(forks) >= 2 and len([e for e in events if e["type"] == "merge"]) == len(forks)
+    ended = {(e["block"], e["branch"]) for e in events if e["type"] == "path_end"}
+    assert ended == {(f["block"], p) for f in forks for p in f["paths"]}
+
+
+class _Counting:
+    """A tokenizer that counts the tokens it is asked to decode."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kw)
+
+
+@pytest.mark.parametrize("stop", [None, ["never there"]])
+def test_each_step_decodes_only_what_is_new(llm, stop):
+    """The streamer's work per step does not grow with the text (the old one re-decoded it all)."""
+    text = "alpha beta gamma délta € 😀 epsilon\n" * 60
+    sp = SamplingParams(temperature=0, max_tokens=400, forced_output=text, parallel=False, stop=stop)
+    req = llm.add_request("q", sp)
+    inc, full = _Counting(llm.tokenizer), _Counting(llm.tokenizer)
+    streamers = BranchStreamer(inc), BranchStreamer(full, incremental=False)
+    per_step = []
+    while True:
+        llm.step()
+        if req.finished:
+            break
+        before = inc.decoded
+        assert streamers[0].update(req) == streamers[1].update(req)
+        per_step.append(inc.decoded - before)
+    assert len(per_step) > 300 and max(per_step) <= 8, max(per_step)
+    assert full.decoded > 100 * sum(per_step)  # the reference re-decodes everything every step
+    llm.output(req)

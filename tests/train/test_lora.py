@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -49,11 +50,11 @@ def _state(path):
 
 
 def _run(base_dir, data_file, out, **kw):
-    cfg = TrainConfig(
-        data=str(data_file), output=str(out), model=str(base_dir), lora=True, lora_r=4,
-        lora_alpha=8, lr=5e-2, batch_size=4, max_steps=6, warmup_ratio=0.0, save_steps=1000,
-        progress=False, **kw,
-    )
+    cfg = TrainConfig(**{
+        "data": str(data_file), "output": str(out), "model": str(base_dir), "lora": True, "lora_r": 4,
+        "lora_alpha": 8, "lr": 5e-2, "batch_size": 4, "max_steps": 6, "warmup_ratio": 0.0,
+        "save_steps": 1000, "progress": False, **kw,
+    })  # fmt: skip
     return train(cfg, verbose=False)
 
 
@@ -101,6 +102,27 @@ def test_merge_writes_a_full_model(base_dir, data_file, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert not any("lora" in k for k in model.state_dict())
     assert "base_model" not in json.loads((out / "train_summary.json").read_text())
+
+
+def test_overwrite_replaces_the_earlier_model_whatever_its_kind(base_dir, data_file, tmp_path):
+    """``--overwrite`` removes the earlier model's files: a full model's ``config.json`` left
+    next to a new adapter would make the directory load as the old full model (the adapter
+    ignored); an adapter left next to a merged model would be stale. Overwriting the base the
+    adapter is trained for is refused."""
+    from multiverse.engine.adapter import is_adapter_dir
+
+    out = tmp_path / "out"
+    shutil.copytree(base_dir, out)  # a full model
+    assert (out / "config.json").is_file() and not is_adapter_dir(out)
+    _run(base_dir, data_file, out, overwrite=True, max_steps=1)
+    assert is_adapter_dir(out), sorted(p.name for p in out.iterdir())
+    assert not (out / "model.safetensors").exists() and not (out / "generation_config.json").exists()
+    _run(base_dir, data_file, out, merge=True, overwrite=True, max_steps=1)
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match="base model's directory"):
+        _run(base_dir, data_file, base_dir, overwrite=True)
+    assert (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file()
 
 
 def test_lora_options_are_checked(base_dir, data_file, tmp_path):

