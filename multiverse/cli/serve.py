@@ -161,7 +161,8 @@ def run_remote(args: argparse.Namespace) -> int:
     config = ServerConfig(prompt_format=fmt, api_key=api_key, max_queue=args.max_queue,
                           max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
                           max_n=args.max_n, request_timeout=args.request_timeout,
-                          shutdown_timeout=args.shutdown_timeout)  # fmt: skip
+                          shutdown_timeout=args.shutdown_timeout,
+                          allow_special_tokens=args.allow_special_tokens)  # fmt: skip
     app = create_remote_app(remote, args.name or remote.infos[0].model, config)
     serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     return 0

@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from multiverse.format.prompts import render_chat, stop_token_ids
+from multiverse.format.prompts import encode_chat, render_chat, stop_token_ids
 from multiverse.server import errors, remote_info, responses
 from multiverse.server.auth import Guard
 from multiverse.server.errors import APIError
@@ -161,9 +161,15 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        prompt = render_chat(tok, apply_prompt_format(body.chat_messages(), config.prompt_format))
-        if not prompt:
+        if body.parse_special_tokens and not config.allow_special_tokens:
+            raise APIError(400, "parse_special_tokens is not allowed by this server (start it with "
+                           "--allow-special-tokens, for trusted clients)", "parse_special_tokens")  # fmt: skip
+        messages = apply_prompt_format(body.chat_messages(), config.prompt_format)
+        if not render_chat(tok, messages):
             raise APIError(400, "the messages render to an empty prompt", "messages")
+        # token ids: a message's contents are text (a tag or control token in it cannot fork or
+        # forge a turn) unless the client may and asks, as on the local server
+        prompt = encode_chat(tok, messages, special_tokens=body.parse_special_tokens)
         return await generate(request, body, prompt, chat=True)
 
     return app
