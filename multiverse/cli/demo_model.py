@@ -223,8 +223,12 @@ def run_model_demo(
     twin_dir: str | Path | None = None,
     threads: int | None = None,
     adapter: str | Path | None = None,
+    remote: Any = None,
 ) -> int:
     """Run the demo on the model in ``model_dir``; print to ``out`` (default stdout).
+
+    ``remote``: a :class:`multiverse.remote.RemoteLLM` (``--base-url``) to run instead of a
+    local engine; ``model_dir`` is then the model's record (``--tokenizer DIR``) or a label.
 
     ``adapter``: a LoRA adapter directory merged into ``model_dir`` (the base); its
     ``train_summary.json`` and tokenizer are then the model's.
@@ -237,7 +241,7 @@ def run_model_demo(
     model_dir = Path(model_dir)
     record = Path(adapter) if adapter is not None else model_dir
     if twin_dir is None:
-        twin_dir = default_twin(record) or ""
+        twin_dir = (default_twin(record) or "") if remote is None else ""
     if n_problems < 1:
         print(f"multiverse demo: error: --problems must be >= 1, got {n_problems}", file=sys.stderr)
         return 2
@@ -256,12 +260,12 @@ def run_model_demo(
     print(choice.message, file=sys.stderr)
     try:
         extra = {"adapter": str(adapter)} if adapter is not None else {}
-        llm = LLM(str(model_dir), device="cpu", dtype="float32", **extra)
+        llm = remote if remote is not None else LLM(str(model_dir), device="cpu", dtype="float32", **extra)
         twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
     except (OSError, ValueError, ImportError) as e:
         print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
         return 2
-    counter = TokenCounter(str(record))
+    counter = TokenCounter(str(record) if record.is_dir() else None)
     print(
         f"Multiverse demo: {model_dir}{f' + adapter {adapter}' if adapter is not None else ''} on {n_problems} held-out synthetic problem(s) "
         f"({', '.join(choice.tasks)}), greedy, CPU, batch 1.\n"
@@ -269,8 +273,8 @@ def run_model_demo(
         file=out,
     )
     problems = demo_problems(n_problems, choice.tasks)
-    for engine in (llm, twin) if twin is not None else (llm,):
-        warm_up(engine)
+    for engine in ((llm, twin) if twin is not None else (llm,)) if remote is None else ():
+        warm_up(engine)  # forced outputs: a local engine's test hook
 
     results = []
     for k, rec in enumerate(problems, 1):

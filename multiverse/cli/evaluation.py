@@ -28,11 +28,13 @@ from multiverse.cli.common import (
     UsageError,
     add_device_arguments,
     add_model_argument,
+    add_remote_arguments,
     add_threads_argument,
     apply_threads,
     check_device,
     load_engine,
     record_dir,
+    remote_engine,
     resolve_adapter,
     run_environment,
 )
@@ -62,7 +64,7 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_argument(p, required=True)
+    add_model_argument(p, or_remote=True)
     p.add_argument(
         "--benchmark",
         required=True,
@@ -136,6 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_device_arguments(p)
     add_threads_argument(p)
+    add_remote_arguments(p)
 
 
 _BATCH_KEYS = ("n", "accuracy", "accuracy_sequential", "parallel_degree", "trigger_rate", "speedup",
@@ -222,16 +225,28 @@ class Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not Path(args.model).exists():  # a directory or a .gguf file; the engine checks the rest
-        raise UsageError(f"--model {args.model}: not found (no such directory or file)")
-    adapter = resolve_adapter(args.adapter)
-    check_device(args.device)
+    remote = remote_engine(args, "eval") if args.base_url else None  # the fork/join driver
+    if remote is None:
+        if args.model is None:
+            raise UsageError("give --model DIR|FILE.gguf (a local model) or --base-url URL (a server)")
+        if not Path(args.model).exists():  # a directory or a .gguf file; the engine checks the rest
+            raise UsageError(f"--model {args.model}: not found (no such directory or file)")
+        adapter = resolve_adapter(args.adapter)
+        check_device(args.device)
+        record = record_dir(Path(args.model), adapter)
+    else:  # the model's record: --tokenizer DIR, else what the server advertises
+        adapter, args.model = None, " ".join(args.base_url)
+        record = Path(args.tokenizer) if args.tokenizer and Path(args.tokenizer).is_dir() else Path(args.model)
     task_names = args.tasks
     if args.benchmark == "synthetic" and not task_names:
-        choice = synthetic_tasks_for(record_dir(Path(args.model), adapter))
+        choice = synthetic_tasks_for(record)
         print(choice.message, file=sys.stderr)
         task_names = list(choice.tasks)
-    parallel_prompt, note = eval_prompt(args, record_dir(Path(args.model), adapter))
+    parallel_prompt, note = eval_prompt(args, record)
+    advertised = remote.infos[0].prompt_format if remote is not None and not record.is_dir() else None
+    if advertised and not (args.sequential_prompt or args.parallel_prompt):
+        parallel_prompt = advertised.get("suffix") == "parallel"
+        note = f"prompt format: SPEC 1.3 {advertised.get('suffix')} suffix (as {args.model} says)"
     print(note, file=sys.stderr)
     problems = load_benchmark(args.benchmark, args.limit, args.data_dir, args.seed, args.kind, task_names)
     if not problems:
@@ -241,7 +256,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out_dir)
     threads = apply_threads(args.threads)
     env = run_environment(threads)
-    llm = load_engine(Path(args.model), args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs)
+    if remote is not None:  # results.json names the servers and the merge mode (exact / flat)
+        env["remote"] = {"base_urls": [i.base_url for i in remote.infos], "model": remote.infos[0].model,
+                         "merge": remote.merge}  # fmt: skip
+    llm = remote if remote is not None else load_engine(Path(args.model), args.device, args.dtype, adapter,
+                                                        cuda_graphs=args.cuda_graphs)  # fmt: skip
     tokenizer = _tokenizer_of(llm, args.model)
     sizes = list(dict.fromkeys(args.batch_size))
     runs: list[EvalResult] = []

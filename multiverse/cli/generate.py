@@ -21,11 +21,14 @@ from multiverse.cli.common import (
     UsageError,
     add_device_arguments,
     add_model_argument,
+    add_remote_arguments,
     add_threads_argument,
     apply_threads,
     check_device,
     load_engine,
     record_dir,
+    remote_engine,
+    remote_prompt_format,
     resolve_model_and_adapter,
 )
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
@@ -61,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
     add_threads_argument(p)
     p.add_argument("--json", action="store_true", help="print a JSON object (last line) instead of text")
+    add_remote_arguments(p)
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -92,25 +96,34 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     if not prompts:
         raise UsageError("give a prompt or --prompts FILE")
-    model, adapter = resolve_model_and_adapter(args.model, args.adapter)
-    check_device(args.device)
-    threads = apply_threads(args.threads)
+    remote = remote_engine(args, "generate") if args.base_url else None
+    if remote is None:
+        model, adapter = resolve_model_and_adapter(args.model, args.adapter)
+        check_device(args.device)
+        threads = apply_threads(args.threads)
     from multiverse import SamplingParams
 
     sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                         max_tokens=args.max_tokens, max_total_tokens=args.max_total_tokens,
                         parallel=not args.no_parallel)  # fmt: skip
-    with_adapter = f" + adapter {adapter}" if adapter is not None else ""
-    print(f"loading {model}{with_adapter} ({threads} thread(s)) ...", file=sys.stderr)
-    llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs)
+    if remote is not None:  # the fork/join driver over --base-url servers
+        llm, model, adapter = remote, " ".join(args.base_url), None
+        fmt, note = remote_prompt_format(llm, args, not args.no_prompt_suffix)
+        chats = [apply_prompt_format([{"role": "user", "content": p}], fmt) for p in prompts]
+        texts = list(prompts) if args.raw else [chat_input(llm.tokenizer, c, args.parse_special_tokens) for c in chats]
+        note = "prompt format: raw (--raw: sent as is)" if args.raw else note
+    else:
+        with_adapter = f" + adapter {adapter}" if adapter is not None else ""
+        print(f"loading {model}{with_adapter} ({threads} thread(s)) ...", file=sys.stderr)
+        llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs)
+        texts, note = prompt_texts(prompts, llm.tokenizer, record_dir(model, adapter), raw=args.raw,
+                                   suffix=not args.no_prompt_suffix, special_tokens=args.parse_special_tokens)  # fmt: skip
     sp.stop_token_ids = stop_token_ids(llm.tokenizer)
-    texts, note = prompt_texts(prompts, llm.tokenizer, record_dir(model, adapter), raw=args.raw,
-                               suffix=not args.no_prompt_suffix, special_tokens=args.parse_special_tokens)  # fmt: skip
     print(note, file=sys.stderr)
     outs = llm.generate(texts, sp, use_tqdm=not args.json)
     if args.json:
         rows = [{"prompt": p, "text": o.text, "finish_reason": o.finish_reason, "seed": o.seed,
-                 "forking": o.forking, "tree": o.tree, "usage": _usage(o)}
+                 "forking": o.forking, "tree": o.tree, "usage": _usage(o), **_remote(o)}
                 for p, o in zip(prompts, outs, strict=True)]  # fmt: skip
         adapter_field = {"adapter": str(adapter)} if adapter is not None else {}
         print(json.dumps({"model": str(model), **adapter_field, "outputs": rows}))
@@ -123,7 +136,15 @@ def run(args: argparse.Namespace) -> int:
               f"# parallel {u.parallel_degree:.2f}, {u.blocks} blocks, {u.branches} branches, "
               f"{u.seconds:.2f} s, {u.tokens_per_s:.1f} tok/s, finish: {o.finish_reason}, seed {o.seed}, "
               f"forking {o.forking}")  # fmt: skip
+        if remote is not None:
+            print("--- remote: " + ", ".join(f"{k} {v}" for k, v in _remote(o).items()))
     return 0
+
+
+def _remote(o: Any) -> dict[str, Any]:
+    """A remote output's own fields (merge mode, HTTP requests, replica, prefix-cache hit rate)."""
+    names = ("merge", "http_requests", "base_url", "prefix_cache_hit_rate")
+    return {n: getattr(o, n) for n in names if hasattr(o, n)}
 
 
 def _usage(o: Any) -> dict[str, Any]:

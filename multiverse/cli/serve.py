@@ -26,10 +26,13 @@ from multiverse.cli.common import (
     UsageError,
     add_device_arguments,
     add_model_argument,
+    add_remote_arguments,
     add_threads_argument,
     apply_threads,
     load_engine,
     record_dir,
+    remote_engine,
+    remote_prompt_format,
     resolve_model_and_adapter,
 )
 
@@ -73,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted (default 30)")  # fmt: skip
     p.add_argument("--kv-slots", type=int, default=None, metavar="N", help="KV pool size in tokens (default: by memory)")
+    add_remote_arguments(p, key_flag="--upstream-api-key")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -88,6 +92,8 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    if args.base_url:
+        return run_remote(args)
     try:
         model, adapter = resolve_model_and_adapter(args.model, args.adapter)
         _check(args)
@@ -129,5 +135,34 @@ def run(args: argparse.Namespace) -> int:
                           allow_special_tokens=args.allow_special_tokens)  # fmt: skip
     named = adapter if adapter is not None else model
     app = create_app(llm, args.name or (named.stem if named.is_file() else named.name), config)
+    serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """``serve --base-url``: our API in front of the fleet (:mod:`multiverse.server.remote_app`)."""
+    import sys
+
+    _check(args)
+    try:
+        from multiverse.server.app import ServerConfig
+        from multiverse.server.remote_app import create_remote_app
+        from multiverse.server.runner import exposure_warning, serve
+    except ImportError:
+        raise UsageError("needs the server extra: pip install 'multiverse[server]'") from None
+    remote = remote_engine(args, "serve")
+    fmt, note = remote_prompt_format(remote, args, not args.no_prompt_suffix)
+    api_key = args.api_key or os.environ.get("MULTIVERSE_API_KEY") or None
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        print(f"multiverse serve: warning: {warning}", file=sys.stderr)
+    print(f"fork/join driver over {', '.join(i.base_url for i in remote.infos)} (merge {remote.merge}); "
+          f"{note} on /v1/chat/completions", file=sys.stderr)  # fmt: skip
+    config = ServerConfig(prompt_format=fmt, api_key=api_key, max_queue=args.max_queue,
+                          max_concurrent_requests=args.max_concurrent_requests, max_body_bytes=args.max_body_bytes,
+                          max_n=args.max_n, request_timeout=args.request_timeout,
+                          shutdown_timeout=args.shutdown_timeout,
+                          allow_special_tokens=args.allow_special_tokens)  # fmt: skip
+    app = create_remote_app(remote, args.name or remote.infos[0].model, config)
     serve(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     return 0

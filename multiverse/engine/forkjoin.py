@@ -182,7 +182,7 @@ class ForkJoin:
         """Take (or refuse) the token ``br`` sampled; -1 = the forced output ended (EOS)."""
         req, p = br.request, br.request.params
         if token < 0 or token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
-            self.end_branch(br, "stop")
+            self.end_branch(br, "stop", ended_by=(token, logprob) if token >= 0 else None)
             return
         tag = req.tag_names.get(token)
         child = br.parent is not None
@@ -194,7 +194,7 @@ class ForkJoin:
             self._stopped(br)
             return
         if self._stalls(br, tag):
-            self.finish(req, "malformed")
+            self.finish(req, "malformed", ended_by=(token, logprob))
             return
         opens_fork = req.parallel and tag == "</Goal>" and br.state.phase == "goal"
         ends_path = at_base and tag == "</Path>"
@@ -230,11 +230,12 @@ class ForkJoin:
         else:
             self.finish(br.request, "stop", cut_stop=True)
 
-    def end_branch(self, br: Branch, reason: str) -> None:
+    def end_branch(self, br: Branch, reason: str, ended_by: tuple[int, float | None] | None = None) -> None:
         """EOS / stop / budget: a child is closed (``</Parallel>\\n`` per block it left open,
-        then ``</Path>\\n``); the root finishes the request."""
+        then ``</Path>\\n``); the root finishes the request (``ended_by``: the sampled token
+        that ended it, left out of the output: :attr:`Request.ended_by`)."""
         if br.parent is None:
-            self.finish(br.request, reason)
+            self.finish(br.request, reason, ended_by=ended_by)
             return
         for _ in range(br.state.depth - br.base_depth):
             self._insert(br, self.sp.close_block)
@@ -316,14 +317,15 @@ class ForkJoin:
         self._insert(parent, self.sp.conclusion, mark=False)  # sees prefix + every path
 
     # -- end of a request ------------------------------------------------------------------
-    def finish(self, req: Request, reason: str, cut_stop: bool = False, error: str | None = None) -> None:
+    def finish(self, req: Request, reason: str, cut_stop: bool = False, error: str | None = None,
+               ended_by: tuple[int, float | None] | None = None) -> None:  # fmt: skip
         """Finish ``req``: fold any unmerged children into the output (a request cut short by
         the KV capacity) and release every slot its branches hold."""
         if req.finished:
             return
         for b in req.root.fold_children():
             self._release(b)
-        req.finish(reason, cut_stop, error)  # cut_stop: the output builder cuts at the stop string
+        req.finish(reason, cut_stop, error, ended_by)  # cut_stop: the output builder cuts at the stop string
         self._release(req.root)
 
     def _release(self, br: Branch) -> None:

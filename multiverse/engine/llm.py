@@ -26,6 +26,7 @@ from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.model import KVPool
 from multiverse.engine.model.graphs import Capturer, EagerCapturer
 from multiverse.engine.outputs import RequestOutput, Usage, build_output, progress
+from multiverse.engine.policy import check_request
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
 from multiverse.engine.runner import ModelRunner, StepOutput
@@ -138,20 +139,8 @@ class LLM:
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        vocab = self.model.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token id out of range [0, {vocab}): {[t for t in ids if not 0 <= t < vocab][:5]}")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ctx = getattr(self.model.config, "max_position_embeddings", None)
-        if ctx and len(ids) > ctx:
-            raise ValueError(f"prompt is {len(ids)} tokens, longer than the model's context ({ctx})")
-        if len(ids) >= self.kv.num_slots:
-            raise ValueError(f"prompt is {len(ids)} tokens, it does not fit the KV pool ({self.kv.num_slots} slots)")
-        if ctx and params.max_tokens > ctx:
-            raise ValueError(f"max_tokens ({params.max_tokens}) is larger than the model's context ({ctx})")
+        check_request(ids, params, vocab_size=self.model.vocab_size, num_slots=self.kv.num_slots,
+                      context=getattr(self.model.config, "max_position_embeddings", None))  # fmt: skip
         if params.parallel and self.specials is None and not self._warned_no_tags:
             self._warned_no_tags = True
             log.warning("the tokenizer has no Multiverse tags: forking is unavailable, requests with "

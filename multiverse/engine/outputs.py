@@ -41,6 +41,7 @@ class RequestOutput:
     error: str | None = None  # finish_reason "error": the exception that ended this request
     seed: int = 0  # the request's seed (given or drawn): SamplingParams(seed=...) replays it
     forking: str = "on"  # "on", "off" (parallel=False), "unavailable" (the tokenizer has no tags)
+    ended_by: tuple[int, float | None] | None = None  # the sampled stop token left out (id, logprob)
 
     @property
     def outputs(self) -> list[RequestOutput]:
@@ -66,7 +67,8 @@ def build_output(tokenizer: Any, req: Request, prompt: str | None = None, start:
     plp = req.prompt_logprobs if req.params.prompt_logprobs else None
     return RequestOutput(prompt, list(req.prompt_ids), text, ids, root.own_forced[n0:], lps, plp, pos, tree,
                          usage, req.finish_reason or "length", req.error, req.root.seed,
-                         "on" if req.parallel else "unavailable" if req.params.parallel else "off")  # fmt: skip
+                         "on" if req.parallel else "unavailable" if req.params.parallel else "off",
+                         req.ended_by)  # fmt: skip
 
 
 class progress:  # a tqdm bar when tqdm is installed, else a one-line counter on stderr

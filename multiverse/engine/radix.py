@@ -38,6 +38,8 @@ class RadixCache:
         self.kv = kv
         self._roots: dict[Hashable, _Node] = {}
         self._clock = itertools.count(1)
+        self.queried_tokens = 0  # tokens looked up by match() (the prefix-cache hit rate's denominator)
+        self.hit_tokens = 0  # of those, found cached
 
     def _root(self, namespace: Hashable) -> _Node:
         if namespace not in self._roots:
@@ -60,6 +62,8 @@ class RadixCache:
             if n < len(child.key):
                 break
             node = child
+        self.queried_tokens += len(tokens)
+        self.hit_tokens += len(out)
         return out
 
     # -- insertion -------------------------------------------------------------------------

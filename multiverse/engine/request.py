@@ -331,6 +331,7 @@ class Request:
     forced_ids: list[int] | None = None  # test hook: the output the "model" must write
     forced_layout: Layout | None = None
     stop_offset: int | None = None  # -1: a stop string in the root ended it (its text: root.cuts)
+    ended_by: tuple[int, float | None] | None = None  # (token, logprob) sampled, not kept, that ended it
     t_arrival: float = 0.0
     t_finish: float = 0.0
     next_branch_id: int = 0
@@ -377,12 +378,15 @@ class Request:
     def mark_prompt_cached(self) -> None:
         self.prompt_cached = True
 
-    def finish(self, reason: str, cut_stop: bool = False, error: str | None = None) -> None:
+    def finish(self, reason: str, cut_stop: bool = False, error: str | None = None,
+               ended_by: tuple[int, float | None] | None = None) -> None:  # fmt: skip
         """Mark finished (the root has no children left: see :meth:`Branch.fold_children`);
-        ``cut_stop``: the output text is cut at the stop string; ``error``: the message."""
+        ``cut_stop``: the output text is cut at the stop string; ``error``: the message;
+        ``ended_by``: the sampled token (and its logprob) that ended it, left out of the output
+        (a stop id or EOS; a token that made the structure malformed)."""
         if self.root.children:
             raise AssertionError(f"request {self.id} finished with unfolded children")
-        self.finished, self.finish_reason, self.error = True, reason, error
+        self.finished, self.finish_reason, self.error, self.ended_by = True, reason, error, ended_by
         self.root.status = Status.FINISHED
         if cut_stop:
             self.stop_offset = -1

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from multiverse.engine.policy import DEFAULT_MAX_TOKENS  # the backends' one default, re-exported
 from multiverse.eval.datasets import Problem
 from multiverse.eval.grading import extract_answer, grade
 from multiverse.format import grammar
@@ -52,11 +53,6 @@ CLOCK: Clock = time.perf_counter
 
 # ----------------------------------------------------------------------------- prompts
 
-
-DEFAULT_MAX_TOKENS = 1024
-"""Sequential-depth budget per answer when none is given, shared by ``eval``, ``generate``,
-``serve`` and the demo (the shipped tiny model needs up to ~300 with forking, its
-autoregressive twin up to ~850)."""
 
 BASELINES = ("serial", "plain")
 """Forking-off modes for the speedup: ``serial`` (same output, branches one after another) or

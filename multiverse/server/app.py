@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from multiverse.format.prompts import encode_chat, render_chat, stop_token_ids
-from multiverse.server import errors, responses
+from multiverse.server import errors, remote_info, responses
 from multiverse.server.auth import Guard
 from multiverse.server.engine_thread import EngineStopped, EngineThread, Job, QueueFull
 from multiverse.server.errors import APIError, error_body
@@ -121,7 +121,7 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
         if chat:
             top = body.top_logprobs
             return JSONResponse(responses.chat_body(head, outs, tok, top))
-        return JSONResponse(responses.completion_body(head, outs, tok))
+        return JSONResponse(responses.completion_body(head, outs, tok, body.return_token_ids))
 
     async def next_message(request: Request, inbox: asyncio.Queue, jobs: list[Job],
                            deadline: float) -> tuple[Any, ...] | None:  # fmt: skip
@@ -223,10 +223,13 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
             return JSONResponse(error_body(f"engine thread failed: {engine.error!r}", "server_error"), 503)
         return {"status": "ok"}
 
+    advert = remote_info.advert(llm, cfg.prompt_format)  # what the fork/join driver needs
+    remote_info.install(app, llm)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "multiverse"}]}  # fmt: skip
+                                            "owned_by": "multiverse", "multiverse": advert}]}  # fmt: skip
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Any:

@@ -339,4 +339,6 @@ class EngineThread:
         if kv is not None:
             snap.update(kv_total=float(kv.num_slots), kv_used=float(kv.num_used), kv_free=float(kv.num_free))
             snap["kv_cached"] = float(radix.num_cached_tokens()) if radix is not None else 0.0
+        if radix is not None:
+            snap.update(cache_queried=float(radix.queried_tokens), cache_hits=float(radix.hit_tokens))
         self.snapshot = snap

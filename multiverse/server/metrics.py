@@ -81,6 +81,10 @@ class Metrics:
                [f"multiverse_kv_slots_free {g('kv_free', 0):g}"])
         metric("multiverse_kv_slots_cached", "gauge", "Token slots held by the prefix cache.",
                [f"multiverse_kv_slots_cached {g('kv_cached', 0):g}"])
+        metric("multiverse_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+               [f"multiverse_prefix_cache_query_tokens_total {int(g('cache_queried', 0))}"])
+        metric("multiverse_prefix_cache_hit_tokens_total", "counter", "Of those, tokens found cached.",
+               [f"multiverse_prefix_cache_hit_tokens_total {int(g('cache_hits', 0))}"])
         metric("multiverse_generation_tokens_total", "counter", "Generated tokens, all branches.",
                [f"multiverse_generation_tokens_total {self.tokens}"])
         metric("multiverse_forks_total", "counter", "Forked <Parallel> blocks.",

@@ -44,17 +44,34 @@ def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
 
-def completion_logprobs(tokenizer: Any, out: Any) -> dict[str, Any] | None:
-    """Completions' ``logprobs`` object (the sampled token only; ``null`` for inserted tokens)."""
+def completion_logprobs(tokenizer: Any, out: Any, with_stop: bool = False) -> dict[str, Any] | None:
+    """Completions' ``logprobs`` object (the sampled token only; ``null`` for inserted tokens);
+    ``with_stop``: the stop token that ended it too (aligned with :func:`token_ids`)."""
     if out.logprobs is None:
         return None
-    pieces = _pieces(tokenizer, out.token_ids)
+    ids, lps = list(out.token_ids), list(out.logprobs)
+    if with_stop and out.ended_by is not None:
+        ids.append(out.ended_by[0])
+        lps.append(out.ended_by[1])
+    pieces = _pieces(tokenizer, ids)
     offsets, at = [], 0
     for p in pieces:
         offsets.append(at)
         at += len(p)
-    top = [{p: lp} if lp is not None else None for p, lp in zip(pieces, out.logprobs, strict=True)]
-    return {"tokens": pieces, "token_logprobs": list(out.logprobs), "top_logprobs": top, "text_offset": offsets}
+    top = [{p: lp} if lp is not None else None for p, lp in zip(pieces, lps, strict=True)]
+    return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+
+def token_ids(out: Any) -> dict[str, Any]:
+    """vLLM's ``return_token_ids`` fields: the output's token ids with the sampled token that
+    ended it kept last (a stop id or EOS, as vLLM keeps it; the text leaves it out) and
+    ``stop_reason``, that id when it was a stop."""
+    ids = list(out.token_ids)
+    stop = None
+    if out.ended_by is not None:
+        ids.append(out.ended_by[0])
+        stop = out.ended_by[0] if out.finish_reason == "stop" else None
+    return {"token_ids": ids, "stop_reason": stop}
 
 
 def chat_logprobs(tokenizer: Any, out: Any, top: int | None) -> dict[str, Any] | None:
@@ -68,10 +85,10 @@ def chat_logprobs(tokenizer: Any, out: Any, top: int | None) -> dict[str, Any] |
     return {"content": content, "refusal": None}
 
 
-def completion_body(head: dict[str, Any], outs: list[Any], tokenizer: Any) -> dict[str, Any]:
+def completion_body(head: dict[str, Any], outs: list[Any], tokenizer: Any, with_ids: bool = False) -> dict[str, Any]:
     choices = [{"index": i, "text": o.text, "finish_reason": finish_reason(o),
-                "logprobs": completion_logprobs(tokenizer, o), "multiverse": extension(o)}
-               for i, o in enumerate(outs)]  # fmt: skip
+                "logprobs": completion_logprobs(tokenizer, o, with_ids), "multiverse": extension(o),
+                **(token_ids(o) if with_ids else {})} for i, o in enumerate(outs)]  # fmt: skip
     return {**head, "object": "text_completion", "choices": choices, "usage": usage(outs),
             "multiverse": choices[0]["multiverse"]}  # fmt: skip
 

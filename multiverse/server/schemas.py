@@ -99,6 +99,8 @@ class CompletionRequest(_Common):
     )
     echo: Literal[False] = False
     suffix: None = None
+    return_token_ids: bool = Field(False, description="vLLM's: each choice gets `token_ids` (the stop token that "
+                                   "ended it kept last) and `stop_reason`; what the fork/join driver reads")
 
 
 class TextPart(BaseModel):

