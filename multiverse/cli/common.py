@@ -68,6 +68,18 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at "
         "start-up (the default there; graphs are never used on CPU): docs/gpu.md",
     )
+    add_quantization_argument(p)
+
+
+def add_quantization_argument(p: argparse.ArgumentParser) -> None:
+    """``--quantization int8|int4``: weight-only, CPU (:mod:`multiverse.engine.model.quant`)."""
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8", "int4"],
+        help="weight-only int8 (one scale a row) or int4 (a scale and zero per 32 inputs) for "
+        "the linear layers, bfloat16 activations; CPU only (default: none, the model's dtype)",
+    )
 
 
 def check_device(device: str) -> str:
@@ -88,9 +100,10 @@ def check_device(device: str) -> str:
 
 
 def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = None,
-                cuda_graphs: bool | None = None, **engine_config: Any) -> Any:  # fmt: skip
+                cuda_graphs: bool | None = None, quantization: str | None = None,
+                **engine_config: Any) -> Any:  # fmt: skip
     """``multiverse.LLM`` on ``model`` (with the LoRA ``adapter`` merged when given;
-    ``cuda_graphs``: ``--no-cuda-graphs``, passed on only when given); a load failure (missing or
+    ``cuda_graphs`` / ``quantization``: passed on only when given); a load failure (missing or
     truncated weights, a bad config, an adapter that does not fit) becomes a :class:`UsageError`
     naming ``--model`` (and ``--adapter``) and the path."""
     check_device(device)
@@ -103,6 +116,8 @@ def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = Non
         engine_config["adapter"] = str(adapter)
     if cuda_graphs is not None:
         engine_config["cuda_graphs"] = cuda_graphs
+    if quantization is not None:
+        engine_config["quantization"] = quantization
     try:
         llm = LLM(str(model), device=device, dtype=dtype, **engine_config)
         log.info("loaded %s on %s (%s) in %.2f s", model, device, dtype, time.perf_counter() - t0)

@@ -223,6 +223,7 @@ def run_model_demo(
     twin_dir: str | Path | None = None,
     threads: int | None = None,
     adapter: str | Path | None = None,
+    quantization: str | None = None,
 ) -> int:
     """Run the demo on the model in ``model_dir``; print to ``out`` (default stdout).
 
@@ -256,8 +257,10 @@ def run_model_demo(
     print(choice.message, file=sys.stderr)
     try:
         extra = {"adapter": str(adapter)} if adapter is not None else {}
+        extra["quantization"] = quantization  # --quantization: weight-only int8 / int4, or None
         llm = LLM(str(model_dir), device="cpu", dtype="float32", **extra)
-        twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
+        twin = (LLM(str(twin_dir), device="cpu", dtype="float32", quantization=quantization)
+                if twin_dir else None)  # fmt: skip
     except (OSError, ValueError, ImportError) as e:
         print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
         return 2

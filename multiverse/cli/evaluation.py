@@ -241,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out_dir)
     threads = apply_threads(args.threads)
     env = run_environment(threads)
-    llm = load_engine(Path(args.model), args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs)
+    llm = load_engine(Path(args.model), args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs,
+                      quantization=args.quantization)  # fmt: skip
     tokenizer = _tokenizer_of(llm, args.model)
     sizes = list(dict.fromkeys(args.batch_size))
     runs: list[EvalResult] = []
