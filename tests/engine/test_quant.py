@@ -69,6 +69,7 @@ def test_quantized_model_matches_its_dequantized_reference(tiny, method: str) ->
     assert q.quantization == method
     kinds = {type(getattr(layer, n)) for layer in q.layers for n in ("qkv_weight", "down_weight")}
     assert kinds == {QuantLinear} and type(q.lm_head_weight) is QuantLinear
+    assert q.lm_head_q is not None and q.lm_head_q.method == "int8"  # the head is int8 in both
     ref = q.dequantized()
     assert ref.quantization is None and isinstance(ref.lm_head_weight, torch.nn.Parameter)
     ids = torch.arange(3, 40)

@@ -41,6 +41,7 @@ from multiverse.engine.model.layer import (
 )
 from multiverse.engine.model.quant import (
     DEFAULT_INT4_GROUP_SIZE,
+    HEAD_QUANTIZATION,
     QuantLinear,
     check_quantization,
     linear,
@@ -120,14 +121,16 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def quantize_(self, method: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> CausalLM:
         """Weight-only ``"int8"`` / ``"int4"`` (``group_size`` input columns a scale) for every
-        projection matrix and the LM head, in place, after loading (:mod:`.quant`); the
-        embedding table, norms and biases keep the model's dtype. CPU only; irreversible."""
+        projection matrix, in place, after loading (:mod:`.quant`); the LM head is int8 in both
+        (int4 there costs most of the accuracy: :data:`.quant.HEAD_QUANTIZATION`); the embedding
+        table, norms and biases keep the model's dtype. CPU only; irreversible."""
         check_quantization(method, self.device, group_size)
         if self.quantization is not None:
             raise ValueError(f"the model is already quantised ({self.quantization})")
         for i, layer in enumerate(self.layers):
             layer.quantize_(method, group_size, f"layers.{i}")  # type: ignore[operator]
-        self.lm_head_q = QuantLinear(method, self.lm_head_weight, group_size, name="lm_head")
+        head = HEAD_QUANTIZATION[method]
+        self.lm_head_q = QuantLinear(head, self.lm_head_weight, group_size, name="lm_head")
         if self.lm_head is not None:
             self.lm_head = None  # untied: the quantised copy replaces it
         self.quantization = method
