@@ -264,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         for p, v in result["fork_speedup"].items():
             print(f"fork speedup {p}: {v}", file=sys.stderr)
     if args.quality:
-        result["quality"] = {p: quality(models[p], tok) for p in args.precisions}
-        for p, v in result["quality"].items():
-            print(f"quality {p}: {v}", file=sys.stderr)
+        result["quality"] = {}
+        for p in args.precisions:
+            result["quality"][p] = quality(models[p], tok)
+            print(f"quality {p}: {result['quality'][p]}", file=sys.stderr, flush=True)
     print(json.dumps(result))
     return 0
 
