@@ -15,8 +15,8 @@ problems greedily with forking on; that text is then decoded again as a forced o
 on and off; speedup = time off / time on (the same tokens).
 
 ``--quality``: the adapter on 40 held-out word problems (20 parallel, 20 sequential) at each
-precision: accuracy and trigger rate (the share of parallel problems it forks on, sequential ones
-it does not), for "within 2 points of float32". Takes minutes.
+precision: accuracy, trigger rate (the share of parallel problems it forks on), false trigger rate
+(sequential ones it forks on), for "within 2 points of float32". Takes minutes.
 
 Prints a table on stderr, one JSON object on the last line of stdout.
 """
@@ -190,11 +190,13 @@ def quality(model: Any, tok: Any) -> dict[str, Any]:
     )
     outs = llm.generate([chat_prompt(tok, r.question, parallel=True) for r in recs], sp)
     correct = sum(grade(o.text, str(r.answer)) for r, o in zip(recs, outs, strict=True))
-    right_structure = sum(
-        (o.usage.blocks > 0) == (r.structure == "parallel") for r, o in zip(recs, outs)
-    )
+    forks = [(r.structure == "parallel", o.usage.blocks > 0) for r, o in zip(recs, outs)]
+    par = [f for p, f in forks if p]
+    seq = [f for p, f in forks if not p]
     return {"problems": len(recs), "accuracy": round(correct / len(recs), 4),
-            "trigger_rate": round(right_structure / len(recs), 4)}  # fmt: skip
+            "trigger_rate": round(sum(par) / len(par), 4),  # forks on a parallel problem
+            "false_trigger_rate": round(sum(seq) / len(seq), 4),  # forks on a sequential one
+            "right_structure": round(sum(p == f for p, f in forks) / len(forks), 4)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
