@@ -194,7 +194,7 @@ def quality(model: Any, tok: Any) -> dict[str, Any]:
 
     recs = [*tasks.generate(20, seed=7, split="test", tasks=["word_parallel"]),
             *tasks.generate(20, seed=7, split="test", tasks=["word_sequential"])]  # fmt: skip
-    llm = LLM.from_model(model, tok, num_kv_slots=65536)
+    llm = LLM.from_model(model, tok, num_kv_slots=32768)
     sp = SamplingParams(
         temperature=0.0, max_tokens=1500, parallel=True, stop_token_ids=stop_token_ids(tok)
     )
