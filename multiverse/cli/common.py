@@ -69,6 +69,18 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at "
         "start-up (the default there; graphs are never used on CPU): docs/gpu.md",
     )
+    add_quantization_argument(p)
+
+
+def add_quantization_argument(p: argparse.ArgumentParser) -> None:
+    """``--quantization int8|int4``: weight-only, CPU (:mod:`multiverse.engine.model.quant`)."""
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8", "int4"],
+        help="weight-only int8 (one scale a row) or int4 (a scale and zero per 32 inputs) for "
+        "the linear layers, bfloat16 activations; CPU only (default: none, the model's dtype)",
+    )
 
 
 def check_device(device: str) -> str:
@@ -89,9 +101,10 @@ def check_device(device: str) -> str:
 
 
 def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = None,
-                cuda_graphs: bool | None = None, **engine_config: Any) -> Any:  # fmt: skip
+                cuda_graphs: bool | None = None, quantization: str | None = None,
+                **engine_config: Any) -> Any:  # fmt: skip
     """``multiverse.LLM`` on ``model`` (with the LoRA ``adapter`` merged when given;
-    ``cuda_graphs``: ``--no-cuda-graphs``, passed on only when given); a load failure (missing or
+    ``cuda_graphs`` / ``quantization``: passed on only when given); a load failure (missing or
     truncated weights, a bad config, an adapter that does not fit) becomes a :class:`UsageError`
     naming ``--model`` (and ``--adapter``) and the path, chained to the cause (its traceback:
     ``--log-level debug``)."""
@@ -105,6 +118,8 @@ def load_engine(model: Path, device: str, dtype: str, adapter: Path | None = Non
         engine_config["adapter"] = str(adapter)
     if cuda_graphs is not None:
         engine_config["cuda_graphs"] = cuda_graphs
+    if quantization is not None:
+        engine_config["quantization"] = quantization
     try:
         llm = LLM(str(model), device=device, dtype=dtype, **engine_config)
         log.info("loaded %s on %s (%s) in %.2f s", model, device, dtype, time.perf_counter() - t0)
@@ -298,6 +313,8 @@ def remote_engine(args: argparse.Namespace, command: str) -> Any:
     the local model's options may come with it)."""
     if getattr(args, "model", None) is not None or getattr(args, "adapter", None) is not None:
         raise UsageError("--base-url and --model/--adapter: give one (a remote server or a local model)")
+    if getattr(args, "quantization", None) is not None:
+        raise UsageError("--quantization applies to a local model, not to --base-url servers (quantize there)")
     if args.max_concurrency < 1:
         raise UsageError("--max-concurrency must be >= 1")
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from multiverse.cli.common import (
     UsageError,
     add_model_argument,
+    add_quantization_argument,
     add_remote_arguments,
     add_threads_argument,
     apply_threads,
@@ -30,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--problems", type=int, default=3, help="held-out problems to solve (default 3)")
     add_threads_argument(p)
     add_remote_arguments(p)
+    add_quantization_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:  # the `demo` extra (transformers) is missing
             reason = f"the engine cannot load models here ({e}); pip install 'multiverse[demo]'"
         else:
-            return run_model_demo(model, args.problems, threads=threads, adapter=adapter)
+            return run_model_demo(model, args.problems, threads=threads, adapter=adapter,
+                                  quantization=args.quantization)  # fmt: skip
     from multiverse.cli import main
 
     print(f"({reason}: showing `multiverse inspect` on the shipped example)\n")

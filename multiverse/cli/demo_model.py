@@ -224,6 +224,7 @@ def run_model_demo(
     threads: int | None = None,
     adapter: str | Path | None = None,
     remote: Any = None,
+    quantization: str | None = None,
 ) -> int:
     """Run the demo on the model in ``model_dir``; print to ``out`` (default stdout).
 
@@ -260,8 +261,10 @@ def run_model_demo(
     print(choice.message, file=sys.stderr)
     try:
         extra = {"adapter": str(adapter)} if adapter is not None else {}
+        extra["quantization"] = quantization  # --quantization: weight-only int8 / int4, or None
         llm = remote if remote is not None else LLM(str(model_dir), device="cpu", dtype="float32", **extra)
-        twin = LLM(str(twin_dir), device="cpu", dtype="float32") if twin_dir else None
+        twin = (LLM(str(twin_dir), device="cpu", dtype="float32", quantization=quantization)
+                if twin_dir else None)  # fmt: skip
     except (OSError, ValueError, ImportError) as e:
         print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
         return 2

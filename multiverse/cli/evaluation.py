@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
         env["remote"] = {"base_urls": [i.base_url for i in remote.infos], "model": remote.infos[0].model,
                          "merge": remote.merge}  # fmt: skip
     llm = remote if remote is not None else load_engine(Path(args.model), args.device, args.dtype, adapter,
-                                                        cuda_graphs=args.cuda_graphs)  # fmt: skip
+                                                        cuda_graphs=args.cuda_graphs,
+                                                        quantization=args.quantization)  # fmt: skip
     tokenizer = _tokenizer_of(llm, args.model)
     sizes = list(dict.fromkeys(args.batch_size))
     runs: list[EvalResult] = []

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         with_adapter = f" + adapter {adapter}" if adapter is not None else ""
         print(f"loading {model}{with_adapter} ({threads} thread(s)) ...", file=sys.stderr)
-        llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs)
+        llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs,
+                          quantization=args.quantization)
         texts, note = prompt_texts(prompts, llm.tokenizer, record_dir(model, adapter), raw=args.raw,
                                    suffix=not args.no_prompt_suffix, special_tokens=args.parse_special_tokens)  # fmt: skip
     sp.stop_token_ids = stop_token_ids(llm.tokenizer)

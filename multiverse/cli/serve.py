@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {model}" + (f" + adapter {adapter}" if adapter is not None else "") + " ...", file=sys.stderr)
     extra = {"num_kv_slots": args.kv_slots} if args.kv_slots else {}
     try:
-        llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs, **extra)
+        llm = load_engine(model, args.device, args.dtype, adapter, cuda_graphs=args.cuda_graphs,
+                          quantization=args.quantization, **extra)  # fmt: skip
         fmt, note = chat_prompt_format(record_dir(model, adapter), llm.tokenizer, not args.no_prompt_suffix)
     except ValueError as e:  # UsageError, or an invalid train_summary.json
         print(f"multiverse serve: error: {e}", file=sys.stderr)

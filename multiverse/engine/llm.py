@@ -25,6 +25,7 @@ from multiverse.engine.forkjoin import ForkJoin, Specials
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.model import KVPool
 from multiverse.engine.model.graphs import Capturer, EagerCapturer
+from multiverse.engine.model.quant import DEFAULT_INT4_GROUP_SIZE, check_quantization
 from multiverse.engine.outputs import RequestOutput, Usage, build_output, progress
 from multiverse.engine.policy import check_request
 from multiverse.engine.radix import RadixCache
@@ -61,12 +62,17 @@ class LLM:
     at ``max_batch_tokens`` / the pool; bigger steps run eagerly, as do the buckets whose capture
     fails: one warning each), ``graph_capturer`` (a
     :class:`~multiverse.engine.model.graphs.Capturer`, for tests), ``seed``
-    (:func:`~multiverse.engine.sampling.request_seed`'s ``rng``; default None: the OS). Without
-    the Multiverse tags in the tokenizer nothing forks: a warning once, ``forking="unavailable"``.
+    (:func:`~multiverse.engine.sampling.request_seed`'s ``rng``; default None: the OS),
+    ``quantization`` (``None``, ``"int8"`` or ``"int4"``: weight-only, CPU, the model quantised in
+    place at set-up; ``quant_group_size`` the int4 group, default 32:
+    :mod:`multiverse.engine.model.quant`). Without the Multiverse tags in the tokenizer nothing
+    forks: a warning once, ``forking="unavailable"``.
     """
 
     def __init__(self, model: Any, device: str = "cpu", dtype: str = "float32", **engine_config: Any) -> None:
         tokenizer = engine_config.pop("tokenizer", None)
+        check_quantization(engine_config.get("quantization"), device,
+                           engine_config.get("quant_group_size", DEFAULT_INT4_GROUP_SIZE))  # fmt: skip
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from multiverse.engine.loader import load_model
 
@@ -92,7 +98,10 @@ class LLM:
                eos_token_ids: Sequence[int] | None = None, check_invariants: bool = False,
                cuda_graphs: bool | None = None, static_decode: bool | None = None,
                graph_max_batch: int | None = None, graph_max_kv: int | None = None,
-               graph_capturer: Capturer | None = None) -> None:  # fmt: skip
+               graph_capturer: Capturer | None = None, quantization: str | None = None,
+               quant_group_size: int = DEFAULT_INT4_GROUP_SIZE) -> None:  # fmt: skip
+        if quantization is not None:
+            model.quantize_(quantization, quant_group_size)
         self.model, self.tokenizer = model, tokenizer
         on_cuda = model.device.type == "cuda"
         if cuda_graphs and not on_cuda:

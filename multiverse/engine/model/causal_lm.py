@@ -15,6 +15,7 @@ Inference only: parameters have ``requires_grad=False``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,10 +33,18 @@ from multiverse.engine.model.attention import (
 from multiverse.engine.model.batch import ForwardBatch
 from multiverse.engine.model.kv_pool import KVPool
 from multiverse.engine.model.layer import (
+    QUANTIZED,
     DecoderLayer,
     LayerWeights,
     attention_inputs,
     finish_layer,
+)
+from multiverse.engine.model.quant import (
+    DEFAULT_INT4_GROUP_SIZE,
+    HEAD_QUANTIZATION,
+    QuantLinear,
+    check_quantization,
+    linear,
 )
 from multiverse.engine.model.rope import interleave_perm, rope_inv_freq, rope_table
 from multiverse.engine.model.spec import ModelSpec, resolve_dtype
@@ -80,6 +89,8 @@ class CausalLM(nn.Module):
         self.rope_scaling = scaling
         self.rope_perm = interleave_perm(spec.head_dim)  # [D] long: HF dim of each of our dims
         self.loaded_hf_names: set[str] = set()
+        self.quantization: str | None = None
+        self.lm_head_q: QuantLinear | None = None  # the quantised LM head (quantize_)
         self._layer_weights: list[LayerWeights] = []
         self._refresh_weight_cache()
 
@@ -92,7 +103,10 @@ class CausalLM(nn.Module):
         return self.embed.device
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
+    def lm_head_weight(self) -> torch.Tensor | QuantLinear:
+        """The LM head: the embedding when tied, the quantised head after :meth:`quantize_`."""
+        if self.lm_head_q is not None:
+            return self.lm_head_q
         return self.embed if self.lm_head is None else self.lm_head
 
     def _refresh_weight_cache(self) -> None:
@@ -103,6 +117,43 @@ class CausalLM(nn.Module):
         out = super()._apply(fn, recurse)
         self._refresh_weight_cache()
         return out
+
+    @torch.no_grad()
+    def quantize_(self, method: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> CausalLM:
+        """Weight-only ``"int8"`` / ``"int4"`` (``group_size`` input columns a scale) for every
+        projection matrix, in place, after loading (:mod:`.quant`); the LM head is int8 in both
+        (int4 there costs most of the accuracy: :data:`.quant.HEAD_QUANTIZATION`); the embedding
+        table, norms and biases keep the model's dtype. CPU only; irreversible."""
+        check_quantization(method, self.device, group_size)
+        if self.quantization is not None:
+            raise ValueError(f"the model is already quantised ({self.quantization})")
+        for i, layer in enumerate(self.layers):
+            layer.quantize_(method, group_size, f"layers.{i}")  # type: ignore[operator]
+        head = HEAD_QUANTIZATION[method]
+        self.lm_head_q = QuantLinear(head, self.lm_head_weight, group_size, name="lm_head")
+        if self.lm_head is not None:
+            self.lm_head = None  # untied: the quantised copy replaces it
+        self.quantization = method
+        self._refresh_weight_cache()
+        return self
+
+    @torch.no_grad()
+    def dequantized(self) -> CausalLM:
+        """The reference of a quantised model: a float32 copy whose matrices are the dequantised
+        weights (:meth:`.quant.QuantLinear.dequantize`), run by plain ``F.linear``."""
+        if self.quantization is None:
+            raise ValueError("dequantized() needs a quantised model (quantize_ first)")
+        ref = copy.deepcopy(self)
+        for layer in ref.layers:
+            for name in QUANTIZED:
+                weight = getattr(layer, name).dequantize().to(self.dtype)
+                delattr(layer, name)
+                setattr(layer, name, nn.Parameter(weight, requires_grad=False))
+        assert ref.lm_head_q is not None
+        ref.lm_head = nn.Parameter(ref.lm_head_q.dequantize().to(self.dtype), requires_grad=False)
+        ref.lm_head_q, ref.quantization = None, None
+        ref._refresh_weight_cache()
+        return ref
 
     # ---------------------------------------------------------------- loading HF weights
 
@@ -132,7 +183,7 @@ class CausalLM(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: x ``[R, H]`` -> float32 logits ``[R, vocab]``."""
         h = F.rms_norm(x, (self.spec.hidden_size,), self.final_norm, self.spec.rms_norm_eps)
-        return F.linear(h, self.lm_head_weight).float()
+        return linear(h, self.lm_head_weight, None).float()
 
     def forward(self, batch: ForwardBatch, kv: KVPool, *, reference: bool = False) -> torch.Tensor:  # type: ignore[override]
         """One engine step: write the new tokens' K/V into ``kv``, return float32 logits
@@ -232,5 +283,5 @@ class CausalLM(nn.Module):
         return (
             f"{s.model_type}: layers={s.num_layers}, hidden={s.hidden_size}, heads={s.num_heads}, "
             f"kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, vocab={s.vocab_size}, "
-            f"dtype={self.dtype}"
+            f"dtype={self.dtype}" + (f", quantization={self.quantization}" if self.quantization else "")
         )

@@ -6,6 +6,8 @@ Internal layout (invisible to callers, but the KV pool's contents depend on it):
   heads), gate/up into another (``gate_up_weight``: gate rows, then up rows).
 - q/k rows are in the interleaved RoPE layout (see :mod:`.rope`); Qwen3's per-head q/k norm
   weights are stored once per head (``qk_norm [Hq + Hk, D]``), permuted alike.
+- With ``CausalLM.quantize_`` the four projection matrices are :class:`.quant.QuantLinear`
+  modules instead of parameters (weight-only int8 / int4, see :mod:`.quant`).
 - RMSNorm is ``F.rms_norm`` (one rounding); in bf16/fp16 logits therefore differ from
   transformers' (which rounds before the weight multiply) by rounding, not in fp32.
 
@@ -22,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multiverse.engine.model.quant import QuantLinear, add_linear, linear
 from multiverse.engine.model.rope import apply_rope_
 from multiverse.engine.model.spec import ModelSpec
+
+QUANTIZED = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")  # what quantize_ replaces
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,15 +36,15 @@ class LayerWeights:
     """One layer's tensors by name (H hidden, D head_dim, I intermediate; None = no such bias)."""
 
     input_norm: torch.Tensor  # [H]
-    qkv_weight: torch.Tensor  # [(Hq + 2 Hk) * D, H]
+    qkv_weight: torch.Tensor | QuantLinear  # [(Hq + 2 Hk) * D, H]
     qkv_bias: torch.Tensor | None  # [(Hq + 2 Hk) * D]
     qk_norm: torch.Tensor | None  # [Hq + Hk, D] (Qwen3)
-    o_weight: torch.Tensor  # [H, Hq * D]
+    o_weight: torch.Tensor | QuantLinear  # [H, Hq * D]
     o_bias: torch.Tensor | None  # [H]
     post_norm: torch.Tensor  # [H]
-    gate_up_weight: torch.Tensor  # [2 I, H]
+    gate_up_weight: torch.Tensor | QuantLinear  # [2 I, H]
     gate_up_bias: torch.Tensor | None  # [2 I]
-    down_weight: torch.Tensor  # [H, I]
+    down_weight: torch.Tensor | QuantLinear  # [H, I]
     down_bias: torch.Tensor | None  # [H]
 
 
@@ -66,6 +71,16 @@ class DecoderLayer(nn.Module):
         self.down_weight = param(h, spec.intermediate_size)
         self.down_bias = param(h) if spec.mlp_bias else None
 
+    def quantize_(self, method: str, group_size: int, where: str) -> None:
+        """Replace the four projection matrices by :class:`QuantLinear` modules (in place)."""
+        for name in QUANTIZED:
+            weight = getattr(self, name)
+            if type(weight) is QuantLinear:
+                raise ValueError(f"{where}.{name} is already quantised ({weight.method})")
+            q = QuantLinear(method, weight, group_size, name=f"{where}.{name}")
+            delattr(self, name)
+            setattr(self, name, q)
+
     def weights(self) -> LayerWeights:
         return LayerWeights(
             input_norm=self.input_norm,
@@ -91,7 +106,7 @@ def attention_inputs(
     """
     d, nqk = spec.head_dim, spec.num_heads + spec.num_kv_heads
     h = F.rms_norm(x, (spec.hidden_size,), w.input_norm, spec.rms_norm_eps)
-    qkv = F.linear(h, w.qkv_weight, w.qkv_bias)  # [T, (Hq + 2 Hk) * D]
+    qkv = linear(h, w.qkv_weight, w.qkv_bias)  # [T, (Hq + 2 Hk) * D]
     t = qkv.shape[0]
     qk = qkv[:, : nqk * d]  # [T, (Hq + Hk) * D] (view)
     if w.qk_norm is not None:  # Qwen3: RMSNorm over each q/k head's dims
@@ -106,14 +121,9 @@ def finish_layer(
 ) -> torch.Tensor:
     """Output projection + residual, post norm, SiLU MLP + residual: x, attn ``[T, ...]`` ->
     ``[T, H]``."""
-    if w.o_bias is None:
-        x = torch.addmm(x, attn, w.o_weight.t())
-    else:
-        x = x + F.linear(attn, w.o_weight, w.o_bias)
+    x = add_linear(x, attn, w.o_weight, w.o_bias)
     h = F.rms_norm(x, (spec.hidden_size,), w.post_norm, spec.rms_norm_eps)
-    gate_up = F.linear(h, w.gate_up_weight, w.gate_up_bias)  # [T, 2 I]
+    gate_up = linear(h, w.gate_up_weight, w.gate_up_bias)  # [T, 2 I]
     inter = spec.intermediate_size
     act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [T, I]
-    if w.down_bias is None:
-        return torch.addmm(x, act, w.down_weight.t())
-    return x + F.linear(act, w.down_weight, w.down_bias)
+    return add_linear(x, act, w.down_weight, w.down_bias)

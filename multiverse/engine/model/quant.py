@@ -1,0 +1,160 @@
+"""Weight-only int8 / int4 quantisation of the engine's linear layers (CPU).
+
+``CausalLM.quantize_("int8" | "int4")`` replaces each layer's fused q/k/v, output, gate/up and
+down matrices and the LM head (int8 in both: :data:`HEAD_QUANTIZATION`) by a
+:class:`QuantLinear` (biases, norms and the embedding table stay in the model's dtype). The
+formats:
+
+- ``int8``: symmetric, one scale per output row: ``w = q * scale``, ``q`` in [-127, 127].
+- ``int4``: asymmetric, one scale and zero point per ``group_size`` input columns of a row:
+  ``w = (q - 8) * scale + zero``, ``q`` in [0, 15] (``zero`` is the group's value at ``q = 8``),
+  the layout of torch's CPU kernel.
+
+Scales and zeros are rounded to bfloat16 when quantising, so the fast path and the reference
+use the same dequantised weights. The fast path (:meth:`QuantLinear.forward`) runs torch's CPU
+kernels ``torch._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu`` with bfloat16
+activations: their float32-activation path is a scalar loop, 10-20x slower than a float32
+matmul (measured on AVX-512), while the bfloat16 one reads 4x (int8) / 8x (int4) fewer weight
+bytes than float32. The reference (:meth:`QuantLinear.reference`) dequantises to float32 and
+runs ``F.linear``; the difference between the two is bfloat16 rounding of the activations and
+of the output (tests/engine/test_quant.py). A GGUF's quantised tensors arrive here dequantised by
+the loader and are requantised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("int8", "int4")
+# The LM head's format per method. SmolLM2-135M (GGUF: Q4_1 layers, Q8_0 embedding), teacher-forced
+# argmax agreement with float32 on 16 x 32 greedy tokens: int4 layers + int4 head 92.4%, + int8
+# head 98.8% (measured for tests/engine/test_quant_quality.py).
+HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+DEFAULT_INT4_GROUP_SIZE = 32
+_KERNEL_DTYPE = torch.bfloat16
+
+
+def check_quantization(method: str | None, device: torch.device | str, group_size: int = 0) -> None:
+    """Refuse, with the reason, a quantisation this torch build or ``device`` cannot run."""
+    if method is None:
+        return
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization={method!r}: expected None, 'int8' or 'int4'")
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        raise ValueError(
+            f"quantization={method!r} runs on CPU only (torch's weight-only CPU kernels); the "
+            f"model is on {dev}: use device='cpu' or quantization=None"
+        )
+    kernel = "_weight_int8pack_mm" if method == "int8" else "_weight_int4pack_mm_for_cpu"
+    if not hasattr(torch.ops.aten, kernel):
+        raise ValueError(f"quantization={method!r} needs torch.ops.aten.{kernel}, which torch "
+                         f"{torch.__version__} lacks")  # fmt: skip
+    if method == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(
+            f"quant_group_size={group_size}: the int4 CPU kernel takes one of {INT4_GROUP_SIZES}"
+        )
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantised ``[out_features, in_features]`` matrix, no bias.
+
+    Buffers: ``qweight`` (int8 ``[N, K]``; int4: two values a byte, ``[N, K/2]`` uint8, low
+    nibble = even column), ``scales`` (int8 ``[N]``; int4 ``[N, K/G]``), ``zeros`` (int4
+    ``[N, K/G]``), all float32 holding bfloat16 values; ``packed`` / ``kernel_scales`` are the
+    kernel's copies.
+    """
+
+    def __init__(self, method: str, weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                 name: str = "weight") -> None:  # fmt: skip
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"{name}: quantise a 2-D weight, got shape {tuple(weight.shape)}")
+        n, k = weight.shape
+        self.method, self.out_features, self.in_features = method, n, k
+        self.group_size = group_size if method == "int4" else k
+        w = weight.detach().float()
+        if method == "int8":
+            scale = _bf16(w.abs().amax(1) / 127).clamp(min=2**-100)  # [N]
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scales", scale)
+            self.register_buffer("kernel_scales", scale.to(_KERNEL_DTYPE))
+            return
+        if method != "int4":
+            raise ValueError(f"{name}: quantization={method!r}: expected 'int8' or 'int4'")
+        if k % group_size:
+            raise ValueError(f"{name}: int4 quant_group_size={group_size} does not divide its "
+                             f"{k} input features; pick one of {_dividers(k)}")  # fmt: skip
+        if n % 16:
+            raise ValueError(f"{name}: the int4 CPU kernel needs a multiple of 16 output features, "
+                             f"this matrix has {n}; use quantization='int8'")  # fmt: skip
+        g = w.reshape(n, k // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = _bf16((hi - lo) / 15).clamp(min=2**-100)  # [N, K/G]
+        zero = _bf16(lo + 8 * scale)
+        q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+        q = q.to(torch.uint8).reshape(n, k)
+        self.register_buffer("qweight", q[:, ::2] | (q[:, 1::2] << 4))
+        self.register_buffer("scales", scale)
+        self.register_buffer("zeros", zero)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.register_buffer("packed", packed)
+        sz = torch.stack([scale.t(), zero.t()], -1).contiguous()  # [K/G, N, 2]
+        self.register_buffer("kernel_scales", sz.to(_KERNEL_DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast path: x ``[T, K]`` -> ``[T, N]`` in x's dtype (bfloat16 activations)."""
+        xk = x.to(_KERNEL_DTYPE)
+        if self.method == "int8":
+            out = torch._weight_int8pack_mm(xk, self.qweight, self.kernel_scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                xk, self.packed, self.group_size, self.kernel_scales
+            )
+        return out.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the quantised values stand for, float32 ``[N, K]``."""
+        if self.method == "int8":
+            return self.qweight.float() * self.scales[:, None]
+        q = torch.stack([self.qweight & 15, self.qweight >> 4], -1).reshape(self.out_features, -1)
+        g = q.float().reshape(self.out_features, -1, self.group_size)
+        return ((g - 8) * self.scales[..., None] + self.zeros[..., None]).reshape(q.shape)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference: dequantise, then a float32 ``F.linear``; returns x's dtype."""
+        return F.linear(x.float(), self.dequantize()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.method == "int4" else ""
+        return f"{self.method}, in={self.in_features}, out={self.out_features}{g}"
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantLinear, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear`` for a plain or a quantised weight."""
+    if type(weight) is QuantLinear:
+        out = weight.forward(x)
+        return out if bias is None else out.add_(bias)
+    return F.linear(x, weight, bias)  # type: ignore[arg-type]
+
+
+def add_linear(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor | QuantLinear,
+               bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """``x + linear(inp, weight, bias)`` (one ``addmm`` for a plain weight without bias)."""
+    if bias is None and type(weight) is not QuantLinear:
+        return torch.addmm(x, inp, weight.t())  # type: ignore[union-attr]
+    return x + linear(inp, weight, bias)
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def _dividers(k: int) -> list[int]:
+    return [g for g in INT4_GROUP_SIZES if k % g == 0]
