@@ -261,10 +261,9 @@ def run_model_demo(
     print(choice.message, file=sys.stderr)
     try:
         extra = {"adapter": str(adapter)} if adapter is not None else {}
-        extra["quantization"] = quantization  # --quantization: weight-only int8 / int4, or None
-        llm = remote if remote is not None else LLM(str(model_dir), device="cpu", dtype="float32", **extra)
-        twin = (LLM(str(twin_dir), device="cpu", dtype="float32", quantization=quantization)
-                if twin_dir else None)  # fmt: skip
+        quant = {"quantization": quantization} if quantization is not None else {}  # --quantization
+        llm = remote if remote is not None else LLM(str(model_dir), device="cpu", dtype="float32", **extra, **quant)
+        twin = LLM(str(twin_dir), device="cpu", dtype="float32", **quant) if twin_dir else None
     except (OSError, ValueError, ImportError) as e:
         print(f"multiverse demo: error: cannot load model: {e}", file=sys.stderr)
         return 2
