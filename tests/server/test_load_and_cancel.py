@@ -101,17 +101,21 @@ def test_queue_full_is_429_with_retry_after(tiny_llm):
     # a second engine over the same weights (the session server's engine is idle meanwhile)
     llm = LLM.from_model(tiny_llm.model, tiny_llm.tokenizer, num_kv_slots=4096)
     cfg = ServerConfig(max_concurrent_requests=1, max_queue=1)
-    with running_server(llm, cfg) as (url, _):
+    with running_server(llm, cfg) as (url, app):
         body = {"prompt": "a", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
 
-        def post(_: int) -> httpx.Response:
-            return httpx.post(url + "/v1/completions", json=body, timeout=60)
+        def post(_: int, max_tokens: int = 100) -> httpx.Response:
+            return httpx.post(url + "/v1/completions", json={**body, "max_tokens": max_tokens}, timeout=60)
 
-        with ThreadPoolExecutor(4) as ex:
-            codes = [r.status_code for r in ex.map(post, range(4))]
+        engine = app.state.engine
+        with ThreadPoolExecutor(2) as ex:  # one running, one waiting: the engine is full
+            held = [ex.submit(post, i, 600) for i in range(2)]
+            deadline = time.monotonic() + 30
+            while len(engine.running) + len(engine.waiting) < 2:  # both admitted or queued
+                assert time.monotonic() < deadline and not any(f.done() for f in held)
+                time.sleep(0.002)
+            busy = [post(i) for i in range(2)]  # while both are in: no room
+            codes = [r.status_code for r in busy] + [f.result().status_code for f in held]
         assert sorted(codes) == [200, 200, 429, 429], codes
+        assert busy[0].headers["retry-after"] == "1" and busy[0].json()["error"]["type"] == "rate_limit_error"
         assert post(0).status_code == 200  # free again once those finished
-        with ThreadPoolExecutor(3) as ex:
-            rs = list(ex.map(post, range(3)))
-        busy = [r for r in rs if r.status_code == 429]
-        assert busy and busy[0].headers["retry-after"] == "1" and busy[0].json()["error"]["type"] == "rate_limit_error"
