@@ -39,7 +39,7 @@ PPL_LIMIT = {"int8": 0.02, "int4": 0.05}
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_loads_shared):  # the session's one read of the GGUF (tests/conftest.py)
     from multiverse.engine.loader import load_model
 
     model, tok, _ = load_model(find_smollm2_gguf())

@@ -27,7 +27,7 @@ pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def served():
+def served(smollm2_loads_shared):  # the session's one read of the GGUF (tests/conftest.py)
     from multiverse import LLM, SamplingParams
     from multiverse.eval import tasks
     from multiverse.format.prompts import chat_prompt, stop_token_ids
