@@ -27,7 +27,7 @@ from multiverse.engine.model import KVPool
 from multiverse.engine.model.graphs import Capturer, EagerCapturer
 from multiverse.engine.model.quant import DEFAULT_INT4_GROUP_SIZE, check_quantization
 from multiverse.engine.outputs import RequestOutput, Usage, build_output, progress
-from multiverse.engine.policy import check_request
+from multiverse.engine.policy import check_request, pair_prompts
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
 from multiverse.engine.runner import ModelRunner, StepOutput
@@ -313,12 +313,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
         """One output per prompt, in order. Prompts are strings or token-id lists."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params = sampling_params or SamplingParams()
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        prompts, plist = pair_prompts(prompts, sampling_params)
         start = time.perf_counter()
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         bar = progress(len(reqs)) if use_tqdm else None

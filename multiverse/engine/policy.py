@@ -3,6 +3,7 @@ and the fork/join driver over servers (:class:`multiverse.remote.RemoteLLM`).
 
   * :data:`DEFAULT_MAX_TOKENS`: the depth budget of a request that names none (the commands and
     the server);
+  * :func:`pair_prompts`: the prompts of one ``generate`` call paired with their settings;
   * :func:`check_request`: the one validation of a request where it enters a backend (prompt
     ids, the settings object, the context and pool limits), each error naming what is wrong.
 
@@ -19,6 +20,21 @@ DEFAULT_MAX_TOKENS = 1024
 ``serve``, the demo and the driver (the shipped tiny model needs up to ~300 with forking, its
 autoregressive twin up to ~850). ``SamplingParams()`` alone still defaults to 256 (vLLM's
 shape); the commands and the server pass this one."""
+
+
+def pair_prompts(prompts: Any, sampling_params: Any = None) -> tuple[list[Any], list[Any]]:
+    """``generate``'s arguments as two equal lists: one prompt (a string or a token-id list) or
+    several, and one :class:`~multiverse.engine.sampling.SamplingParams` for all (default: the
+    defaults) or one per prompt (``ValueError`` when the counts differ)."""
+    from multiverse.engine.sampling import SamplingParams
+
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = sampling_params or SamplingParams()
+    plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+    return list(prompts), plist
 
 
 def check_request(ids: Sequence[int], params: Any, *, vocab_size: int | None = None, context: int | None = None,

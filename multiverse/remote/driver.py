@@ -33,7 +33,7 @@ from typing import Any
 
 from multiverse.engine.forkjoin import Specials
 from multiverse.engine.outputs import RequestOutput
-from multiverse.engine.policy import check_request
+from multiverse.engine.policy import check_request, pair_prompts
 from multiverse.engine.request import Branch
 from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import render_chat
@@ -222,12 +222,7 @@ class RemoteLLM:
                         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RemoteOutput]:  # fmt: skip
         """``generate`` as a coroutine (for callers inside an event loop). Cancelling it
         cancels every request's sub-requests."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        params = sampling_params or SamplingParams()
-        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        prompts, plist = pair_prompts(prompts, sampling_params)
         start = time.perf_counter()
         trees = [self._tree(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         self.trees = trees

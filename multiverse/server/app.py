@@ -35,7 +35,12 @@ from multiverse.server.auth import Guard
 from multiverse.server.engine_thread import EngineStopped, EngineThread, Job, QueueFull
 from multiverse.server.errors import APIError, error_body
 from multiverse.server.prompting import PromptFormat, apply_prompt_format
-from multiverse.server.schemas import ChatCompletionRequest, CompletionRequest, sampling_params
+from multiverse.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    completion_prompt,
+    sampling_params,
+)
 from multiverse.server.streaming import SSE_DONE, chat_chunk, completion_chunk, sse
 
 POLL_S = 0.2  # how often a waiting handler checks that its client is still there
@@ -239,11 +244,7 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """OpenAI completions; ``stream: true`` streams SSE chunks with ``multiverse`` events."""
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and not prompt:
-            raise APIError(400, "prompt is empty", "prompt")
+        prompt = completion_prompt(body)
         if isinstance(prompt, list) and vocab is not None and any(t >= vocab for t in prompt):
             bad = [t for t in prompt if t >= vocab][:5]
             raise APIError(400, f"prompt token ids outside the vocabulary [0, {vocab}): {bad}", "prompt")

@@ -32,7 +32,12 @@ from multiverse.server.auth import Guard
 from multiverse.server.errors import APIError
 from multiverse.server.metrics import Metrics
 from multiverse.server.prompting import apply_prompt_format
-from multiverse.server.schemas import ChatCompletionRequest, CompletionRequest, sampling_params
+from multiverse.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    completion_prompt,
+    sampling_params,
+)
 from multiverse.server.streaming import SSE_DONE, chat_chunk, completion_chunk, sse
 
 POLL_S = 0.2  # how often a waiting handler checks that its client is still there
@@ -152,11 +157,7 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and not prompt:
-            raise APIError(400, "prompt is empty", "prompt")
+        prompt = completion_prompt(body)
         return await generate(request, body, prompt, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)

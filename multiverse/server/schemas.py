@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from multiverse.engine.policy import DEFAULT_MAX_TOKENS
 from multiverse.engine.sampling import MAX_PENALTY, SamplingParams
-from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
+from multiverse.server.errors import APIError
 
 MAX_TOKENS_LIMIT = 1 << 20  # far beyond any KV pool; a bound keeps arithmetic sane
 MAX_STOP = 16
@@ -165,3 +166,14 @@ def sampling_params(body: _Common, eos_ids: list[int], seed_offset: int = 0) -> 
         logprobs=logprobs, parallel=body.parallel, max_total_tokens=body.max_total_tokens,
         max_depth=body.max_depth, max_paths=body.max_paths, max_live_branches=body.max_live_branches,
     )  # fmt: skip
+
+
+def completion_prompt(body: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completions request: a string, or token ids (a list of one string is
+    that string); an empty string is a 400 naming ``prompt``."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and not prompt:
+        raise APIError(400, "prompt is empty", "prompt")
+    return prompt
