@@ -4,12 +4,11 @@ OpenAI-compatible completions server whose "model" is a script, for models that 
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from contextlib import contextmanager
 
 import pytest
+from _serving import free_port, serve_app  # noqa: F401 (the tests import them from here)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -17,34 +16,6 @@ pytest.importorskip("httpx")
 pytest.importorskip("tenacity")
 
 API_KEY = "remote-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve_app(app):
-    """Yield the base URL of uvicorn serving ``app`` in a thread."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @contextmanager

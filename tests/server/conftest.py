@@ -3,12 +3,10 @@ shipped ``multiverse-tiny`` (it forks on the countdown prompts), API key ``test-
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from contextlib import contextmanager
 
 import pytest
+from _serving import free_port, serve_app  # noqa: F401 (the tests import free_port from here)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -18,35 +16,16 @@ API_KEY = "test-key"
 FORKING = "Count down by 3 from a 11, b 10 as far as it goes. What is the sum of the ends? Think step by step and in parallel before answering."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_server(llm, config, name: str = "tiny"):
     """Yield the base URL of a uvicorn server over ``create_app(llm, name, config)``."""
-    import uvicorn
-
     from multiverse.server.app import create_app
 
     app = create_app(llm, name, config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", app
+        with serve_app(app) as url:
+            yield url, app
     finally:
-        server.should_exit = True
-        thread.join(timeout=15)
         app.state.engine.close()
 
 
