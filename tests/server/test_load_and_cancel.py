@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from conftest import API_KEY, running_server
 
 from multiverse.eval import tasks
@@ -85,11 +86,13 @@ def test_non_streaming_disconnect_is_aborted(server):
     url, _ = server
     before = metrics(url)
     body = {"messages": [{"role": "user", "content": user_prompt(QUESTIONS[3])}], "temperature": 0,
-            "max_tokens": 1000}  # fmt: skip
-    try:
+            "max_tokens": 1000, "ignore_eos": True}  # fmt: skip (it cannot end before the client goes)
+    with pytest.raises(httpx.TimeoutException):
         httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.3)
-    except httpx.TimeoutException:
-        pass
+    end = time.monotonic() + 5  # the handler notices the disconnect (polled) and aborts
+    while metrics(url)["multiverse_requests_aborted_total"] == before["multiverse_requests_aborted_total"]:
+        assert time.monotonic() < end, "the disconnected request was not aborted"
+        time.sleep(0.02)
     m = wait_idle(url, 1.5)
     assert m["multiverse_requests_aborted_total"] == before["multiverse_requests_aborted_total"] + 1
 
