@@ -20,12 +20,14 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any
 
+from multiverse.format import approx
 from multiverse.format import grammar as g
-from multiverse.format.layout import Layout, layout_tags
+from multiverse.format.layout import Layout, LayoutState, layout_tags
 from multiverse.format.tokenizer import add_tags_to_tokenizer, load_tokenizer
 
 FALLBACK_TOKENIZER = "builtin-regex (approximate)"
@@ -139,8 +141,26 @@ class TokenCounter:
 
     def count(self, text: str) -> int:
         if self.tok is None:
-            return len(g.approx_tokens(text))
+            return approx.count(text)
         return len(self.tok.encode(text, add_special_tokens=False))
+
+    def runs(self, text: str) -> Iterator[approx.Run]:
+        """:meth:`tags` run-length encoded (:func:`multiverse.format.approx.runs`): the built-in
+        counter never makes a string per token."""
+        if self.tok is None:
+            return approx.runs(text)
+        return approx.group(self.tags(text))
+
+
+def layout_extent(runs: Iterable[approx.Run]) -> tuple[int, int]:
+    """``(len(layout), layout.depth_tokens(0))`` of :func:`~multiverse.format.layout.layout_tags`
+    over the tokens given as runs, with the same rule (:class:`LayoutState`) and no per-token
+    tensor or list."""
+    state, total, last = LayoutState(), 0, -1
+    for tag, n in runs:
+        total += n
+        last = max(last, state.skip(n) if tag is None else state.step(tag))
+    return total, last + 1
 
 
 # ----------------------------------------------------------------------------- report
@@ -159,16 +179,32 @@ class Report:
     name: str
     doc: g.Document
     issues: list[g.Issue]
-    layout: Layout
-    tags: list[str | None]
-    tokenizer: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    total_tokens: int
+    depth_tokens: int  # the layout's sequential depth (max position + 1)
+    counter: TokenCounter
+    extra: dict[str, Any] = field(default_factory=dict)  # "text": the text read
     line_offset: int = 0  # added to the document's line numbers (file lines)
+    _layout: Layout | None = None
+
+    @property
+    def tokenizer(self) -> str:
+        return self.counter.name
+
+    @property
+    def tags(self) -> list[str | None]:
+        """Per token, its tag or None (a list as long as the text's tokens: built on demand)."""
+        return self.counter.tags(self.extra["text"])
+
+    @property
+    def layout(self) -> Layout:
+        """Per-token positions and membership (for ``--plot``), built on first use."""
+        if self._layout is None:
+            self._layout = layout_tags(self.tags)
+        return self._layout
 
     def to_dict(self) -> dict[str, Any]:
         s = g.stats(self.doc)
-        total = len(self.layout)
-        depth = self.layout.depth_tokens(0)
+        total, depth = self.total_tokens, self.depth_tokens
         return {
             "source": self.name,
             "valid": not self.issues,
@@ -188,13 +224,14 @@ class Report:
 def inspect_text(
     text: str, counter: TokenCounter | None = None, name: str = "<text>", line_offset: int = 0
 ) -> Report:
-    """Read ``text`` tolerantly and lay it out; issue lines are shifted by ``line_offset``."""
+    """Read ``text`` tolerantly and lay it out; issue lines are shifted by ``line_offset``.
+    Linear in time; memory: the tree (the per-token layout is built only if asked for)."""
     counter = counter or TokenCounter()
     doc, issues = g.read(text)
     if line_offset:
         issues = [replace(i, line=i.line + line_offset) for i in issues]
-    tags = counter.tags(text)
-    return Report(name, doc, issues, layout_tags(tags), tags, counter.name, {"text": text}, line_offset)
+    total, depth = layout_extent(counter.runs(text))
+    return Report(name, doc, issues, total, depth, counter, {"text": text}, line_offset)
 
 
 # ----------------------------------------------------------------------------- tree drawing

@@ -103,6 +103,11 @@ class LayoutState:
         self.next_pos = pos + 1
         return pos
 
+    def skip(self, n: int) -> int:
+        """Consume ``n`` ordinary tokens (as ``n`` calls of ``step(None)``); the last one's position."""
+        self.next_pos += n
+        return self.next_pos - 1
+
     def _remember(self) -> None:
         self.membership = tuple((b.block_id, b.path) for b in self.stack if b.phase == PATHS)
 
