@@ -14,13 +14,14 @@ engine steps (read only) and says what is new since the last look:
   decoded incrementally (:mod:`.detokenize`), so a step costs the same at any length.
 * **events** (the ``multiverse`` field of a chunk; docs/streaming.md):
   ``{"type": "fork", "block": 0, "branch": "", "labels": ["1", "2"], "paths": ["1", "2"]}``,
-  ``{"type": "delta", "branch": "1.2", "block": 1, "text": "..."}``,
-  ``{"type": "path_end", "branch": "1.2", "block": 1}``,
+  ``{"type": "delta", "branch": "1/1.2", "block": 1, "text": "..."}``,
+  ``{"type": "path_end", "branch": "1/1.2", "block": 1}``,
   ``{"type": "merge", "block": 0, "branch": ""}``.
-  A branch is named by its path of outline labels from the root (``""`` is the root; a child
-  labelled ``2`` of branch ``1`` is ``"1.2"``, and so is one labelled ``1.2``); blocks are
-  numbered per request in the order they fork (a name recurs in a later block: ``(block,
-  branch)`` is unique). A branch's deltas, concatenated, are exactly
+  A branch is named by its outline labels from the root joined with ``/`` (:func:`branch_name`:
+  ``""`` is the root, its child labelled ``2`` is ``"2"``, the children labelled ``2`` and
+  ``1.2`` of branch ``"1"`` are ``"1/2"`` and ``"1/1.2"``); blocks are numbered per request in
+  the order they fork (a name recurs in a later block: ``(block, branch)`` is unique). A
+  branch's deltas, concatenated, are exactly
   its path's text in the final output (``<Path>`` to ``</Path>`` and the newline after it).
 
 The functions below build the OpenAI chunk objects and the SSE framing.
@@ -41,10 +42,11 @@ _DONE = (Status.CLOSING, Status.ENDED, Status.FINISHED)
 
 
 def branch_name(parent: str, label: str) -> str:
-    """Name of the child labelled ``label`` of the branch named ``parent`` (see module doc)."""
-    if not parent or label.startswith(parent + "."):
-        return label
-    return f"{parent}.{label}"
+    """Name of the child labelled ``label`` of the branch named ``parent``: the labels from the
+    root joined with ``/``. A label is digits and dots, unique among its siblings (SPEC 4), so
+    a name is unique and splits back into its labels. (Joined with ``.``, the children ``2`` and
+    ``1.2`` of branch ``1`` were both ``1.2``, as was the root's child ``1.2``.)"""
+    return f"{parent}/{label}" if parent else label
 
 
 class _State:
