@@ -23,12 +23,15 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multiverse.format import approx
 from multiverse.format import grammar as g
-from multiverse.format.layout import Layout, LayoutState, layout_tags
+from multiverse.format.layout_state import LayoutState
 from multiverse.format.tokenizer import add_tags_to_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from multiverse.format.layout import Layout  # imports torch: only for --plot
 
 FALLBACK_TOKENIZER = "builtin-regex (approximate)"
 
@@ -88,8 +91,7 @@ def load_sources(path: str) -> list[Source]:
 
 
 def _sources_from_text(name: str, text: str) -> list[Source]:
-    stripped = text.lstrip()
-    if stripped.startswith("{"):
+    if re.match(r"\s*\{", text):  # JSONL (no stripped copy of a large text)
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -199,6 +201,8 @@ class Report:
     def layout(self) -> Layout:
         """Per-token positions and membership (for ``--plot``), built on first use."""
         if self._layout is None:
+            from multiverse.format.layout import layout_tags
+
             self._layout = layout_tags(self.tags)
         return self._layout
 

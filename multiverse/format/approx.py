@@ -11,11 +11,13 @@ here are taken from the UTF-8 bytes instead. Each byte is mapped to a class (``b
   * `` ``: neither: the other ASCII white space, and the continuation bytes of a character;
 
 and a range of text holds ``count(b"p") + count(b"pa") + count(b" a")`` tokens (a letter run
-begins after a byte that is not a letter; at offset 0, when the text begins with one). A tag is
-one token, not its 3-4 pieces. This is exact unless the text holds one of the characters the
-byte classes cannot see: the non-ASCII white space (not a token) and the four non-ASCII letters
-that ``[A-Za-z]`` takes under IGNORECASE (İ ı ſ K); a text with one is counted by the
-reference. Parity with the reference: tests/format/test_approx_count.py.
+begins after a byte that is not a letter; at offset 0, when the text begins with one) between
+the tags, which a regex on the bytes finds (each is one token). This is exact unless the text
+holds one of the characters the byte classes cannot see: the non-ASCII white space (not a
+token) and the four non-ASCII letters that ``[A-Za-z]`` takes under IGNORECASE (İ ı ſ K); a
+piece with one is counted by the reference. The text is taken a piece at a time (about a million characters, cut where no
+token spans the cut), so the memory used stays bounded. Parity with the reference:
+tests/format/test_approx_count.py.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ _CLASS = bytes(
 )  # fmt: skip
 _BYTE_TAG_RE = re.compile(rb"<(/?)(?:think|parallel|goal|outline|path|conclusion)>", re.IGNORECASE)
 _EXACT = {t.encode(): t for t in TAGS}
+_CUT_RE = re.compile(r"[<\s]")
+PIECE = 1 << 20  # characters encoded at a time
 # characters the byte classes get wrong: white space beyond ASCII, letters [A-Za-z] takes (re.I)
 _EXOTIC_RE = re.compile(
     "[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\u0130\u0131\u017f\u212a]"
@@ -63,42 +67,56 @@ def _tokens_in(cls: bytes, start: int, end: int) -> int:
     )
 
 
-def count(text: str) -> int:
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in pieces of about ``size`` characters, each cut before a ``<`` or after white
+    space: no token spans two pieces, and each piece is counted alone (bounded memory)."""
+    start, n = 0, len(text)
+    while start < n:
+        end = n
+        if start + size < n:
+            m = _CUT_RE.search(text, start + size)
+            if m is not None:
+                end = m.start() if text[m.start()] == "<" else m.end()
+        yield text[start:end]
+        start = end
+
+
+def _piece_runs(text: str, size: int) -> Iterator[Run]:
+    """Runs of each piece in turn (``(None, n)`` may repeat or be 0: :func:`runs` merges)."""
+    for piece in _pieces(text, size):
+        parts = _classes(piece)
+        if parts is None:
+            yield from ((t if t in TAGS else None, 1) for t in approx_tokens(piece))
+            continue
+        raw, cls = parts
+        pos = 0
+        for m in _BYTE_TAG_RE.finditer(raw):
+            start, end = m.span()
+            yield None, _tokens_in(cls, pos, start)
+            yield _EXACT.get(m.group()), 1  # a tag in another casing: an ordinary token
+            pos = end
+        yield None, _tokens_in(cls, pos, len(cls))
+
+
+def count(text: str, piece: int = PIECE) -> int:
     """``len(approx_tokens(text))``."""
-    parts = _classes(text)
-    if parts is None:
-        return len(approx_tokens(text))
-    raw, cls = parts
-    tags = closing = 0
-    for m in _BYTE_TAG_RE.finditer(raw):
-        tags += 1
-        closing += m.end(1) > m.start(1)
-    return _tokens_in(cls, 0, len(cls)) - 2 * tags - closing  # "<" name ">" ("/") -> one token
+    return sum(n for _, n in _piece_runs(text, piece))
 
 
-def runs(text: str) -> Iterator[Run]:
+def runs(text: str, piece: int = PIECE) -> Iterator[Run]:
     """The tokens of ``text`` as the layout rule reads them: each tag written exactly as in
     :data:`TAGS` as ``(tag, 1)``, and the ordinary tokens between as ``(None, n)``, ``n > 0``
-    (a tag in another casing is an ordinary token, as in ``TokenCounter.tags``)."""
-    parts = _classes(text)
-    if parts is None:
-        yield from group(t if t in TAGS else None for t in approx_tokens(text))
-        return
-    raw, cls = parts
-    pos = plain = 0
-    for m in _BYTE_TAG_RE.finditer(raw):
-        start, end = m.span()
-        plain += _tokens_in(cls, pos, start)
-        tag = _EXACT.get(m.group())
+    (a tag in another casing is an ordinary token, as in ``TokenCounter.tags``). The text is
+    encoded ``piece`` characters at a time."""
+    plain = 0
+    for tag, n in _piece_runs(text, piece):
         if tag is None:
-            plain += 1
-        else:
-            if plain:
-                yield None, plain
-                plain = 0
-            yield tag, 1
-        pos = end
-    plain += _tokens_in(cls, pos, len(cls))
+            plain += n
+            continue
+        if plain:
+            yield None, plain
+            plain = 0
+        yield tag, n
     if plain:
         yield None, plain
 

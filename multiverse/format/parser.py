@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Union
 
 from multiverse.format.document import (
     _CANON,
@@ -40,15 +41,19 @@ Where = tuple[int, int]  # (line, column), 1-based
 
 
 class _Tok:
-    """A tag (``name`` canonical, e.g. "Path"; ``exact`` when written as in TAGS) or the text
-    between two tags; ``line``/``col`` of its first character."""
+    """A tag: ``name`` canonical (e.g. "Path"), ``exact`` when written as in TAGS, ``line``/
+    ``col`` of its ``<``. (The text between two tags is a plain ``str`` token.)"""
 
-    __slots__ = ("is_tag", "text", "offset", "line", "col", "name", "closing", "exact")
+    __slots__ = ("text", "offset", "line", "col", "name", "closing", "exact")
 
-    def __init__(self, is_tag: bool, text: str, offset: int, line: int, col: int, name: str = "",
-                 closing: bool = False, exact: bool = True) -> None:  # fmt: skip
-        self.is_tag, self.text, self.offset, self.line, self.col = is_tag, text, offset, line, col
+    def __init__(self, text: str, offset: int, line: int, col: int, name: str, closing: bool,
+                 exact: bool) -> None:  # fmt: skip
+        self.text, self.offset, self.line, self.col = text, offset, line, col
         self.name, self.closing, self.exact = name, closing, exact
+
+    def end(self) -> tuple[int, int, int]:
+        """(offset, line, column) just after the tag (a tag holds no newline)."""
+        return self.offset + len(self.text), self.line, self.col + len(self.text)
 
     @property
     def tag(self) -> str:
@@ -59,9 +64,12 @@ def _line_col(text: str, offset: int) -> Where:
     return text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
 
 
-def _lex(text: str, start: int) -> Iterator[_Tok]:
-    """The tokens from ``start`` on; lines are counted over each gap between tags (a tag holds
-    no newline), so the whole scan is one pass of ``str.count`` over the text."""
+Token = Union[_Tok, str]
+
+
+def _lex(text: str, start: int) -> Iterator[Token]:
+    """The tokens from ``start`` on: tags, and the text between them as ``str``. Lines are
+    counted over each gap between tags (a tag holds no newline): one pass of ``str.count``."""
     line, col0 = _line_col(text, start)
     line_start = start - col0 + 1
     count, rfind = text.count, text.rfind
@@ -70,7 +78,7 @@ def _lex(text: str, start: int) -> Iterator[_Tok]:
     for m in _TAG_RE.finditer(text, start):
         s, end = m.span()
         if s > pos:
-            yield _Tok(False, text[pos:s], pos, line, pos - line_start + 1)
+            yield text[pos:s]
             n = count("\n", pos, s)
             if n:
                 line += n
@@ -79,10 +87,10 @@ def _lex(text: str, start: int) -> Iterator[_Tok]:
         kind = kinds.get(raw)
         if kind is None:
             kind = kinds[raw] = (_CANON[raw.strip("</>").lower()], raw[1] == "/", raw in _EXACT)
-        yield _Tok(True, raw, s, line, s - line_start + 1, *kind)
+        yield _Tok(raw, s, line, s - line_start + 1, *kind)
         pos = end
     if pos < len(text):
-        yield _Tok(False, text[pos:], pos, line, pos - line_start + 1)
+        yield text[pos:]
 
 
 # ----------------------------------------------------------------------------- parser
@@ -97,9 +105,10 @@ class _Parser:
         self.path_depth = 0
         self._closed = False
         self._end_at: Where | None = None
-        self._toks: Iterator[_Tok] = iter(())
-        self._cur: _Tok | None = None  # the token of lookahead
-        self._back: _Tok | None = None  # the token after it, when one was put back
+        self._toks: Iterator[Token] = iter(())
+        self._cur: Token | None = None  # the token of lookahead
+        self._back: Token | None = None  # the token after it, when one was put back
+        self._tag: _Tok | None = None  # the last tag consumed: a text token starts where it ends
 
     # helpers -----------------------------------------------------------------
     def _start(self, offset: int) -> None:
@@ -116,7 +125,7 @@ class _Parser:
             self._end_at = _line_col(self.text, len(self.text))
         return self._end_at
 
-    def _skip(self) -> _Tok:
+    def _skip(self) -> Token:
         """Consume the lookahead token (text: never an issue)."""
         tok = self._cur
         assert tok is not None
@@ -124,13 +133,30 @@ class _Parser:
             self._cur, self._back = self._back, None
         else:
             self._cur = next(self._toks, None)
+        if not isinstance(tok, str):
+            self._tag = tok
         return tok
 
     def _next(self) -> _Tok:
+        """Consume the lookahead tag."""
         tok = self._skip()
-        if tok.is_tag and not tok.exact:
+        assert isinstance(tok, _Tok)
+        if not tok.exact:
             self._issue(tok, f"tag {tok.text} is not written exactly as {tok.tag}")
         return tok
+
+    def _text_start(self) -> tuple[int, int, int]:
+        """(offset, line, column) of the text token just consumed or looked at."""
+        return self._tag.end() if self._tag is not None else (0, 1, 1)
+
+    def _first_char(self, text: str) -> Where:
+        """Where the first non-space character of the text token ``text`` is."""
+        _, line, col = self._text_start()
+        lead = len(text) - len(text.lstrip())
+        newline = text.rfind("\n", 0, lead)
+        if newline < 0:
+            return line, col + lead
+        return line + text.count("\n", 0, lead), lead - newline
 
     def _unread(self, tok: _Tok) -> None:
         """Put back ``tok``, the token just consumed."""
@@ -160,10 +186,11 @@ class _Parser:
         doc.body = self.items("Think", opener)
         doc.think_closed = self._closed
         rest = self._cur
-        doc.after = text[rest.offset :] if rest is not None else ""
+        if rest is not None:
+            doc.after = text[self._text_start()[0] if isinstance(rest, str) else rest.offset :]
         while (tok := self._cur) is not None:
             self._skip()
-            if tok.is_tag:
+            if not isinstance(tok, str):
                 self._issue(tok, f"{tok.text} after </Think>")
         return doc
 
@@ -179,9 +206,9 @@ class _Parser:
             return out
 
         while (tok := self._cur) is not None:
-            if not tok.is_tag:
+            if isinstance(tok, str):
                 self._skip()
-                parts.append(tok.text)
+                parts.append(tok)
                 continue
             if tok.closing and tok.name == context:
                 self._next()
@@ -212,9 +239,9 @@ class _Parser:
         """Plain text until the matching closing tag (Outline / Conclusion)."""
         parts: list[str] = []
         while (tok := self._cur) is not None:
-            if not tok.is_tag:
+            if isinstance(tok, str):
                 self._skip()
-                parts.append(tok.text)
+                parts.append(tok)
                 continue
             if tok.closing and tok.name == opener.name:
                 self._next()
@@ -232,10 +259,10 @@ class _Parser:
         path_toks: list[_Tok] = []
         end = opener
         while (tok := self._cur) is not None:
-            if not tok.is_tag:
+            if isinstance(tok, str):
                 self._skip()
-                if not tok.text.isspace():
-                    self._issue(_first_char(tok), "text outside <Goal>/<Path>/<Conclusion> inside <Parallel> (dropped)")
+                if not tok.isspace():
+                    self._issue(self._first_char(tok), "text outside <Goal>/<Path>/<Conclusion> inside <Parallel> (dropped)")
                 continue
             self._next()
             if tok.closing and tok.name == "Parallel":
@@ -304,10 +331,10 @@ class _Parser:
     def goal(self, opener: _Tok) -> list[Outline]:
         outlines: list[Outline] = []
         while (tok := self._cur) is not None:
-            if not tok.is_tag:
+            if isinstance(tok, str):
                 self._skip()
-                if not tok.text.isspace():
-                    self._issue(_first_char(tok), "text outside <Outline> inside <Goal> (dropped)")
+                if not tok.isspace():
+                    self._issue(self._first_char(tok), "text outside <Outline> inside <Goal> (dropped)")
                 continue
             if tok.closing and tok.name == "Goal":
                 self._next()
@@ -335,15 +362,6 @@ class _Parser:
             if not rest:
                 body.pop(0)
         return PathNode(label, body)
-
-
-def _first_char(tok: _Tok) -> Where:
-    """Where the first non-space character of a text token is."""
-    lead = len(tok.text) - len(tok.text.lstrip())
-    newline = tok.text.rfind("\n", 0, lead)
-    if newline < 0:
-        return tok.line, tok.col + lead
-    return tok.line + tok.text.count("\n", 0, lead), lead - newline
 
 
 def _strip_nl(text: str) -> str:
