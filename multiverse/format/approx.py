@@ -81,26 +81,9 @@ def _pieces(text: str, size: int) -> Iterator[str]:
         start = end
 
 
-def _piece_runs(text: str, size: int) -> Iterator[Run]:
-    """Runs of each piece in turn (``(None, n)`` may repeat or be 0: :func:`runs` merges)."""
-    for piece in _pieces(text, size):
-        parts = _classes(piece)
-        if parts is None:
-            yield from ((t if t in TAGS else None, 1) for t in approx_tokens(piece))
-            continue
-        raw, cls = parts
-        pos = 0
-        for m in _BYTE_TAG_RE.finditer(raw):
-            start, end = m.span()
-            yield None, _tokens_in(cls, pos, start)
-            yield _EXACT.get(m.group()), 1  # a tag in another casing: an ordinary token
-            pos = end
-        yield None, _tokens_in(cls, pos, len(cls))
-
-
 def count(text: str, piece: int = PIECE) -> int:
     """``len(approx_tokens(text))``."""
-    return sum(n for _, n in _piece_runs(text, piece))
+    return sum(n for _, n in runs(text, piece))
 
 
 def runs(text: str, piece: int = PIECE) -> Iterator[Run]:
@@ -109,14 +92,34 @@ def runs(text: str, piece: int = PIECE) -> Iterator[Run]:
     (a tag in another casing is an ordinary token, as in ``TokenCounter.tags``). The text is
     encoded ``piece`` characters at a time."""
     plain = 0
-    for tag, n in _piece_runs(text, piece):
-        if tag is None:
-            plain += n
+    for chunk in _pieces(text, piece):
+        parts = _classes(chunk)
+        if parts is None:  # the reference
+            for t in approx_tokens(chunk):
+                if t not in TAGS:
+                    plain += 1
+                    continue
+                if plain:
+                    yield None, plain
+                    plain = 0
+                yield t, 1
             continue
-        if plain:
-            yield None, plain
-            plain = 0
-        yield tag, n
+        raw, cls = parts
+        pos = 0
+        for m in _BYTE_TAG_RE.finditer(raw):
+            start, end = m.span()
+            if start > pos:
+                plain += _tokens_in(cls, pos, start)
+            tag = _EXACT.get(m.group())
+            if tag is None:  # a tag in another casing: an ordinary token
+                plain += 1
+            else:
+                if plain:
+                    yield None, plain
+                    plain = 0
+                yield tag, 1
+            pos = end
+        plain += _tokens_in(cls, pos, len(cls))
     if plain:
         yield None, plain
 
