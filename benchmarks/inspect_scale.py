@@ -5,7 +5,8 @@ nested block), each inspected by a fresh ``python -m multiverse.cli inspect`` pr
     python benchmarks/inspect_scale.py [--sizes 1 10 50] [--json] [--malformed] [--repo DIR]
 
 ``--repo DIR`` runs the CLI of another checkout (e.g. main, for a before/after comparison in
-one run). Peak RSS is the child's own (``os.wait4``). Prints one line per size, then a JSON
+one run). Peak RSS and CPU time (user + system) are the child's own (``os.wait4``); on a
+shared machine compare CPU time. Prints one line per size, then a JSON
 object as the last line.
 """
 
@@ -106,6 +107,7 @@ def measure(repo: Path, path: Path, as_json: bool) -> dict:
             raise SystemExit(f"inspect {path.name} failed (exit {rc}): {err.read()[-2000:]}")
     return {
         "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),  # steadier than wall on a busy host
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "rc": rc,
         "out_lines": lines,
