@@ -82,7 +82,7 @@ def main() -> None:
             path.write_text(document(int(mb * 1e6), malformed=args.malformed), encoding="utf-8")
             row = {"mb": mb, **measure(args.repo, path, args.json)}
             rows.append(row)
-            print(f"{mb:>6g} MB: {row['wall_s']:7.2f} s  peak RSS {row['peak_rss_mb']:7.0f} MB  "
+            print(f"{mb:>6g} MB: {row['wall_s']:7.2f} s ({row['cpu_s']:.2f} s CPU)  peak RSS {row['peak_rss_mb']:7.0f} MB  "
                   f"(exit {row['rc']}, {row['out_lines']} output lines)", flush=True)  # fmt: skip
     print(json.dumps({"benchmark": "inspect_scale", "repo": str(args.repo), "json": args.json,
                       "malformed": args.malformed, "rows": rows}))  # fmt: skip
