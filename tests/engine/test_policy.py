@@ -9,22 +9,12 @@ import pytest
 pytest.importorskip("transformers")
 
 from _engine_util import engine  # noqa: E402
+from _policy_cases import BAD_CHATS  # noqa: E402
 
 from multiverse import SamplingParams  # noqa: E402
 from multiverse.engine import policy  # noqa: E402
 from multiverse.format.prompts import stop_token_ids  # noqa: E402
 
-# (a bad chat, the one message every entry point gives for it)
-BAD_CHATS = [
-    ([], "messages: give a non-empty list of messages ({role, content} objects)"),
-    (["hi"], "messages[0]: a message is a {role, content} object, got str"),
-    ([{"role": "wizard", "content": "x"}],
-     "messages[0].role: must be one of system, developer, user, assistant; got 'wizard'"),
-    ([{"role": "user", "content": "a"}, {"role": "user"}], "messages[1].content: a user message needs its content"),
-    ([{"role": "user", "content": 7}], "messages[0].content: must be a string or a list of text parts, got int"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
-     "messages[0].content[0]: only text parts ({type: text, text}) are taken, got 'image_url'"),
-]  # fmt: skip
 
 
 def test_one_max_tokens_default():
