@@ -80,11 +80,14 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
               {"suffix": config.prompt_format.suffix, "source": config.prompt_format.source},
               "backends": [i.base_url for i in remote.infos]}  # fmt: skip
 
-    async def admit(n: int) -> None:
-        """A place among the requests in progress (waiting for one), or 429 when the queue is full."""
+    def check_queue(n: int) -> None:
+        """429 when every place is taken and the queue is full."""
         if state["waiting"] >= config.max_queue and slots.locked():
             metrics.rejected += n
             raise APIError(429, "server busy", code="queue_full", headers={"Retry-After": "1"})
+
+    async def admit() -> None:
+        """A place among the requests in progress (waiting for one); :func:`finish` frees it."""
         state["waiting"] += 1
         try:
             await slots.acquire()
@@ -135,7 +138,8 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
 
     async def run(request: Request, prompt: str | list[int], params: list[Any], deadline: float) -> list[Any]:
         """The outputs of ``params`` (one per choice), or an APIError; cancels on disconnect."""
-        await admit(len(params))
+        check_queue(len(params))
+        await admit()
         task = asyncio.ensure_future(remote.agenerate([prompt] * len(params), params))
         try:
             await watch(request, task, len(params), deadline)
@@ -145,7 +149,8 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
 
     async def stream(request: Request, prompt: str | list[int], params: list[Any], head: dict[str, Any],
                      chat: bool, include_usage: bool, deadline: float) -> AsyncIterator[str]:  # fmt: skip
-        """SSE chunks as the driver's trees grow (module docstring); the place is already taken."""
+        """SSE chunks as the driver's trees grow (module docstring). The place is taken here, in
+        the body, so a stream that never starts holds none (the queue was checked before)."""
         streamers = [BranchStreamer(tok) for _ in params]
         live: list[Any] = [None] * len(params)  # each choice's Request (its branch tree)
         ready: list[tuple[int, str, list[dict[str, Any]]]] = []
@@ -158,6 +163,7 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
                 ready.append((index, text, events))
                 wake.set()
 
+        await admit()
         task = asyncio.ensure_future(remote.agenerate([prompt] * len(params), params, on_progress=progress))
         try:
             if chat:
@@ -205,7 +211,7 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": model_name}  # fmt: skip
         if body.stream:
-            await admit(len(params))  # a full queue is a 429, before the stream starts
+            check_queue(len(params))  # a full queue is a 429, before the stream starts
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(request, prompt, params, head, chat, include_usage, deadline),
                                      media_type="text/event-stream",
