@@ -16,7 +16,6 @@ from multiverse.engine import policy  # noqa: E402
 from multiverse.format.prompts import stop_token_ids  # noqa: E402
 
 
-
 def test_one_max_tokens_default():
     """``SamplingParams()`` and the server and commands share one default (it was 256 here and
     1024 there)."""
