@@ -24,7 +24,10 @@ engine steps (read only) and says what is new since the last look:
   branch's deltas, concatenated, are exactly
   its path's text in the final output (``<Path>`` to ``</Path>`` and the newline after it).
 
-The functions below build the OpenAI chunk objects and the SSE framing.
+The functions below build the OpenAI chunk objects and the SSE framing: one chunk per choice
+update (:func:`choice_chunk`, the last one with the finish reason and the ``multiverse`` fields
+of the end), the usage chunk. Both servers stream with them: the local one from its engine, the
+one in front of a fleet (``serve --base-url``) from the fork/join driver's live trees.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 from multiverse.engine import stops
 from multiverse.engine.records import Status
+from multiverse.server import responses
 from multiverse.server.detokenize import FullText, IncrementalText
 
 log = logging.getLogger("multiverse.server")
@@ -213,3 +217,28 @@ def chat_chunk(head: dict[str, Any], index: int, delta: dict[str, Any], finish: 
     if events:
         chunk["multiverse"] = {"index": index, "events": events}
     return chunk
+
+
+def choice_chunk(head: dict[str, Any], index: int, chat: bool, text: str, events: list[dict[str, Any]] | None = None,
+                 out: Any = None) -> dict[str, Any]:  # fmt: skip
+    """The chunk of choice ``index`` carrying ``text`` (new canonical text) and ``events``; with
+    ``out`` (its finished :class:`~multiverse.engine.outputs.RequestOutput`) the last one: the
+    OpenAI finish reason, and in ``multiverse`` the engine's own (``malformed`` ...), the seed
+    that replays it, ``forking`` and, from the driver, the ``merge`` mode."""
+    finish = None if out is None else responses.finish_reason(out)
+    if chat:
+        chunk = chat_chunk(head, index, {"content": text} if text else {}, finish, events)
+    else:
+        chunk = completion_chunk(head, index, text, finish, events)
+    if out is not None:
+        end = {"finish_reason": out.finish_reason, "seed": out.seed, "forking": out.forking}
+        if getattr(out, "merge", None):
+            end["merge"] = out.merge
+        chunk.setdefault("multiverse", {"index": index}).update(end)
+    return chunk
+
+
+def usage_chunk(head: dict[str, Any], chat: bool, outs: list[Any]) -> dict[str, Any]:
+    """The last chunk of ``stream_options.include_usage``: no choices, the usage of all."""
+    return {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+            "usage": responses.usage(outs)}  # fmt: skip
