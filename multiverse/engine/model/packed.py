@@ -12,7 +12,8 @@ into oneDNN's blocked layout (``vllm.model_executor.layers.utils.dispatch_cpu_un
 :class:`PackedLinear` keeps the weight and its packed copy; :func:`pack_weights` makes one for
 each float32 projection matrix of a :class:`.layer.LayerWeights` (a quantised matrix stays as it
 is). ``CausalLM`` packs lazily and repacks when a weight changes (a new tensor, or an in-place
-write: ``Tensor._version``); the reference path is ``F.linear`` on the same weights
+write: ``Tensor._version``; not seen: writes through ``.data`` and to tensors made in inference
+mode, after which ``set_linear_kernel`` drops the packed copy); the reference path is ``F.linear`` on the same weights
 (``CausalLM.set_linear_kernel("torch")``), with parity tests in tests/engine/test_packed.py.
 The packed copy doubles the float32 weights' memory.
 """
@@ -86,5 +87,7 @@ def pack_weights(layer: Any, names: tuple[str, ...]) -> Any:
 
 
 def signature(tensors: list[Any]) -> tuple[tuple[int, int], ...]:
-    """What changes when a weight is replaced or written in place (its storage, its version)."""
-    return tuple((t.data_ptr(), t._version) for t in tensors if isinstance(t, torch.Tensor))
+    """What changes when a weight is replaced or written in place (its storage, its version;
+    an inference-mode tensor has no version: only its replacement is seen)."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
+                 for t in tensors if isinstance(t, torch.Tensor))  # fmt: skip
