@@ -13,7 +13,9 @@ Contenders, all in one process, same threads, same dtype/device:
   - ``llm``: the engine's public API (``multiverse.LLM(...).generate``) when
     ``multiverse/engine/llm.py`` exists;
   - ``floor``: the model's linear layers alone (q, k, v, o, gate, up, down, lm_head) as plain
-    matmuls at the decode batch size: what one decode step cannot beat without fusing weights.
+    matmuls at the decode batch size: what one decode step cannot beat without fusing weights;
+    the faster of ``F.linear`` and (float32 on CPU) the engine's oneDNN packed kernel, both
+    reported.
 
 Reported per model and workload: end-to-end tokens/s (prefill included), decode ms/step (with
 the whole batch running), the ratios ``model / hf`` and ``model decode / floor`` (goals: >= 0.85
@@ -54,6 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from multiverse.engine.loader import find_smollm2_gguf, load_model  # noqa: E402
 from multiverse.engine.model import CausalLM, ForwardBatch, KVPool, resolve_dtype  # noqa: E402
+from multiverse.engine.model.packed import onednn_available  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -248,9 +251,11 @@ def run_hf(hf: Any, prompts: list[list[int]], out_lens: list[int], pad_id: int) 
 
 
 @torch.inference_mode()
-def floor_ms(model: CausalLM, batch: int, reps: int) -> float:
+def floor_ms(model: CausalLM, batch: int, reps: int, kernel: str = "torch") -> float:
     """One decode step's linear layers as separate plain matmuls (the HF model's 7 per layer +
-    lm_head), median ms over ``reps``; weights are views of our fused matrices."""
+    lm_head), median ms over ``reps``; weights are views of our fused matrices. ``kernel``:
+    ``"torch"`` = ``F.linear``; ``"onednn"`` = the engine's float32 CPU fast path
+    (:class:`~multiverse.engine.model.packed.PackedLinear`, a packed copy of each matrix)."""
     s = model.spec
     d, hq, hk, inter = s.head_dim, s.num_heads, s.num_kv_heads, s.intermediate_size
     weights = []
@@ -271,9 +276,20 @@ def floor_ms(model: CausalLM, batch: int, reps: int) -> float:
         w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=dtype) for w in weights
     }
 
-    def step() -> None:
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    if kernel == "onednn":
+        from multiverse.engine.model.packed import PackedLinear
+
+        packed = [PackedLinear(w.contiguous()) for w in weights]
+
+        def step() -> None:
+            for w in packed:
+                w.forward(inputs[w.weight.shape[1]])
+
+    else:
+
+        def step() -> None:
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
 
     for _ in range(3):
         step()
@@ -400,15 +416,19 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
     for wname, (ps, lens) in workloads.items():
         useful = sum(lens)
         # contenders alternate, so a burst of load from other processes hits them alike
-        model_tries, hf_tries, floors = [], [], []
+        model_tries, hf_tries, floors, floors_dnn = [], [], [], []
+        dnn = model.linear_kernel == "onednn" and onednn_available(model.dtype, model.device)
         for _ in range(args.repeats):
             model_tries.append(run_model(model, ps, lens))
             if not args.skip_hf:
                 hf_tries.append(run_hf(hf, ps, lens, pad_id))
             floors.append(floor_ms(model, len(ps), args.floor_reps))
+            if dnn:
+                floors_dnn.append(floor_ms(model, len(ps), args.floor_reps, "onednn"))
         best_model = min(model_tries, key=lambda r: r.total_s)
         best_hf = min(hf_tries, key=lambda r: r.total_s) if hf_tries else None
-        floor = min(floors)
+        # the floor: the faster of F.linear and, where the engine uses it, the oneDNN kernel
+        floor = min(floors + floors_dnn)
         entry: dict[str, Any] = {
             "requests": len(ps),
             "prompt_tokens": [len(p) for p in ps] if len(ps) == 1 else sum(len(p) for p in ps),
@@ -417,6 +437,8 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
             "model_prefill_s": round(best_model.prefill_s, 3),
             "model_decode_ms_step": round(best_model.full_batch_step_ms, 2),
             "floor_ms_step": round(floor, 2),
+            "floor_ms_step_f_linear": round(min(floors), 2),
+            "floor_ms_step_onednn": round(min(floors_dnn), 2) if floors_dnn else None,
             "floor_tok_s": round(len(ps) / floor * 1e3, 2),
             "model_decode_vs_floor": round(floor / best_model.full_batch_step_ms, 3),
         }

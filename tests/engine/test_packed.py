@@ -120,6 +120,28 @@ def test_packed_copy_follows_weight_changes(tiny) -> None:
         assert _rel(model.forward_full(ids), ref) < 10 * F32_REL
 
 
+def test_storage_shared_and_quantize_after_packing(tiny) -> None:
+    model, _ = tiny
+    model = copy.deepcopy(model)
+    fresh = copy.deepcopy(model)
+    ids = torch.arange(3, 20)
+    with torch.inference_mode():
+        before = model.forward_full(ids)
+    layers, head = model._weights()
+    w = model.layers[1].qkv_weight
+    assert w.t().is_contiguous()  # stored transposed; the one-row kernel reads it in place
+    assert layers[1].qkv_weight.wt.data_ptr() == w.data_ptr()
+    assert model.embed.is_contiguous() and head.wt.data_ptr() != model.embed.data_ptr()
+    with torch.inference_mode():  # the values did not move: logits as before, reference too
+        assert torch.equal(model.forward_full(ids), before)
+    q, q_fresh = copy.deepcopy(model).quantize_("int8"), fresh.quantize_("int8")
+    for a, b in zip(q.layers, q_fresh.layers, strict=True):
+        assert torch.equal(a.qkv_weight.qweight, b.qkv_weight.qweight)
+        assert torch.equal(a.down_weight.scales, b.down_weight.scales)
+    with torch.inference_mode():
+        assert torch.equal(q.forward_full(ids), q_fresh.forward_full(ids))
+
+
 def test_deepcopy_and_other_dtypes(tiny) -> None:
     model, _ = tiny
     ids = torch.arange(3, 20)

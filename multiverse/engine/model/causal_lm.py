@@ -136,10 +136,12 @@ class CausalLM(nn.Module):
         if self.linear_kernel == "torch":
             return self._layer_weights, self.lm_head_weight
         head = self.lm_head_weight
-        sig = signature([head, *(getattr(w, n) for w in self._layer_weights for n in QUANTIZED)])
-        if self._packed is None or self._packed[0] != sig:
+        mats = [head, *(getattr(w, n) for w in self._layer_weights for n in QUANTIZED)]
+        if self._packed is None or self._packed[0] != signature(mats):
             layers = [pack_weights(w, QUANTIZED) for w in self._layer_weights]
-            self._packed = (sig, layers, pack(head))
+            # the tied embedding keeps its row-major storage (the embedding lookup reads rows)
+            packed_head = pack(head, transpose_storage=head is not self.embed)
+            self._packed = (signature(mats), layers, packed_head)  # after store_transposed_
         return self._packed[1], self._packed[2]
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -159,7 +161,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.quantize_(method, group_size, f"layers.{i}")  # type: ignore[operator]
         head = HEAD_QUANTIZATION[method]
-        self.lm_head_q = QuantLinear(head, self.lm_head_weight, group_size, name="lm_head")
+        weight = self.lm_head_weight.contiguous()  # type: ignore[union-attr]  (store_transposed_)
+        self.lm_head_q = QuantLinear(head, weight, group_size, name="lm_head")
         if self.lm_head is not None:
             self.lm_head = None  # untied: the quantised copy replaces it
         self.quantization = method

@@ -77,7 +77,8 @@ class DecoderLayer(nn.Module):
             weight = getattr(self, name)
             if type(weight) is QuantLinear:
                 raise ValueError(f"{where}.{name} is already quantised ({weight.method})")
-            q = QuantLinear(method, weight, group_size, name=f"{where}.{name}")
+            # contiguous: the float32 fast path may store a weight transposed (.packed)
+            q = QuantLinear(method, weight.contiguous(), group_size, name=f"{where}.{name}")
             delattr(self, name)
             setattr(self, name, q)
 
