@@ -14,8 +14,8 @@ Contenders, all in one process, same threads, same dtype/device:
     ``multiverse/engine/llm.py`` exists;
   - ``floor``: the model's linear layers alone (q, k, v, o, gate, up, down, lm_head) as plain
     matmuls at the decode batch size: what one decode step cannot beat without fusing weights;
-    the faster of ``F.linear`` and (float32 on CPU) the engine's oneDNN packed kernel, both
-    reported.
+    the faster of ``F.linear`` and (float32 on CPU) the engine's fast path (``PackedLinear``:
+    one row ``x @ W^T`` stored transposed, more rows oneDNN packed), both reported.
 
 Reported per model and workload: end-to-end tokens/s (prefill included), decode ms/step (with
 the whole batch running), the ratios ``model / hf`` and ``model decode / floor`` (goals: >= 0.85
@@ -262,7 +262,7 @@ def floor_ms(model: CausalLM, batch: int, reps: int, kernel: str = "torch") -> f
     """One decode step's linear layers as separate plain matmuls (the HF model's 7 per layer +
     lm_head), median ms over ``reps``; weights are views of our fused matrices. ``kernel``:
     ``"torch"`` = ``F.linear``; ``"onednn"`` = the engine's float32 CPU fast path
-    (:class:`~multiverse.engine.model.packed.PackedLinear`, a packed copy of each matrix)."""
+    (:class:`~multiverse.engine.model.packed.PackedLinear` of each matrix)."""
     s = model.spec
     d, hq, hk, inter = s.head_dim, s.num_heads, s.num_kv_heads, s.intermediate_size
     weights = []
@@ -445,7 +445,7 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
             "model_decode_ms_step": round(best_model.full_batch_step_ms, 2),
             "floor_ms_step": round(floor, 2),
             "floor_ms_step_f_linear": round(min(floors), 2),
-            "floor_ms_step_onednn": round(min(floors_dnn), 2) if floors_dnn else None,
+            "floor_ms_step_fast": round(min(floors_dnn), 2) if floors_dnn else None,
             "floor_tok_s": round(len(ps) / floor * 1e3, 2),
             "model_decode_vs_floor": round(floor / best_model.full_batch_step_ms, 3),
         }
