@@ -39,7 +39,13 @@ from multiverse.engine.model.layer import (
     attention_inputs,
     finish_layer,
 )
-from multiverse.engine.model.packed import LINEAR_KERNELS, pack, pack_weights, signature
+from multiverse.engine.model.packed import (
+    LINEAR_KERNELS,
+    onednn_available,
+    pack,
+    pack_weights,
+    signature,
+)
 from multiverse.engine.model.quant import (
     DEFAULT_INT4_GROUP_SIZE,
     HEAD_QUANTIZATION,
@@ -122,9 +128,10 @@ class CausalLM(nn.Module):
         return {**self.__dict__, "_packed": None}
 
     def set_linear_kernel(self, kernel: str) -> CausalLM:
-        """``"onednn"`` (default): float32 CPU matrices run through oneDNN with a packed copy
-        (:mod:`.packed`; other dtypes and devices, and quantised matrices, run as before);
-        ``"torch"``: ``F.linear`` everywhere, the reference. Setting it drops the packed copy."""
+        """``"onednn"`` (default): float32 CPU matrices run :class:`.packed.PackedLinear` (one row:
+        ``x @ W^T`` with the weight stored transposed; more rows: oneDNN with a packed copy;
+        other dtypes and devices, and quantised matrices, run as before); ``"torch"``:
+        ``F.linear`` everywhere, the reference. Setting it drops the packed copy."""
         if kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel {kernel!r}: expected one of {LINEAR_KERNELS}")
         self.linear_kernel, self._packed = kernel, None
@@ -133,7 +140,7 @@ class CausalLM(nn.Module):
     def _weights(self) -> tuple[list[LayerWeights], Any]:
         """The layers' weights and the LM head the forwards run: packed for ``"onednn"``,
         packed again when a weight was replaced or written in place since."""
-        if self.linear_kernel == "torch":
+        if self.linear_kernel == "torch" or not onednn_available(self.dtype, self.device):
             return self._layer_weights, self.lm_head_weight
         head = self.lm_head_weight
         mats = [head, *(getattr(w, n) for w in self._layer_weights for n in QUANTIZED)]
