@@ -1,4 +1,5 @@
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The tests on the SmolLM2 GGUF share a session's one read of it (``smollm2_gguf``) and one
+    run of its adapter (``smollm2_mv_run``): under pytest-xdist (``make test``: ``-n 2 --dist
+    loadgroup``) they all run on one worker instead of each worker reading it again."""
+    for item in items:
+        if "smollm2_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
 
 
 @pytest.fixture(scope="session")
@@ -49,17 +60,13 @@ def smollm2_gguf():
     return gguf, load_hf_model(gguf)
 
 
-@pytest.fixture(scope="module")
-def smollm2_loads_shared(smollm2_gguf):
-    """For a module: ``multiverse.engine.adapter.load_hf_model`` (what the engine's loader, the
-    adapter loader and the trainer read a checkpoint with) returns a copy of the session's
-    SmolLM2 model when asked for that GGUF, instead of reading it again; anything else loads as
-    usual. Everything after the read (tag rows, adapter merge, the copy into our model) runs."""
+@contextmanager
+def _loads_shared(gguf: Path, model):
+    """``load_hf_model`` (adapter and loader) returns a copy of ``model`` for ``gguf``."""
     import copy
 
     from multiverse.engine import adapter, loader
 
-    gguf, model = smollm2_gguf
     real = adapter.load_hf_model
 
     def load_hf_model(path, gguf_file=None, attn_implementation=None):
@@ -72,3 +79,48 @@ def smollm2_loads_shared(smollm2_gguf):
         mp.setattr(adapter, "load_hf_model", load_hf_model)
         mp.setattr(loader, "load_hf_model", load_hf_model)
         yield
+
+
+@pytest.fixture(scope="module")
+def smollm2_loads_shared(smollm2_gguf):
+    """For a module: ``multiverse.engine.adapter.load_hf_model`` (what the engine's loader, the
+    adapter loader and the trainer read a checkpoint with) returns a copy of the session's
+    SmolLM2 model when asked for that GGUF, instead of reading it again; anything else loads as
+    usual. Everything after the read (tag rows, adapter merge, the copy into our model) runs."""
+    with _loads_shared(*smollm2_gguf):
+        yield
+
+
+SMOLLM2_MV = REPO / "models" / "smollm2-multiverse"
+
+
+@pytest.fixture(scope="session")
+def smollm2_mv_run(smollm2_gguf):
+    """The shipped SmolLM2 Multiverse adapter (``models/smollm2-multiverse``, built from the
+    session's GGUF) run greedily, logprobs on, in one batch on held-out word problems (two that
+    fork, one that does not), ONCE per session (minutes on CPU): the engine tests check these
+    outputs against transformers, the remote tests serve the adapter and compare with them.
+    A namespace: ``tokenizer``, ``problems``, ``prompts``, ``params``, ``outputs`` (the engine
+    itself is not kept: its weights and K/V pool would stay for the whole session)."""
+    if not (SMOLLM2_MV / "adapter_config.json").is_file():
+        pytest.skip("shipped SmolLM2 adapter not present")
+    import types
+
+    from multiverse import LLM, SamplingParams
+    from multiverse.eval import tasks
+    from multiverse.format.prompts import chat_prompt, stop_token_ids
+
+    with _loads_shared(*smollm2_gguf):
+        # 8,192 K/V slots (377 MB) hold the three requests; the default pool is 1 GiB
+        llm = LLM(str(SMOLLM2_MV), device="cpu", dtype="float32", num_kv_slots=8192)
+    tok = llm.tokenizer
+    problems = [
+        *tasks.generate(2, seed=0, split="test", tasks=["word_parallel"]),
+        *tasks.generate(1, seed=0, split="test", tasks=["word_sequential"]),
+    ]
+    prompts = [chat_prompt(tok, r.question, parallel=True) for r in problems]
+    params = SamplingParams(temperature=0.0, max_tokens=700, parallel=True, logprobs=True,
+                            stop_token_ids=stop_token_ids(tok))  # fmt: skip
+    outputs = llm.generate(prompts, params)
+    return types.SimpleNamespace(tokenizer=tok, problems=problems, prompts=prompts, params=params,
+                                 outputs=outputs)  # fmt: skip

