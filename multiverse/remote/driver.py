@@ -175,7 +175,13 @@ class RemoteLLM:
         closes = _Closes(tree, info) if info.vllm_plugin and self.merge == "exact" else None
 
         async def call(body: dict[str, Any]) -> Completion:
-            comp = await replica.complete(body, counts)
+            try:
+                comp = await replica.complete(body, counts)
+            except RemoteError as e:
+                if closes is None or e.status != 500:
+                    raise
+                raise RemoteError(f"{e} (the Multiverse connector fails a merge whose saved path K/V is gone, "
+                                  "e.g. evicted under its cap: the vLLM log names it)", e.status) from None  # fmt: skip
             if closes is not None:
                 closes.check(comp)
             elif comp.connector is not None:

@@ -87,9 +87,8 @@ PREFIX_CACHE_METRICS = (  # (hits, queries) counter pairs, in tokens
 )
 
 
-def prefix_cache_counters(text: str) -> tuple[float, float] | None:
-    """``(hit tokens, queried tokens)`` from a Prometheus ``/metrics`` text (vLLM's counters or
-    ours; labelled samples summed), or ``None`` when it has neither."""
+def metric_values(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus ``/metrics`` text, by name (labelled samples summed)."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         m = _METRIC.match(line.strip())
@@ -98,6 +97,13 @@ def prefix_cache_counters(text: str) -> tuple[float, float] | None:
                 values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
             except ValueError:
                 continue
+    return values
+
+
+def prefix_cache_counters(text: str) -> tuple[float, float] | None:
+    """``(hit tokens, queried tokens)`` from a Prometheus ``/metrics`` text (vLLM's counters or
+    ours; labelled samples summed), or ``None`` when it has neither."""
+    values = metric_values(text)
     for hits, queries in PREFIX_CACHE_METRICS:
         if hits in values and queries in values:
             return values[hits], values[queries]

@@ -35,14 +35,9 @@ pytestmark = [
 
 
 def _metric(name: str) -> float:
-    from multiverse.remote.transport import _METRIC
+    from multiverse.remote.transport import metric_values
 
-    total = 0.0
-    for line in httpx.get(f"{URL}/metrics", timeout=30).text.splitlines():
-        m = _METRIC.match(line.strip())
-        if m and m.group(1) == name:
-            total += float(m.group(3))
-    return total
+    return metric_values(httpx.get(f"{URL}/metrics", timeout=30).text).get(name, 0.0)
 
 
 @pytest.fixture(scope="module")
