@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--vllm-exact-url", default=None,
                    help="a vLLM with the Multiverse plugin serving the merged adapter (default: no vllm_exact row)")
+    p.add_argument("--logprobs", action="store_true",
+                   help="ask every way for logprobs and report each way's largest difference from local "
+                        "over the outputs token-identical to it (default: off)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--save", default=None, help="append each problem's outputs to this JSONL file (default: none)")
     args = p.parse_args(argv)
@@ -72,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(str(ADAPTER), device="cpu", dtype="float32")
     tok = llm.tokenizer
     sp = SamplingParams(
-        temperature=0.0, max_tokens=args.max_tokens, stop_token_ids=stop_token_ids(tok)
+        temperature=0.0, max_tokens=args.max_tokens, stop_token_ids=stop_token_ids(tok), logprobs=args.logprobs
     )
     prompts = [chat_prompt(tok, r.question) for r in problems]
     ways = ["local", "exact"] + (["flat"] if args.vllm_url else []) + (["vllm_exact"] if args.vllm_exact_url else [])
     hits = {w: [0.0, 0.0, 0.0] for w in ways}  # vLLM's prefix-cache hits, queries; connector hits
     outs: dict[str, list] = {w: [] for w in ways}
     secs = dict.fromkeys(ways, 0.0)
+    last = dict.fromkeys(ways, 0.0)  # each way's wall time on the problem at hand
     llm.generate(prompts[:1], sp)  # warm-up
     with multiverse_server(llm) as (url, _):
         drivers = {"exact": RemoteLLM(url, api_key=API_KEY)}
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 out = engine.generate([prompt], sp)[0]
                 secs[way] += time.perf_counter() - t0
+                last[way] = time.perf_counter() - t0
                 if before is not None:
                     after = _counters(drivers[way].infos[0].base_url)
                     hits[way] = [h + a - b for h, a, b in zip(hits[way], after, before, strict=True)]
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.save:  # each problem's outputs as they come
                 row = {w: {"text": outs[w][-1].text, "blocks": outs[w][-1].usage.blocks,
                            "parallel_degree": outs[w][-1].usage.parallel_degree,
-                           "identical": outs[w][-1].token_ids == outs["local"][-1].token_ids} for w in ways}  # fmt: skip
+                           "identical": outs[w][-1].token_ids == outs["local"][-1].token_ids,
+                           "wall_s": round(last[w], 2)} for w in ways}  # fmt: skip
                 with open(args.save, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"problem": k, "answer": str(problems[k].answer), **row}) + "\n")
             print(f"problem {k + 1}/{len(prompts)}: " + ", ".join(
@@ -125,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             "http_requests": sum(getattr(x, "http_requests", 0) for x in o),
             "merge": getattr(o[0], "merge", None),
         }
+        if args.logprobs and way != "local":
+            diffs = [abs(a - b) for x, y in zip(o, outs["local"], strict=True) if x.token_ids == y.token_ids
+                     for a, b in zip(x.logprobs, y.logprobs, strict=True) if a is not None and b is not None]
+            rows[way]["max_logprob_diff"] = max(diffs, default=None)
         if way in ("flat", "vllm_exact"):
             h, q, ext = hits[way]
             rows[way].update(prefix_cache_hit_tokens=int(h), prefix_cache_query_tokens=int(q),

@@ -98,3 +98,17 @@ def test_hf_overrides_turn_on_m_rope_for_a_llama_dir(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no Multiverse variant"):
         hf_overrides(tmp_path)
+
+
+def test_each_hook_refuses_to_run_without_the_other():
+    from types import SimpleNamespace as NS
+
+    from multiverse_vllm.config import check_connector, check_positions, transfer_config
+
+    with pytest.raises(ValueError, match="needs the Multiverse KV connector"):
+        check_connector(NS(kv_transfer_config=None))
+    check_connector(NS(kv_transfer_config=NS(**transfer_config())))
+    plain = NS(model_config=NS(uses_mrope=False, hf_config=NS(architectures=["LlamaForCausalLM"])))
+    with pytest.raises(ValueError, match="needs the Multiverse position hook"):
+        check_positions(plain)
+    check_positions(NS(model_config=NS(uses_mrope=True, hf_config=NS(architectures=["MultiverseLlamaForCausalLM"]))))

@@ -16,7 +16,7 @@ outline order + ``<Conclusion>\\n``). The connector works from the token ids alo
   position hook). K is stored after RoPE, so it carries the path's own positions;
 * **bounds**: an entry is freed once a request that loaded it finishes (merged) and otherwise
   kept least-recently-used under a cap of ``max_tokens`` tokens (``kv_connector_extra_config``,
-  default 65536): the entries of an aborted family age out. A request that needs an entry that
+  default 16384): the entries of an aborted family age out. A request that needs an entry that
   is gone *fails* (vLLM's KV load-failure path, ``kv_load_failure_policy="fail"``: its blocks are
   evicted, the request ends with an error), never silently inexact.
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = init_logger(__name__)
-DEFAULT_MAX_TOKENS = 65536
+DEFAULT_MAX_TOKENS = 16384
 
 
 @dataclass
@@ -103,7 +103,7 @@ class MultiverseConnector(KVConnectorBase_V1):
         self.failing: dict[str, tuple[str, int]] = {}  # request -> (why its load fails, local hit)
         self.report: dict[str, dict[str, Any]] = {}
         self.uses: dict[str, set[str]] = {}
-        self._loads: dict[str, tuple[list[Copy], bool]] = {}
+        self._pending: dict[str, tuple[Any, list[int], list[Copy], int | None]] = {}
         self._frees: list[str] = []
         # worker side
         self.store: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -140,70 +140,83 @@ class MultiverseConnector(KVConnectorBase_V1):
     def update_state_after_alloc(
         self, request: Request, blocks: Any, num_external_tokens: int
     ) -> None:
+        """Called for every request the scheduler takes from its queue (new, or resumed after a
+        preemption), with all of its blocks: what to load into them, or to fail."""
         rid = request.request_id
-        if num_external_tokens <= 0:
-            self.plans.pop(rid, None)
-            self.failing.pop(rid, None)
-            return
-        if rid in self.failing:
-            self._loads[rid] = ([], True)
-            return
         copies = self.plans.pop(rid, [])
+        failing = self.failing.pop(rid, None)
+        block_ids = list(blocks.get_block_ids()[0])
+        if num_external_tokens <= 0:
+            copies, failing = [], None
+        copies = [
+            Copy(c.key, c.src - self.entries[c.key][0], c.dst, c.length) for c in copies
+        ]  # entry-relative
         for c in copies:
             self.entries.move_to_end(c.key)
         self.uses.setdefault(rid, set()).update(c.key for c in copies)
-        self.report.setdefault(rid, {"loaded": 0, "saved": 0, "error": None})["loaded"] += sum(
-            c.length for c in copies)  # fmt: skip
-        self._loads[rid] = (copies, False)
+        rep = self.report.setdefault(rid, {"loaded": 0, "saved": 0, "error": None})
+        rep["loaded"] += sum(c.length for c in copies)
+        self._pending[rid] = (request, block_ids, copies, None if failing is None else failing[1])
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = MultiverseMeta(frees=self._frees)
         self._frees = []
-        for new in scheduler_output.scheduled_new_reqs:
-            rid, block_ids = new.req_id, new.block_ids[0]
-            copies, failing = self._loads.pop(rid, ([], False))
-            if failing:  # the blocks vLLM was to fill from us: reported as failed loads
-                local = self.failing.pop(rid, ("", 0))[1]
-                meta.fail_blocks.extend(block_ids[local // self.block_size :])
-                continue
+        computed = {
+            new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs
+        }
+        cached = scheduler_output.scheduled_cached_reqs
+        for k, rid in enumerate(cached.req_ids):
+            if rid in cached.resumed_req_ids:
+                computed[rid] = cached.num_computed_tokens[k]
+        now = [
+            (rid, *self._pending.pop(rid)) for rid in [r for r in self._pending if r in computed]
+        ]
+        for _, _, block_ids, copies, failing_at in now:  # loads first: a save may evict an entry
+            if failing_at is not None:  # the blocks vLLM was to fill from us: failed loads
+                meta.fail_blocks.extend(block_ids[failing_at // self.block_size :])
             for c in copies:
-                start = self.entries[c.key][0]
                 meta.loads.append(
-                    _Load(
-                        c.key,
-                        c.src - start,
-                        _slots(block_ids, c.dst, c.dst + c.length, self.block_size),
-                    )
+                    _Load(c.key, c.src, _slots(block_ids, c.dst, c.dst + c.length, self.block_size))
                 )
-            ids = list(new.prompt_token_ids or [])
-            rng = save_range(ids, self.tag_ids, self.block_size) if ids else None
-            if rng is None:
-                continue
-            done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(rid, 0)
-            rep = self.report.setdefault(rid, {"loaded": 0, "saved": 0, "error": None})
-            if done < len(ids):
-                rep["error"] = (
-                    "path not saved: its prompt was prefilled in chunks (raise --max-num-batched-tokens)"
-                )
-                continue
-            key, (start, n) = seq_key(ids), rng
-            if n - start > self.max_tokens:
-                rep["error"] = (
-                    f"path not saved: {n - start} tokens > the connector's cap max_tokens={self.max_tokens}"
-                )
-                continue
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                continue
-            while self.entries and self.used + n - start > self.max_tokens:  # LRU
-                old, (s0, n0) = self.entries.popitem(last=False)
-                self.used -= n0 - s0
-                meta.frees.append(old)
-            self.entries[key] = (start, n)
-            self.used += n - start
-            rep["saved"] = n - start
-            meta.saves.append(_Save(key, start, _slots(block_ids, start, n, self.block_size)))
+        for rid, request, block_ids, _, failing_at in now:
+            done = computed[rid] + scheduler_output.num_scheduled_tokens.get(rid, 0)
+            save = self._save(request, block_ids, done, meta) if failing_at is None else None
+            if save is not None:
+                meta.saves.append(save)
+        self._pending = {r: v for r, v in self._pending.items() if not v[0].is_finished()}
         return meta
+
+    def _save(
+        self, request: Request, block_ids: list[int], done: int, meta: MultiverseMeta
+    ) -> _Save | None:
+        """The save of a path-closing request whose prompt is complete after this step."""
+        ids = list(request.prompt_token_ids or [])
+        rng = save_range(ids, self.tag_ids, self.block_size) if ids else None
+        if rng is None:
+            return None
+        rep = self.report.setdefault(request.request_id, {"loaded": 0, "saved": 0, "error": None})
+        if done < len(ids):
+            rep["error"] = (
+                "path not saved: its prompt was prefilled in chunks (raise --max-num-batched-tokens)"
+            )
+            return None
+        key, (start, n) = seq_key(ids), rng
+        if n - start > self.max_tokens:
+            rep["error"] = (
+                f"path not saved: {n - start} tokens > the connector's cap max_tokens={self.max_tokens}"
+            )
+            return None
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return None
+        while self.entries and self.used + n - start > self.max_tokens:  # least recently used
+            old, (s0, n0) = self.entries.popitem(last=False)
+            self.used -= n0 - s0
+            meta.frees.append(old)
+        self.entries[key] = (start, n)
+        self.used += n - start
+        rep["saved"] = n - start
+        return _Save(key, start, _slots(block_ids, start, n, self.block_size))
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -211,6 +224,7 @@ class MultiverseConnector(KVConnectorBase_V1):
         rid = request.request_id
         self.plans.pop(rid, None)
         self.failing.pop(rid, None)
+        self._pending.pop(rid, None)
         used = self.uses.pop(rid, set())
         if request.is_finished() and request.status.name in (
             "FINISHED_STOPPED",
