@@ -14,7 +14,8 @@ outline order + ``<Conclusion>\\n``). The connector works from the token ids alo
   blocks, so vLLM computes neither them (they would see their siblings) nor anything before
   them; the tokens after (the Conclusion on) it computes itself, at the layout's positions (the
   position hook). K is stored after RoPE, so it carries the path's own positions;
-* **bounds**: an entry is freed once a request that loaded it finishes (merged) and otherwise
+* **bounds**: an entry is freed once a request that loaded it finishes (merged) with its full
+  blocks covering what it loaded (vLLM's prefix cache holds it from then on), and otherwise
   kept least-recently-used under a cap of ``max_tokens`` tokens (``kv_connector_extra_config``,
   default 16384): the entries of an aborted family age out. A request that needs an entry that
   is gone *fails* (vLLM's KV load-failure path, ``kv_load_failure_policy="fail"``: its blocks are
@@ -102,7 +103,9 @@ class MultiverseConnector(KVConnectorBase_V1):
         self.plans: dict[str, list[Copy]] = {}  # request -> the copies it will load
         self.failing: dict[str, tuple[str, int]] = {}  # request -> (why its load fails, local hit)
         self.report: dict[str, dict[str, Any]] = {}
-        self.uses: dict[str, set[str]] = {}
+        self.uses: dict[
+            str, tuple[set[str], int]
+        ] = {}  # request -> (entries loaded, end of the load)
         self._pending: dict[str, tuple[Any, list[int], list[Copy], int | None]] = {}
         self._frees: list[str] = []
         # worker side
@@ -153,7 +156,12 @@ class MultiverseConnector(KVConnectorBase_V1):
         ]  # entry-relative
         for c in copies:
             self.entries.move_to_end(c.key)
-        self.uses.setdefault(rid, set()).update(c.key for c in copies)
+        if copies:
+            keys, end = self.uses.get(rid, (set(), 0))
+            self.uses[rid] = (
+                keys | {c.key for c in copies},
+                max(end, *(c.dst + c.length for c in copies)),
+            )
         rep = self.report.setdefault(rid, {"loaded": 0, "saved": 0, "error": None})
         rep["loaded"] += sum(c.length for c in copies)
         self._pending[rid] = (request, block_ids, copies, None if failing is None else failing[1])
@@ -225,12 +233,12 @@ class MultiverseConnector(KVConnectorBase_V1):
         self.plans.pop(rid, None)
         self.failing.pop(rid, None)
         self._pending.pop(rid, None)
-        used = self.uses.pop(rid, set())
-        if request.is_finished() and request.status.name in (
-            "FINISHED_STOPPED",
-            "FINISHED_LENGTH_CAPPED",
-        ):
-            for key in used:  # merged: the request's blocks (prefix cache) hold them from now on
+        used, end = self.uses.pop(rid, (set(), 0))
+        cached = request.num_computed_tokens // self.block_size * self.block_size
+        if request.status.name in ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED") and cached >= end:
+            # merged, and the request's full blocks (vLLM's prefix cache, for the requests that
+            # continue it) hold every loaded token; else the entries stay, least recently used
+            for key in used:
                 got = self.entries.pop(key, None)
                 if got is not None:
                     self.used -= got[1] - got[0]
