@@ -112,3 +112,17 @@ def test_each_hook_refuses_to_run_without_the_other():
     with pytest.raises(ValueError, match="needs the Multiverse position hook"):
         check_positions(plain)
     check_positions(NS(model_config=NS(uses_mrope=True, hf_config=NS(architectures=["MultiverseLlamaForCausalLM"]))))
+
+
+def test_the_book_of_saved_paths_is_bounded():
+    from multiverse_vllm.plan import Entries
+
+    book = Entries(max_tokens=10)
+    assert book.add("a", 0, 4) == (True, [], None)
+    assert book.add("b", 2, 6) == (True, [], None)
+    assert book.add("a", 0, 4) == (False, [], None)  # kept already: touched, now the most recent
+    assert book.add("c", 0, 5) == (True, ["b"], None)  # least recently used goes first
+    assert book.used == 9 and book.get("b") is None
+    ok, evicted, why = book.add("d", 0, 11)  # over the cap: refused, with the reason, nothing evicted
+    assert not ok and evicted == [] and "cap max_tokens=10" in why
+    assert sorted(book.drop({"a", "b"})) == ["a"] and book.used == 5  # merged: freed

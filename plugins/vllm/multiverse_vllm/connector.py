@@ -29,7 +29,6 @@ into a scratch block: no assumption about the backend's block layout.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from multiverse_vllm.config import check_positions, model_tag_ids
-from multiverse_vllm.plan import Copy, plan_load, save_range, seq_key
+from multiverse_vllm.plan import Copy, Entries, plan_load, save_range, seq_key
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -96,10 +95,7 @@ class MultiverseConnector(KVConnectorBase_V1):
         self.tag_ids = (
             model_tag_ids(vllm_config.model_config) if role == KVConnectorRole.SCHEDULER else {}
         )
-        self.entries: OrderedDict[str, tuple[int, int]] = (
-            OrderedDict()
-        )  # key -> (start, n), LRU order
-        self.used = 0
+        self.entries = Entries(self.max_tokens)  # the saved sequences (LRU, capped)
         self.plans: dict[str, list[Copy]] = {}  # request -> the copies it will load
         self.failing: dict[str, tuple[str, int]] = {}  # request -> (why its load fails, local hit)
         self.report: dict[str, dict[str, Any]] = {}
@@ -151,11 +147,12 @@ class MultiverseConnector(KVConnectorBase_V1):
         block_ids = list(blocks.get_block_ids()[0])
         if num_external_tokens <= 0:
             copies, failing = [], None
+        # entry-relative sources (plan_load checked that each entry is there)
         copies = [
-            Copy(c.key, c.src - self.entries[c.key][0], c.dst, c.length) for c in copies
-        ]  # entry-relative
+            Copy(c.key, c.src - self.entries.items[c.key][0], c.dst, c.length) for c in copies
+        ]
         for c in copies:
-            self.entries.move_to_end(c.key)
+            self.entries.touch(c.key)
         if copies:
             keys, end = self.uses.get(rid, (set(), 0))
             self.uses[rid] = (
@@ -209,20 +206,12 @@ class MultiverseConnector(KVConnectorBase_V1):
             )
             return None
         key, (start, n) = seq_key(ids), rng
-        if n - start > self.max_tokens:
-            rep["error"] = (
-                f"path not saved: {n - start} tokens > the connector's cap max_tokens={self.max_tokens}"
-            )
+        ok, evicted, why = self.entries.add(key, start, n)
+        meta.frees.extend(evicted)
+        if why is not None:
+            rep["error"] = why
+        if not ok:
             return None
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return None
-        while self.entries and self.used + n - start > self.max_tokens:  # least recently used
-            old, (s0, n0) = self.entries.popitem(last=False)
-            self.used -= n0 - s0
-            meta.frees.append(old)
-        self.entries[key] = (start, n)
-        self.used += n - start
         rep["saved"] = n - start
         return _Save(key, start, _slots(block_ids, start, n, self.block_size))
 
@@ -238,14 +227,14 @@ class MultiverseConnector(KVConnectorBase_V1):
         if request.status.name in ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED") and cached >= end:
             # merged, and the request's full blocks (vLLM's prefix cache, for the requests that
             # continue it) hold every loaded token; else the entries stay, least recently used
-            for key in used:
-                got = self.entries.pop(key, None)
-                if got is not None:
-                    self.used -= got[1] - got[0]
-                    self._frees.append(key)
+            self._frees.extend(self.entries.drop(used))
         rep = self.report.pop(rid, {"loaded": 0, "saved": 0, "error": None})
         return False, {
-            "multiverse": {**rep, "entries": len(self.entries), "stored_tokens": self.used}
+            "multiverse": {
+                **rep,
+                "entries": len(self.entries.items),
+                "stored_tokens": self.entries.used,
+            }
         }
 
     # -- worker side -----------------------------------------------------------------------

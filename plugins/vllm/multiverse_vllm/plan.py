@@ -11,7 +11,8 @@
   reason it cannot (a saved sequence missing or evicted).
 * :func:`save_range`: which tokens of a path-closing request are kept (the path's own tokens from
   the block boundary at or before its start: the rest is in every request's prefix cache).
-* :func:`seq_key`: the key a token sequence is saved under.
+* :func:`seq_key`: the key a token sequence is saved under; :class:`Entries`: the book of saved
+  sequences and its memory bound.
 
 The layout rule is the project's one implementation (:mod:`multiverse.format.layout`).
 """
@@ -19,6 +20,7 @@ The layout rule is the project's one implementation (:mod:`multiverse.format.lay
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +28,16 @@ import torch
 
 from multiverse.format.layout import Layout, layout
 
-__all__ = ["Copy", "Run", "isolated_runs", "layout_positions", "plan_load", "save_range", "seq_key"]
+__all__ = [
+    "Copy",
+    "Entries",
+    "Run",
+    "isolated_runs",
+    "layout_positions",
+    "plan_load",
+    "save_range",
+    "seq_key",
+]
 
 
 def seq_key(token_ids: Sequence[int]) -> str:
@@ -168,3 +179,51 @@ def _plain(
     if entry is None or entry[0] > a or entry[1] < c:
         return f"tokens {a}-{c - 1} (before the path at {c}) are neither cached nor saved"
     return [Copy(key, a, a, c - a)]
+
+
+class Entries:
+    """The scheduler's book of saved sequences: key -> ``(from, n)`` (the tokens kept), least
+    recently used first, at most ``max_tokens`` tokens in all. The worker holds the K/V; every
+    key this book drops is returned, for the worker to free."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.items: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self.used = 0
+
+    def get(self, key: str) -> tuple[int, int] | None:
+        return self.items.get(key)
+
+    def touch(self, key: str) -> None:
+        self.items.move_to_end(key)
+
+    def add(self, key: str, start: int, n: int) -> tuple[bool, list[str], str | None]:
+        """Keep ``key``'s tokens ``[start, n)``: ``(to save, evicted keys, why not)``; a key
+        already kept is only touched; a sequence over the cap is refused, evicting nothing."""
+        if n - start > self.max_tokens:
+            return (
+                False,
+                [],
+                f"path not saved: {n - start} tokens > the connector's cap max_tokens={self.max_tokens}",
+            )
+        if key in self.items:
+            self.touch(key)
+            return False, [], None
+        evicted = []
+        while self.items and self.used + n - start > self.max_tokens:
+            old, (s0, n0) = self.items.popitem(last=False)
+            self.used -= n0 - s0
+            evicted.append(old)
+        self.items[key] = (start, n)
+        self.used += n - start
+        return True, evicted, None
+
+    def drop(self, keys: set[str]) -> list[str]:
+        """Free ``keys`` (merged); returns those that were kept."""
+        out = []
+        for key in keys:
+            got = self.items.pop(key, None)
+            if got is not None:
+                self.used -= got[1] - got[0]
+                out.append(key)
+        return out
