@@ -126,3 +126,21 @@ def test_the_book_of_saved_paths_is_bounded():
     ok, evicted, why = book.add("d", 0, 11)  # over the cap: refused, with the reason, nothing evicted
     assert not ok and evicted == [] and "cap max_tokens=10" in why
     assert sorted(book.drop({"a", "b"})) == ["a"] and book.used == 5  # merged: freed
+
+
+def test_a_nested_block_is_loaded_with_its_outer_path():
+    goal = [TAG["<Parallel>"], TAG["<Goal>"], TAG["<Outline>"], A, TAG["</Outline>"], TAG["<Outline>"], B,
+            TAG["</Outline>"], TAG["</Goal>"], NL]  # fmt: skip
+    prefix = [Q, *goal]
+    p0 = [TAG["<Path>"], X, TAG["</Path>"], NL]
+    inner = [TAG["<Path>"], X, TAG["</Path>"], NL, TAG["<Path>"], Y, TAG["</Path>"], NL,
+             TAG["<Conclusion>"], C, TAG["</Conclusion>"], TAG["</Parallel>"]]  # fmt: skip
+    p1 = [TAG["<Path>"], *goal, *inner, TAG["</Path>"], NL]
+    merged = prefix + p0 + p1 + [TAG["<Conclusion>"]]
+    (run,) = isolated_runs(merged, TAG)  # the inner sibling lies inside the outer one's run
+    assert (run.start, run.end) == (len(prefix + p0), len(prefix + p0 + p1))
+    assert [merged[k] for k in run.context] == prefix + p1
+    saved = {seq_key(prefix + p0): (0, len(prefix + p0)), seq_key(prefix + p1): (8, len(prefix + p1))}
+    copies, why = plan_load(merged, TAG, 8, saved.get)
+    assert why is None and [c.key for c in copies] == [seq_key(prefix + p0), seq_key(prefix + p1)]
+    assert copies[-1].dst + copies[-1].length == len(merged) - 1  # vLLM computes <Conclusion> itself

@@ -68,19 +68,20 @@ class Run:
     context: tuple[int, ...]
 
 
-def _sees_all(lay: Layout, j: int) -> bool:
-    q = torch.tensor([j])
-    return bool(lay.compatible(q, torch.arange(j + 1)).all())
-
-
 def isolated_runs(token_ids: Sequence[int], tag_ids: Mapping[str, int], lay: Layout | None = None) -> list[Run]:  # fmt: skip
     """The outermost sibling paths of ``token_ids`` (see the module docstring), in order."""
     lay = lay if lay is not None else layout(list(token_ids), tag_ids)
     runs: list[Run] = []
     n = len(lay)
+    # a token sees every earlier one unless, at some level, it is in a path after its block's first
+    isolated = (
+        ((lay.block_ids >= 0) & (lay.path_ids > 0)).any(0).tolist()
+        if lay.num_levels
+        else [False] * n
+    )
     j = 0
     while j < n:
-        if _sees_all(lay, j):
+        if not isolated[j]:
             j += 1
             continue
         # the outermost level at which token j is in a path other than its block's first
