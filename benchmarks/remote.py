@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {w: {"text": outs[w][-1].text, "blocks": outs[w][-1].usage.blocks,
                            "parallel_degree": outs[w][-1].usage.parallel_degree,
                            "identical": outs[w][-1].token_ids == outs["local"][-1].token_ids,
-                           "wall_s": round(last[w], 2)} for w in ways}  # fmt: skip
+                           "wall_s": round(last[w], 2), "max_logprob_diff": _lp_diff(outs[w][-1], outs["local"][-1])}
+                       for w in ways}  # fmt: skip
                 with open(args.save, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"problem": k, "answer": str(problems[k].answer), **row}) + "\n")
             print(f"problem {k + 1}/{len(prompts)}: " + ", ".join(
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "merge": getattr(o[0], "merge", None),
         }
         if args.logprobs and way != "local":
-            diffs = [abs(a - b) for x, y in zip(o, outs["local"], strict=True) if x.token_ids == y.token_ids
-                     for a, b in zip(x.logprobs, y.logprobs, strict=True) if a is not None and b is not None]
+            diffs = [d for x, y in zip(o, outs["local"], strict=True) if (d := _lp_diff(x, y)) is not None]
             rows[way]["max_logprob_diff"] = max(diffs, default=None)
         if way in ("flat", "vllm_exact"):
             h, q, ext = hits[way]
@@ -157,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['prefix_cache_hit_rate']}), connector hits {r['connector_hit_tokens']} tokens")
     print(json.dumps(result))
     return 0
+
+
+def _lp_diff(x, y) -> float | None:
+    """The largest |logprob difference| between two token-identical outputs (None otherwise)."""
+    if x.token_ids != y.token_ids or not x.logprobs or not y.logprobs:
+        return None
+    return max((abs(a - b) for a, b in zip(x.logprobs, y.logprobs, strict=True) if a is not None and b is not None),
+               default=None)  # fmt: skip
 
 
 def _counters(base_url: str) -> tuple[float, float, float]:
