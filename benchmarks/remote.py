@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # _serving (tests/remote/conftest)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "remote"))
 
 ADAPTER = Path(__file__).resolve().parents[1] / "models" / "smollm2-multiverse"
