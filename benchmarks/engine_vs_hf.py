@@ -13,7 +13,9 @@ Contenders, all in one process, same threads, same dtype/device:
   - ``llm``: the engine's public API (``multiverse.LLM(...).generate``) when
     ``multiverse/engine/llm.py`` exists;
   - ``floor``: the model's linear layers alone (q, k, v, o, gate, up, down, lm_head) as plain
-    matmuls at the decode batch size: what one decode step cannot beat without fusing weights.
+    matmuls at the decode batch size: what one decode step cannot beat without fusing weights;
+    the faster of ``F.linear`` and (float32 on CPU) the engine's fast path (``PackedLinear``:
+    one row ``x @ W^T`` stored transposed, more rows oneDNN packed), both reported.
 
 Reported per model and workload: end-to-end tokens/s (prefill included), decode ms/step (with
 the whole batch running), the ratios ``model / hf`` and ``model decode / floor`` (goals: >= 0.85
@@ -54,6 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from multiverse.engine.loader import find_smollm2_gguf, load_model  # noqa: E402
 from multiverse.engine.model import CausalLM, ForwardBatch, KVPool, resolve_dtype  # noqa: E402
+from multiverse.engine.model.packed import onednn_available  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -114,6 +117,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (1 thread on a shared CPU)
+
+
+def clock() -> float:
+    return CLOCK()
+
+
 class Timer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -121,12 +131,12 @@ class Timer:
 
     def __enter__(self) -> Timer:
         _sync(self.device)
-        self._start = time.perf_counter()
+        self._start = clock()
         return self
 
     def __exit__(self, *exc: object) -> None:
         _sync(self.device)
-        self.seconds = time.perf_counter() - self._start
+        self.seconds = clock() - self._start
 
 
 @dataclass(slots=True)
@@ -166,7 +176,7 @@ def run_model(
     step_ms: list[float] = []
     full_steps: list[float] = []
     with timer:
-        t0 = time.perf_counter()
+        t0 = clock()
         batch = ForwardBatch(
             input_ids=torch.tensor([t for p in prompts for t in p], device=device),
             position_ids=torch.cat([torch.arange(k, device=device) for k in prompt_lens]),
@@ -177,7 +187,7 @@ def run_model(
         )
         next_ids = model(batch, kv).argmax(-1)  # [n]
         _sync(device)
-        prefill_s = time.perf_counter() - t0
+        prefill_s = clock() - t0
         generated = [(list(range(n)), next_ids)]  # (requests in row order, sampled ids)
         active = list(range(n))
         lens = list(prompt_lens)  # tokens in the cache per active request
@@ -193,7 +203,7 @@ def run_model(
                 active = [active[j] for j in keep]
                 lens = [lens[j] for j in keep]
             lens = [k + 1 for k in lens]
-            s0 = time.perf_counter()
+            s0 = clock()
             batch = ForwardBatch(
                 input_ids=next_ids,
                 position_ids=positions,
@@ -207,7 +217,7 @@ def run_model(
             generated.append((active, next_ids))
             if time_steps:
                 _sync(device)
-                ms = (time.perf_counter() - s0) * 1e3
+                ms = (clock() - s0) * 1e3
                 step_ms.append(ms)
                 if len(active) == n:
                     full_steps.append(ms)
@@ -248,9 +258,11 @@ def run_hf(hf: Any, prompts: list[list[int]], out_lens: list[int], pad_id: int) 
 
 
 @torch.inference_mode()
-def floor_ms(model: CausalLM, batch: int, reps: int) -> float:
+def floor_ms(model: CausalLM, batch: int, reps: int, kernel: str = "torch") -> float:
     """One decode step's linear layers as separate plain matmuls (the HF model's 7 per layer +
-    lm_head), median ms over ``reps``; weights are views of our fused matrices."""
+    lm_head), median ms over ``reps``; weights are views of our fused matrices. ``kernel``:
+    ``"torch"`` = ``F.linear``; ``"onednn"`` = the engine's float32 CPU fast path
+    (:class:`~multiverse.engine.model.packed.PackedLinear` of each matrix)."""
     s = model.spec
     d, hq, hk, inter = s.head_dim, s.num_heads, s.num_kv_heads, s.intermediate_size
     weights = []
@@ -271,9 +283,20 @@ def floor_ms(model: CausalLM, batch: int, reps: int) -> float:
         w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=dtype) for w in weights
     }
 
-    def step() -> None:
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    if kernel == "onednn":
+        from multiverse.engine.model.packed import PackedLinear
+
+        packed = [PackedLinear(w.contiguous()) for w in weights]
+
+        def step() -> None:
+            for w in packed:
+                w.forward(inputs[w.weight.shape[1]])
+
+    else:
+
+        def step() -> None:
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
 
     for _ in range(3):
         step()
@@ -381,10 +404,10 @@ def make_prompts(tokenizer: Any, count: int) -> list[list[int]]:
 
 
 def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    t0 = clock()
     hf, tokenizer, model_dir = prepare_model(name, workdir, args)
     model, _, _ = load_model(model_dir, dtype=args.dtype, device=args.device)
-    print(f"[{name}] models ready in {time.perf_counter() - t0:.1f}s: {model.extra_repr()}")
+    print(f"[{name}] models ready in {clock() - t0:.1f}s: {model.extra_repr()}")
     prompts = make_prompts(tokenizer, args.batch)
     single_prompt, single_len = [prompts[0]], [args.single_tokens]
     batch_lens = [24 + (7 * i) % 41 for i in range(args.batch)]
@@ -400,15 +423,19 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
     for wname, (ps, lens) in workloads.items():
         useful = sum(lens)
         # contenders alternate, so a burst of load from other processes hits them alike
-        model_tries, hf_tries, floors = [], [], []
+        model_tries, hf_tries, floors, floors_dnn = [], [], [], []
+        dnn = model.linear_kernel == "onednn" and onednn_available(model.dtype, model.device)
         for _ in range(args.repeats):
             model_tries.append(run_model(model, ps, lens))
             if not args.skip_hf:
                 hf_tries.append(run_hf(hf, ps, lens, pad_id))
             floors.append(floor_ms(model, len(ps), args.floor_reps))
+            if dnn:
+                floors_dnn.append(floor_ms(model, len(ps), args.floor_reps, "onednn"))
         best_model = min(model_tries, key=lambda r: r.total_s)
         best_hf = min(hf_tries, key=lambda r: r.total_s) if hf_tries else None
-        floor = min(floors)
+        # the floor: the faster of F.linear and, where the engine uses it, the oneDNN kernel
+        floor = min(floors + floors_dnn)
         entry: dict[str, Any] = {
             "requests": len(ps),
             "prompt_tokens": [len(p) for p in ps] if len(ps) == 1 else sum(len(p) for p in ps),
@@ -417,6 +444,8 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
             "model_prefill_s": round(best_model.prefill_s, 3),
             "model_decode_ms_step": round(best_model.full_batch_step_ms, 2),
             "floor_ms_step": round(floor, 2),
+            "floor_ms_step_f_linear": round(min(floors), 2),
+            "floor_ms_step_fast": round(min(floors_dnn), 2) if floors_dnn else None,
             "floor_tok_s": round(len(ps) / floor * 1e3, 2),
             "model_decode_vs_floor": round(floor / best_model.full_batch_step_ms, 3),
         }
@@ -488,7 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor-reps", type=int, default=20)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: every time is the process's CPU time (with --threads 1 on a "
+                        "CPU device: what time-slicing by other jobs does not change)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.clock == "cpu":
+        if args.device != "cpu" or args.threads != 1:
+            parser.error("--clock cpu needs --device cpu --threads 1")
+        global CLOCK
+        CLOCK = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -499,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "torch": torch.__version__,
         "goals": {"single_decode_vs_floor": 0.85, "batch_decode_vs_floor": 0.80},
         "load_avg_before": _load_avg(),

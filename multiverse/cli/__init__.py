@@ -58,8 +58,20 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``multiverse`` parser with every available subcommand's options."""
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names, or None (no command, ``--help``, ``--version``, a typo)."""
+    it = iter(argv)
+    for arg in it:
+        if arg == "--log-level":
+            next(it, None)
+        elif not arg.startswith("--log-level="):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``multiverse`` parser with every available subcommand's options, or with only the
+    command ``only`` (its module alone is imported: ``inspect`` does not wait for torch)."""
     parser = OneLineParser(
         prog="multiverse",
         description="Multiverse: natively parallel generation (Map / Process / Reduce).",
@@ -74,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (mod, helptext) in _available().items():
+        if only is not None and name != only:
+            continue
         p = sub.add_parser(name, help=helptext, description=helptext)
         p.set_defaults(_module=mod)
         importlib.import_module(mod).add_arguments(p)
@@ -81,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_of(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a one-line argument error

@@ -22,8 +22,8 @@ mix with a warning when it records none), says on stderr which, and for each one
 
 Invariants: the problems are held out (``split="test"``, disjoint from any training file
 made by ``python -m multiverse.eval.tasks --split train``) and fixed (same seed, same problems on
-every run); generation stops at the chat end-of-turn token as well as at EOS
-(:func:`multiverse.format.prompts.stop_token_ids`); nothing is written to disk.
+every run); generation stops at the chat end-of-turn token as well as at EOS (the backend's
+:func:`multiverse.engine.policy.end_ids`); nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _timed(llm: Any, question: str, parallel: bool, prompt_parallel: bool, max_t
            serial: bool = False):  # fmt: skip
     """One greedy generation: (output, seconds)."""
     from multiverse import SamplingParams
-    from multiverse.format.prompts import chat_prompt, stop_token_ids
+    from multiverse.format.prompts import chat_prompt
 
     tok = llm.tokenizer
     prompt = chat_prompt(tok, question, parallel=prompt_parallel)
@@ -101,7 +101,6 @@ def _timed(llm: Any, question: str, parallel: bool, prompt_parallel: bool, max_t
         max_tokens=max_tokens,
         parallel=parallel,
         serial_branches=serial,
-        stop_token_ids=stop_token_ids(tok),
     )
     start = time.perf_counter()
     out = llm.generate([prompt], params)[0]

@@ -32,7 +32,7 @@ from multiverse.cli.common import (
     resolve_model_and_adapter,
 )
 from multiverse.eval.evaluate import DEFAULT_MAX_TOKENS
-from multiverse.format.prompts import chat_input, stop_token_ids
+from multiverse.format.prompts import chat_input
 from multiverse.server.prompting import apply_prompt_format, chat_prompt_format
 
 
@@ -119,7 +119,6 @@ def run(args: argparse.Namespace) -> int:
                           quantization=args.quantization)
         texts, note = prompt_texts(prompts, llm.tokenizer, record_dir(model, adapter), raw=args.raw,
                                    suffix=not args.no_prompt_suffix, special_tokens=args.parse_special_tokens)  # fmt: skip
-    sp.stop_token_ids = stop_token_ids(llm.tokenizer)
     print(note, file=sys.stderr)
     outs = llm.generate(texts, sp, use_tqdm=not args.json)
     if args.json:

@@ -26,9 +26,9 @@ from multiverse.eval.structure import (
     Report,
     Source,
     TokenCounter,
-    format_report,
     inspect_text,
     load_sources,
+    report_lines,
     summarize,
 )
 from multiverse.format.tokenizer import BUILTIN_TOKENIZERS, is_builtin_tokenizer, resolve_tokenizer
@@ -120,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
             if sys.stderr.isatty():
                 print(f"\r{k + 1}/{len(sources)}", end="", file=sys.stderr)
             continue
-        print(json.dumps(rep.to_dict(), ensure_ascii=False) if args.json
-              else printable(format_report(rep, counter, args.max_errors)))  # fmt: skip
+        if args.json:
+            print(json.dumps(rep.to_dict(), ensure_ascii=False))
+        else:  # a line at a time: the tree of a 50 MB text is never one string
+            sys.stdout.writelines(printable(line) + "\n" for line in report_lines(rep, counter, args.max_errors))
     if with_summary:
         summary = summarize(reports)
         if args.json:

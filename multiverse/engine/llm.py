@@ -27,7 +27,7 @@ from multiverse.engine.model import KVPool
 from multiverse.engine.model.graphs import Capturer, EagerCapturer
 from multiverse.engine.model.quant import DEFAULT_INT4_GROUP_SIZE, check_quantization
 from multiverse.engine.outputs import RequestOutput, Usage, build_output, progress
-from multiverse.engine.policy import check_request, pair_prompts
+from multiverse.engine.policy import chat_conversations, check_request, end_ids, pair_prompts
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request
 from multiverse.engine.runner import ModelRunner, StepOutput
@@ -48,9 +48,9 @@ class LLM:
     <= 1 of the free device memory / available RAM; default: half the free GPU memory, 1 GiB on
     CPU), ``max_batch_tokens``, ``prefill_chunk``,
     ``enable_prefix_cache``, ``gguf_file``, ``tokenizer`` (overrides the checkpoint's),
-    ``eos_token_ids`` (extra EOS ids; by default the tokenizer's EOS plus the directory's
-    ``generation_config.json`` ``eos_token_id``, e.g. ``<|im_end|>`` for chat models; for a
-    LoRA adapter without one, :func:`~multiverse.format.prompts.stop_token_ids`),
+    ``eos_token_ids`` (extra EOS ids, by default the directory's ``generation_config.json``
+    ``eos_token_id``; the engine ends an answer at these, the tokenizer's EOS and the chat turn
+    end: :func:`multiverse.engine.policy.end_ids`),
     ``adapter`` (a PEFT LoRA adapter directory applied to ``model``, the base, merged at load;
     ``model`` may also be an adapter directory itself, its base named in its
     ``train_summary.json``: :mod:`multiverse.engine.adapter`),
@@ -130,10 +130,7 @@ class LLM:
             tags = None  # a plain model: every request decodes sequentially
         self.specials = Specials.from_tokenizer(tokenizer, tags) if tags else None
         self._tag_names = {v: k for k, v in tags.items()} if tags else {}
-        eos = {int(i) for i in (eos_token_ids or [])}
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = end_ids(tokenizer, eos_token_ids or ())  # the one rule (engine.policy)
         self.forkjoin = ForkJoin(self.kv, self._decode, self.specials, on_release=self.runner.forget,
                                  eos_ids=self.eos_token_ids)  # fmt: skip
         self.checks_invariants = check_invariants
@@ -331,9 +328,9 @@ class LLM:
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:  # fmt: skip
         """Apply the tokenizer's chat template (generation prompt added) and generate; message
-        contents are text (:func:`multiverse.format.prompts.encode_chat`)."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [chat_input(self.tokenizer, c) for c in convs]
+        contents are text (:func:`multiverse.format.prompts.encode_chat`); each conversation is
+        checked by :func:`~multiverse.engine.policy.check_chat` (``ValueError`` naming the field)."""
+        prompts = [chat_input(self.tokenizer, c) for c in chat_conversations(messages)]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def output(self, req: Request, prompt: str | None = None, start: float | None = None) -> RequestOutput:

@@ -35,13 +35,18 @@ MIN_TEMPERATURE = 1e-3  # a temperature is 0 (greedy) or at least this: logits /
 TOTAL_TOKENS_FACTOR = 4  # default max_total_tokens = TOTAL_TOKENS_FACTOR * max_tokens
 MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI)
 _INTS = ("top_k", "max_tokens", "max_depth", "max_paths", "max_live_branches")
+DEFAULT_MAX_TOKENS = 1024
+"""The sequential-depth budget of a request that names none: ``SamplingParams().max_tokens``, and
+so the default of every command, the server and the driver (the shipped tiny model needs up to
+~300 with forking, its autoregressive twin up to ~850). :mod:`multiverse.engine.policy` re-exports
+it with the rest of the request policy."""
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request generation settings (vLLM-shaped).
 
-    ``max_tokens`` bounds the *sequential depth* of the output (final position + 1 - the prompt's
+    ``max_tokens`` (default :data:`DEFAULT_MAX_TOKENS`, 1024) bounds the *sequential depth* of the output (final position + 1 - the prompt's
     next position), as the released Multiverse engine did; ``max_total_tokens`` bounds the tokens
     of all branches together (engine-inserted ones included), by default
     ``TOTAL_TOKENS_FACTOR * max_tokens`` (4x; :attr:`total_budget`), so every request's work is
@@ -70,7 +75,7 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

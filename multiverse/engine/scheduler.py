@@ -19,6 +19,13 @@ whole families are preempted. A branch never preempts one of higher priority, so
 one always progresses; if even it cannot get a single slot, its request alone exceeds the pool
 and is finished early (``finish_reason="kv_capacity"``) rather than hang.
 
+Admission: a branch that starts from nothing (a new request, a preempted root or child) behind
+branches that run in this step starts only if all its pending tokens fit beside one more slot
+for each of those (in the free slots, the cache's evictable ones and the slots only branches of
+lower priority hold); otherwise it waits. Started into a pool those branches are about to need,
+it would be preempted again at once: every step it recomputed its tokens and was preempted (19
+preemptions where 1 is needed, issue 28's recipe). The first branch in order always runs.
+
 The scheduler writes no branch field itself: it makes the KVManager calls (allocate, share,
 release) and tells the branch through :mod:`.request` (``take_slots``, ``adopt_cached_prefix``,
 ``reattach``, ``preempt``).
@@ -26,6 +33,7 @@ release) and tells the branch through :mod:`.request` (``take_slots``, ``adopt_c
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from multiverse.engine.kv_manager import KVManager
@@ -67,6 +75,9 @@ class Scheduler:
                 break
             if br.num_pending == 0 or br.status is Status.FINISHED or not _ready(br):
                 continue
+            starts = br.num_computed == 0 and (br.parent is None or not br.attached)
+            if starts and works and not self._fits(br, len(works), order[i + 1 :]):
+                continue  # it would be preempted as soon as the branches ahead grow: it waits
             serial = br.request.params.serial_branches
             if serial and br.request.id in serial_busy:
                 continue
@@ -123,6 +134,16 @@ class Scheduler:
                 if self.kv.num_free >= n:
                     return True
         return self.kv.num_free > 0
+
+    def _fits(self, br: Branch, reserve: int, lower: list[Branch]) -> bool:
+        """Whether ``br``'s pending tokens and ``reserve`` more slots fit in the free slots, the
+        prefix cache's evictable ones and those that only branches in ``lower`` hold."""
+        need = br.num_pending + reserve
+        room = self.kv.num_free + (self.radix.evictable_slots() if self.radix is not None else 0)
+        if room >= need:
+            return True
+        holds = Counter(s for v in lower for s in self.kv.held(v))
+        return room + sum(1 for s, c in holds.items() if self.kv.refcount(s) == c) >= need
 
     def _evict(self, n: int) -> bool:
         """Evict cached prefixes until ``n`` slots are free; True if they are."""

@@ -42,7 +42,7 @@ from multiverse.engine.policy import DEFAULT_MAX_TOKENS  # the backends' one def
 from multiverse.eval.datasets import Problem
 from multiverse.eval.grading import extract_answer, grade
 from multiverse.format import grammar
-from multiverse.format.prompts import chat_prompt_input, stop_token_ids
+from multiverse.format.prompts import chat_prompt_input
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,9 @@ def evaluate(
 
     ``llm.generate(prompts, params)`` must return one output per prompt, in order, with
     ``.text`` and ``.usage`` (``parallel_degree``, ``depth_tokens``, ``completion_tokens``);
-    ``params(temperature=, max_tokens=, parallel=, stop_token_ids=)`` builds the sampling
-    parameters (default :class:`multiverse.SamplingParams`); generation stops at EOS and at
-    :func:`stop_token_ids`. ``progress(done, total, summary)`` is called before the first timed batch and after each.
+    ``params(temperature=, max_tokens=, parallel=)`` builds the sampling parameters (default
+    :class:`multiverse.SamplingParams`); generation stops where the backend ends an answer (EOS
+    and the chat turn end: :func:`multiverse.engine.policy.end_ids`). ``progress(done, total, summary)`` is called before the first timed batch and after each.
     A ``KeyboardInterrupt`` during the timed batches returns the samples so far, with
     ``interrupted=True``.
     """
@@ -228,12 +228,11 @@ def evaluate(
         raise ValueError(f"batch_size and max_tokens must be >= 1 (got {batch_size}, {max_tokens})")
     make = params or _default_params()
     now = clock or CLOCK
-    stop = stop_token_ids(tokenizer)
-    on = make(temperature=0.0, max_tokens=max_tokens, parallel=True, stop_token_ids=stop)
+    on = make(temperature=0.0, max_tokens=max_tokens, parallel=True)
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     off_mode = {"parallel": False} if baseline == "plain" else {"parallel": True, "serial_branches": True}
-    off = make(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop, **off_mode)
+    off = make(temperature=0.0, max_tokens=max_tokens, **off_mode)
     prompts = [chat_prompt_input(tokenizer, p.question, parallel_prompt) for p in problems]  # questions are text
     result = EvalResult(
         benchmark=benchmark,

@@ -20,13 +20,18 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from multiverse.format import approx
 from multiverse.format import grammar as g
-from multiverse.format.layout import Layout, layout_tags
+from multiverse.format.layout_state import LayoutState
 from multiverse.format.tokenizer import add_tags_to_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from multiverse.format.layout import Layout  # imports torch: only for --plot
 
 FALLBACK_TOKENIZER = "builtin-regex (approximate)"
 
@@ -86,8 +91,7 @@ def load_sources(path: str) -> list[Source]:
 
 
 def _sources_from_text(name: str, text: str) -> list[Source]:
-    stripped = text.lstrip()
-    if stripped.startswith("{"):
+    if re.match(r"\s*\{", text):  # JSONL (no stripped copy of a large text)
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -139,8 +143,29 @@ class TokenCounter:
 
     def count(self, text: str) -> int:
         if self.tok is None:
-            return len(g.approx_tokens(text))
+            return approx.count(text)
         return len(self.tok.encode(text, add_special_tokens=False))
+
+    def runs(self, text: str) -> Iterator[approx.Run]:
+        """:meth:`tags` run-length encoded (:func:`multiverse.format.approx.runs`): the built-in
+        counter never makes a string per token."""
+        if self.tok is None:
+            return approx.runs(text)
+        return approx.group(self.tags(text))
+
+
+def layout_extent(runs: Iterable[approx.Run]) -> tuple[int, int]:
+    """``(len(layout), layout.depth_tokens(0))`` of :func:`~multiverse.format.layout.layout_tags`
+    over the tokens given as runs, with the same rule (:class:`LayoutState`) and no per-token
+    tensor or list."""
+    state, total, last = LayoutState(), 0, -1
+    skip, step = state.skip, state.step
+    for tag, n in runs:
+        total += n
+        pos = skip(n) if tag is None else step(tag)
+        if pos > last:
+            last = pos
+    return total, last + 1
 
 
 # ----------------------------------------------------------------------------- report
@@ -159,16 +184,34 @@ class Report:
     name: str
     doc: g.Document
     issues: list[g.Issue]
-    layout: Layout
-    tags: list[str | None]
-    tokenizer: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    total_tokens: int
+    depth_tokens: int  # the layout's sequential depth (max position + 1)
+    counter: TokenCounter
+    extra: dict[str, Any] = field(default_factory=dict)  # "text": the text read
     line_offset: int = 0  # added to the document's line numbers (file lines)
+    _layout: Layout | None = None
+
+    @property
+    def tokenizer(self) -> str:
+        return self.counter.name
+
+    @property
+    def tags(self) -> list[str | None]:
+        """Per token, its tag or None (a list as long as the text's tokens: built on demand)."""
+        return self.counter.tags(self.extra["text"])
+
+    @property
+    def layout(self) -> Layout:
+        """Per-token positions and membership (for ``--plot``), built on first use."""
+        if self._layout is None:
+            from multiverse.format.layout import layout_tags
+
+            self._layout = layout_tags(self.tags)
+        return self._layout
 
     def to_dict(self) -> dict[str, Any]:
         s = g.stats(self.doc)
-        total = len(self.layout)
-        depth = self.layout.depth_tokens(0)
+        total, depth = self.total_tokens, self.depth_tokens
         return {
             "source": self.name,
             "valid": not self.issues,
@@ -188,13 +231,14 @@ class Report:
 def inspect_text(
     text: str, counter: TokenCounter | None = None, name: str = "<text>", line_offset: int = 0
 ) -> Report:
-    """Read ``text`` tolerantly and lay it out; issue lines are shifted by ``line_offset``."""
+    """Read ``text`` tolerantly and lay it out; issue lines are shifted by ``line_offset``.
+    Linear in time; memory: the tree (the per-token layout is built only if asked for)."""
     counter = counter or TokenCounter()
     doc, issues = g.read(text)
     if line_offset:
         issues = [replace(i, line=i.line + line_offset) for i in issues]
-    tags = counter.tags(text)
-    return Report(name, doc, issues, layout_tags(tags), tags, counter.name, {"text": text}, line_offset)
+    total, depth = layout_extent(counter.runs(text))
+    return Report(name, doc, issues, total, depth, counter, {"text": text}, line_offset)
 
 
 # ----------------------------------------------------------------------------- tree drawing
@@ -210,63 +254,73 @@ def draw_tree(
 ) -> str:
     """The branch tree as box-drawing text (one line per text run, block, path, conclusion);
     block lines are shifted by ``line_offset`` (file lines)."""
-    counter = counter or TokenCounter()
-    lines = ["<Think>" if doc.has_think else "(no <Think>)"]
+    return "\n".join(tree_lines(doc, counter, width, line_offset))
 
-    def items(body: list[g.Item], prefix: str) -> None:
+
+def tree_lines(
+    doc: g.Document, counter: TokenCounter | None = None, width: int = 60, line_offset: int = 0
+) -> Iterator[str]:
+    """:func:`draw_tree`'s lines, one at a time."""
+    counter = counter or TokenCounter()
+    yield "<Think>" if doc.has_think else "(no <Think>)"
+
+    def items(body: list[g.Item], prefix: str) -> Iterator[str]:
         for k, x in enumerate(body):
             last = k == len(body) - 1
             branch, cont = ("└─ ", "   ") if last else ("├─ ", "│  ")
             if isinstance(x, str):
                 if x.strip():
-                    lines.append(f"{prefix}{branch}text ({counter.count(x)} tok): {_short(x, width)}")
+                    yield f"{prefix}{branch}text ({counter.count(x)} tok): {_short(x, width)}"
                 continue
             state = "" if x.closed else " [unclosed]"
-            lines.append(f"{prefix}{branch}Parallel: {len(x.paths)} path(s), {len(x.outlines)} outline(s), line {x.line + line_offset}{state}")
+            yield f"{prefix}{branch}Parallel: {len(x.paths)} path(s), {len(x.outlines)} outline(s), line {x.line + line_offset}{state}"
             inner = prefix + cont
             for o in x.outlines:
-                lines.append(f"{inner}│  goal {o.label or '?'}: {_short(o.text, width - 10)}")
+                yield f"{inner}│  goal {o.label or '?'}: {_short(o.text, width - 10)}"
             for j, p in enumerate(x.paths):
                 plast = j == len(x.paths) - 1 and x.conclusion is None
                 pb, pc = ("└─ ", "   ") if plast else ("├─ ", "│  ")
                 ntok = sum(counter.count(t) for t in p.body if isinstance(t, str))
                 head = f"{inner}{pb}Path {p.label or j + 1} ({ntok} tok)"
                 if all(isinstance(t, str) for t in p.body):  # a leaf path: one line
-                    lines.append(f"{head}: {_short(''.join(p.body), width - 10)}")
+                    yield f"{head}: {_short(''.join(p.body), width - 10)}"
                 else:
-                    lines.append(head)
-                    items(p.body, inner + pc)
+                    yield head
+                    yield from items(p.body, inner + pc)
             if x.conclusion is not None:
-                lines.append(f"{inner}└─ Conclusion: {_short(x.conclusion, width - 14)}")
+                yield f"{inner}└─ Conclusion: {_short(x.conclusion, width - 14)}"
 
-    items(doc.body, "")
+    yield from items(doc.body, "")
     if doc.has_think:
-        lines.append("</Think>" if doc.think_closed else "(text ends inside <Think>)")
+        yield "</Think>" if doc.think_closed else "(text ends inside <Think>)"
     if doc.after.strip():
-        lines.append(f"after: {_short(doc.after, width)}")
-    return "\n".join(lines)
+        yield f"after: {_short(doc.after, width)}"
 
 
 def format_report(rep: Report, counter: TokenCounter, max_errors: int = 20) -> str:
+    return "\n".join(report_lines(rep, counter, max_errors))
+
+
+def report_lines(rep: Report, counter: TokenCounter, max_errors: int = 20) -> Iterator[str]:
+    """The text report, a line at a time (the tree of a large text is never one string)."""
     d = rep.to_dict()
-    out = [f"== {rep.name}", draw_tree(rep.doc, counter, line_offset=rep.line_offset), ""]
+    yield f"== {rep.name}"
+    yield from tree_lines(rep.doc, counter, line_offset=rep.line_offset)
+    yield ""
     if rep.issues:
-        out.append(f"INVALID: {len(rep.issues)} issue(s)")
-        out += [f"  {i}" for i in rep.issues[:max_errors]]
+        yield f"INVALID: {len(rep.issues)} issue(s)"
+        yield from (f"  {i}" for i in rep.issues[:max_errors])
         if len(rep.issues) > max_errors:
-            out.append(f"  ... {len(rep.issues) - max_errors} more (use --json for all)")
+            yield f"  ... {len(rep.issues) - max_errors} more (use --json for all)"
     else:
-        out.append("valid: yes")
+        yield "valid: yes"
     paths = d["paths"]
     mean = sum(paths) / len(paths) if paths else 0.0
-    out += [
-        f"blocks: {d['blocks']}   max depth: {d['max_depth']}   paths per block: "
-        f"{paths if len(paths) <= 12 else str(paths[:12])[:-1] + ', ...]'} (mean {mean:.2f})",
-        f"tokens: {d['total_tokens']} total, {d['depth_tokens']} sequential depth   "
-        f"# parallel: {d['parallel_degree']:.3f}   truncated: {'yes' if d['truncated'] else 'no'}",
-        f"tokenizer: {d['tokenizer']}",
-    ]
-    return "\n".join(out)
+    yield (f"blocks: {d['blocks']}   max depth: {d['max_depth']}   paths per block: "
+           f"{paths if len(paths) <= 12 else str(paths[:12])[:-1] + ', ...]'} (mean {mean:.2f})")  # fmt: skip
+    yield (f"tokens: {d['total_tokens']} total, {d['depth_tokens']} sequential depth   "
+           f"# parallel: {d['parallel_degree']:.3f}   truncated: {'yes' if d['truncated'] else 'no'}")  # fmt: skip
+    yield f"tokenizer: {d['tokenizer']}"
 
 
 def summarize(reports: list[Report]) -> dict[str, Any]:

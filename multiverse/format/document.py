@@ -20,7 +20,8 @@ TAGS: tuple[str, ...] = (
 TAG_NAMES: tuple[str, ...] = ("Think", "Parallel", "Goal", "Outline", "Path", "Conclusion")
 CUE = "Let's think in parallel."
 
-_TAG_RE = re.compile(r"<(/?)(think|parallel|goal|outline|path|conclusion)>", re.IGNORECASE)
+# any casing of the ASCII letters only (Unicode folding would take <concluſion>, <outlıne>)
+_TAG_RE = re.compile(r"<(/?)(think|parallel|goal|outline|path|conclusion)>", re.IGNORECASE | re.ASCII)
 _CANON = {n.lower(): n for n in TAG_NAMES}
 _LABEL_RE = re.compile(r"^(\d+(?:\.\d+)*)\s*: ?")
 _CUE_RE = re.compile(r"^\s*let'?s think in parallel\.?\s*$", re.IGNORECASE)

@@ -19,24 +19,31 @@ concurrency limit per replica. Several base URLs are data-parallel replicas: eac
 to the least busy one, with every one of its sub-requests (so the replica's prefix cache hits).
 A failed sub-request (after the retries) finishes its request with ``finish_reason="error"``;
 a request that fails or is cancelled cancels every sub-request it has in flight.
+
+Progress: ``agenerate(..., on_progress=f)`` calls ``f(index, request)`` after every completion
+fed to the ``index``-th request (``request``: its live branch tree, a
+:class:`~multiverse.engine.request.Request`, to read before the next ``await``, never to
+change): what ``multiverse serve --base-url`` streams from, with the local server's
+:class:`~multiverse.server.streaming.BranchStreamer`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from multiverse.engine.forkjoin import Specials
 from multiverse.engine.outputs import RequestOutput
-from multiverse.engine.policy import check_request, pair_prompts
-from multiverse.engine.request import Branch, Status
+from multiverse.engine.policy import chat_conversations, check_request, end_ids, pair_prompts
+from multiverse.engine.request import Branch, Request, Status
 from multiverse.engine.sampling import SamplingParams
-from multiverse.format.prompts import render_chat
+from multiverse.format.prompts import chat_input
 from multiverse.remote.info import ServerInfo, choose_merge, discover
 from multiverse.remote.transport import Completion, RemoteError, Replica
 from multiverse.remote.tree import Tree
@@ -86,10 +93,7 @@ class RemoteLLM:
             Specials.from_tokenizer(self.tokenizer, info.tag_ids) if info.tag_ids else None
         )
         self.tag_names = {v: k for k, v in info.tag_ids.items()} if info.tag_ids else {}
-        eos = set(info.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = end_ids(self.tokenizer, info.eos_token_ids)  # as the engine's (policy)
         self.api_key, self.max_concurrency, self.timeout, self.retries = (
             api_key,
             max_concurrency,
@@ -167,8 +171,10 @@ class RemoteLLM:
             body.update(parallel=self.merge == "exact" and tree.req.parallel, max_depth=0)
         return body
 
-    async def _run(self, tree: Tree, replica: Replica, info: ServerInfo, counts: list[int]) -> None:
-        """Drive one request to its end (see the module docstring). ``counts[0]``: its calls."""
+    async def _run(self, tree: Tree, replica: Replica, info: ServerInfo, counts: list[int],
+                   progress: Callable[[], None] | None = None) -> None:  # fmt: skip
+        """Drive one request to its end (see the module docstring). ``counts[0]``: its calls;
+        ``progress()`` after each completion fed."""
         tasks: dict[Branch, asyncio.Task[Completion]] = {}
         empty: dict[Branch, int] = {}
         serial = tree.req.params.serial_branches
@@ -214,6 +220,8 @@ class RemoteLLM:
                     if tree.req.finished:
                         break
                     took = tree.feed(br, comp.token_ids, comp.logprobs)
+                    if progress is not None:
+                        progress()
                     empty[br] = 0 if took else empty.get(br, 0) + 1
                     if empty[br] >= MAX_EMPTY:
                         raise RemoteError(f"{replica.base_url}: {MAX_EMPTY} completions in a row gave no token "
@@ -239,9 +247,10 @@ class RemoteLLM:
 
     # -- generate --------------------------------------------------------------------------
     async def agenerate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RemoteOutput]:  # fmt: skip
+                        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                        on_progress: Callable[[int, Request], None] | None = None) -> list[RemoteOutput]:  # fmt: skip
         """``generate`` as a coroutine (for callers inside an event loop). Cancelling it
-        cancels every request's sub-requests."""
+        cancels every request's sub-requests. ``on_progress``: see the module docstring."""
         prompts, plist = pair_prompts(prompts, sampling_params)
         start = time.perf_counter()
         trees = [self._tree(p, sp) for p, sp in zip(prompts, plist, strict=True)]
@@ -256,9 +265,10 @@ class RemoteLLM:
             chosen.append(i)
             tree.req.t_arrival = start
         runs = [
-            self._run(t, replicas[i], self.infos[i], n)
-            for t, i, n in zip(trees, chosen, counts, strict=True)
-        ]
+            self._run(t, replicas[i], self.infos[i], n,
+                      None if on_progress is None else functools.partial(on_progress, k, t.req))
+            for k, (t, i, n) in enumerate(zip(trees, chosen, counts, strict=True))
+        ]  # fmt: skip
         try:
             await asyncio.gather(*runs)
         finally:
@@ -307,9 +317,10 @@ class RemoteLLM:
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RemoteOutput]:  # fmt: skip
-        """Apply the tokenizer's chat template (generation prompt added) and generate."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([render_chat(self.tokenizer, c) for c in convs], sampling_params)
+        """``LLM.chat``: each conversation checked (:func:`~multiverse.engine.policy.check_chat`),
+        rendered by the chat template, contents as text, and generated."""
+        prompts = [chat_input(self.tokenizer, c) for c in chat_conversations(messages)]
+        return self.generate(prompts, sampling_params)
 
 
 class _Closes:

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from multiverse.engine.policy import end_ids
 from multiverse.format import tokenizer as tokenizers
 from multiverse.remote.transport import RemoteError, normalize_base_url
 
@@ -98,10 +99,7 @@ def _tokenizer_from_dir(directory: str | Path) -> tuple[Any, frozenset[int]]:
     if not path.exists() and not tokenizers.is_builtin_tokenizer(directory):
         raise ValueError(f"--tokenizer {directory}: no such directory")
     tok = tokenizers.load_tokenizer(directory)
-    eos = set(_checkpoint_eos(path, None, tok)) if path.is_dir() else set()
-    if tok.eos_token_id is not None:
-        eos.add(int(tok.eos_token_id))
-    return tok, frozenset(eos)
+    return tok, end_ids(tok, _checkpoint_eos(path, None, tok) if path.is_dir() else ())
 
 
 def discover(base_url: str, api_key: str | None = None, served_model: str | None = None,
@@ -131,9 +129,7 @@ def discover(base_url: str, api_key: str | None = None, served_model: str | None
             tok, eos = _tokenizer_from_dir(tokenizer)
         else:
             tok = tokenizer
-            eos = (
-                frozenset({int(tok.eos_token_id)}) if tok.eos_token_id is not None else frozenset()
-            )
+            eos = end_ids(tok)
     try:
         tags: dict[str, int] | None = tokenizers.tag_ids(tok)
     except ValueError:

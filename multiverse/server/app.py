@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from multiverse.format.prompts import encode_chat, render_chat, stop_token_ids
+from multiverse.format.prompts import encode_chat, render_chat
 from multiverse.server import errors, remote_info, responses
 from multiverse.server.auth import Guard
 from multiverse.server.engine_thread import EngineStopped, EngineThread, Job, QueueFull
@@ -41,7 +41,7 @@ from multiverse.server.schemas import (
     completion_prompt,
     sampling_params,
 )
-from multiverse.server.streaming import SSE_DONE, chat_chunk, completion_chunk, sse
+from multiverse.server.streaming import SSE_DONE, chat_chunk, choice_chunk, sse, usage_chunk
 
 POLL_S = 0.2  # how often a waiting handler checks that its client is still there
 log = logging.getLogger("multiverse.server")
@@ -84,7 +84,6 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
     app.add_middleware(Guard, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     errors.install(app)
     tok = llm.tokenizer
-    eos_ids = stop_token_ids(tok)  # chat turn end + EOS, as `multiverse eval` stops
     model = getattr(llm, "model", None)
     vocab = getattr(model, "vocab_size", None)
 
@@ -95,7 +94,7 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
         if body.stream and wants_logprobs:
             raise APIError(400, "logprobs are not offered with stream=true yet", "logprobs")
         try:
-            params = [sampling_params(body, eos_ids, i) for i in range(body.n)]
+            params = [sampling_params(body, i) for i in range(body.n)]
         except ValueError as e:
             raise APIError(400, str(e)) from None
         loop = asyncio.get_running_loop()
@@ -195,23 +194,13 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                     yield SSE_DONE
                     return
                 if kind == "chunk":
-                    text, events, finish = payload, rest, None
-                else:
-                    (text, events), finish = rest, responses.finish_reason(payload)
-                    outs[index] = payload
-                    left -= 1
-                if chat:
-                    delta = {"content": text} if text else {}
-                    chunk = chat_chunk(head, index, delta, finish, events)
-                else:
-                    chunk = completion_chunk(head, index, text, finish, events)
-                if finish is not None:  # the engine's own reason (``malformed`` ...), the seed to replay
-                    chunk.setdefault("multiverse", {"index": index}).update(
-                        finish_reason=payload.finish_reason, seed=payload.seed, forking=payload.forking)
-                yield sse(chunk)
+                    yield sse(choice_chunk(head, index, chat, payload, rest))
+                    continue
+                outs[index] = payload
+                left -= 1
+                yield sse(choice_chunk(head, index, chat, *rest, out=payload))
             if include_usage:
-                yield sse({**head, "object": "chat.completion.chunk" if chat else "text_completion",
-                           "choices": [], "usage": responses.usage(outs)})  # fmt: skip
+                yield sse(usage_chunk(head, chat, outs))
             yield SSE_DONE
         finally:
             engine.cancel([j for j in jobs if not j.finished])

@@ -10,8 +10,13 @@ task of the driver; a client that goes away, or a ``timeout`` that passes, cance
 closes every sub-request it has in flight on the fleet. ``--max-concurrent-requests`` bounds the
 requests in progress (more wait; beyond ``--max-queue`` waiting, 429).
 
-Streaming: ``stream: true`` is answered as Server-Sent Events, but the text comes in one chunk
-when the request has finished (no live branch events: the driver's paths run on other servers).
+Streaming (``stream: true``, docs/streaming.md) is the local server's: the driver reports each
+completion it feeds to a request (``RemoteLLM.agenerate``'s ``on_progress``), and a
+:class:`~multiverse.server.streaming.BranchStreamer` per choice turns the live tree into the text
+that is certain so far and the branch events (fork, delta, path_end, merge); the last chunk has
+the finish reason, the ``multiverse`` fields of the end (the merge mode among them) and, asked
+for, the usage. Text arrives per completion of the fleet (a path's text when its sub-request
+ends), not per token.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from multiverse.format.prompts import encode_chat, render_chat, stop_token_ids
+from multiverse.format.prompts import encode_chat, render_chat
 from multiverse.server import errors, remote_info, responses
 from multiverse.server.auth import Guard
 from multiverse.server.errors import APIError
@@ -38,7 +43,14 @@ from multiverse.server.schemas import (
     completion_prompt,
     sampling_params,
 )
-from multiverse.server.streaming import SSE_DONE, chat_chunk, completion_chunk, sse
+from multiverse.server.streaming import (
+    SSE_DONE,
+    BranchStreamer,
+    chat_chunk,
+    choice_chunk,
+    sse,
+    usage_chunk,
+)
 
 POLL_S = 0.2  # how often a waiting handler checks that its client is still there
 
@@ -57,7 +69,6 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     errors.install(app)
     tok = remote.tokenizer
-    eos_ids = stop_token_ids(tok)
     metrics = Metrics()
     state = {"running": 0, "waiting": 0}
     slots = asyncio.Semaphore(config.max_concurrent_requests)
@@ -69,48 +80,123 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
               {"suffix": config.prompt_format.suffix, "source": config.prompt_format.source},
               "backends": [i.base_url for i in remote.infos]}  # fmt: skip
 
-    async def run(request: Request, prompt: str | list[int], params: list[Any], timeout: float) -> list[Any]:
-        """The outputs of ``params`` (one per choice), or an APIError; cancels on disconnect."""
+    def check_queue(n: int) -> None:
+        """429 when every place is taken and the queue is full."""
         if state["waiting"] >= config.max_queue and slots.locked():
-            metrics.rejected += len(params)
+            metrics.rejected += n
             raise APIError(429, "server busy", code="queue_full", headers={"Retry-After": "1"})
+
+    async def admit() -> None:
+        """A place among the requests in progress (waiting for one); :func:`finish` frees it."""
         state["waiting"] += 1
         try:
             await slots.acquire()
         finally:
             state["waiting"] -= 1
         state["running"] += 1
-        task = asyncio.ensure_future(remote.agenerate([prompt] * len(params), params))
-        deadline = time.monotonic() + timeout
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=POLL_S)
-                if task.done():
-                    break
-                if await request.is_disconnected():
-                    task.cancel()
-                    metrics.aborted += len(params)
-                    raise APIError(499, "client closed the request", code="client_closed")
-                if time.monotonic() > deadline:
-                    task.cancel()
-                    metrics.timeouts += len(params)
-                    raise APIError(504, "generation did not finish within the request timeout", "timeout",
-                                   code="timeout")  # fmt: skip
-            try:
-                outs = task.result()
-            except ValueError as e:  # the driver refused the prompt or the settings
-                raise APIError(400, str(e), "prompt", code="invalid_prompt") from None
-        finally:
-            if not task.done():
+
+    async def finish(task: asyncio.Future) -> None:
+        """Cancel ``task`` unless done (closing its sub-requests on the fleet); free its place."""
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        state["running"] -= 1
+        slots.release()
+
+    async def watch(request: Request, task: asyncio.Future, n: int, deadline: float,
+                    wake: asyncio.Event | None = None) -> None:  # fmt: skip
+        """Return when ``task`` is done (or ``wake`` is set); cancel it and raise 499 when the
+        client has gone, 504 at the deadline."""
+        while not task.done() and not (wake is not None and wake.is_set()):
+            waits = {task} if wake is None else {task, asyncio.ensure_future(wake.wait())}
+            _, pending = await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending - {task}:
+                w.cancel()
+            if task.done() or (wake is not None and wake.is_set()):
+                return
+            if await request.is_disconnected():
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            state["running"] -= 1
-            slots.release()
+                metrics.aborted += n
+                raise APIError(499, "client closed the request", code="client_closed")
+            if time.monotonic() > deadline:
+                task.cancel()
+                metrics.timeouts += n
+                raise APIError(504, "generation did not finish within the request timeout", "timeout",
+                               code="timeout")  # fmt: skip
+
+    def results(task: asyncio.Future) -> list[Any]:
+        """The finished task's outputs (counted in the metrics), or a 400 for a refused prompt."""
+        try:
+            outs = task.result()
+        except ValueError as e:  # the driver refused the prompt or the settings
+            raise APIError(400, str(e), "prompt", code="invalid_prompt") from None
         for o in outs:
             metrics.observe(o)
             if o.finish_reason == "error":
                 metrics.errors += 1
         return outs
+
+    async def run(request: Request, prompt: str | list[int], params: list[Any], deadline: float) -> list[Any]:
+        """The outputs of ``params`` (one per choice), or an APIError; cancels on disconnect."""
+        check_queue(len(params))
+        await admit()
+        task = asyncio.ensure_future(remote.agenerate([prompt] * len(params), params))
+        try:
+            await watch(request, task, len(params), deadline)
+            return results(task)
+        finally:
+            await finish(task)
+
+    async def stream(request: Request, prompt: str | list[int], params: list[Any], head: dict[str, Any],
+                     chat: bool, include_usage: bool, deadline: float) -> AsyncIterator[str]:  # fmt: skip
+        """SSE chunks as the driver's trees grow (module docstring). The place is taken here, in
+        the body, so a stream that never starts holds none (the queue was checked before)."""
+        streamers = [BranchStreamer(tok) for _ in params]
+        live: list[Any] = [None] * len(params)  # each choice's Request (its branch tree)
+        ready: list[tuple[int, str, list[dict[str, Any]]]] = []
+        wake = asyncio.Event()
+
+        def progress(index: int, req: Any) -> None:  # on the driver's task, between its awaits
+            live[index] = req
+            text, events = streamers[index].update(req)
+            if text or events:
+                ready.append((index, text, events))
+                wake.set()
+
+        await admit()
+        task = asyncio.ensure_future(remote.agenerate([prompt] * len(params), params, on_progress=progress))
+        try:
+            if chat:
+                for i in range(len(params)):
+                    yield sse(chat_chunk(head, i, {"role": "assistant", "content": ""}, None))
+            while True:
+                while ready:
+                    index, text, events = ready.pop(0)
+                    yield sse(choice_chunk(head, index, chat, text, events))
+                if task.done():
+                    break
+                wake.clear()
+                try:
+                    await watch(request, task, len(params), deadline, wake)
+                except APIError as e:
+                    if e.status != 499:  # a client that went away reads nothing more
+                        yield sse(e.body())
+                        yield SSE_DONE
+                    return
+            try:
+                outs = results(task)
+            except APIError as e:
+                yield sse(e.body())
+                yield SSE_DONE
+                return
+            for i, o in enumerate(outs):
+                text, events = streamers[i].finish(live[i], o.text) if live[i] is not None else (o.text, [])
+                yield sse(choice_chunk(head, i, chat, text, events, out=o))
+            if include_usage:
+                yield sse(usage_chunk(head, chat, outs))
+            yield SSE_DONE
+        finally:
+            await finish(task)
 
     async def generate(request: Request, body: Any, prompt: str | list[int], chat: bool) -> Any:
         if body.n > config.max_n:
@@ -118,28 +204,24 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
         if body.stream and (bool(body.logprobs) or (not chat and body.logprobs is not None)):
             raise APIError(400, "logprobs are not offered with stream=true yet", "logprobs")
         try:
-            params = [sampling_params(body, eos_ids, i) for i in range(body.n)]
+            params = [sampling_params(body, i) for i in range(body.n)]
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        outs = await run(request, prompt, params, body.timeout or config.request_timeout)
+        deadline = time.monotonic() + min(body.timeout or config.request_timeout, config.request_timeout)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": model_name}  # fmt: skip
         if body.stream:
-            return StreamingResponse(_stream(head, outs, chat), media_type="text/event-stream")
+            check_queue(len(params))  # a full queue is a 429, before the stream starts
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(request, prompt, params, head, chat, include_usage, deadline),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        outs = await run(request, prompt, params, deadline)
         made = (responses.chat_body(head, outs, tok, body.top_logprobs) if chat
                 else responses.completion_body(head, outs, tok, body.return_token_ids))  # fmt: skip
         for choice, o in zip(made["choices"], outs, strict=True):
             choice["multiverse"]["merge"] = o.merge
         return JSONResponse(made)
-
-    async def _stream(head: dict[str, Any], outs: list[Any], chat: bool) -> Any:
-        for i, o in enumerate(outs):
-            finish = responses.finish_reason(o)
-            if chat:
-                yield sse(chat_chunk(head, i, {"role": "assistant", "content": o.text}, finish))
-            else:
-                yield sse(completion_chunk(head, i, o.text, finish))
-        yield SSE_DONE
 
     @app.get("/health")
     async def health() -> Any:

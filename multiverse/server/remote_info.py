@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from multiverse.engine.policy import end_ids
 from multiverse.format import tokenizer as tokenizers
-from multiverse.format.prompts import stop_token_ids
 
 TOKENIZER_ROUTE = "/v1/multiverse/tokenizer"
 
@@ -29,9 +29,7 @@ def advert(llm: Any, prompt_format: Any = None) -> dict[str, Any]:
         tags: dict[str, int] | None = tokenizers.tag_ids(tok)
     except ValueError:
         tags = None
-    eos = set(getattr(llm, "eos_token_ids", ())) | set(stop_token_ids(tok))
-    if tok.eos_token_id is not None:
-        eos.add(int(tok.eos_token_id))
+    eos = end_ids(tok, getattr(llm, "eos_token_ids", ()))  # the backend's, by the one rule
     config = getattr(getattr(llm, "model", None), "config", None)
     fmt = {"suffix": prompt_format.suffix, "source": prompt_format.source} if prompt_format is not None else None
     return {"merge_modes": ["exact", "flat"] if tags else ["flat"], "tag_ids": tags,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from multiverse.engine.policy import DEFAULT_MAX_TOKENS
+from multiverse.engine.policy import DEFAULT_MAX_TOKENS, check_chat
 from multiverse.engine.sampling import MAX_PENALTY, SamplingParams
 from multiverse.server.errors import APIError
 
@@ -104,36 +104,12 @@ class CompletionRequest(_Common):
                                    "ended it kept last) and `stop_reason`; what the fork/join driver reads")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: Text
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart] | None = None
-    name: str | None = None
-
-    @model_validator(mode="after")
-    def _content_given(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs its content")
-        return self
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
-
-
 class ChatCompletionRequest(_Common):
     """``POST /v1/chat/completions``."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: list[Any] = Field(..., description="the chat: [{role: system | developer | user | assistant, "
+                                "content: a string or [{type: text, text}]}], checked by "
+                                "multiverse.engine.policy.check_chat (as LLM.chat and RemoteLLM.chat check it)")
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
@@ -144,13 +120,18 @@ class ChatCompletionRequest(_Common):
     )
 
     def chat_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them (text parts joined; developer -> system)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]  # fmt: skip
+        """Messages as the chat template takes them (text parts joined; developer -> system), or a
+        400 with the one chat validation's message (:func:`~multiverse.engine.policy.check_chat`)."""
+        try:
+            return check_chat(self.messages)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
 
 
-def sampling_params(body: _Common, eos_ids: list[int], seed_offset: int = 0) -> SamplingParams:
-    """The engine's settings for one completion of ``body`` (``seed_offset``: the ``n`` index)."""
+def sampling_params(body: _Common, seed_offset: int = 0) -> SamplingParams:
+    """The engine's settings for one completion of ``body`` (``seed_offset``: the ``n`` index).
+    Its ``stop_token_ids`` are the client's: the backend ends an answer at EOS and the chat turn
+    end itself (:func:`multiverse.engine.policy.end_ids`) unless ``ignore_eos``."""
     max_tokens = body.max_tokens
     if isinstance(body, ChatCompletionRequest):
         max_tokens = max_tokens or body.max_completion_tokens
@@ -162,7 +143,7 @@ def sampling_params(body: _Common, eos_ids: list[int], seed_offset: int = 0) -> 
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=seed,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS, stop=body.stop,
-        stop_token_ids=list(body.stop_token_ids or []) + ([] if body.ignore_eos else eos_ids), ignore_eos=body.ignore_eos,
+        stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
         logprobs=logprobs, parallel=body.parallel, max_total_tokens=body.max_total_tokens,
         max_depth=body.max_depth, max_paths=body.max_paths, max_live_branches=body.max_live_branches,
     )  # fmt: skip

@@ -14,16 +14,20 @@ engine steps (read only) and says what is new since the last look:
   decoded incrementally (:mod:`.detokenize`), so a step costs the same at any length.
 * **events** (the ``multiverse`` field of a chunk; docs/streaming.md):
   ``{"type": "fork", "block": 0, "branch": "", "labels": ["1", "2"], "paths": ["1", "2"]}``,
-  ``{"type": "delta", "branch": "1.2", "block": 1, "text": "..."}``,
-  ``{"type": "path_end", "branch": "1.2", "block": 1}``,
+  ``{"type": "delta", "branch": "1/1.2", "block": 1, "text": "..."}``,
+  ``{"type": "path_end", "branch": "1/1.2", "block": 1}``,
   ``{"type": "merge", "block": 0, "branch": ""}``.
-  A branch is named by its path of outline labels from the root (``""`` is the root; a child
-  labelled ``2`` of branch ``1`` is ``"1.2"``, and so is one labelled ``1.2``); blocks are
-  numbered per request in the order they fork (a name recurs in a later block: ``(block,
-  branch)`` is unique). A branch's deltas, concatenated, are exactly
+  A branch is named by its outline labels from the root joined with ``/`` (:func:`branch_name`:
+  ``""`` is the root, its child labelled ``2`` is ``"2"``, the children labelled ``2`` and
+  ``1.2`` of branch ``"1"`` are ``"1/2"`` and ``"1/1.2"``); blocks are numbered per request in
+  the order they fork (a name recurs in a later block: ``(block, branch)`` is unique). A
+  branch's deltas, concatenated, are exactly
   its path's text in the final output (``<Path>`` to ``</Path>`` and the newline after it).
 
-The functions below build the OpenAI chunk objects and the SSE framing.
+The functions below build the OpenAI chunk objects and the SSE framing: one chunk per choice
+update (:func:`choice_chunk`, the last one with the finish reason and the ``multiverse`` fields
+of the end), the usage chunk. Both servers stream with them: the local one from its engine, the
+one in front of a fleet (``serve --base-url``) from the fork/join driver's live trees.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 from multiverse.engine import stops
 from multiverse.engine.records import Status
+from multiverse.server import responses
 from multiverse.server.detokenize import FullText, IncrementalText
 
 log = logging.getLogger("multiverse.server")
@@ -41,10 +46,11 @@ _DONE = (Status.CLOSING, Status.ENDED, Status.FINISHED)
 
 
 def branch_name(parent: str, label: str) -> str:
-    """Name of the child labelled ``label`` of the branch named ``parent`` (see module doc)."""
-    if not parent or label.startswith(parent + "."):
-        return label
-    return f"{parent}.{label}"
+    """Name of the child labelled ``label`` of the branch named ``parent``: the labels from the
+    root joined with ``/``. A label is digits and dots, unique among its siblings (SPEC 4), so
+    a name is unique and splits back into its labels. (Joined with ``.``, the children ``2`` and
+    ``1.2`` of branch ``1`` were both ``1.2``, as was the root's child ``1.2``.)"""
+    return f"{parent}/{label}" if parent else label
 
 
 class _State:
@@ -211,3 +217,28 @@ def chat_chunk(head: dict[str, Any], index: int, delta: dict[str, Any], finish: 
     if events:
         chunk["multiverse"] = {"index": index, "events": events}
     return chunk
+
+
+def choice_chunk(head: dict[str, Any], index: int, chat: bool, text: str, events: list[dict[str, Any]] | None = None,
+                 out: Any = None) -> dict[str, Any]:  # fmt: skip
+    """The chunk of choice ``index`` carrying ``text`` (new canonical text) and ``events``; with
+    ``out`` (its finished :class:`~multiverse.engine.outputs.RequestOutput`) the last one: the
+    OpenAI finish reason, and in ``multiverse`` the engine's own (``malformed`` ...), the seed
+    that replays it, ``forking`` and, from the driver, the ``merge`` mode."""
+    finish = None if out is None else responses.finish_reason(out)
+    if chat:
+        chunk = chat_chunk(head, index, {"content": text} if text else {}, finish, events)
+    else:
+        chunk = completion_chunk(head, index, text, finish, events)
+    if out is not None:
+        end = {"finish_reason": out.finish_reason, "seed": out.seed, "forking": out.forking}
+        if getattr(out, "merge", None):
+            end["merge"] = out.merge
+        chunk.setdefault("multiverse", {"index": index}).update(end)
+    return chunk
+
+
+def usage_chunk(head: dict[str, Any], chat: bool, outs: list[Any]) -> dict[str, Any]:
+    """The last chunk of ``stream_options.include_usage``: no choices, the usage of all."""
+    return {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+            "usage": responses.usage(outs)}  # fmt: skip

@@ -95,11 +95,11 @@ def resolve_base_path(model: str) -> Path:
 
 
 def set_stop_tokens(model: Any, tokenizer: Any) -> None:
-    """The saved generation config stops where the engine does: the prompt format's stop ids
-    (:func:`multiverse.format.prompts.stop_token_ids`) and the tokenizer's EOS."""
-    stops = stop_token_ids(tokenizer)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(int(tokenizer.eos_token_id))
+    """The saved generation config stops where the engine does
+    (:func:`multiverse.engine.policy.end_ids`: the chat turn end, then the tokenizer's EOS)."""
+    from multiverse.engine.policy import end_ids
+
+    stops = list(dict.fromkeys([*stop_token_ids(tokenizer), *sorted(end_ids(tokenizer))]))
     if model.generation_config is not None and stops:
         model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         model.generation_config.pad_token_id = tokenizer.pad_token_id

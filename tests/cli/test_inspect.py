@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,16 @@ def test_real_tokenizer_counts(tmp_path, capsys):
     assert d["total_tokens"] == len(ids) and d["depth_tokens"] == lay.depth_tokens(0)
     assert main(["inspect", str(EXAMPLE), "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_inspect_imports_no_torch():
+    """The report is plain Python: ``multiverse inspect`` builds only its own parser and never
+    imports torch (a second or more, and some 200 MB, before the first line; the layout's
+    tensors are built only for --plot)."""
+    code = ("import sys; from multiverse.cli import main; "
+            f"assert main(['inspect', {str(EXAMPLE)!r}, '--json']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["valid"]

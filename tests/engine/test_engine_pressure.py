@@ -44,6 +44,23 @@ def test_a_fitting_request_is_not_dropped_when_its_victim_reclaims_a_cached_prom
     assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_preempted_request_waits_for_room_instead_of_thrashing(pair, tok, prefix_cache):
+    # the same recipe: the pool fills at step 6 and B (lower priority) is preempted once. B
+    # needs 25 slots to resume and never has them beside A (35 at the end), so it waits for
+    # A's end. It used to resume into the 23 free slots every step and be preempted again by
+    # A's next token: 19 preemptions, each recomputing B's prompt.
+    llm = engine(pair[1], tok, num_kv_slots=40, enable_prefix_cache=prefix_cache)
+    a = llm.add_request(list(range(200, 210)), _plain(25))
+    llm.step()
+    b = llm.add_request(list(range(300, 320)), _plain(15))
+    while llm.has_unfinished():
+        llm.step()
+    assert [a.finish_reason, b.finish_reason] == ["length", "length"]
+    assert llm.scheduler.num_preemptions == 1
+    assert_no_leak(llm)
+
+
 def test_a_request_that_fills_the_pool_after_a_cache_hit_is_not_dropped(pair, tok):
     # X (10 + 20) fills the 30-slot pool exactly. Preempted by H, it takes its prompt back from
     # the cache but its last token, which it computes anew: the cache's copy of that one slot

@@ -221,6 +221,10 @@ def test_generation_config_eos_ids_are_honoured(pair, tok, tmp_path):
     assert im_end in llm.eos_token_ids and tok.eos_token_id in llm.eos_token_ids
     out = llm.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|im_end|>cd"))[0]
     assert out.text == "ab" and out.finish_reason == "stop"
-    plain = engine(llm.model, tok, num_kv_slots=512)  # no generation_config: only the tokenizer's EOS
+    # no generation_config: the tokenizer's EOS and the chat turn end (engine.policy.end_ids)
+    plain = engine(llm.model, tok, num_kv_slots=512)
+    assert plain.eos_token_ids == {tok.eos_token_id, im_end}
     out = plain.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|im_end|>cd"))[0]
+    assert out.text == "ab" and out.finish_reason == "stop"
+    out = plain.generate(["q"], SamplingParams(temperature=0.0, forced_output="ab<|im_end|>cd", ignore_eos=True))[0]
     assert out.text == "ab<|im_end|>cd"

@@ -239,3 +239,20 @@ def test_tag_ids_errors():
     tok = _tiny_tokenizer()
     with pytest.raises(ValueError, match="add_tags_to_tokenizer"):
         g.tag_ids(tok)
+
+
+def test_text_cut_inside_think_after_a_block_reads_as_open():
+    """The close of a nested path used to leak into ``think_closed``: a text with a whole block
+    and no ``</Think>`` read as closed (inspect said "truncated: no")."""
+    text = CANON[: CANON.index("</Think>")] + "more"
+    doc, issues = g.read(text)
+    assert not doc.think_closed
+    assert issues[-1].message.startswith("text ends inside <Think>")
+
+
+def test_tags_fold_case_in_ascii_only():
+    """``<concluſion>`` (long s) and ``<outlıne>`` (dotless i) matched the tag pattern under
+    Unicode case folding and then raised KeyError; they are text."""
+    for odd in ("<concluſion>", "<outlıne>", "<outlİne>", "<thin\u212a>"):
+        doc, issues = g.read(f"<Think>\n{odd}\n</Think>")
+        assert doc.body == [f"\n{odd}\n"] and issues == []

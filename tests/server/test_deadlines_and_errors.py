@@ -79,8 +79,8 @@ def malformed(monkeypatch):
     """Every completion's "model" writes ``<Parallel>`` over and over (the engine's forced-output hook)."""
     real = app_module.sampling_params
 
-    def forced(body, eos_ids, i=0):
-        sp = real(body, eos_ids, i)
+    def forced(body, i=0):
+        sp = real(body, i)
         sp.forced_output = "<Parallel>" * 50
         return sp
 

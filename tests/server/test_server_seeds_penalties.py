@@ -73,7 +73,7 @@ def test_penalties_go_from_the_request_to_the_sampling_params():
             frequency_penalty=-1.25,
         ),
     ):
-        sp = sampling_params(body, eos_ids=[])
+        sp = sampling_params(body)
         assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.25)
 
 

@@ -30,6 +30,7 @@ NESTED = _think(block([
     ])),
     ("2", "flat"),
 ]), "two blocks\n", block([("1", "again and again"), ("2", "x")]))  # fmt: skip
+COLLIDE = _think(block([("1", "deep\n" + block([("2", "two"), ("1.2", "one two")])), ("2", "flat")]))
 UNEVEN = _think("first\n", block([("1", "a b c d e f g h i j k"), ("2", "x"), ("3", "y z")]), "after\n")
 
 
@@ -52,8 +53,9 @@ def _paths(tree: dict, text, prefix: str = "") -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("text", "stop"), [(NESTED, None), (UNEVEN, None), (UNEVEN, "after"),
-                                            (NESTED, ["tom b", "gain"]), (NESTED, ["deeper"])],
-                         ids=["nested", "uneven", "stop", "nested-path-stops", "stop-above-a-nested-block"])  # fmt: skip
+                                            (NESTED, ["tom b", "gain"]), (NESTED, ["deeper"]), (COLLIDE, None)],
+                         ids=["nested", "uneven", "stop", "nested-path-stops", "stop-above-a-nested-block",
+                              "labels-2-and-1.2-under-1"])  # fmt: skip
 def test_stream_matches_the_final_output(llm, text, stop):
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text, stop=stop))
@@ -99,7 +101,9 @@ def test_stream_matches_the_final_output(llm, text, stop):
                 and e["block"] == block_id]  # fmt: skip
         assert len(ends) == len(fork["paths"]) and max(ends) < merge_at
     if text is NESTED and stop != ["deeper"]:
-        assert {"1.1.1", "1.1.2", "1.2", "2"} <= {name for _, name in got}
+        assert {"1/1.1/1.1.1", "1/1.1/1.1.2", "1/1.2", "2"} <= {name for _, name in got}
+    if text is COLLIDE:  # engine labels 2 and 1.2 under 1: two names (joined with ".", one)
+        assert {"1/2", "1/1.2"} <= {name for _, name in got}
 
 
 @pytest.mark.parametrize("stop", [None, ["deeper"]])

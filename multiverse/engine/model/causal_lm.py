@@ -39,6 +39,13 @@ from multiverse.engine.model.layer import (
     attention_inputs,
     finish_layer,
 )
+from multiverse.engine.model.packed import (
+    LINEAR_KERNELS,
+    onednn_available,
+    pack,
+    pack_weights,
+    signature,
+)
 from multiverse.engine.model.quant import (
     DEFAULT_INT4_GROUP_SIZE,
     HEAD_QUANTIZATION,
@@ -92,6 +99,8 @@ class CausalLM(nn.Module):
         self.quantization: str | None = None
         self.lm_head_q: QuantLinear | None = None  # the quantised LM head (quantize_)
         self._layer_weights: list[LayerWeights] = []
+        self.linear_kernel = "onednn"  # float32 on CPU; "torch" = F.linear (set_linear_kernel)
+        self._packed: tuple[tuple, list[LayerWeights], Any] | None = None  # (signature, ...)
         self._refresh_weight_cache()
 
     @property
@@ -112,6 +121,35 @@ class CausalLM(nn.Module):
     def _refresh_weight_cache(self) -> None:
         # Plain attributes for the hot loop (nn.Module attribute lookups cost ~1 us each).
         self._layer_weights = [layer.weights() for layer in self.layers]
+        self._packed = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy / pickle: the packed copy is not state (it is made again when needed)
+        return {**self.__dict__, "_packed": None}
+
+    def set_linear_kernel(self, kernel: str) -> CausalLM:
+        """``"onednn"`` (default): float32 CPU matrices run :class:`.packed.PackedLinear` (one row:
+        ``x @ W^T`` with the weight stored transposed; more rows: oneDNN with a packed copy;
+        other dtypes and devices, and quantised matrices, run as before); ``"torch"``:
+        ``F.linear`` everywhere, the reference. Setting it drops the packed copy."""
+        if kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear kernel {kernel!r}: expected one of {LINEAR_KERNELS}")
+        self.linear_kernel, self._packed = kernel, None
+        return self
+
+    def _weights(self) -> tuple[list[LayerWeights], Any]:
+        """The layers' weights and the LM head the forwards run: packed for ``"onednn"``,
+        packed again when a weight was replaced or written in place since."""
+        if self.linear_kernel == "torch" or not onednn_available(self.dtype, self.device):
+            return self._layer_weights, self.lm_head_weight
+        head = self.lm_head_weight
+        mats = [head, *(getattr(w, n) for w in self._layer_weights for n in QUANTIZED)]
+        if self._packed is None or self._packed[0] != signature(mats):
+            layers = [pack_weights(w, QUANTIZED) for w in self._layer_weights]
+            # the tied embedding keeps its row-major storage (the embedding lookup reads rows)
+            packed_head = pack(head, transpose_storage=head is not self.embed)
+            self._packed = (signature(mats), layers, packed_head)  # after store_transposed_
+        return self._packed[1], self._packed[2]
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         out = super()._apply(fn, recurse)
@@ -130,7 +168,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.quantize_(method, group_size, f"layers.{i}")  # type: ignore[operator]
         head = HEAD_QUANTIZATION[method]
-        self.lm_head_q = QuantLinear(head, self.lm_head_weight, group_size, name="lm_head")
+        weight = self.lm_head_weight.contiguous()  # type: ignore[union-attr]  (store_transposed_)
+        self.lm_head_q = QuantLinear(head, weight, group_size, name="lm_head")
         if self.lm_head is not None:
             self.lm_head = None  # untied: the quantised copy replaces it
         self.quantization = method
@@ -180,10 +219,10 @@ class CausalLM(nn.Module):
 
     # ---------------------------------------------------------------- forwards
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, head: Any) -> torch.Tensor:
         """Final norm and LM head: x ``[R, H]`` -> float32 logits ``[R, vocab]``."""
         h = F.rms_norm(x, (self.spec.hidden_size,), self.final_norm, self.spec.rms_norm_eps)
-        return linear(h, self.lm_head_weight, None).float()
+        return linear(h, head, None).float()
 
     def forward(self, batch: ForwardBatch, kv: KVPool, *, reference: bool = False) -> torch.Tensor:  # type: ignore[override]
         """One engine step: write the new tokens' K/V into ``kv``, return float32 logits
@@ -226,7 +265,8 @@ class CausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed)  # [T, H]
         t = x.shape[0]
         rope = rope_table(position_ids, self.inv_freq, self.rope_scaling, self.dtype)
-        for layer, w in enumerate(self._layer_weights):
+        layer_weights, head = self._weights()
+        for layer, w in enumerate(layer_weights):
             qkv = attention_inputs(x, w, s, rope)  # [T, (Hq + 2 Hk) * D]
             new_kv = qkv[:, hq * d :].view(t, 2, hk, d)  # [T, 2, Hk, D]
             pool = kv_buffer[layer]  # [S, 2, Hk, D]
@@ -235,7 +275,7 @@ class CausalLM(nn.Module):
             x = finish_layer(x, attn, w, s)
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        return self._logits(x)
+        return self._logits(x, head)
 
     def forward_full(
         self,
@@ -270,13 +310,14 @@ class CausalLM(nn.Module):
         d, hq, hk = s.head_dim, s.num_heads, s.num_kv_heads
         x = F.embedding(input_ids, self.embed)  # [n, H]
         rope = rope_table(position_ids, self.inv_freq, self.rope_scaling, self.dtype)
-        for w in self._layer_weights:
+        layer_weights, head = self._weights()
+        for w in layer_weights:
             qkv = attention_inputs(x, w, s, rope)  # [n, (Hq + 2 Hk) * D]
             q = qkv[:, : hq * d].view(n, hq, d)
             k = qkv[:, hq * d : (hq + hk) * d].view(n, hk, d)
             v = qkv[:, (hq + hk) * d :].view(n, hk, d)
             x = finish_layer(x, reference_attention(q, k, v, mask), w, s)
-        return self._logits(x)
+        return self._logits(x, head)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -8,6 +8,9 @@ Internal layout (invisible to callers, but the KV pool's contents depend on it):
   weights are stored once per head (``qk_norm [Hq + Hk, D]``), permuted alike.
 - With ``CausalLM.quantize_`` the four projection matrices are :class:`.quant.QuantLinear`
   modules instead of parameters (weight-only int8 / int4, see :mod:`.quant`).
+- Float32 on CPU, the forwards run the four matrices as :class:`.packed.PackedLinear` (which
+  stores them transposed: same values and shape, strides ``(1, out)``); ``F.linear`` is the
+  reference (``CausalLM.set_linear_kernel``).
 - RMSNorm is ``F.rms_norm`` (one rounding); in bf16/fp16 logits therefore differ from
   transformers' (which rounds before the weight multiply) by rounding, not in fp32.
 
@@ -77,7 +80,8 @@ class DecoderLayer(nn.Module):
             weight = getattr(self, name)
             if type(weight) is QuantLinear:
                 raise ValueError(f"{where}.{name} is already quantised ({weight.method})")
-            q = QuantLinear(method, weight, group_size, name=f"{where}.{name}")
+            # contiguous: the float32 fast path may store a weight transposed (.packed)
+            q = QuantLinear(method, weight.contiguous(), group_size, name=f"{where}.{name}")
             delattr(self, name)
             setattr(self, name, q)
 

@@ -137,8 +137,8 @@ class QuantLinear(nn.Module):
 def linear(
     x: torch.Tensor, weight: torch.Tensor | QuantLinear, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``F.linear`` for a plain or a quantised weight."""
-    if type(weight) is QuantLinear:
+    """``F.linear`` for a plain, a quantised or a packed weight (any non-tensor with ``forward``)."""
+    if not isinstance(weight, torch.Tensor):
         out = weight.forward(x)
         return out if bias is None else out.add_(bias)
     return F.linear(x, weight, bias)  # type: ignore[arg-type]
@@ -147,7 +147,7 @@ def linear(
 def add_linear(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor | QuantLinear,
                bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """``x + linear(inp, weight, bias)`` (one ``addmm`` for a plain weight without bias)."""
-    if bias is None and type(weight) is not QuantLinear:
+    if bias is None and isinstance(weight, torch.Tensor):
         return torch.addmm(x, inp, weight.t())  # type: ignore[union-attr]
     return x + linear(inp, weight, bias)
 
