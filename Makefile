@@ -46,9 +46,14 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# The Multiverse plugin for vLLM (plugins/vllm: position hook + KV connector), editable, no deps.
+$(VLLM_VENV)/.installed-plugin: $(VLLM_VENV)/.installed plugins/vllm/pyproject.toml
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e plugins/vllm
+	touch $@
+
 vllm-test: $(DEV_STAMP)
 	@if bash scripts/vllm_test.sh check-cpu; then \
-		$(MAKE) $(VLLM_VENV)/.installed && PY_DEV=$(BIN)/python VLLM_VENV=$(VLLM_VENV) bash scripts/vllm_test.sh; \
+		$(MAKE) $(VLLM_VENV)/.installed-plugin && PY_DEV=$(BIN)/python VLLM_VENV=$(VLLM_VENV) bash scripts/vllm_test.sh; \
 	fi
 
 lint: $(DEV_STAMP)

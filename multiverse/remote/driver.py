@@ -41,7 +41,7 @@ from typing import Any
 from multiverse.engine.forkjoin import Specials
 from multiverse.engine.outputs import RequestOutput
 from multiverse.engine.policy import chat_conversations, check_request, end_ids, pair_prompts
-from multiverse.engine.request import Branch, Request
+from multiverse.engine.request import Branch, Request, Status
 from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import chat_input
 from multiverse.remote.info import ServerInfo, choose_merge, discover
@@ -77,7 +77,8 @@ class RemoteLLM:
             raise ValueError("give at least one base URL")
         if max_concurrency < 1 or retries < 0 or timeout <= 0:
             raise ValueError("max_concurrency must be >= 1, retries >= 0 and timeout > 0")
-        self.infos: list[ServerInfo] = [discover(u, api_key, served_model, tokenizer) for u in urls]
+        self.infos: list[ServerInfo] = [discover(u, api_key, served_model, tokenizer, probe=merge == "exact")
+                                        for u in urls]  # fmt: skip
         info = self.infos[0]
         for other in self.infos[1:]:
             if other.tag_ids != info.tag_ids or other.model != info.model:
@@ -177,25 +178,43 @@ class RemoteLLM:
         tasks: dict[Branch, asyncio.Task[Completion]] = {}
         empty: dict[Branch, int] = {}
         serial = tree.req.params.serial_branches
+        closes = _Closes(tree, info) if info.vllm_plugin and self.merge == "exact" else None
 
         async def call(body: dict[str, Any]) -> Completion:
-            return await replica.complete(body, counts)
+            try:
+                comp = await replica.complete(body, counts)
+            except RemoteError as e:
+                if closes is None or e.status != 500:
+                    raise
+                raise RemoteError(f"{e} (the Multiverse connector fails a merge whose saved path K/V is gone, "
+                                  "e.g. evicted under its cap: the vLLM log names it)", e.status) from None  # fmt: skip
+            if closes is not None:
+                closes.check(comp)
+            elif comp.connector is not None:
+                raise RemoteError(f"{replica.base_url} is a vLLM with the Multiverse plugin, which merges exactly "
+                                  "only: ask for merge='exact' (--merge exact)")  # fmt: skip
+            return comp
 
         try:
             while not tree.req.finished:
+                if closes is not None:
+                    closes.start(call)
                 for br in tree.wanting():
-                    if br in tasks or (serial and tasks):
+                    if br in tasks or (serial and tasks) or (closes is not None and closes.pending):
                         continue
                     body = self._body(tree, br, info.model, info.multiverse)
                     if body is not None:
                         tasks[br] = asyncio.create_task(call(body))
                 if tree.req.finished:
                     break
-                if not tasks:
+                waiting = [*tasks.values(), *(closes.pending.values() if closes is not None else ())]
+                if not waiting:
                     if tree.wanting():
                         continue
                     raise RuntimeError("no branch to wait for, yet the request is not finished")
-                done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if closes is not None:
+                    closes.collect(done)
                 for br in [b for b, t in tasks.items() if t in done]:
                     comp = tasks.pop(br).result()
                     if tree.req.finished:
@@ -219,10 +238,11 @@ class RemoteLLM:
             )
             tree.finish("error", f"{type(e).__name__}: {e}")
         finally:
-            for t in tasks.values():
+            left = [*tasks.values(), *(closes.pending.values() if closes is not None else ())]
+            for t in left:
                 t.cancel()
-            if tasks:
-                await asyncio.gather(*tasks.values(), return_exceptions=True)
+            if left:
+                await asyncio.gather(*left, return_exceptions=True)
             tree.finish("abort")  # a no-op once finished; sets the finish time
 
     # -- generate --------------------------------------------------------------------------
@@ -301,6 +321,48 @@ class RemoteLLM:
         rendered by the chat template, contents as text, and generated."""
         prompts = [chat_input(self.tokenizer, c) for c in chat_conversations(messages)]
         return self.generate(prompts, sampling_params)
+
+
+class _Closes:
+    """Exact merges on a vLLM with the Multiverse plugin (``multiverse_vllm``): each ended path
+    is sent once more as a *closing request* (its whole sequence, ``</Path>`` and the separator
+    included, one token), so the plugin's KV connector saves the path's K/V; the merged request
+    waits for every close (the driver starts nothing while one is pending) and gets the paths'
+    K/V from the connector. Every plugin response carries the connector's report; an error in
+    it (a path's K/V evicted, over the cap) ends the request with that error."""
+
+    def __init__(self, tree: Tree, info: ServerInfo) -> None:
+        self.tree, self.model = tree, info.model
+        self.seen: dict[int, Branch] = {}
+        self.pending: dict[int, asyncio.Task[Completion]] = {}
+
+    def start(self, call: Any) -> None:
+        """Send a closing request for every path that ended since the last look."""
+        req = self.tree.req
+        live = {b.id: b for b in req.branches()}
+        for b in live.values():
+            if b.parent is not None:
+                self.seen.setdefault(b.id, b)
+        for bid, b in list(self.seen.items()):
+            if b.status is Status.ENDED or (bid not in live and not req.finished):
+                del self.seen[bid]
+                body = {"model": self.model, "prompt": b.seq_ids(), "max_tokens": 1, "temperature": 0.0,
+                        "return_token_ids": True, "skip_special_tokens": False}  # fmt: skip
+                self.pending[bid] = asyncio.create_task(call(body))
+
+    def collect(self, done: set[Any]) -> None:
+        for bid, t in list(self.pending.items()):
+            if t in done:
+                del self.pending[bid]
+                t.result()  # a failed close fails the request
+
+    @staticmethod
+    def check(comp: Completion) -> None:
+        if comp.connector is None:
+            raise RemoteError("the server gave no Multiverse connector report: exact needs vLLM started with the "
+                              "multiverse_vllm plugin (docs/scale-out.md)")  # fmt: skip
+        if comp.connector.get("error"):
+            raise RemoteError(f"vLLM Multiverse connector: {comp.connector['error']}")
 
 
 def _rate(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:

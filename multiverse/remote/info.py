@@ -8,7 +8,10 @@ merge and needs ``tokenizer=`` (a model or adapter directory, loaded as the engi
 
 Merge modes (SPEC 4.1): ``exact`` needs a server that lays out a prompt with Multiverse structure
 by the layout rule; ``flat`` is any completions server (a stock engine re-prefills the joined
-paths causally, at running positions). :func:`choose_merge` picks and checks one.
+paths causally, at running positions). :func:`choose_merge` picks and checks one. A vLLM
+started with this repository's plugin (``plugins/vllm``: the layout rule's positions and a KV
+connector for the paths' K/V) is exact too, and only exact: asked for ``exact`` (``probe``),
+:func:`discover` finds it by the connector's report in the answer to a one-token probe.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class ServerInfo:
     eos_token_ids: frozenset[int]
     max_model_len: int | None
     prompt_format: dict[str, Any] | None  # the server's recorded SPEC 1.3 format, if it says
+    vllm_plugin: bool = False  # a vLLM with the Multiverse plugin (multiverse_vllm): exact only
 
 
 def choose_merge(info: ServerInfo, requested: str | None = None) -> str:
@@ -50,7 +54,7 @@ def choose_merge(info: ServerInfo, requested: str | None = None) -> str:
     if requested not in info.merge_modes:
         raise ValueError(f"merge mode {requested!r}: {info.base_url} offers {', '.join(info.merge_modes)} "
                          "(exact needs a server that lays out structured prompts by the layout rule, "
-                         "e.g. `multiverse serve`)")  # fmt: skip
+                         "e.g. `multiverse serve`, or a vLLM with the multiverse_vllm plugin)")  # fmt: skip
     return requested
 
 
@@ -99,9 +103,10 @@ def _tokenizer_from_dir(directory: str | Path) -> tuple[Any, frozenset[int]]:
 
 
 def discover(base_url: str, api_key: str | None = None, served_model: str | None = None,
-             tokenizer: str | Path | Any | None = None, timeout: float = 60.0) -> ServerInfo:  # fmt: skip
+             tokenizer: str | Path | Any | None = None, timeout: float = 60.0, probe: bool = False) -> ServerInfo:  # fmt: skip
     """Ask the server at ``base_url`` what :class:`ServerInfo` holds. ``tokenizer``: a directory
-    (or a loaded tokenizer) to use instead of the server's; a stock engine needs one."""
+    (or a loaded tokenizer) to use instead of the server's; a stock engine needs one. ``probe``:
+    ask a server without a Multiverse advert whether it is a vLLM with the Multiverse plugin."""
     base = normalize_base_url(base_url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=base, headers=headers, timeout=timeout) as client:
@@ -135,9 +140,24 @@ def discover(base_url: str, api_key: str | None = None, served_model: str | None
                 f"{base}: the tokenizer's tag ids {tags} differ from the server's {mv['tag_ids']}"
             )
         eos = frozenset(int(t) for t in mv.get("eos_token_ids") or eos)
+    plugin = probe and mv is None and tags is not None and _has_plugin(base, headers, timeout, str(entry.get("id")), tags)
     max_len = entry.get("max_model_len") or (mv or {}).get("max_model_len")
     modes = tuple(m for m in (mv or {}).get("merge_modes", ["flat"]) if m in MERGE_MODES) or (
         "flat",
     )
+    if plugin:
+        modes = ("exact",)  # the position hook lays out every prompt: a flat merge is not on offer
     return ServerInfo(base, str(entry.get("id")), modes, mv is not None, tok, tags, eos,
-                      int(max_len) if max_len else None, (mv or {}).get("prompt_format"))  # fmt: skip
+                      int(max_len) if max_len else None, (mv or {}).get("prompt_format"),
+                      vllm_plugin=plugin)  # fmt: skip
+
+
+def _has_plugin(base: str, headers: dict[str, str], timeout: float, model: str, tags: dict[str, int]) -> bool:
+    """Does the server answer with the Multiverse vLLM connector's report? (One token.)"""
+    body = {"model": model, "prompt": [tags["<Parallel>"]], "max_tokens": 1, "temperature": 0.0}
+    try:
+        resp = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=timeout)
+        kv = resp.json().get("kv_transfer_params") if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+    return isinstance(kv, dict) and isinstance(kv.get("multiverse"), dict)

@@ -37,12 +37,14 @@ class RemoteError(RuntimeError):
 @dataclass(slots=True)
 class Completion:
     """What one completions call gave: the generated ids (a stop token the server matched kept
-    last, as vLLM keeps it), their logprobs (``None`` when not asked), the reasons."""
+    last, as vLLM keeps it), their logprobs (``None`` when not asked), the reasons, and the
+    Multiverse vLLM plugin's report (``kv_transfer_params.multiverse``: loaded, saved, error)."""
 
     token_ids: list[int]
     logprobs: list[float | None] | None
     finish_reason: str | None
     stop_reason: int | str | None
+    connector: dict[str, Any] | None = None
 
 
 def retryable(e: BaseException) -> bool:
@@ -71,7 +73,10 @@ def parse_completion(body: dict[str, Any], url: str) -> Completion:
         if len(lps) < len(ids):  # a server that leaves the stop token's logprob out
             lps += [None] * (len(ids) - len(lps))
         lps = lps[: len(ids)]
-    return Completion(list(ids), lps, choice.get("finish_reason"), choice.get("stop_reason"))
+    kv = body.get("kv_transfer_params")
+    report = kv.get("multiverse") if isinstance(kv, dict) else None
+    return Completion(list(ids), lps, choice.get("finish_reason"), choice.get("stop_reason"),
+                      report if isinstance(report, dict) else None)  # fmt: skip
 
 
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfa]+)\s*$")
@@ -82,9 +87,8 @@ PREFIX_CACHE_METRICS = (  # (hits, queries) counter pairs, in tokens
 )
 
 
-def prefix_cache_counters(text: str) -> tuple[float, float] | None:
-    """``(hit tokens, queried tokens)`` from a Prometheus ``/metrics`` text (vLLM's counters or
-    ours; labelled samples summed), or ``None`` when it has neither."""
+def metric_values(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus ``/metrics`` text, by name (labelled samples summed)."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         m = _METRIC.match(line.strip())
@@ -93,6 +97,13 @@ def prefix_cache_counters(text: str) -> tuple[float, float] | None:
                 values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
             except ValueError:
                 continue
+    return values
+
+
+def prefix_cache_counters(text: str) -> tuple[float, float] | None:
+    """``(hit tokens, queried tokens)`` from a Prometheus ``/metrics`` text (vLLM's counters or
+    ours; labelled samples summed), or ``None`` when it has neither."""
+    values = metric_values(text)
     for hits, queries in PREFIX_CACHE_METRICS:
         if hits in values and queries in values:
             return values[hits], values[queries]
