@@ -135,7 +135,7 @@ class LLM:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
         self.forkjoin = ForkJoin(self.kv, self._decode, self.specials, on_release=self.runner.forget,
-                                 eos_ids=self.eos_token_ids)  # fmt: skip
+                                 on_finish=self._cache_finished, eos_ids=self.eos_token_ids)  # fmt: skip
         self.checks_invariants = check_invariants
         self.requests: list[Request] = []
         self._rng = random.Random(seed) if seed is not None else None
@@ -144,6 +144,13 @@ class LLM:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _cache_finished(self, req: Request) -> None:
+        """A request ended (not by an error: its last K/V may be unwritten): the prefix cache
+        takes every token its root computed, prompt and output (:mod:`.radix`, What may be cached)."""
+        root = req.root
+        if self.radix is not None and req.finish_reason != "error" and root.resident and root.kv:
+            self.radix.insert(root.own_ids[: len(root.kv)], root.kv, namespace=req.parallel)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:

@@ -4,8 +4,14 @@ What may be cached: the K/V of token ``i`` depends on token ids ``0..i`` only, b
 rule (positions and visibility, :mod:`multiverse.format.layout`) is decided left to right: a prefix's
 layout is the prefix of the full sequence's layout. So the K/V of any prompt prefix can be reused
 by any later prompt that starts with the same ids *and is laid out by the same rule*. The engine
-keeps one namespace per rule ("multiverse" layout vs plain positions with ``parallel=False``) and
-caches prompts only (never generated branches).
+keeps one namespace per rule (the layout rule with ``parallel=True`` vs plain positions with
+``parallel=False``). It caches each prompt once computed, and when a request ends (not with
+``"error"``) every token its root computed: prompt and output. That holds for an output that
+forked too: the engine computes every token by the layout rule (a path at its layout positions,
+seeing the prefix and itself; the Conclusion seeing every path), and after the merge the root's
+K/V list is prefix + path 1 + path 2 + ... in canonical order: exactly the K/V a structured
+prefill of that sequence computes. So a follow-up request that extends an output (the remote
+driver's path and Reduce requests extend its Map and path 1 requests) prefills only the rest.
 
 Ownership: every node holds references to its slots in the :class:`KVManager` (holder = the node).
 A request that hits the cache takes its own references (``KVManager.share``), so evicting a node
