@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # _serving
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "remote"))
 
 ADAPTER = Path(__file__).resolve().parents[1] / "models" / "smollm2-multiverse"
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ways = ["local", "exact"] + (["flat"] if args.vllm_url else [])
     outs: dict[str, list] = {w: [] for w in ways}
     secs = dict.fromkeys(ways, 0.0)
+    cpu = dict.fromkeys(ways, 0.0)
     llm.generate(prompts[:1], sp)  # warm-up
     with multiverse_server(llm) as (url, _):
         drivers = {"exact": RemoteLLM(url, api_key=API_KEY)}
@@ -82,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             order = ways if k % 2 == 0 else ways[::-1]
             for way in order:
                 engine = llm if way == "local" else drivers[way]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = engine.generate([prompt], sp)[0]
                 secs[way] += time.perf_counter() - t0
+                cpu[way] += time.process_time() - c0  # every thread: engine, server, driver
                 outs[way].append(out)
             if args.save:  # each problem's outputs as they come
                 row = {w: {"text": outs[w][-1].text, "blocks": outs[w][-1].usage.blocks,
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.save, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"problem": k, "answer": str(problems[k].answer), **row}) + "\n")
             print(f"problem {k + 1}/{len(prompts)}: " + ", ".join(
-                f"{w} {outs[w][-1].usage.blocks} blocks" for w in ways), file=sys.stderr)  # fmt: skip
+                f"{w} {outs[w][-1].usage.blocks} blocks (so far {secs[w]:.1f} s, cpu {cpu[w]:.1f} s)" for w in ways),
+                file=sys.stderr)  # fmt: skip
     rows = {}
     for way in ways:
         o = outs[way]
@@ -110,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             / len(o),
             "wall_s": round(secs[way], 2),
             "wall_ratio": round(secs[way] / secs["local"], 3),
+            "cpu_ratio": round(cpu[way] / cpu["local"], 3),  # less noisy on a shared CPU
             "http_requests": sum(getattr(x, "http_requests", 0) for x in o),
             "merge": getattr(o[0], "merge", None),
+            "prefix_cache_hit_rate": _mean([getattr(x, "prefix_cache_hit_rate", None) for x in o]),
         }
     print(
         f"{'way':6} {'accuracy':>8} {'trigger':>7} {'#par':>5} {'ident':>5} {'wall s':>8} {'ratio':>6} {'http':>5}"
@@ -124,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
               "exact_overhead": round(rows["exact"]["wall_ratio"] - 1, 3)}  # fmt: skip
     print(json.dumps(result))
     return 0
+
+
+def _mean(values: list) -> float | None:
+    """The mean of the known values (the server's per-problem prefix-cache hit rate), or None."""
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 3) if known else None
 
 
 if __name__ == "__main__":
