@@ -218,9 +218,12 @@ class LLM:
 
     def check_invariants(self, requests: Sequence[Request] | None = None) -> None:
         """Raise ``AssertionError`` naming the first inconsistency: the KVManager's bookkeeping
-        (prefix-cache nodes included), each request's branches (default: every unfinished one),
-        K/V held by a branch that belongs to no unfinished request (a leak)."""
+        (prefix-cache nodes included: :meth:`RadixCache.check`), each request's branches
+        (default: every unfinished one), K/V held by a branch that belongs to no unfinished
+        request (a leak)."""
         self.kv.check_invariants()
+        if self.radix is not None:
+            self.radix.check()
         for r in self.requests if requests is None else requests:
             r.check_invariants(self.kv)
         live = {b for r in self.requests for b in r.branches()}
