@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             order = ways if k % 2 == 0 else ways[::-1]
             for way in order:
                 engine = llm if way == "local" else drivers[way]
+                if llm.radix is not None:  # every way starts cold: no hits on the other way's outputs
+                    llm.radix.clear()
                 t0, c0 = time.perf_counter(), time.process_time()
                 out = engine.generate([prompt], sp)[0]
                 secs[way] += time.perf_counter() - t0
