@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     outs: dict[str, list] = {w: [] for w in ways}
     secs = dict.fromkeys(ways, 0.0)
     last = dict.fromkeys(ways, 0.0)  # each way's wall time on the problem at hand
+    cpu = dict.fromkeys(ways, 0.0)
     llm.generate(prompts[:1], sp)  # warm-up
     with multiverse_server(llm) as (url, _):
         drivers = {"exact": RemoteLLM(url, api_key=API_KEY)}
@@ -95,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             order = ways if k % 2 == 0 else ways[::-1]
             for way in order:
                 engine = llm if way == "local" else drivers[way]
+                if llm.radix is not None:  # every way starts cold: no hits on the other way's outputs
+                    llm.radix.clear()
                 before = _counters(drivers[way].infos[0].base_url) if way in ("flat", "vllm_exact") else None
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = engine.generate([prompt], sp)[0]
                 secs[way] += time.perf_counter() - t0
                 last[way] = time.perf_counter() - t0
+                cpu[way] += time.process_time() - c0  # every thread: engine, server, driver
                 if before is not None:
                     after = _counters(drivers[way].infos[0].base_url)
                     hits[way] = [h + a - b for h, a, b in zip(hits[way], after, before, strict=True)]
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.save, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"problem": k, "answer": str(problems[k].answer), **row}) + "\n")
             print(f"problem {k + 1}/{len(prompts)}: " + ", ".join(
-                f"{w} {outs[w][-1].usage.blocks} blocks" for w in ways), file=sys.stderr)  # fmt: skip
+                f"{w} {outs[w][-1].usage.blocks} blocks (so far {secs[w]:.1f} s, cpu {cpu[w]:.1f} s)" for w in ways),
+                file=sys.stderr)  # fmt: skip
     rows = {}
     for way in ways:
         o = outs[way]
@@ -130,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             / len(o),
             "wall_s": round(secs[way], 2),
             "wall_ratio": round(secs[way] / secs["local"], 3),
+            "cpu_ratio": round(cpu[way] / cpu["local"], 3),  # less noisy on a shared CPU
             "http_requests": sum(getattr(x, "http_requests", 0) for x in o),
             "merge": getattr(o[0], "merge", None),
+            "prefix_cache_hit_rate": _mean([getattr(x, "prefix_cache_hit_rate", None) for x in o]),
         }
         if args.logprobs and way != "local":
             diffs = [d for x, y in zip(o, outs["local"], strict=True) if (d := _lp_diff(x, y)) is not None]
@@ -177,6 +184,12 @@ def _counters(base_url: str) -> tuple[float, float, float]:
     v = metric_values(httpx.get(f"{base_url}/metrics", timeout=30).text)
     names = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total", "vllm:external_prefix_cache_hits_total")
     return v.get(names[0], 0.0), v.get(names[1], 0.0), v.get(names[2], 0.0)
+
+
+def _mean(values: list) -> float | None:
+    """The mean of the known values (the server's per-problem prefix-cache hit rate), or None."""
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 3) if known else None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Plain-Python bookkeeping, then tensors, in reading order:
   - :mod:`.request`: ``Request`` / ``Branch`` state and every transition on it; ``check_invariants``
     (the read-only checks are :mod:`.invariants`, the merged-path records :mod:`.records`).
   - :mod:`.kv_manager`: the token-granular KV slot pool with reference counts (never imports torch).
-  - :mod:`.radix`: the prompt prefix cache over those slots.
+  - :mod:`.radix`: the prefix cache (prompts and finished outputs) over those slots.
   - :mod:`.scheduler`: which branches run in the next step, with how many tokens, in which slots.
   - :mod:`.forkjoin`: Map / Reduce: fork at ``</Goal>``, path ends, the zero-copy merge, budgets.
   - :mod:`.sampling`: ``SamplingParams`` and the batched sampler.

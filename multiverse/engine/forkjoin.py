@@ -80,11 +80,13 @@ class ForkJoin:
 
     def __init__(self, kv: KVManager, decode: Callable[[list[int]], str], specials: Specials | None = None, *,
                  on_release: Callable[[Branch], None] = lambda b: None,
+                 on_finish: Callable[[Request], None] = lambda r: None,
                  eos_ids: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.kv = kv
         self.decode = decode  # token ids -> text, special tokens kept (stop strings)
         self.sp = specials  # None: a tokenizer without the tags; nothing forks
         self.on_release = on_release
+        self.on_finish = on_finish  # a request just finished; its root still holds its K/V
         self.eos_ids = eos_ids  # the tokenizer's EOS and the checkpoint's generation_config EOS ids
 
     # -- appending -------------------------------------------------------------------------
@@ -326,6 +328,7 @@ class ForkJoin:
         for b in req.root.fold_children():
             self._release(b)
         req.finish(reason, cut_stop, error, ended_by)  # cut_stop: the output builder cuts at the stop string
+        self.on_finish(req)  # e.g. the prefix cache takes the root's K/V (LLM._cache_finished)
         self._release(req.root)
 
     def _release(self, br: Branch) -> None:

@@ -132,7 +132,7 @@ class LLM:
         self._tag_names = {v: k for k, v in tags.items()} if tags else {}
         self.eos_token_ids = end_ids(tokenizer, eos_token_ids or ())  # the one rule (engine.policy)
         self.forkjoin = ForkJoin(self.kv, self._decode, self.specials, on_release=self.runner.forget,
-                                 eos_ids=self.eos_token_ids)  # fmt: skip
+                                 on_finish=self._cache_finished, eos_ids=self.eos_token_ids)  # fmt: skip
         self.checks_invariants = check_invariants
         self.requests: list[Request] = []
         self._rng = random.Random(seed) if seed is not None else None
@@ -141,6 +141,13 @@ class LLM:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _cache_finished(self, req: Request) -> None:
+        """A request ended (not by an error: its last K/V may be unwritten): the prefix cache
+        takes every token its root computed, prompt and output (:mod:`.radix`, What may be cached)."""
+        root = req.root
+        if self.radix is not None and req.finish_reason != "error" and root.resident and root.kv:
+            self.radix.insert(root.own_ids[: len(root.kv)], root.kv, namespace=req.parallel)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams) -> Request:
@@ -208,9 +215,12 @@ class LLM:
 
     def check_invariants(self, requests: Sequence[Request] | None = None) -> None:
         """Raise ``AssertionError`` naming the first inconsistency: the KVManager's bookkeeping
-        (prefix-cache nodes included), each request's branches (default: every unfinished one),
-        K/V held by a branch that belongs to no unfinished request (a leak)."""
+        (prefix-cache nodes included: :meth:`RadixCache.check`), each request's branches
+        (default: every unfinished one), K/V held by a branch that belongs to no unfinished
+        request (a leak)."""
         self.kv.check_invariants()
+        if self.radix is not None:
+            self.radix.check()
         for r in self.requests if requests is None else requests:
             r.check_invariants(self.kv)
         live = {b for r in self.requests for b in r.branches()}

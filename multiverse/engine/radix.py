@@ -4,8 +4,14 @@ What may be cached: the K/V of token ``i`` depends on token ids ``0..i`` only, b
 rule (positions and visibility, :mod:`multiverse.format.layout`) is decided left to right: a prefix's
 layout is the prefix of the full sequence's layout. So the K/V of any prompt prefix can be reused
 by any later prompt that starts with the same ids *and is laid out by the same rule*. The engine
-keeps one namespace per rule ("multiverse" layout vs plain positions with ``parallel=False``) and
-caches prompts only (never generated branches).
+keeps one namespace per rule (the layout rule with ``parallel=True`` vs plain positions with
+``parallel=False``). It caches each prompt once computed, and when a request ends (not with
+``"error"``) every token its root computed: prompt and output. That holds for an output that
+forked too: the engine computes every token by the layout rule (a path at its layout positions,
+seeing the prefix and itself; the Conclusion seeing every path), and after the merge the root's
+K/V list is prefix + path 1 + path 2 + ... in canonical order: exactly the K/V a structured
+prefill of that sequence computes. So a follow-up request that extends an output (the remote
+driver's path and Reduce requests extend its Map and path 1 requests) prefills only the rest.
 
 Ownership: every node holds references to its slots in the :class:`KVManager` (holder = the node).
 A request that hits the cache takes its own references (``KVManager.share``), so evicting a node
@@ -40,6 +46,7 @@ class RadixCache:
         self._clock = itertools.count(1)
         self.queried_tokens = 0  # tokens looked up by match() (the prefix-cache hit rate's denominator)
         self.hit_tokens = 0  # of those, found cached
+        self._num_tokens = 0  # tokens on all edges (the server reads it every step)
 
     def _root(self, namespace: Hashable) -> _Node:
         if namespace not in self._roots:
@@ -80,6 +87,7 @@ class RadixCache:
                 leaf = _Node(list(tokens[i:]), list(slots[i:]), node, last_used=now)
                 self.kv.share(leaf, leaf.slots)
                 node.children[tokens[i]] = leaf
+                self._num_tokens += len(leaf.key)
                 return len(tokens) - i
             n = _common(child.key, tokens, i)
             child.last_used = now
@@ -163,6 +171,7 @@ class RadixCache:
         assert node.parent is not None and not node.children
         del node.parent.children[node.key[0]]
         node.parent = None
+        self._num_tokens -= len(node.key)
         return self.kv.release(node)
 
     def _drop_subtree(self, node: _Node) -> int:
@@ -173,6 +182,7 @@ class RadixCache:
             n = stack.pop()
             stack.extend(n.children.values())
             n.children, n.parent = {}, None
+            self._num_tokens -= len(n.key)
             freed += self.kv.release(n)
         return freed
 
@@ -186,15 +196,24 @@ class RadixCache:
                 stack.extend(node.children.values())
                 freed += self.kv.release(node)
             root.children.clear()
+        self._num_tokens = 0
         return freed
 
     def num_cached_tokens(self) -> int:
-        total, stack = 0, [c for r in self._roots.values() for c in r.children.values()]
-        while stack:
-            node = stack.pop()
-            stack.extend(node.children.values())
-            total += len(node.key)
-        return total
+        """Tokens cached (O(1): kept by insert and the drops; :meth:`check` recounts them)."""
+        return self._num_tokens
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` unless the count of cached tokens matches the tree's edges and
+        every node holds exactly its edge's slots in the :class:`KVManager`."""
+        nodes = self._nodes()
+        total = sum(len(n.key) for n in nodes)
+        if total != self._num_tokens:
+            raise AssertionError(f"radix counts {self._num_tokens} cached tokens, its edges hold {total}")
+        for n in nodes:
+            if len(n.key) != len(n.slots):
+                raise AssertionError(f"radix node with {len(n.key)} tokens and {len(n.slots)} slots")
+            self.kv.check_holder(n, n.slots)
 
 
 def _common(key: Sequence[int], tokens: Sequence[int], start: int) -> int:

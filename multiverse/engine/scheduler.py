@@ -40,6 +40,11 @@ from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request, Status
 
+EVICT_SHARE = 64
+"""An eviction frees at least ``1 / EVICT_SHARE`` of the pool: each call walks the whole cache,
+and once the cache fills the pool (finished outputs do, in a long-running server) evicting only
+one step's shortfall would walk it every step."""
+
 
 @dataclass(slots=True)
 class Work:
@@ -146,9 +151,10 @@ class Scheduler:
         return room + sum(1 for s, c in holds.items() if self.kv.refcount(s) == c) >= need
 
     def _evict(self, n: int) -> bool:
-        """Evict cached prefixes until ``n`` slots are free; True if they are."""
+        """Evict cached prefixes until ``n`` slots are free (at least :data:`EVICT_SHARE` of the
+        pool at once); True if they are."""
         if self.kv.num_free < n and self.radix is not None:
-            self.radix.evict(n - self.kv.num_free)
+            self.radix.evict(max(n - self.kv.num_free, self.kv.num_slots // EVICT_SHARE))
         return self.kv.num_free >= n
 
     def preempt(self, br: Branch) -> None:

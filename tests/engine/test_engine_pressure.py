@@ -5,6 +5,7 @@ request that fits the pool alone, and preemption changes no result. Tiny random 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,14 @@ def _case(rng: random.Random, tok) -> tuple[dict, list[tuple[int, list[int], Sam
                                 max_total_tokens=total, ignore_eos=True, parallel=kind >= 0.7, **common)  # fmt: skip
         need = max(need, len(prompt) + total)
         reqs.append((rng.randint(0, 25), prompt, sp))
+        if rng.random() < 0.5:  # a follow-up: part or all of this output, and more (FollowUp)
+            extra = [rng.randrange(200, 490) for _ in range(rng.randint(1, 4))]
+            more = rng.randint(1, 12)
+            up = SamplingParams(temperature=0.0, max_tokens=more, max_total_tokens=more, ignore_eos=True,
+                                logprobs=True, parallel=sp.parallel if rng.random() < 0.8 else not sp.parallel)  # fmt: skip
+            follow = FollowUp(len(reqs) - 1, rng.choice([1.0, 1.0, rng.random()]), extra)
+            need = max(need, len(prompt) + total + len(extra) + more)
+            reqs.append((rng.randint(0, 40), follow, up))
     slots = need + rng.choice([0, 0, 1, 4])  # slack 0: a request may fill the pool
     config = dict(
         num_kv_slots=slots,
@@ -140,12 +149,30 @@ def _case(rng: random.Random, tok) -> tuple[dict, list[tuple[int, list[int], Sam
     return config, reqs
 
 
+@dataclass(frozen=True)
+class FollowUp:
+    """A prompt made at run time: request ``of``'s prompt + the first ``share`` of its output +
+    ``extra`` (added at its arrival step, or once that request has finished)."""
+
+    of: int
+    share: float
+    extra: list[int]
+
+    def prompt(self, llm, added, reqs) -> list[int]:
+        out = llm.output(added[self.of])
+        return reqs[self.of][1] + out.token_ids[: round(self.share * len(out.token_ids))] + self.extra
+
+
 def _drive(llm, reqs) -> list:
     """Add each request at its arrival step, step until all finished; the outputs in order."""
     added, step = [None] * len(reqs), 0
-    while step <= max(r[0] for r in reqs) or llm.has_unfinished():
+    while step <= max(r[0] for r in reqs) or llm.has_unfinished() or None in added:
         for i, (arrival, prompt, sp) in enumerate(reqs):
-            if arrival == step:
+            if isinstance(prompt, FollowUp):
+                base = added[prompt.of]
+                if added[i] is None and step >= arrival and base is not None and base.finished:
+                    added[i] = llm.add_request(prompt.prompt(llm, added, reqs), sp)
+            elif arrival == step and not isinstance(prompt, FollowUp):
                 added[i] = llm.add_request(prompt, sp)
         if llm.has_unfinished():
             llm.step()
@@ -154,27 +181,45 @@ def _drive(llm, reqs) -> list:
     return [llm.output(r) for r in added]
 
 
-def _spy(match, seen: list[int]):
-    def spy(*args, **kw):
-        slots = match(*args, **kw)
-        seen.append(len(slots))
+def _spy(match, seen: list[tuple[tuple[int, ...], int]]):
+    def spy(tokens, *args, **kw):
+        slots = match(tokens, *args, **kw)
+        seen.append((tuple(tokens), len(slots)))
         return slots
 
     return spy
 
 
+def _output_hits(seen: list[tuple[tuple[int, ...], int]], prompts: list[tuple[int, ...]]) -> int:
+    """First matches of a request longer than its prompt shares with any other prompt: hits on
+    cached output tokens (a cache of prompts alone cannot give them)."""
+    firsts = dict(reversed(seen))  # the first match of each prompt (a preempted root matches again)
+    out = 0
+    for tokens, n in firsts.items():
+        others = list(prompts)
+        others.remove(next(p for p in prompts if p[:-1] == tokens))
+        out += n > max((_common(tokens, p) for p in others), default=0)
+    return out
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def test_soak_small_pool_with_prefix_cache_drops_nothing_and_changes_nothing(pair, tok):
     # seeded; without the fixes of issue 28 these cases drop requests: case 4 and others (a
     # preempted root re-claims its cached prompt), case 8 (a cached prompt head stranded)
+    # Follow-ups extend earlier outputs, which the cache keeps once finished (checked against a
+    # pool with no cache; the hits must reach into the outputs).
     rng = random.Random(2)
-    preemptions = hits = forks = 0
+    preemptions = hits = forks = output_hits = 0
     for case in range(24):
         config, reqs = _case(rng, tok)
         small = engine(pair[1], tok, **config)
-        seen: list[int] = []  # the length of every prefix-cache match
+        seen: list[tuple[tuple[int, ...], int]] = []  # (tokens, hit length) of every cache match
         small.radix.match = _spy(small.radix.match, seen)
         got = _drive(small, reqs)
-        ref = _drive(engine(pair[1], tok, num_kv_slots=4096), reqs)
+        ref = _drive(engine(pair[1], tok, num_kv_slots=4096, enable_prefix_cache=False), reqs)
         for i, (a, b) in enumerate(zip(got, ref, strict=True)):
             where = f"case {case} ({config}), request {i}"
             assert a.finish_reason != "kv_capacity", f"{where}: dropped for capacity"
@@ -184,9 +229,10 @@ def test_soak_small_pool_with_prefix_cache_drops_nothing_and_changes_nothing(pai
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4), where
             forks += a.usage.blocks
         preemptions += small.scheduler.num_preemptions
-        hits += sum(1 for n in seen if n)
+        hits += sum(1 for _, n in seen if n)
+        output_hits += _output_hits(seen, [tuple(o.prompt_token_ids) for o in got])
         assert_no_leak(small)
-    assert preemptions > 0 and hits > 0 and forks > 0  # the soak did exercise all three
+    assert preemptions > 0 and hits > 0 and forks > 0 and output_hits > 0  # the soak exercised all four
 
 
 def test_step_with_nothing_queued_is_a_no_op(pair, tok):

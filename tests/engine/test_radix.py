@@ -118,3 +118,26 @@ def test_eviction_frees_a_prefix_the_cache_alone_holds_above_one_a_request_reads
     kv.check_invariants()
     kv.release("mine")
     assert kv.num_free == 8
+
+
+def test_the_cached_token_count_follows_inserts_splits_evictions_and_clears():
+    # kept as a running count (the server reads it every step), which check() recounts
+    kv, rc = _cache(32)
+    for i, toks in enumerate(([1, 2, 3, 4], [1, 2, 7], [9, 9], [1, 2, 3, 4, 5, 6])):
+        rc.insert(toks, _prompt(kv, i, toks))
+        kv.release(i)
+        rc.check()
+    assert rc.num_cached_tokens() == 4 + 1 + 2 + 2
+    hit = rc.match([1, 2, 3])
+    kv.share("reader", hit)
+    rc.evict(3)
+    rc.check()
+    assert rc.num_cached_tokens() == kv.num_used and rc.match([1, 2, 3]) == hit
+    rc.evict(32)  # the tail of [1, 2, 3, 4] goes, the part the reader holds stays
+    rc.check()
+    assert rc.num_cached_tokens() == 3
+    rc.clear()
+    rc.check()
+    assert rc.num_cached_tokens() == 0
+    kv.release("reader")
+    kv.check_invariants()

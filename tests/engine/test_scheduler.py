@@ -62,7 +62,7 @@ def test_prefix_cache_hit_shares_the_cached_slots(tok):
     a = mf.add(WORDS + " first", "ok", max_tokens=5)
     mf.run()
     cached = mf.radix.num_cached_tokens()
-    assert cached == a.prompt_len
+    assert cached == len(a.root.own_ids) > a.prompt_len  # its prompt and its output
     b = mf.add(WORDS + " second", "ok", max_tokens=5)
     hit = mf.radix.match(b.prompt_ids[:-1], namespace=b.parallel)
     assert len(hit) >= len(mf.encode(WORDS)) - 1  # the tokens both prompts start with
@@ -163,3 +163,24 @@ def test_model_free_runs_the_real_engine_step(tok):
     broken.model.error = RuntimeError("forward failed")
     with pytest.raises(RuntimeError, match="forward failed"):
         broken.step()
+
+
+def test_a_full_pool_evicts_a_share_of_it_at_once(tok):
+    # finished outputs fill the pool with cache in a long-running server; evicting only each
+    # step's shortfall (one slot) would walk the whole cache every step
+    from multiverse.engine.kv_manager import KVManager
+    from multiverse.engine.radix import RadixCache
+    from multiverse.engine.scheduler import EVICT_SHARE, Scheduler
+
+    kv = KVManager(640)
+    radix = RadixCache(kv)
+    for i in range(64):  # 64 cached outputs of 10 tokens fill the pool
+        toks = [i, *range(1000, 1009)]
+        radix.insert(toks, kv.allocate(i, 10))
+        kv.release(i)
+    assert kv.num_free == 0
+    assert Scheduler(kv, radix)._make_room(1, [])
+    assert kv.num_free >= 640 // EVICT_SHARE == 10  # old code: 1
+    assert radix.num_cached_tokens() == 640 - kv.num_free
+    radix.check()
+    kv.check_invariants()
