@@ -249,14 +249,14 @@ def fork_speedup(
             "tokens": int(tokens), "parallel": round(parallel, 3), "problems": len(texts)}  # fmt: skip
 
 
-def quality(model: Any, tok: Any) -> dict[str, Any]:
+def quality(model: Any, tok: Any, slots: int = 32768) -> dict[str, Any]:
     from multiverse.eval import tasks
     from multiverse.eval.grading import grade
     from multiverse.format.prompts import chat_prompt, stop_token_ids
 
     recs = [*tasks.generate(20, seed=7, split="test", tasks=["word_parallel"]),
             *tasks.generate(20, seed=7, split="test", tasks=["word_sequential"])]  # fmt: skip
-    llm = LLM.from_model(model, tok, num_kv_slots=32768)
+    llm = LLM.from_model(model, tok, num_kv_slots=slots)
     sp = SamplingParams(
         temperature=0.0, max_tokens=1500, parallel=True, stop_token_ids=stop_token_ids(tok)
     )
@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fork-problems", type=int, default=1, help="0: no fork speedup")
     ap.add_argument("--fork-repeats", type=int, default=1, help="timings of each mode (best kept)")
     ap.add_argument("--quality", action="store_true", help="accuracy / trigger rate on 40 problems")
+    ap.add_argument("--quality-slots", type=int, default=32768,
+                    help="KV slots of --quality's engine (46 KB each for SmolLM2 float32)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cpu = cpu_flags()
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
         llama_rows, llama_reason = run_llamacpp(args.llamacpp_python, args.gguf or find_smollm2_gguf(),
                                                 prompts[0], args.tokens, args.repeats)  # fmt: skip
-    elif 1 not in args.sizes:
+    elif 1 not in args.sizes and not args.no_llamacpp:
         llama_reason = "--sizes without 1 (llama.cpp runs 1 request)"
     if llama_reason:
         print(f"llama.cpp skipped: {llama_reason}", file=sys.stderr)
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality:
         result["quality"] = {}
         for p in args.precisions:
-            result["quality"][p] = quality(models[p], tok)
+            result["quality"][p] = quality(models[p], tok, args.quality_slots)
             print(f"quality {p}: {result['quality'][p]}", file=sys.stderr, flush=True)
     print(json.dumps(result))
     return 0
