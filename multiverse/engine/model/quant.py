@@ -13,9 +13,18 @@ formats:
 Scales and zeros are rounded to bfloat16 when quantising, so the fast path and the reference
 use the same dequantised weights. The fast path (:meth:`QuantLinear.forward`) runs torch's CPU
 kernels ``torch._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu`` with bfloat16
-activations: their float32-activation path is a scalar loop, 10-20x slower than a float32
-matmul (measured on AVX-512), while the bfloat16 one reads 4x (int8) / 8x (int4) fewer weight
-bytes than float32. The reference (:meth:`QuantLinear.reference`) dequantises to float32 and
+activations: their float32-activation path is a scalar loop, 10-25x slower than a float32
+matmul (measured on AVX-512, torch 2.13), while the bfloat16 one reads 4x (int8) / 8x (int4)
+fewer weight bytes than float32.
+
+int8 at up to :data:`NIBBLE_MAX_ROWS` rows (decode at small batches) runs on the int4 kernel
+instead: ``q + 128 = 16 hi + lo`` splits each int8 weight into two 4-bit planes, stored side by
+side as one ``[N, 2K]`` int4 matrix (``hi`` with scale ``16 s`` and zero 0, ``lo`` with scale
+``s`` and zero ``8 s``: exactly ``s q``), multiplied by ``[x, x]``; the kernel sums both planes
+in float32 before its one bfloat16 rounding, like the int8 kernel. The same weight bytes, but
+torch's int8 kernel streams them at ~7 GB/s against ~18 GB/s for the int4 kernel's packed
+layout (one thread, AMD EPYC, AVX-512): a whole SmolLM2-135M step's matrices at 1 row took
+22.6 ms int8 kernel / 17.1 ms nibble planes (thread time); from 8 rows the int8 kernel wins. The reference (:meth:`QuantLinear.reference`) dequantises to float32 and
 runs ``F.linear``; the difference between the two is bfloat16 rounding of the activations and
 of the output (tests/engine/test_quant.py). A GGUF's quantised tensors arrive here dequantised by
 the loader and are requantised.
@@ -34,6 +43,7 @@ QUANTIZATIONS = ("int8", "int4")
 HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 DEFAULT_INT4_GROUP_SIZE = 32
+NIBBLE_MAX_ROWS = 4  # int8 on the int4 kernel up to this many rows (faster at 1-4, slower at 8)
 _KERNEL_DTYPE = torch.bfloat16
 
 
@@ -65,7 +75,8 @@ class QuantLinear(nn.Module):
     Buffers: ``qweight`` (int8 ``[N, K]``; int4: two values a byte, ``[N, K/2]`` uint8, low
     nibble = even column), ``scales`` (int8 ``[N]``; int4 ``[N, K/G]``), ``zeros`` (int4
     ``[N, K/G]``), all float32 holding bfloat16 values; ``packed`` / ``kernel_scales`` are the
-    kernel's copies.
+    kernel's copies; int8's ``nibbles`` / ``nibble_scales`` the int4 kernel's copy (None where
+    N % 16 or K % 32: then the int8 kernel at every row count).
     """
 
     def __init__(self, method: str, weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP_SIZE,
@@ -83,6 +94,11 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", q)
             self.register_buffer("scales", scale)
             self.register_buffer("kernel_scales", scale.to(_KERNEL_DTYPE))
+            has_int4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            self.nibble_group = max(_dividers(k), default=0) if has_int4 else 0
+            planes = _nibble_planes(q, scale, self.nibble_group) if n % 16 == 0 else None
+            self.register_buffer("nibbles", None if planes is None else planes[0])
+            self.register_buffer("nibble_scales", None if planes is None else planes[1])
             return
         if method != "int4":
             raise ValueError(f"{name}: quantization={method!r}: expected 'int8' or 'int4'")
@@ -109,13 +125,24 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path: x ``[T, K]`` -> ``[T, N]`` in x's dtype (bfloat16 activations)."""
         xk = x.to(_KERNEL_DTYPE)
-        if self.method == "int8":
-            out = torch._weight_int8pack_mm(xk, self.qweight, self.kernel_scales)
-        else:
+        if self.method == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 xk, self.packed, self.group_size, self.kernel_scales
             )
+        elif self.nibbles is not None and xk.shape[0] <= NIBBLE_MAX_ROWS:
+            out = self.nibble_forward(xk)
+        else:
+            out = torch._weight_int8pack_mm(xk, self.qweight, self.kernel_scales)
         return out.to(x.dtype)
+
+    def nibble_forward(self, xk: torch.Tensor) -> torch.Tensor:
+        """int8 on the int4 kernel (module docstring): bfloat16 xk ``[T, K]`` -> bfloat16."""
+        if self.nibbles is None:
+            raise ValueError(f"{self.extra_repr()}: no nibble planes (int8 with N % 16 == 0 and "
+                             f"K % 32 == 0 only)")  # fmt: skip
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            torch.cat((xk, xk), 1), self.nibbles, self.nibble_group, self.nibble_scales
+        )
 
     def dequantize(self) -> torch.Tensor:
         """The weight the quantised values stand for, float32 ``[N, K]``."""
@@ -154,6 +181,25 @@ def add_linear(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor | QuantL
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
+
+
+def _nibble_planes(
+    q: torch.Tensor, scale: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """int8 ``q [N, K]`` (scale ``[N]``) as the int4 kernel's ``[N, 2K]`` matrix of its high
+    and low nibble planes and their ``[2K/G, N, 2]`` scales/zeros; None where the kernel cannot
+    take it (no group size divides K)."""
+    if not group:
+        return None
+    n, k = q.shape
+    u = q.to(torch.int32) + 128  # [1, 255] = 16 hi + lo
+    planes = torch.cat([u >> 4, u & 15], 1).contiguous()  # [N, 2K]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes, 1)
+    ng = k // group
+    hi = torch.stack([16 * scale, torch.zeros_like(scale)], -1)  # (hi - 8) 16 s + 0
+    lo = torch.stack([scale, 8 * scale], -1)  # (lo - 8) s + 8 s
+    sz = torch.cat([hi[None].expand(ng, n, 2), lo[None].expand(ng, n, 2)])  # [2K/G, N, 2]
+    return packed, sz.to(_KERNEL_DTYPE).contiguous()
 
 
 def _dividers(k: int) -> list[int]:
