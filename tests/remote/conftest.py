@@ -16,6 +16,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("tenacity")
 
 API_KEY = "remote-test-key"
+FRONT_KEY = "front-key"  # the key of `front`, our API in front of tiny_server
 
 
 @contextmanager
@@ -68,3 +69,16 @@ def tiny_server():
     llm = LLM(str(find_model()), num_kv_slots=16384)
     with multiverse_server(llm, max_n=2) as (url, app):
         yield url, app, llm
+
+
+@pytest.fixture(scope="module")
+def front(tiny_server):
+    """`multiverse serve --base-url` over tiny_server (key FRONT_KEY, max_n 2): its URL."""
+    from multiverse.remote import RemoteLLM
+    from multiverse.server.app import ServerConfig
+    from multiverse.server.remote_app import create_remote_app
+
+    remote = RemoteLLM(tiny_server[0], api_key=API_KEY)
+    app = create_remote_app(remote, "front", ServerConfig(api_key=FRONT_KEY, max_n=2))
+    with serve_app(app) as url:
+        yield url

@@ -8,13 +8,11 @@ from __future__ import annotations
 import httpx
 import pytest
 from _policy_cases import BAD_CHATS
-from conftest import API_KEY, serve_app
+from conftest import API_KEY, FRONT_KEY
 
 from multiverse.engine.policy import end_ids
 from multiverse.engine.sampling import SamplingParams
 from multiverse.remote import RemoteLLM
-
-FRONT_KEY = "front-key"
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +20,10 @@ def remote(tiny_server):
     return RemoteLLM(tiny_server[0], api_key=API_KEY)
 
 
-@pytest.fixture(scope="module")
-def front(tiny_server, remote):
-    from multiverse.server.app import ServerConfig
-    from multiverse.server.remote_app import create_remote_app
-
-    app = create_remote_app(remote, "front", ServerConfig(api_key=FRONT_KEY))
-    with serve_app(app) as url:
-        yield url
-
-
 @pytest.mark.parametrize(("chat", "message"), BAD_CHATS)
-def test_every_entry_point_refuses_a_bad_chat_with_the_same_message(tiny_server, front, remote, chat, message):
+def test_every_entry_point_refuses_a_bad_chat_with_the_same_message(
+    tiny_server, front, remote, chat, message
+):
     url, _, llm = tiny_server
     for base, key in ((url, API_KEY), (front, FRONT_KEY)):
         r = httpx.post(f"{base}/v1/chat/completions", json={"messages": chat, "max_tokens": 2},
@@ -49,9 +39,15 @@ def test_every_entry_point_refuses_a_bad_chat_with_the_same_message(tiny_server,
 
 def test_the_driver_ends_answers_where_the_engine_does(tiny_server, remote):
     url, _, llm = tiny_server
-    assert llm.eos_token_ids == end_ids(llm.tokenizer)  # the tiny model's generation_config + the rule
+    assert llm.eos_token_ids == end_ids(
+        llm.tokenizer
+    )  # the tiny model's generation_config + the rule
     advert = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    assert set(advert["data"][0]["multiverse"]["eos_token_ids"]) == llm.eos_token_ids == remote.eos_token_ids
+    assert (
+        set(advert["data"][0]["multiverse"]["eos_token_ids"])
+        == llm.eos_token_ids
+        == remote.eos_token_ids
+    )
 
 
 def test_a_good_chat_through_the_driver_is_the_engines(tiny_server, remote):

@@ -9,28 +9,17 @@ import json
 
 import httpx
 import pytest
-from conftest import API_KEY, serve_app, tiny_problems, wait_idle
+from conftest import API_KEY, FRONT_KEY, tiny_problems, wait_idle
 
 from multiverse.format.prompts import chat_prompt, user_prompt
-from multiverse.remote import RemoteLLM
 
-FRONT_KEY = "front-key"
 H = {"Authorization": f"Bearer {FRONT_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def front(tiny_server):
-    from multiverse.server.app import ServerConfig
-    from multiverse.server.remote_app import create_remote_app
-
-    remote = RemoteLLM(tiny_server[0], api_key=API_KEY)
-    app = create_remote_app(remote, "front", ServerConfig(api_key=FRONT_KEY, max_n=2))
-    with serve_app(app) as url:
-        yield url
-
-
 def _chunks(url: str, path: str, body: dict, headers: dict) -> list[dict]:
-    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, headers=headers, timeout=300) as r:
+    with httpx.stream(
+        "POST", f"{url}{path}", json={**body, "stream": True}, headers=headers, timeout=300
+    ) as r:
         assert r.status_code == 200, r.read()
         lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -91,7 +80,10 @@ def test_the_front_streams_the_local_servers_events(front, tiny_server, forking_
 
 
 def test_the_front_streams_a_chat(front, tiny_server):
-    body = {"messages": [{"role": "user", "content": user_prompt(tiny_problems(1)[0])}], "temperature": 0}
+    body = {
+        "messages": [{"role": "user", "content": user_prompt(tiny_problems(1)[0])}],
+        "temperature": 0,
+    }
     whole = httpx.post(f"{front}/v1/chat/completions", json=body, headers=H, timeout=300).json()
     chunks = _chunks(front, "/v1/chat/completions", body, H)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
