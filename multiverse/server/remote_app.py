@@ -229,8 +229,7 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "multiverse", "multiverse": advert}]}  # fmt: skip
+        return responses.models_body(model_name, advert)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route() -> Any:

@@ -99,3 +99,9 @@ def chat_body(head: dict[str, Any], outs: list[Any], tokenizer: Any, top: int | 
                 "multiverse": extension(o)} for i, o in enumerate(outs)]  # fmt: skip
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage(outs),
             "multiverse": choices[0]["multiverse"]}  # fmt: skip
+
+
+def models_body(model_name: str, advert: dict[str, Any]) -> dict[str, Any]:
+    """``GET /v1/models``: the one served model, with the fork/join driver's ``multiverse`` advert."""
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                        "owned_by": "multiverse", "multiverse": advert}]}  # fmt: skip
