@@ -82,3 +82,52 @@ def front(tiny_server):
     app = create_remote_app(remote, "front", ServerConfig(api_key=FRONT_KEY, max_n=2))
     with serve_app(app) as url:
         yield url
+
+
+def hook_diffs(url: str, model_dir: str, ids: list[int], positions) -> tuple[float, float, str]:
+    """A vLLM's prompt logprobs of ``ids`` against a causal transformers forward of ``model_dir``
+    at ``positions`` and at running positions: (max |diff| at positions, at running, the HF
+    architecture). Used by the plugin's position-hook tests."""
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    served = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {
+        "model": served,
+        "prompt": ids,
+        "max_tokens": 1,
+        "prompt_logprobs": 0,
+        "temperature": 0.0,
+    }
+    plp = httpx.post(f"{url}/v1/completions", json=body, timeout=600).json()["choices"][0]
+    theirs = torch.tensor(
+        [plp["prompt_logprobs"][i][str(ids[i])]["logprob"] for i in range(1, len(ids))]
+    )
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+
+    def diff(pos: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = hf(input_ids=x, position_ids=pos[None]).logits[0, :-1].float()
+        ours = logits.log_softmax(-1).gather(1, x[0, 1:, None])[:, 0]
+        return (ours - theirs).abs().max().item()
+
+    return diff(positions), diff(torch.arange(len(ids))), hf.config.architectures[0]
+
+
+@contextmanager
+def slow_backend(llm, seconds: float = 0.02):
+    """Each engine step of ``llm`` takes ``seconds`` longer, so sub-requests are still in flight
+    when a client goes away; the engine's own ``step`` again on exit."""
+    step = llm.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    llm.step = slow_step
+    try:
+        yield
+    finally:
+        del llm.step

@@ -6,11 +6,10 @@ the sub-requests on the fleet."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
-from conftest import API_KEY, FRONT_KEY, tiny_problems, wait_idle
+from conftest import API_KEY, FRONT_KEY, slow_backend, tiny_problems, wait_idle
 
 from multiverse.format.prompts import chat_prompt
 
@@ -57,19 +56,10 @@ def test_chat_and_streaming_through_the_front(front, tiny_server):
 def test_a_client_that_goes_away_frees_the_fleet(front, tiny_server):
     url, app, llm = tiny_server
     aborted = app.state.engine.metrics.aborted
-    step = llm.step
-
-    def slow_step():  # the backend takes seconds: sub-requests are in flight when the client goes
-        time.sleep(0.02)
-        return step()
-
-    llm.step = slow_step
-    try:
+    with slow_backend(llm):  # sub-requests are in flight when the client goes
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{front}/v1/completions", json=_body(llm.tokenizer), headers=H, timeout=0.5)
         assert wait_idle(app, llm), "the front left sub-requests running on the backend"
-    finally:
-        del llm.step
     assert app.state.engine.metrics.aborted > aborted  # the backend saw its sub-requests go
 
 

@@ -9,7 +9,7 @@ import json
 
 import httpx
 import pytest
-from conftest import API_KEY, FRONT_KEY, tiny_problems, wait_idle
+from conftest import API_KEY, FRONT_KEY, slow_backend, tiny_problems, wait_idle
 
 from multiverse.format.prompts import chat_prompt, user_prompt
 
@@ -95,21 +95,10 @@ def test_the_front_streams_a_chat(front, tiny_server):
 
 def test_a_streaming_client_that_goes_away_frees_the_fleet(front, tiny_server, forking_body):
     url, app, llm = tiny_server
-    step = llm.step
-
-    def slow_step():  # the backend takes seconds: sub-requests are in flight when the client goes
-        import time
-
-        time.sleep(0.02)
-        return step()
-
-    llm.step = slow_step
-    try:
+    with slow_backend(llm):  # sub-requests are in flight when the client goes
         with httpx.stream("POST", f"{front}/v1/completions", json={**forking_body, "stream": True},
                           headers=H, timeout=300) as r:  # fmt: skip
             for line in r.iter_lines():
                 if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
                     break  # the first text has come: the client goes
         assert wait_idle(app, llm, 20.0), "a sub-request is still running on the backend"
-    finally:
-        llm.step = step

@@ -63,8 +63,7 @@ def runs():
 
 
 def test_the_position_hook_gives_the_layout_rules_positions(runs):
-    import torch
-    from transformers import AutoModelForCausalLM
+    from conftest import hook_diffs
 
     from multiverse.format.layout import layout
 
@@ -72,28 +71,8 @@ def test_the_position_hook_gives_the_layout_rules_positions(runs):
     lo = next(o for o in local if o.usage.blocks)
     prompt = driver.tokenizer.encode(prompts[local.index(lo)], add_special_tokens=False)
     ids = prompt + lo.token_ids
-    body = {
-        "model": driver.infos[0].model,
-        "prompt": ids,
-        "max_tokens": 1,
-        "prompt_logprobs": 0,
-        "temperature": 0.0,
-    }
-    plp = httpx.post(f"{URL}/v1/completions", json=body, timeout=600).json()["choices"][0][
-        "prompt_logprobs"
-    ]
-    theirs = torch.tensor([plp[i][str(ids[i])]["logprob"] for i in range(1, len(ids))])
-    hf = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    x = torch.tensor([ids])
-
-    def causal_logprobs(positions: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            logits = hf(input_ids=x, position_ids=positions[None]).logits[0, :-1].float()
-        return logits.log_softmax(-1).gather(1, x[0, 1:, None])[:, 0]
-
     pos = layout(ids, driver.tag_ids).position_ids
-    at_layout = (causal_logprobs(pos) - theirs).abs().max().item()
-    at_running = (causal_logprobs(torch.arange(len(ids))) - theirs).abs().max().item()
+    at_layout, at_running, _ = hook_diffs(URL, MODEL, ids, pos)
     print(
         f"position hook: prompt logprobs of a forked answer ({len(ids)} tokens) vs a causal forward at the "
         f"layout's positions: max |diff| {at_layout:.2e}; at running positions: {at_running:.2e}"

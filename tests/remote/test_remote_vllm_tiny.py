@@ -45,8 +45,7 @@ TEXT = (
 
 
 def test_the_position_hook_gives_the_layout_rules_positions():
-    import torch
-    from transformers import AutoModelForCausalLM
+    from conftest import hook_diffs
 
     from multiverse.format.layout import layout
     from multiverse.format.tokenizer import load_tokenizer, tag_ids
@@ -55,30 +54,9 @@ def test_the_position_hook_gives_the_layout_rules_positions():
     ids = tok.encode(TEXT, add_special_tokens=False)
     pos = layout(ids, tag_ids(tok)).position_ids
     assert pos.max().item() < len(ids) - 10, "the prompt did not fork"
-    served = httpx.get(f"{URL}/v1/models", timeout=30).json()["data"][0]["id"]
-    body = {
-        "model": served,
-        "prompt": ids,
-        "max_tokens": 1,
-        "prompt_logprobs": 0,
-        "temperature": 0.0,
-    }
-    plp = httpx.post(f"{URL}/v1/completions", json=body, timeout=600).json()["choices"][0][
-        "prompt_logprobs"
-    ]
-    theirs = torch.tensor([plp[i][str(ids[i])]["logprob"] for i in range(1, len(ids))])
-    hf = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    x = torch.tensor([ids])
-
-    def causal_logprobs(positions: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            logits = hf(input_ids=x, position_ids=positions[None]).logits[0, :-1].float()
-        return logits.log_softmax(-1).gather(1, x[0, 1:, None])[:, 0]
-
-    at_layout = (causal_logprobs(pos) - theirs).abs().max().item()
-    at_running = (causal_logprobs(torch.arange(len(ids))) - theirs).abs().max().item()
+    at_layout, at_running, arch = hook_diffs(URL, MODEL, ids, pos)
     print(
-        f"position hook ({hf.config.architectures[0]}): prompt logprobs of a structured prompt "
+        f"position hook ({arch}): prompt logprobs of a structured prompt "
         f"({len(ids)} tokens) vs a causal forward at the layout's positions: max |diff| "
         f"{at_layout:.2e}; at running positions: {at_running:.2e}"
     )
