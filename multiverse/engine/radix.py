@@ -15,7 +15,11 @@ driver's path and Reduce requests extend its Map and path 1 requests) prefills o
 
 Ownership: every node holds references to its slots in the :class:`KVManager` (holder = the node).
 A request that hits the cache takes its own references (``KVManager.share``), so evicting a node
-never frees K/V a running branch still reads; eviction only frees slots nobody else holds.
+never frees K/V a running branch still reads; eviction only frees slots nobody else holds. A slot
+may be held by several nodes: a structured prompt adopts its paths' K/V from their own entries
+(:mod:`.reuse`), and its entry then lists those slots too. So a slot is *cache-only* (freeable)
+when every reference to it is a node's (``kv.refcount(s) == self._refs[s]``), and it is freed
+once every node holding it is gone.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class RadixCache:
         self.queried_tokens = 0  # tokens looked up by match() (the prefix-cache hit rate's denominator)
         self.hit_tokens = 0  # of those, found cached
         self._num_tokens = 0  # tokens on all edges (the server reads it every step)
+        self._refs = [0] * kv.num_slots  # per slot: how many nodes hold it
 
     def _root(self, namespace: Hashable) -> _Node:
         if namespace not in self._roots:
@@ -54,23 +59,35 @@ class RadixCache:
         return self._roots[namespace]
 
     # -- lookup ----------------------------------------------------------------------------
-    def match(self, tokens: Sequence[int], namespace: Hashable = None) -> list[int]:
-        """Slots of the longest cached prefix of ``tokens`` (may end inside an edge)."""
-        node, i, out = self._root(namespace), 0, []
-        now = next(self._clock)
-        while i < len(tokens):
+    def match(self, tokens: Sequence[int], namespace: Hashable = None, *, skip: int = 0,
+              query: bool = True) -> list[int]:  # fmt: skip
+        """Slots of the longest cached prefix of ``tokens`` (may end inside an edge), from index
+        ``skip`` on (empty when the hit does not pass it). The hit-rate counters take
+        ``tokens[skip:]`` as looked up (not when ``query`` is false: tokens already counted)
+        and the slots returned as hits."""
+        out = self._walk(tokens, namespace, next(self._clock))[skip:]
+        self.queried_tokens += max(0, len(tokens) - skip) if query else 0
+        self.hit_tokens += len(out)
+        return out
+
+    def cached_len(self, tokens: Sequence[int], namespace: Hashable = None) -> int:
+        """How many leading ``tokens`` are cached (no side effect: LRU order and counters stay)."""
+        return len(self._walk(tokens, namespace, None))
+
+    def _walk(self, tokens: Sequence[int], namespace: Hashable, now: int | None) -> list[int]:
+        node, i, out = self._roots.get(namespace), 0, []
+        while node is not None and i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None:
                 break
             n = _common(child.key, tokens, i)
             out.extend(child.slots[:n])
-            child.last_used = now
+            if now is not None:
+                child.last_used = now
             i += n
             if n < len(child.key):
                 break
             node = child
-        self.queried_tokens += len(tokens)
-        self.hit_tokens += len(out)
         return out
 
     # -- insertion -------------------------------------------------------------------------
@@ -86,6 +103,8 @@ class RadixCache:
             if child is None:
                 leaf = _Node(list(tokens[i:]), list(slots[i:]), node, last_used=now)
                 self.kv.share(leaf, leaf.slots)
+                for s in leaf.slots:
+                    self._refs[s] += 1
                 node.children[tokens[i]] = leaf
                 self._num_tokens += len(leaf.key)
                 return len(tokens) - i
@@ -108,15 +127,19 @@ class RadixCache:
 
     # -- eviction ----------------------------------------------------------------------------
     def _free_tail(self, node: _Node) -> int:
-        """How many of ``node``'s last slots the cache alone holds. A request holds a prefix of
+        """How many of ``node``'s last slots only cache nodes hold. A request holds a prefix of
         a cached path (a hit may end inside an edge: a root takes all but its prompt's last
-        token), so the slots only the cache holds are a suffix of the edge."""
+        token) or a path's run inside an edge (:mod:`.reuse`), so the slots to free are a
+        suffix of the edge."""
         k = 0
         for s in reversed(node.slots):
-            if self.kv.refcount(s) != 1:
+            if not self._cache_only(s):
                 break
             k += 1
         return k
+
+    def _cache_only(self, slot: int) -> bool:
+        return self.kv.refcount(slot) == self._refs[slot]
 
     def _evictable(self, node: _Node) -> bool:
         return not node.children and self._free_tail(node) > 0
@@ -129,15 +152,13 @@ class RadixCache:
             stack.extend(node.children.values())
         return out
 
-    def _cache_only(self, node: _Node) -> int:
-        return sum(1 for s in node.slots if self.kv.refcount(s) == 1)
-
     def _any_cache_only(self, node: _Node) -> bool:
-        return any(self.kv.refcount(s) == 1 for s in node.slots)
+        return any(self._cache_only(s) for s in node.slots)
 
     def evictable_slots(self) -> int:
-        """Slots that :meth:`evict` could free right now: every slot the cache alone holds."""
-        return sum(self._cache_only(n) for n in self._nodes())
+        """Slots that :meth:`evict` could free right now: every slot only cache nodes hold
+        (each once, however many nodes hold it)."""
+        return len({s for n in self._nodes() for s in n.slots if self._cache_only(s)})
 
     def evict(self, num_slots: int) -> int:
         """Free at least ``num_slots`` slots if possible; slots a request holds are never freed.
@@ -172,6 +193,11 @@ class RadixCache:
         del node.parent.children[node.key[0]]
         node.parent = None
         self._num_tokens -= len(node.key)
+        return self._release(node)
+
+    def _release(self, node: _Node) -> int:
+        for s in node.slots:
+            self._refs[s] -= 1
         return self.kv.release(node)
 
     def _drop_subtree(self, node: _Node) -> int:
@@ -183,7 +209,7 @@ class RadixCache:
             stack.extend(n.children.values())
             n.children, n.parent = {}, None
             self._num_tokens -= len(n.key)
-            freed += self.kv.release(n)
+            freed += self._release(n)
         return freed
 
     def clear(self) -> int:
@@ -194,7 +220,7 @@ class RadixCache:
             while stack:
                 node = stack.pop()
                 stack.extend(node.children.values())
-                freed += self.kv.release(node)
+                freed += self._release(node)
             root.children.clear()
         self._num_tokens = 0
         return freed
@@ -204,9 +230,17 @@ class RadixCache:
         return self._num_tokens
 
     def check(self) -> None:
-        """Raise ``AssertionError`` unless the count of cached tokens matches the tree's edges and
-        every node holds exactly its edge's slots in the :class:`KVManager`."""
+        """Raise ``AssertionError`` unless the count of cached tokens matches the tree's edges,
+        every node holds exactly its edge's slots in the :class:`KVManager` and each slot's count
+        of holding nodes is right."""
         nodes = self._nodes()
+        refs = [0] * self.kv.num_slots
+        for n in nodes:
+            for s in n.slots:
+                refs[s] += 1
+        if refs != self._refs:
+            s = next(i for i, (a, b) in enumerate(zip(refs, self._refs)) if a != b)
+            raise AssertionError(f"radix counts {self._refs[s]} nodes holding slot {s}, {refs[s]} do")
         total = sum(len(n.key) for n in nodes)
         if total != self._num_tokens:
             raise AssertionError(f"radix counts {self._num_tokens} cached tokens, its edges hold {total}")

@@ -141,3 +141,44 @@ def test_the_cached_token_count_follows_inserts_splits_evictions_and_clears():
     assert rc.num_cached_tokens() == 0
     kv.release("reader")
     kv.check_invariants()
+
+
+def test_a_slot_two_entries_hold_counts_once_and_is_freed_with_the_second():
+    # a structured prompt adopts a path's K/V from the path's entry: its own entry lists them too
+    kv, rc = _cache(16)
+    a = _prompt(kv, "path", [1, 2, 3])
+    rc.insert([1, 2, 3], a)
+    kv.release("path")
+    mine = kv.allocate("reduce", 2)
+    kv.share("reduce", a[2:])
+    merged = [mine[0], a[2], mine[1]]  # computed, adopted, computed
+    rc.insert([5, 3, 6], merged)
+    kv.release("reduce")
+    rc.check()
+    assert kv.num_used == 5
+    assert rc.evictable_slots() == 5  # a[2] once; old code: 4 (its count is 2: never "cache only")
+    rc.match([5, 3, 6])  # the merged entry is the most recent: the path's goes first
+    assert rc.evict(1) == 2  # a[:2]; a[2] stays, the merged entry holds it
+    assert rc.match([5, 3, 6]) == merged and rc.match([1, 2, 3]) == []
+    rc.check()
+    assert rc.evict(1) == 3
+    assert kv.num_free == 16
+    rc.check()
+    kv.check_invariants()
+
+
+def test_eviction_keeps_a_run_a_request_reads_inside_an_edge():
+    kv, rc = _cache(16)
+    slots = _prompt(kv, "r", [5, 3, 6, 7])
+    rc.insert([5, 3, 6, 7], slots)
+    kv.release("r")
+    kv.share("reader", slots[1:2])  # a path's run, adopted by another prompt
+    assert rc.evictable_slots() == 3
+    assert rc.evict(2) == 2  # the tail after the run goes; the head (and the run) stay
+    assert rc.match([5, 3, 6, 7]) == slots[:2]
+    assert rc.evict(100) == 1  # the head goes too: the reader keeps its slot, the cache forgets it
+    assert rc.match([5, 3]) == [] and kv.refcount(slots[1]) == 1
+    kv.release("reader")
+    assert kv.num_free == 16
+    rc.check()
+    kv.check_invariants()
