@@ -181,7 +181,7 @@ def test_core_imports_without_hugging_face():
     assert out.stdout.split() == ["[]", "7"]
 
 
-BOOKKEEPING = ("kv_manager", "radix", "records", "request", "invariants", "scheduler", "forkjoin")
+BOOKKEEPING = ("kv_manager", "radix", "records", "request", "invariants", "scheduler", "forkjoin", "reuse")
 
 
 def test_engine_bookkeeping_imports_no_torch():

@@ -70,9 +70,9 @@ class RadixCache:
         self.hit_tokens += len(out)
         return out
 
-    def cached_len(self, tokens: Sequence[int], namespace: Hashable = None) -> int:
-        """How many leading ``tokens`` are cached (no side effect: LRU order and counters stay)."""
-        return len(self._walk(tokens, namespace, None))
+    def peek(self, tokens: Sequence[int], namespace: Hashable = None) -> list[int]:
+        """:meth:`match` without side effects (LRU order and counters stay): for a look ahead."""
+        return self._walk(tokens, namespace, None)
 
     def _walk(self, tokens: Sequence[int], namespace: Hashable, now: int | None) -> list[int]:
         node, i, out = self._roots.get(namespace), 0, []

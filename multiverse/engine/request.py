@@ -18,9 +18,9 @@ Per branch, in canonical order (the order a trainer would see the text):
     it: ``own_pos[i] = state.step(tag)`` at append time, never recomputed elsewhere.
 
 Ownership: the fields of a :class:`Branch` and a :class:`Request` are written only by the methods
-of this module (``take_slots``, ``adopt_cached_prefix``, ``reattach``, ``preempt``,
-``release_kv``, ``set_attend``, ``fork``, ``merge_children``, ``fold_children``, the status
-transitions, ``Request.create`` / ``finish``...). The scheduler, :mod:`.forkjoin` and the
+of this module (``take_slots``, ``adopt_cached_prefix``, ``reattach``, ``preempt``, ``release_kv``,
+``set_attend``, ``fork``, ``merge_children``, ``fold_children``, the status transitions,
+``Request.create`` / ``finish``...). The scheduler, :mod:`.forkjoin` and the
 :class:`~multiverse.engine.llm.LLM` read the state, call these methods, and make the matching
 :class:`~multiverse.engine.kv_manager.KVManager` calls (share / allocate / release) themselves.
 :meth:`Request.check_invariants` checks the result (:mod:`.invariants`).
@@ -202,12 +202,16 @@ class Branch:
             self.marks = [m for m in self.marks if m >= end]
 
     def adopt_cached_prefix(self, slots: list[int]) -> None:
-        """A root starts from a prefix-cache hit: ``slots`` hold its first ``len(slots)`` tokens."""
-        if self.parent is not None or self.num_computed or self.kv:
-            raise AssertionError(f"{self}: only a root with nothing computed adopts a cached prefix")
-        self.kv, self.attend = list(slots), list(slots)
-        self.attend_version += 1
-        self.num_computed = len(slots)
+        """A root's next ``len(slots)`` prompt tokens come from the prefix cache: a flat prefix at
+        the start, later a path's run (:mod:`.reuse`), which a masked chunk follows (sets ``attend``)."""
+        c, end = self.num_computed, self.num_computed + len(slots)
+        limit = min(self.request.prompt_len, self.masked_until) if c else self.request.prompt_len
+        if self.parent is not None or not self.resident or end >= limit:
+            raise AssertionError(f"{self}: cannot adopt {len(slots)} cached slots after {c} computed")
+        self.kv += slots
+        if not c:
+            self.attend, self.attend_version = list(slots), self.attend_version + 1
+        self.num_computed = end
 
     def reattach(self, prefix: list[int]) -> None:
         """A preempted child takes its (recomputed) parent's first ``prefix_len`` slots back; its
@@ -220,11 +224,9 @@ class Branch:
     def preempt(self) -> None:
         """Forget all K/V (already released); the tokens stay and are recomputed from scratch,
         with the layout mask, when the branch runs again. A child detaches from its prefix."""
-        self.kv, self.attend = [], []
+        self.kv, self.attend, self.num_computed, self.marks = [], [], 0, []
         self.attend_version += 1
         self.attached = self.parent is None
-        self.num_computed = 0
-        self.marks = []
         if self.request.parallel:
             self.masked_until = len(self.own_ids)
 
@@ -380,10 +382,9 @@ class Request:
 
     def finish(self, reason: str, cut_stop: bool = False, error: str | None = None,
                ended_by: tuple[int, float | None] | None = None) -> None:  # fmt: skip
-        """Mark finished (the root has no children left: see :meth:`Branch.fold_children`);
-        ``cut_stop``: the output text is cut at the stop string; ``error``: the message;
-        ``ended_by``: the sampled token (and its logprob) that ended it, left out of the output
-        (a stop id or EOS; a token that made the structure malformed)."""
+        """Mark finished (the root has no children left: :meth:`Branch.fold_children`); ``cut_stop``:
+        the text is cut at the stop string; ``error``: the message; ``ended_by``: the sampled token
+        (and logprob) that ended it, left out of the output (a stop id, EOS, a malformed token)."""
         if self.root.children:
             raise AssertionError(f"request {self.id} finished with unfolded children")
         self.finished, self.finish_reason, self.error, self.ended_by = True, reason, error, ended_by
@@ -395,6 +396,5 @@ class Request:
         self.t_finish = t
 
     def check_invariants(self, kv: KVManager) -> None:
-        """Raise ``AssertionError`` naming the first broken invariant of this request's branches
-        and their slots in ``kv`` (:func:`multiverse.engine.invariants.check_request`)."""
+        """Raise ``AssertionError`` naming the first broken invariant (:mod:`.invariants`)."""
         check_request(self, kv)

@@ -26,6 +26,9 @@ lower priority hold); otherwise it waits. Started into a pool those branches are
 it would be preempted again at once: every step it recomputed its tokens and was preempted (19
 preemptions where 1 is needed, issue 28's recipe). The first branch in order always runs.
 
+A root's prompt starts from the prefix cache (:mod:`.reuse`: its flat prefix; in a structured
+prompt, the cached runs of its paths too, the chunks stopping where one begins).
+
 The scheduler writes no branch field itself: it makes the KVManager calls (allocate, share,
 release) and tells the branch through :mod:`.request` (``take_slots``, ``adopt_cached_prefix``,
 ``reattach``, ``preempt``).
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from multiverse.engine.kv_manager import KVManager
 from multiverse.engine.radix import RadixCache
 from multiverse.engine.request import Branch, Request, Status
+from multiverse.engine.reuse import prefill_from_cache
 
 EVICT_SHARE = 64
 """An eviction frees at least ``1 / EVICT_SHARE`` of the pool: each call walks the whole cache,
@@ -92,9 +96,10 @@ class Scheduler:
                 prefix = parent.kv[: br.prefix_len]
                 self.kv.share(br, prefix)
                 br.reattach(prefix)
-            if br.parent is None and br.num_computed == 0:
-                self._match_prefix(br)
             n = min(br.num_pending, budget, self.prefill_chunk)
+            if br.parent is None and br.num_computed < br.request.prompt_len:
+                limit = prefill_from_cache(self.radix, self.kv, br)  # the chunk stops where a path's run is cached
+                n = min(br.num_pending, budget, self.prefill_chunk, limit or n)
             if not self._make_room(n, order[i + 1 :]):
                 continue
             n = min(n, self.kv.num_free)
@@ -113,15 +118,6 @@ class Scheduler:
         if br.parent is None and req.params.prompt_logprobs:
             rows = list(range(max(0, min(n, req.prompt_len - 1 - start))))
         return Work(br, start, n, slots, masked, br.num_pending == 0, rows)
-
-    def _match_prefix(self, root: Branch) -> None:
-        req = root.request
-        if self.radix is None or req.params.prompt_logprobs or req.prompt_len < 2:
-            return
-        slots = self.radix.match(req.prompt_ids[:-1], namespace=req.parallel)
-        if slots:
-            self.kv.share(root, slots)
-            root.adopt_cached_prefix(slots)
 
     def _make_room(self, n: int, lower: list[Branch]) -> bool:
         """Free slots until ``n`` are free (or at least one): evict the prefix cache, then
