@@ -136,6 +136,46 @@ def test_sub_requests_carry_the_engines_tokens(reference, tiny_server):
     )  # paths in outline order + "<Conclusion>\n"
 
 
+def _counting(llm) -> list[int]:
+    """Count the tokens ``llm``'s steps compute (the server's engine thread calls its runner)."""
+    count, run = [0], llm.runner.run
+
+    def spy(works):
+        count[0] += sum(w.count for w in works)
+        return run(works)
+
+    llm.runner.run = spy
+    return count
+
+
+def test_the_server_computes_the_local_engines_tokens_but_concurrent_path_starts(
+    reference, tiny_server, tiny_local
+):
+    # every request hits the cached K/V of the ones before it: the path requests the Map's, the
+    # Reduce every path's (multiverse.engine.reuse); old code: the Reduce re-prefilled paths 2..n
+    prompts, local = reference
+    driver, server = RemoteLLM(tiny_server[0], api_key=API_KEY), tiny_server[2]
+    counts = []
+    for prompt, lo in zip(prompts, local, strict=True):
+        for llm, engine in ((tiny_local, tiny_local), (server, driver)):
+            llm.radix.clear()  # each way starts cold
+            run = llm.runner.run
+            n = _counting(llm)
+            try:
+                out = engine.generate(prompt, _params(tiny_local.tokenizer))[0]
+            finally:
+                llm.runner.run = run
+            _same(lo, out)
+            counts.append(n[0])
+    print(f"tokens computed, local engine vs the server (exact): {counts[0::2]} vs {counts[1::2]}")
+    # path requests that reach the engine in one step each compute the context's uncached end
+    # ("</Goal>\n<Path>\n", which path 1's request caches only once computed): at most that
+    # much more per path after the first of a block (the Reduce recomputes "<Path>\n" of those)
+    shared = len(driver.tokenizer.encode("</Goal>\n<Path>\n", add_special_tokens=False))
+    for lo, n_local, n_server in zip(local, counts[0::2], counts[1::2], strict=True):
+        assert n_server <= n_local + (lo.usage.branches - lo.usage.blocks) * shared
+
+
 def test_flat_merge_is_named_and_keeps_the_map_and_paths_exact(reference, tiny_server):
     prompts, local = reference
     driver = RemoteLLM(tiny_server[0], api_key=API_KEY, merge="flat")
