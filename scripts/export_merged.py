@@ -20,7 +20,7 @@ def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
     from peft import PeftModel
 
     from multiverse.engine.adapter import load_hf_model, prepare_base, resolve_base
-    from multiverse.format.prompts import stop_token_ids
+    from multiverse.engine.policy import end_ids
     from multiverse.format.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(adapter_dir)
@@ -33,13 +33,7 @@ def export_merged(adapter_dir: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.to("cpu").float().save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
-    eos = sorted(
-        {
-            *stop_token_ids(tokenizer),
-            *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []),
-        }
-    )
-    gen = {"eos_token_id": eos, "do_sample": False}
+    gen = {"eos_token_id": sorted(end_ids(tokenizer)), "do_sample": False}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=1) + "\n")
     for name in ("train_summary.json", "chat_template.jinja"):  # the record: prompt format, tasks
         src = adapter_dir / name
