@@ -11,8 +11,10 @@
 
 Per way: accuracy (the math grader), parallel trigger rate, mean # parallel, the share of outputs
 token-identical to ``local``, wall time (sum over problems) and its ratio to ``local``, HTTP
-requests. Problems run one at a time, the ways interleaved per problem (less drift on a shared
-CPU). ``exact_overhead`` = exact / local wall time - 1: what the server's HTTP and the driver add
+requests; for ``local`` and ``exact`` (the server runs on the same engine) the engine's steps and
+tokens computed (``tokens_vs_local``: what the server prefills again). Problems run one at a
+time, the ways interleaved per problem (less drift on a shared CPU), every way from an empty
+prefix cache. ``exact_overhead`` = exact / local wall time - 1: what the server's HTTP and the driver add
 to the engine's own generating (goal: at most 5%). Prints a table, then one JSON object on the
 last line.
 
@@ -86,6 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     last = dict.fromkeys(ways, 0.0)  # each way's wall time on the problem at hand
     cpu = dict.fromkeys(ways, 0.0)
     llm.generate(prompts[:1], sp)  # warm-up
+    # what the engine computes for each way (the exact way's server runs on this same engine)
+    tally = {w: [0, 0, 0] for w in ("local", "exact")}  # steps, tokens, of them in multi-token chunks
+    current, run = ["local"], llm.runner.run
+
+    def counted(works):
+        t = tally.get(current[0])
+        if t is not None:
+            t[0] += 1
+            t[1] += sum(w.count for w in works)
+            t[2] += sum(w.count for w in works if w.count > 1)
+        return run(works)
+
+    llm.runner.run = counted
     with multiverse_server(llm) as (url, _):
         drivers = {"exact": RemoteLLM(url, api_key=API_KEY)}
         if args.vllm_url:
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 if llm.radix is not None:  # every way starts cold: no hits on the other way's outputs
                     llm.radix.clear()
                 before = _counters(drivers[way].infos[0].base_url) if way in ("flat", "vllm_exact") else None
+                current[0] = way
                 t0, c0 = time.perf_counter(), time.process_time()
                 out = engine.generate([prompt], sp)[0]
                 secs[way] += time.perf_counter() - t0
@@ -140,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             "merge": getattr(o[0], "merge", None),
             "prefix_cache_hit_rate": _mean([getattr(x, "prefix_cache_hit_rate", None) for x in o]),
         }
+        if way in tally:
+            steps, tokens, chunks = tally[way]
+            rows[way].update(engine_steps=steps, tokens_computed=tokens, chunk_tokens=chunks,
+                             tokens_vs_local=round(tokens / tally["local"][1], 3))  # fmt: skip
         if args.logprobs and way != "local":
             diffs = [d for x, y in zip(o, outs["local"], strict=True) if (d := _lp_diff(x, y)) is not None]
             rows[way]["max_logprob_diff"] = max(diffs, default=None)
@@ -158,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
               "exact_overhead": round(rows["exact"]["wall_ratio"] - 1, 3)}  # fmt: skip
     if "flat" in rows and "vllm_exact" in rows:  # the plugin's cost: exact vs flat on the same vLLM build
         result["vllm_exact_vs_flat_wall"] = round(secs["vllm_exact"] / secs["flat"], 3)
+    print(f"tokens computed by the engine: local {tally['local'][1]} in {tally['local'][0]} steps, exact (the "
+          f"server) {tally['exact'][1]} in {tally['exact'][0]} steps ({rows['exact']['tokens_vs_local']}x), server "
+          f"prefix-cache hit rate {rows['exact']['prefix_cache_hit_rate']}; CPU time exact/local "
+          f"{rows['exact']['cpu_ratio']}")  # fmt: skip
     for way in ("flat", "vllm_exact"):
         if way in rows:
             r = rows[way]
