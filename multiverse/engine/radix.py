@@ -11,7 +11,8 @@ forked too: the engine computes every token by the layout rule (a path at its la
 seeing the prefix and itself; the Conclusion seeing every path), and after the merge the root's
 K/V list is prefix + path 1 + path 2 + ... in canonical order: exactly the K/V a structured
 prefill of that sequence computes. So a follow-up request that extends an output (the remote
-driver's path and Reduce requests extend its Map and path 1 requests) prefills only the rest.
+driver's path and Reduce requests extend its Map and path 1 requests) prefills only the rest;
+the Reduce request's later paths are found by their own requests' sequences (:mod:`.reuse`).
 
 Ownership: every node holds references to its slots in the :class:`KVManager` (holder = the node).
 A request that hits the cache takes its own references (``KVManager.share``), so evicting a node
