@@ -38,9 +38,8 @@ class Driver:
         run = self.llm.runner.run
 
         def spy(works):
-            counts.extend(
-                w.count for w in works if w.branch.parent is None and w.start < len(prompt)
-            )
+            counts.extend(w.count for w in works if w.branch.parent is None and w.start < len(prompt)
+                          and w.branch.request.prompt_ids == prompt)  # fmt: skip
             return run(works)
 
         self.llm.runner.run = spy
@@ -182,4 +181,29 @@ def test_eviction_in_a_small_pool_frees_slots_several_entries_share(pair, tok):
         assert shared  # no request runs: only cache entries hold these, two or more each
     assert sum(freed) > llm.kv.num_slots  # the pool was recycled, shared slots included
     assert llm.radix.evictable_slots() == llm.kv.num_used
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize(("slots", "chunk"), [(1024, 3), (160, 2)])
+def test_a_reduce_prefilled_in_small_chunks_beside_another_request_gives_the_cold_output(
+    pair, tok, slots, chunk
+):
+    # chunks stop where a cached run begins; in a small pool the other request competes for it
+    llm = engine(pair[1], tok, num_kv_slots=slots, prefill_chunk=chunk)
+    d = Driver(llm, tok)
+    mapped = d.send(PROMPT, HEAD, stop="</Goal>")
+    prefix, cached = d.fork(PROMPT + mapped.token_ids, PATHS)
+    reduce = d.merged(prefix, cached)
+    other = llm.add_request(
+        list(range(300, 320)),
+        SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True, parallel=False),
+    )
+    llm.step()
+    out = d.send(reduce, "all\n", stop="</Conclusion>", logprobs=True)
+    while not other.finished:
+        llm.step()
+    if slots == 1024:
+        assert d.computed[-1] == 2 * 2 + 3 * 2 + 2  # nothing evicted: the same runs as in one chunk
+    _same(out, _cold(pair, tok, reduce, "all\n"))
+    assert other.finish_reason == "length"
     assert_no_leak(llm)
