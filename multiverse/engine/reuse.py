@@ -18,7 +18,9 @@ Limits, by design: a run never goes past its path's segment (``<Path>`` up to th
 ``<Path>``, ``<Conclusion>`` or ``</Parallel>``: the tokens after it see other paths), nor past
 the prompt's second-to-last token (its last is computed for the logits); adopted runs and
 computed gaps alternate (a path request does not compute the ``</Path>`` it stopped at: the
-Reduce computes ``</Path>\\n`` of each path, masked, between the runs). Mid-prompt runs are taken
+Reduce computes ``</Path>\\n`` of each path, masked, between the runs); a run never lists a slot
+the root lists already (a branch lists a slot once: paths 2..n's requests hit path 1's
+``<Path>\\n``, which the Reduce computes again for them). Mid-prompt runs are taken
 only in the parallel namespace and where the prompt is computed with the layout mask (a mask
 chunk follows each run and sets ``attend``); none for requests with prompt logprobs. Nested
 blocks follow from the same rule: a nested path's context skips the other paths of every block
