@@ -60,24 +60,30 @@ def test_stream_matches_the_final_output(llm, text, stop):
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text, stop=stop))
     streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
-    sent, events, snapshots = "", [], []
+    sent, events, snapshots, ids, id_snapshots = "", [], [], [], []
     while not req.finished:
         llm.step()
         if req.finished:
             break
         delta, evs = streamer.update(req)
         assert (delta, evs) == reference.update(req)  # incremental == full re-decode
+        assert streamer.ids == reference.ids
         sent += delta
         events += evs
+        ids += streamer.ids
         snapshots.append(sent)
+        id_snapshots.append(len(ids))
     out = llm.output(req)
     llm.check_invariants()
-    delta, evs = streamer.finish(req, out.text)
+    delta, evs = streamer.finish(req, out.text)  # the canonical ids from the tree, not the output
     assert (delta, evs) == reference.finish(req, out.text)
     sent += delta
     events += evs
+    ids += streamer.ids
     assert sent == out.text
     assert all(out.text.startswith(s) for s in snapshots)
+    assert ids == out.token_ids  # the ids, chunk by chunk, are the output's (stop cuts keep every token)
+    assert len(set(id_snapshots)) > 5  # they really streamed
     assert len(set(snapshots)) > 5  # it really streamed
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     n0 = req.prompt_len
@@ -113,18 +119,20 @@ def test_an_abort_inside_nested_blocks_closes_the_stream(llm, stop):
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=NESTED, stop=stop))
     streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
-    sent, events = "", []
+    sent, events, ids = "", [], []
     while sum(1 for b in req.branches() if b.parent is not None) < 3:
         llm.step()
         chunk = streamer.update(req)
         assert chunk == reference.update(req)
         sent += chunk[0]
         events += chunk[1]
+        ids += streamer.ids
     llm.abort(req)
     out = llm.output(req)
     rest = streamer.finish(req, out.text)
     assert rest == reference.finish(req, out.text)
     assert out.finish_reason == "abort" and sent + rest[0] == out.text
+    assert ids and ids + streamer.ids == out.token_ids  # the folded blocks' ids come last
     events += rest[1]
     forks = [e for e in events if e["type"] == "fork"]
     assert len(forks) >= 2 and len([e for e in events if e["type"] == "merge"]) == len(forks)
