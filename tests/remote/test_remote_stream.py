@@ -5,13 +5,16 @@ and a last chunk with the finish reason, the ``multiverse`` fields and the usage
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import pytest
 from conftest import API_KEY, FRONT_KEY, slow_backend, tiny_problems, wait_idle
 
+from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import chat_prompt, user_prompt
+from multiverse.remote import RemoteLLM
 
 H = {"Authorization": f"Bearer {FRONT_KEY}"}
 
@@ -102,3 +105,56 @@ def test_a_streaming_client_that_goes_away_frees_the_fleet(front, tiny_server, f
                 if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
                     break  # the first text has come: the client goes
         assert wait_idle(app, llm, 20.0), "a sub-request is still running on the backend"
+
+
+def test_the_front_streams_per_token_the_text_of_the_local_engine(front, tiny_local, tiny_server):
+    """Per token (not per sub-request): for held-out prompts that fork, the streamed text equals
+    the front's non-streamed text and the local engine's, is a prefix of it at every chunk, and
+    comes in about as many chunks as the request has tokens."""
+    tok = tiny_server[2].tokenizer
+    prompts = [chat_prompt(tok, q) for q in tiny_problems(2)]
+    local = tiny_local.generate(prompts, SamplingParams(temperature=0, max_tokens=1024))
+    for prompt, ref in zip(prompts, local, strict=True):
+        body = {"prompt": prompt, "temperature": 0, "max_tokens": 1024}
+        whole = httpx.post(f"{front}/v1/completions", json=body, headers=H, timeout=300).json()["choices"][0]
+        assert whole["multiverse"]["blocks"] >= 1 and whole["text"] == ref.text
+        texts = [c["choices"][0]["text"] for c in _chunks(front, "/v1/completions", body, H)]
+        assert "".join(texts) == ref.text
+        sent = ""
+        for t in texts:
+            sent += t
+            assert ref.text.startswith(sent)
+        pieces = sum(1 for t in texts if t)
+        assert pieces >= len(ref.token_ids) // 4, (pieces, len(ref.token_ids))  # per token, not 4 per request
+
+
+def test_streamed_sub_requests_give_the_reference_output(tiny_local, tiny_server):
+    """The driver fed token by token from streams (what `serve --base-url` does for a streaming
+    client) gives what it gives fed whole completions (the reference) and the local engine."""
+    url, app, llm = tiny_server
+    tok = llm.tokenizer
+    prompts = [chat_prompt(tok, q) for q in tiny_problems(2)]
+    params = SamplingParams(temperature=0, max_tokens=1024)
+    local = tiny_local.generate(prompts, params)
+    driver = RemoteLLM(url, api_key=API_KEY)
+    whole = driver.generate(prompts, params)
+    seen = [0, 0]
+
+    def progress(index, req):
+        seen[index] += 1
+
+    async def streamed():
+        try:
+            return await driver.agenerate(prompts, params, on_progress=progress)
+        finally:
+            await driver.aclose()
+
+    outs = asyncio.run(streamed())
+    for out, ref, w, n in zip(outs, local, whole, seen, strict=True):
+        assert out.token_ids == ref.token_ids == w.token_ids and out.text == ref.text
+        assert out.finish_reason == ref.finish_reason and out.tree == ref.tree
+        assert out.http_requests == w.http_requests  # one stream per completion
+        assert n >= len(ref.token_ids) // 4  # progress per token
+    for tree in driver.trees:
+        tree.check_invariants()
+    assert wait_idle(app, llm)
