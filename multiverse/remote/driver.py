@@ -186,7 +186,7 @@ class RemoteLLM:
         empty: dict[Branch, int] = {}
         serial = tree.req.params.serial_branches
         closes = _Closes(tree, info) if info.vllm_plugin and self.merge == "exact" else None
-        stream = stream and closes is None and not tree.req.params.logprobs  # (streams carry no logprobs)
+        stream = stream and closes is None and not tree.req.params.logprobs  # streams: no logprobs
         cuts = 0
 
         async def call(body: dict[str, Any]) -> Completion:
@@ -213,7 +213,11 @@ class RemoteLLM:
                         continue
                     body = self._body(tree, br, info.model, info.multiverse)
                     if body is not None:
-                        work = feed_stream(tree, br, replica.stream(body, counts), progress) if stream else call(body)
+                        work = (
+                            feed_stream(tree, br, replica.stream(body, counts), progress)
+                            if stream
+                            else call(body)
+                        )
                         tasks[br] = asyncio.create_task(work)
                 if tree.req.finished:
                     break

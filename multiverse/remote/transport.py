@@ -182,7 +182,9 @@ class Replica:
                     data = await self._post(body)
         return parse_completion(data, f"{self.base_url}/v1/completions")
 
-    async def stream(self, body: dict[str, Any], counts: list[int] | None = None) -> AsyncIterator[Completion]:
+    async def stream(
+        self, body: dict[str, Any], counts: list[int] | None = None
+    ) -> AsyncIterator[Completion]:
         """One completion streamed (``stream: true``, Server-Sent Events): yields each chunk's
         *new* token ids as a :class:`Completion` (their logprobs, and on the last one the finish
         and stop reasons), as :meth:`complete` gives them whole (``text`` never read). Opening it
@@ -219,17 +221,25 @@ class Replica:
                     if piece.finish_reason is not None:
                         return
             except (RemoteError, httpx.TransportError) as e:
-                raise StreamCut(f"{url}: the stream broke after {received} tokens: {e}", received) from e
-            raise StreamCut(f"{url}: the stream ended after {received} tokens with no finish reason", received)
+                raise StreamCut(
+                    f"{url}: the stream broke after {received} tokens: {e}", received
+                ) from e
+            raise StreamCut(
+                f"{url}: the stream ended after {received} tokens with no finish reason", received
+            )
 
-    async def _open(self, stack: contextlib.AsyncExitStack, body: dict[str, Any], url: str) -> AsyncIterator[Completion]:
+    async def _open(
+        self, stack: contextlib.AsyncExitStack, body: dict[str, Any], url: str
+    ) -> AsyncIterator[Completion]:
         """Send a streamed request (inside ``stack``: the concurrency limit, the response); the
         chunks that carry tokens or a finish reason, in order."""
         assert self.client is not None, "use the replica inside `async with`"
         self.num_requests += 1
         if self.limit is not None:
             await stack.enter_async_context(self.limit)
-        resp = await stack.enter_async_context(self.client.stream("POST", "/v1/completions", json=body))
+        resp = await stack.enter_async_context(
+            self.client.stream("POST", "/v1/completions", json=body)
+        )
         if resp.status_code != 200:
             await resp.aread()
             raise RemoteError(f"{url}: HTTP {resp.status_code}: {_message(resp)}", resp.status_code)
@@ -262,7 +272,9 @@ async def _sse_completions(resp: httpx.Response, url: str) -> AsyncIterator[Comp
         except ValueError:
             raise RemoteError(f"{url}: a stream event that is not JSON: {data[:200]!r}") from None
         if isinstance(chunk, dict) and "error" in chunk:
-            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+            err = (
+                chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+            )
             code = err.get("code")
             raise RemoteError(f"{url}: error event: {str(err.get('message'))[:400]}",
                               code if isinstance(code, int) else 500)  # fmt: skip

@@ -187,7 +187,8 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
             (``job.req`` was set on the engine thread before its first message)."""
             prompt_ids = jobs[index].req.prompt_ids if with_ids and first[index] else None
             first[index] = False
-            return sse(choice_chunk(head, index, chat, text, events, ids if with_ids else None, out, prompt_ids))
+            ids = ids if with_ids else None
+            return sse(choice_chunk(head, index, chat, text, events, ids, out, prompt_ids))
 
         try:
             if chat:

@@ -306,7 +306,8 @@ class EngineThread:
         self.metrics.observe(out)
         rest = None
         if job.streamer is not None:
-            text, events = job.streamer.finish(job.req, out.text, responses.token_ids(out)["token_ids"])
+            final_ids = responses.token_ids(out)["token_ids"]  # the stop token that ended it last
+            text, events = job.streamer.finish(job.req, out.text, final_ids)
             rest = (text, events, job.streamer.ids)
         job.sink((kind, job.index, out, rest))
 

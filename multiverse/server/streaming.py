@@ -99,7 +99,9 @@ class BranchStreamer:
         self.ids_sent += len(self.ids)
         return text, events
 
-    def finish(self, req: Any, final_text: str, final_ids: list[int] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    def finish(
+        self, req: Any, final_text: str, final_ids: list[int] | None = None
+    ) -> tuple[str, list[dict[str, Any]]]:
         """The rest, once ``req`` has finished with ``final_text`` (``RequestOutput.text``);
         :attr:`ids`: the rest of ``final_ids`` (the response's ``token_ids``, the stop token kept)."""
         events: list[dict[str, Any]] = []
@@ -125,7 +127,8 @@ class BranchStreamer:
         st = self.states.get(b)
         if st is None:
             first = req.prompt_len if b.parent is None else 0
-            st = self.states[b] = _State(IncrementalText(first) if self.incremental else FullText(first), first)
+            text = IncrementalText(first) if self.incremental else FullText(first)
+            st = self.states[b] = _State(text, first)
         return st
 
     def _send_ids(self, b: Any, st: _State) -> None:

@@ -162,7 +162,9 @@ class CutStreams(httpx.AsyncBaseTransport):
     """A real transport whose streamed path requests (prompt with a ``<Path>`` and no
     ``<Conclusion>``) break after ``after`` events: the first ``cuts`` of them (all: ``None``)."""
 
-    def __init__(self, path_tag: int, conclusion_tag: int, after: int = 5, cuts: int | None = 1) -> None:
+    def __init__(
+        self, path_tag: int, conclusion_tag: int, after: int = 5, cuts: int | None = 1
+    ) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.tags, self.after, self.cuts, self.done = (path_tag, conclusion_tag), after, cuts, 0
 
@@ -208,7 +210,9 @@ def _streamed(driver, prompts, params):
     return asyncio.run(run())
 
 
-def test_a_stream_cut_in_the_middle_of_a_path_goes_on_from_the_tokens_received(reference, tiny_server):
+def test_a_stream_cut_in_the_middle_of_a_path_goes_on_from_the_tokens_received(
+    reference, tiny_server
+):
     prompts, local = reference
     url, app, llm = tiny_server
     tags = tag_ids(llm.tokenizer)

@@ -116,7 +116,9 @@ def test_the_front_streams_per_token_the_text_of_the_local_engine(front, tiny_lo
     local = tiny_local.generate(prompts, SamplingParams(temperature=0, max_tokens=1024))
     for prompt, ref in zip(prompts, local, strict=True):
         body = {"prompt": prompt, "temperature": 0, "max_tokens": 1024}
-        whole = httpx.post(f"{front}/v1/completions", json=body, headers=H, timeout=300).json()["choices"][0]
+        whole = httpx.post(f"{front}/v1/completions", json=body, headers=H, timeout=300).json()[
+            "choices"
+        ][0]
         assert whole["multiverse"]["blocks"] >= 1 and whole["text"] == ref.text
         texts = [c["choices"][0]["text"] for c in _chunks(front, "/v1/completions", body, H)]
         assert "".join(texts) == ref.text
@@ -125,7 +127,10 @@ def test_the_front_streams_per_token_the_text_of_the_local_engine(front, tiny_lo
             sent += t
             assert ref.text.startswith(sent)
         pieces = sum(1 for t in texts if t)
-        assert pieces >= len(ref.token_ids) // 4, (pieces, len(ref.token_ids))  # per token, not 4 per request
+        assert pieces >= len(ref.token_ids) // 4, (
+            pieces,
+            len(ref.token_ids),
+        )  # per token, not 4 per request
 
 
 def test_streamed_sub_requests_give_the_reference_output(tiny_local, tiny_server):
