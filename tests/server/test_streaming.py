@@ -170,3 +170,30 @@ def test_each_step_decodes_only_what_is_new(llm, stop):
     assert len(per_step) > 300 and max(per_step) <= 8, max(per_step)
     assert full.decoded > 100 * sum(per_step)  # the reference re-decodes everything every step
     llm.output(req)
+
+
+def test_a_later_paths_block_merging_as_the_first_path_ends(llm):
+    """Path 2 forks while path 1 still runs; path 1's length is varied until its end and path
+    2's merge come in the same engine step: path 2's text before its block must still go out
+    before its block's paths (text and ids a prefix of the final after every step)."""
+    tok, together = llm.tokenizer, 0
+    for filler in range(30, 60):
+        inner = block([("2.1", "p q"), ("2.2", "r")])
+        text = _think(block([("1", "a" + " b" * filler), ("2", "x\n" + inner)]))
+        req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text))
+        streamer = BranchStreamer(tok)
+        sent, ids, snapshots = "", [], []
+        while not req.finished:
+            llm.step()
+            if not req.finished:
+                delta, events = streamer.update(req)
+                sent += delta
+                ids += streamer.ids
+                snapshots.append((sent, list(ids)))
+                kinds = {(e["type"], e["branch"]) for e in events}
+                together += {("path_end", "1"), ("merge", "2")} <= kinds
+        out = llm.output(req)
+        assert out.usage.blocks == 2
+        for s, got in snapshots:
+            assert out.text.startswith(s) and got == out.token_ids[: len(got)], filler
+    assert together  # the case this is about happened
