@@ -180,8 +180,8 @@ def test_a_later_paths_block_merging_as_the_first_path_ends(llm):
     for filler in range(30, 60):
         inner = block([("2.1", "p q"), ("2.2", "r")])
         text = _think(block([("1", "a" + " b" * filler), ("2", "x\n" + inner)]))
-        req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text))
-        streamer = BranchStreamer(tok)
+        params = SamplingParams(temperature=0, max_tokens=600, forced_output=text)
+        req, streamer = llm.add_request("q", params), BranchStreamer(tok)
         sent, ids, snapshots = "", [], []
         while not req.finished:
             llm.step()
