@@ -211,12 +211,16 @@ class Replica:
             if first is None:
                 return
             received = len(first.token_ids)
+            if first.finish_reason is not None:
+                await _drain(chunks)
             yield first
             if first.finish_reason is not None:
                 return
             try:
                 async for piece in chunks:
                     received += len(piece.token_ids)
+                    if piece.finish_reason is not None:
+                        await _drain(chunks)
                     yield piece
                     if piece.finish_reason is not None:
                         return
@@ -283,6 +287,13 @@ async def _sse_completions(resp: httpx.Response, url: str) -> AsyncIterator[Comp
         piece = parse_completion(chunk, url)
         if piece.token_ids or piece.finish_reason is not None:
             yield piece
+
+
+async def _drain(chunks: AsyncIterator[Completion]) -> None:
+    """Read a finished stream to its end (``[DONE]``), so its connection can be reused."""
+    with contextlib.suppress(RemoteError, httpx.TransportError):
+        async for _ in chunks:
+            pass
 
 
 def _message(resp: httpx.Response) -> str:

@@ -163,3 +163,19 @@ def test_streamed_sub_requests_give_the_reference_output(tiny_local, tiny_server
     for tree in driver.trees:
         tree.check_invariants()
     assert wait_idle(app, llm)
+
+
+def test_the_front_streams_token_ids_as_the_local_server(front, tiny_server, forking_body):
+    """`return_token_ids` through the front: per chunk the new ids, concatenated the
+    non-streamed ids (the stop token last), the prompt's ids on the first chunk, as the local
+    server streams them."""
+    body = {**forking_body, "return_token_ids": True, "stream_options": None}
+    whole = httpx.post(f"{front}/v1/completions", json=body, headers=H, timeout=300).json()
+    want = whole["choices"][0]
+    local = _chunks(tiny_server[0], "/v1/completions", body, {"Authorization": f"Bearer {API_KEY}"})
+    for chunks in (_chunks(front, "/v1/completions", body, H), local):
+        choices = [c["choices"][0] for c in chunks]
+        assert [t for c in choices for t in c["token_ids"]] == want["token_ids"]
+        assert choices[0]["prompt_token_ids"] == want["prompt_token_ids"]
+        assert choices[-1]["stop_reason"] == want["stop_reason"]
+        assert sum(1 for c in choices if c["token_ids"]) > len(want["token_ids"]) // 4
