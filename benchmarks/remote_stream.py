@@ -69,10 +69,10 @@ def main() -> None:
                         "temperature": 0,
                         "max_tokens": 1024,
                     }
-                    whole = httpx.post(f"{front}/v1/completions", json=body, timeout=600).json()[
-                        "choices"
-                    ][0]
-                    tokens = len(llm.tokenizer.encode(whole["text"], add_special_tokens=False))
+                    asked = {**body, "return_token_ids": True}
+                    resp = httpx.post(f"{front}/v1/completions", json=asked, timeout=600)
+                    whole = resp.json()["choices"][0]
+                    tokens = len(whole["token_ids"])  # of all paths (and the stop token)
                     row = {"blocks": whole["multiverse"]["blocks"], "tokens": tokens}
                     for name, url in (("local", local), ("front", front)):
                         text_chunks, event_chunks, text = counts(stream(url, body))

@@ -10,13 +10,12 @@ task of the driver; a client that goes away, or a ``timeout`` that passes, cance
 closes every sub-request it has in flight on the fleet. ``--max-concurrent-requests`` bounds the
 requests in progress (more wait; beyond ``--max-queue`` waiting, 429).
 
-Streaming (``stream: true``, docs/streaming.md) is the local server's: the driver reports each
-completion it feeds to a request (``RemoteLLM.agenerate``'s ``on_progress``), and a
-:class:`~multiverse.server.streaming.BranchStreamer` per choice turns the live tree into the text
-that is certain so far and the branch events (fork, delta, path_end, merge); the last chunk has
-the finish reason, the ``multiverse`` fields of the end (the merge mode among them) and, asked
-for, the usage. Text arrives per completion of the fleet (a path's text when its sub-request
-ends), not per token.
+Streaming (``stream: true``, docs/streaming.md) is the local server's, per token: the driver
+streams its sub-requests and reports each piece it feeds to a request (``RemoteLLM.agenerate``'s
+``on_progress``), and a :class:`~multiverse.server.streaming.BranchStreamer` per choice turns the
+live tree into the text that is certain so far, its token ids (``return_token_ids``) and the
+branch events (fork, delta, path_end, merge); the last chunk has the finish reason, the
+``multiverse`` fields of the end (the merge mode among them) and, asked for, the usage.
 """
 
 from __future__ import annotations
