@@ -132,13 +132,16 @@ def test_a_hanging_server_times_out_and_frees_the_work(reference, tiny_server):
     assert wait_idle(app, llm), "the timed-out sub-requests are still running on the server"
 
 
-def test_a_client_abort_cancels_every_sub_request(reference, tiny_server):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_abort_cancels_every_sub_request(reference, tiny_server, stream):
     prompts, _ = reference
     url, app, llm = tiny_server
     driver = RemoteLLM(url, api_key=API_KEY)
 
     async def abort_while_paths_run() -> None:
-        task = asyncio.ensure_future(driver.agenerate(prompts, _params(driver.tokenizer)))
+        task = asyncio.ensure_future(
+            driver.agenerate(prompts, _params(driver.tokenizer), stream=stream)
+        )
         for _ in range(2000):
             await asyncio.sleep(0.005)
             if len(llm.requests) >= 2:  # paths in flight

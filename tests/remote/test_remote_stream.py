@@ -179,3 +179,35 @@ def test_the_front_streams_token_ids_as_the_local_server(front, tiny_server, for
         assert choices[0]["prompt_token_ids"] == want["prompt_token_ids"]
         assert choices[-1]["stop_reason"] == want["stop_reason"]
         assert sum(1 for c in choices if c["token_ids"]) > len(want["token_ids"]) // 4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"temperature": 0.0, "stop": [" 50 47"]}, {"temperature": 0.7, "seed": 7}],
+    ids=["stop-strings-in-paths", "sampled-seeded"],
+)
+def test_streamed_sub_requests_keep_stops_and_seeds(tiny_local, tiny_server, settings):
+    """Streamed, a stop string met inside paths ends them as fed whole (and as the engine does);
+    a seeded sampled request gives the same output (each completion carries the same seed)."""
+    url, app, llm = tiny_server
+    tok = llm.tokenizer
+    prompt = chat_prompt(tok, tiny_problems(1)[0])
+    params = SamplingParams(max_tokens=1024, **settings)
+    driver = RemoteLLM(url, api_key=API_KEY)
+    whole = driver.generate(prompt, params)[0]
+
+    async def streamed():
+        try:
+            return await driver.agenerate(prompt, params, stream=True)
+        finally:
+            await driver.aclose()
+
+    out = asyncio.run(streamed())[0]
+    assert whole.usage.blocks >= 1 and out.token_ids == whole.token_ids and out.text == whole.text
+    assert out.tree == whole.tree and out.finish_reason == whole.finish_reason
+    if "stop" in settings:
+        assert (
+            " 50 47" not in out.text
+            and out.token_ids == tiny_local.generate(prompt, params)[0].token_ids
+        )
+    assert wait_idle(app, llm)
