@@ -29,7 +29,9 @@ the sub-requests are streamed (:meth:`Replica.stream`, :mod:`.streamed`): each b
 token by token as the server sends them, so progress comes per token; without, each completion
 is fed whole when it ends (the reference path: the outputs are the same). Streaming is not used
 for requests that ask for logprobs (a streamed chunk carries none from ``multiverse serve``) nor
-for exact merges on vLLM's Multiverse plugin (its closing requests and reports). A stream that
+for exact merges on vLLM's Multiverse plugin (its closing requests and reports); a stock server
+is streamed from once it has answered one whole completion without the plugin's report (which
+streams do not carry: a plugin server asked for ``flat`` is refused by that answer). A stream that
 breaks after tokens arrived is continued from them (at most ``retries`` times per request).
 """
 
@@ -202,6 +204,7 @@ class RemoteLLM:
             elif comp.connector is not None:
                 raise RemoteError(f"{replica.base_url} is a vLLM with the Multiverse plugin, which merges exactly "
                                   "only: ask for merge='exact' (--merge exact)")  # fmt: skip
+            replica.plain = True  # no plugin: its streams (which carry no report) may be used
             return comp
 
         try:
@@ -215,7 +218,7 @@ class RemoteLLM:
                     if body is not None:
                         work = (
                             feed_stream(tree, br, replica.stream(body, counts), progress)
-                            if stream
+                            if stream and (info.multiverse or replica.plain)
                             else call(body)
                         )
                         tasks[br] = asyncio.create_task(work)

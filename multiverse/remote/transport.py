@@ -137,6 +137,7 @@ class Replica:
         self.client: httpx.AsyncClient | None = None
         self.num_requests = 0  # completions calls sent (retries included)
         self.in_flight = 0  # driver requests assigned to this replica now
+        self.plain = False  # answered a whole completion with no Multiverse-plugin report (driver)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -10,7 +10,8 @@ import json
 
 import httpx
 import pytest
-from conftest import API_KEY, FRONT_KEY, slow_backend, tiny_problems, wait_idle
+from conftest import API_KEY, FRONT_KEY, serve_app, slow_backend, tiny_problems, wait_idle
+from scripted import Script, scripted_app
 
 from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import chat_prompt, user_prompt
@@ -211,3 +212,70 @@ def test_streamed_sub_requests_keep_stops_and_seeds(tiny_local, tiny_server, set
             and out.token_ids == tiny_local.generate(prompt, params)[0].token_ids
         )
     assert wait_idle(app, llm)
+
+
+def _forking_script(tok) -> Script:
+    """A stock server whose "model" forks two paths, closes them and concludes (then EOS)."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    v = tok.get_vocab()
+    goal = "<Parallel>\n<Goal>\n<Outline>\n1: a\n</Outline>\n<Outline>\n2: b\n</Outline>\n</Goal>\n"
+
+    def fn(ctx: list[int]):
+        last = {
+            t: max((i for i, x in enumerate(ctx) if x == v[t]), default=-1)
+            for t in ("<Path>", "</Path>")
+        }
+        if v["<Conclusion>"] in ctx:
+            return [*enc(" ok"), tok.eos_token_id]
+        if last["<Path>"] > last["</Path>"]:
+            return enc(" a b c</Path>")
+        return enc(goal)
+
+    return Script(fn)
+
+
+def test_a_stock_server_is_streamed_once_a_whole_answer_showed_no_plugin():
+    from multiverse.locations import find_model
+
+    model = find_model()
+    script = _forking_script(_tokenizer(model))
+    with serve_app(scripted_app(script)) as url:
+        driver = RemoteLLM(url, tokenizer=model, timeout=30)
+        params = SamplingParams(temperature=0.0, max_tokens=200)
+        whole = driver.generate("q?", params)[0]
+        script.streamed.clear()
+        out = _agenerate(driver, "q?", params)
+    assert whole.usage.blocks == 1 and whole.finish_reason == "stop", whole.text
+    assert out.token_ids == whole.token_ids and out.tree == whole.tree and out.merge == "flat"
+    assert (
+        script.streamed[0] is False and script.streamed.count(True) >= 3
+    )  # the Map whole, then streams
+
+
+def test_a_plugin_server_asked_for_flat_is_refused_when_streaming_too():
+    from multiverse.locations import find_model
+
+    model = find_model()
+    script = _forking_script(_tokenizer(model))
+    script.report = {"loaded": 0, "saved": 0}  # what a vLLM with the Multiverse plugin answers
+    with serve_app(scripted_app(script)) as url:
+        driver = RemoteLLM(url, tokenizer=model, timeout=30)
+        out = _agenerate(driver, "q?", SamplingParams(temperature=0.0, max_tokens=200))
+    assert out.finish_reason == "error" and "Multiverse plugin" in out.error
+    assert True not in script.streamed  # never streamed from it
+
+
+def _tokenizer(model):
+    from multiverse.format.tokenizer import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def _agenerate(driver, prompt, params):
+    async def run():
+        try:
+            return await driver.agenerate(prompt, params, stream=True)
+        finally:
+            await driver.aclose()
+
+    return asyncio.run(run())[0]
