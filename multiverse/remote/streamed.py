@@ -51,15 +51,11 @@ async def feed_stream(tree: Tree, br: Branch, pieces: AsyncIterator[Completion],
                 finish = piece.finish_reason
                 if n and progress is not None:
                     progress()
-                if (
-                    n < len(piece.token_ids)
-                    or tree.req.finished
-                    or br.status is not Status.RUNNING
-                    or br.num_pending
-                ):
-                    return Fed(
-                        took, None
-                    )  # the rules changed the branch's course: the rest is not its
+                # the rules changed the branch's course (a token inserted, the branch or the
+                # request ended): the rest of the stream is not its continuation
+                moved = br.status is not Status.RUNNING or br.num_pending
+                if n < len(piece.token_ids) or tree.req.finished or moved:
+                    return Fed(took, None)
         except StreamCut as cut:
             if took == 0:
                 raise
