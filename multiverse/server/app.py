@@ -105,7 +105,9 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
 
         timeout = min(body.timeout or cfg.request_timeout, cfg.request_timeout)  # the operator's cap
         deadline = time.monotonic() + timeout
-        jobs = [Job(prompt, p, sink, index=i, stream=body.stream, timeout=timeout) for i, p in enumerate(params)]
+        with_ids = body.stream and not chat and body.return_token_ids  # each chunk's token ids
+        jobs = [Job(prompt, p, sink, index=i, stream=body.stream, token_ids=with_ids, timeout=timeout)
+                for i, p in enumerate(params)]  # fmt: skip
         for job in jobs[1:]:
             job.after = jobs[0]  # the other choices start from the first one's cached prompt
         try:
@@ -118,7 +120,6 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                 "model": model_name}  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            with_ids = not chat and body.return_token_ids
             return StreamingResponse(stream(request, inbox, jobs, head, chat, include_usage, deadline, with_ids),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip

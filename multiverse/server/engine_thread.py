@@ -64,6 +64,7 @@ class Job:
     sink: Callable[[tuple[Any, ...]], None]
     index: int = 0
     stream: bool = False
+    token_ids: bool = False  # a streaming job's chunks carry their token ids (return_token_ids)
     timeout: float | None = None  # seconds from admission into the queue
     deadline: float = field(default=float("inf"), init=False)
     req: Any = field(default=None, init=False)
@@ -249,7 +250,8 @@ class EngineThread:
             return
         job.req = req
         if job.stream:
-            job.streamer = BranchStreamer(self.llm.tokenizer)  # stop strings: read from the request
+            # stop strings: read from the request
+            job.streamer = BranchStreamer(self.llm.tokenizer, token_ids=job.token_ids)
         with self.cond:
             self.running[req.id] = job
 

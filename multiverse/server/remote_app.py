@@ -151,7 +151,7 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
         """SSE chunks as the driver's trees grow (module docstring). The place is taken here, in
         the body, so a stream that never starts holds none (the queue was checked before).
         ``with_ids`` (``return_token_ids``): each chunk's new token ids, as the local server."""
-        streamers = [BranchStreamer(tok) for _ in params]
+        streamers = [BranchStreamer(tok, token_ids=with_ids) for _ in params]
         live: list[Any] = [None] * len(params)  # each choice's Request (its branch tree)
         ready: list[tuple[int, str, list[dict[str, Any]], list[int]]] = []
         wake = asyncio.Event()

@@ -71,11 +71,13 @@ class BranchStreamer:
     """What is new in one request since the last call (see the module docstring).
 
     ``incremental=False``: every branch's text is re-decoded in full after every step (the
-    reference: the same chunks, at a cost growing with the length)."""
+    reference: the same chunks, at a cost growing with the length). ``token_ids``: also say the
+    canonical token ids new in each call (:attr:`ids`; ``return_token_ids``), a few % more work."""
 
-    def __init__(self, tokenizer: Any, incremental: bool = True) -> None:
+    def __init__(self, tokenizer: Any, incremental: bool = True, token_ids: bool = False) -> None:
         self.tokenizer = tokenizer
         self.incremental = incremental
+        self.token_ids = token_ids
         self.states: dict[Any, _State] = {}  # Branch (by identity) -> its text so far
         self.forks: dict[Any, tuple[int, str, list[Any], int]] = {}  # parent -> (block, name, children, start)
         self.merged: dict[tuple[Any, int], tuple[str, bool]] = {}  # (parent, start) -> (text, sent as canonical)
@@ -134,6 +136,8 @@ class BranchStreamer:
     def _send_ids(self, b: Any, st: _State) -> None:
         """``b``'s new tokens, everything before them sent: canonical ids. They will sit in each
         ancestor's ``own_ids`` once merged, right after what it has sent, so each counts them."""
+        if not self.token_ids:
+            return
         known = self.forks.get(b)  # a block the streamer has not closed: its paths send their own
         n = (known[3] if known is not None else len(b.own_ids)) - st.ids
         if n <= 0:

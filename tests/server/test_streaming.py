@@ -59,7 +59,7 @@ def _paths(tree: dict, text, prefix: str = "") -> list[tuple[str, str]]:
 def test_stream_matches_the_final_output(llm, text, stop):
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text, stop=stop))
-    streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
+    streamer, reference = BranchStreamer(tok, token_ids=True), BranchStreamer(tok, False, token_ids=True)
     sent, events, snapshots, ids, id_snapshots = "", [], [], [], []
     while not req.finished:
         llm.step()
@@ -118,7 +118,7 @@ def test_an_abort_inside_nested_blocks_closes_the_stream(llm, stop):
     ends equal to the final text, and the incremental streamer still matches the full re-decode."""
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=NESTED, stop=stop))
-    streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
+    streamer, reference = BranchStreamer(tok, token_ids=True), BranchStreamer(tok, False, token_ids=True)
     sent, events, ids = "", [], []
     while sum(1 for b in req.branches() if b.parent is not None) < 3:
         llm.step()
@@ -181,7 +181,7 @@ def test_a_later_paths_block_merging_as_the_first_path_ends(llm):
         inner = block([("2.1", "p q"), ("2.2", "r")])
         text = _think(block([("1", "a" + " b" * filler), ("2", "x\n" + inner)]))
         params = SamplingParams(temperature=0, max_tokens=600, forced_output=text)
-        req, streamer = llm.add_request("q", params), BranchStreamer(tok)
+        req, streamer = llm.add_request("q", params), BranchStreamer(tok, token_ids=True)
         sent, ids, snapshots = "", [], []
         while not req.finished:
             llm.step()
