@@ -23,11 +23,19 @@ to the least busy one, with every one of its sub-requests (so the replica's pref
 A failed sub-request (after the retries) finishes its request with ``finish_reason="error"``;
 a request that fails or is cancelled cancels every sub-request it has in flight.
 
-Progress: ``agenerate(..., on_progress=f)`` calls ``f(index, request)`` after every completion
-fed to the ``index``-th request (``request``: its live branch tree, a
+Progress: ``agenerate(..., on_progress=f)`` calls ``f(index, request)`` after every piece fed
+to the ``index``-th request (``request``: its live branch tree, a
 :class:`~multiverse.engine.request.Request`, to read before the next ``await``, never to
 change): what ``multiverse serve --base-url`` streams from, with the local server's
-:class:`~multiverse.server.streaming.BranchStreamer`.
+:class:`~multiverse.server.streaming.BranchStreamer`. With an ``on_progress`` (or ``stream=True``)
+the sub-requests are streamed (:meth:`Replica.stream`, :mod:`.streamed`): each branch is fed
+token by token as the server sends them, so progress comes per token; without, each completion
+is fed whole when it ends (the reference path: the outputs are the same). Streaming is not used
+for requests that ask for logprobs (a streamed chunk carries none from ``multiverse serve``) nor
+for exact merges on vLLM's Multiverse plugin (its closing requests and reports); a stock server
+is streamed from once it has answered one whole completion without the plugin's report (which
+streams do not carry: a plugin server asked for ``flat`` is refused by that answer). A stream that
+breaks after tokens arrived is continued from them (at most ``retries`` times per request).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from multiverse.engine.request import Branch, Request, Status
 from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import chat_input
 from multiverse.remote.info import ServerInfo, choose_merge, discover
+from multiverse.remote.streamed import Fed, feed_stream
 from multiverse.remote.transport import Completion, RemoteError, Replica
 from multiverse.remote.tree import Tree
 
@@ -175,13 +184,15 @@ class RemoteLLM:
         return body
 
     async def _run(self, tree: Tree, replica: Replica, info: ServerInfo, counts: list[int],
-                   progress: Callable[[], None] | None = None) -> None:  # fmt: skip
+                   progress: Callable[[], None] | None = None, stream: bool = False) -> None:  # fmt: skip
         """Drive one request to its end (see the module docstring). ``counts[0]``: its calls;
-        ``progress()`` after each completion fed."""
-        tasks: dict[Branch, asyncio.Task[Completion]] = {}
+        ``progress()`` after each completion fed (``stream``: after each streamed piece)."""
+        tasks: dict[Branch, asyncio.Task[Completion | Fed]] = {}
         empty: dict[Branch, int] = {}
         serial = tree.req.params.serial_branches
         closes = _Closes(tree, info) if info.vllm_plugin and self.merge == "exact" else None
+        stream = stream and closes is None and not tree.req.params.logprobs  # streams: no logprobs
+        cuts = 0
 
         async def call(body: dict[str, Any]) -> Completion:
             try:
@@ -196,6 +207,7 @@ class RemoteLLM:
             elif comp.connector is not None:
                 raise RemoteError(f"{replica.base_url} is a vLLM with the Multiverse plugin, which merges exactly "
                                   "only: ask for merge='exact' (--merge exact)")  # fmt: skip
+            replica.plain = True  # no plugin: its streams (which carry no report) may be used
             return comp
 
         try:
@@ -207,7 +219,12 @@ class RemoteLLM:
                         continue
                     body = self._body(tree, br, info.model, info.multiverse)
                     if body is not None:
-                        tasks[br] = asyncio.create_task(call(body))
+                        work = (
+                            feed_stream(tree, br, replica.stream(body, counts), progress)
+                            if stream and (info.multiverse or replica.plain)
+                            else call(body)
+                        )
+                        tasks[br] = asyncio.create_task(work)
                 if tree.req.finished:
                     break
                 waiting = [*tasks.values(), *(closes.pending.values() if closes is not None else ())]
@@ -222,9 +239,17 @@ class RemoteLLM:
                     comp = tasks.pop(br).result()
                     if tree.req.finished:
                         break
-                    took = tree.feed(br, comp.token_ids, comp.logprobs)
-                    if progress is not None:
-                        progress()
+                    if isinstance(comp, Fed):  # streamed: fed as it came
+                        took = comp.took
+                        if comp.cut is not None:  # tokens came, then it broke: go on from them
+                            cuts += 1
+                            log.warning("%s (continuing from the tokens received)", comp.cut)
+                            if cuts > self.retries:
+                                raise comp.cut
+                    else:
+                        took = tree.feed(br, comp.token_ids, comp.logprobs)
+                        if progress is not None:
+                            progress()
                     empty[br] = 0 if took else empty.get(br, 0) + 1
                     if empty[br] >= MAX_EMPTY:
                         raise RemoteError(f"{replica.base_url}: {MAX_EMPTY} completions in a row gave no token "
@@ -251,9 +276,12 @@ class RemoteLLM:
     # -- generate --------------------------------------------------------------------------
     async def agenerate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                        on_progress: Callable[[int, Request], None] | None = None) -> list[RemoteOutput]:  # fmt: skip
+                        on_progress: Callable[[int, Request], None] | None = None,
+                        stream: bool | None = None) -> list[RemoteOutput]:  # fmt: skip
         """``generate`` as a coroutine (for callers inside an event loop). Cancelling it
-        cancels every request's sub-requests. ``on_progress``: see the module docstring."""
+        cancels every request's sub-requests. ``on_progress``, ``stream`` (default: streamed
+        when there is an ``on_progress``): see the module docstring."""
+        stream = on_progress is not None if stream is None else stream
         prompts, plist = pair_prompts(prompts, sampling_params)
         start = time.perf_counter()
         trees = [self._tree(p, sp) for p, sp in zip(prompts, plist, strict=True)]
@@ -269,7 +297,7 @@ class RemoteLLM:
             tree.req.t_arrival = start
         runs = [
             self._run(t, replicas[i], self.infos[i], n,
-                      None if on_progress is None else functools.partial(on_progress, k, t.req))
+                      None if on_progress is None else functools.partial(on_progress, k, t.req), stream)
             for k, (t, i, n) in enumerate(zip(trees, chosen, counts, strict=True))
         ]  # fmt: skip
         try:

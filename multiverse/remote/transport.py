@@ -8,13 +8,18 @@ Contract of :meth:`Replica.complete`: it returns the completion's *token ids* (t
 task running it that is cancelled closes its connection (httpx drops a connection whose response
 was not read), so the server sees the disconnect and frees the work. Errors that retrying does
 not cure raise :class:`RemoteError` naming the URL, the status and the server's message.
+:meth:`Replica.stream` is the same completion streamed (``stream: true``): the token ids as they
+come, retried until the first ones arrive; a break after that raises :class:`StreamCut`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +37,16 @@ class RemoteError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StreamCut(RemoteError):
+    """A streamed completion broke after ``received`` tokens had arrived (the connection dropped,
+    an error event, the stream ended with no finish reason): not retried here, since what came
+    is kept; the driver continues from it (:mod:`multiverse.remote.driver`)."""
+
+    def __init__(self, message: str, received: int) -> None:
+        super().__init__(message, None)
+        self.received = received
 
 
 @dataclass(slots=True)
@@ -122,6 +137,7 @@ class Replica:
         self.client: httpx.AsyncClient | None = None
         self.num_requests = 0  # completions calls sent (retries included)
         self.in_flight = 0  # driver requests assigned to this replica now
+        self.plain = False  # answered a whole completion with no Multiverse-plugin report (driver)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -167,6 +183,75 @@ class Replica:
                     data = await self._post(body)
         return parse_completion(data, f"{self.base_url}/v1/completions")
 
+    async def stream(
+        self, body: dict[str, Any], counts: list[int] | None = None
+    ) -> AsyncIterator[Completion]:
+        """One completion streamed (``stream: true``, Server-Sent Events): yields each chunk's
+        *new* token ids as a :class:`Completion` (their logprobs, and on the last one the finish
+        and stop reasons), as :meth:`complete` gives them whole (``text`` never read). Opening it
+        and waiting for its first tokens are retried as :meth:`complete` is; a failure after
+        tokens arrived raises :class:`StreamCut`. Closing the generator (``aclose``, or the
+        cancelled task that iterates it) closes the connection: the server frees the work."""
+        url = f"{self.base_url}/v1/completions"
+        retrying = AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(self.retries + 1),
+                                 wait=wait_random_exponential(multiplier=0.2, max=8.0), reraise=True,
+                                 before_sleep=_log_retry)  # fmt: skip
+        async with contextlib.AsyncExitStack() as held:
+            async for attempt in retrying:
+                with attempt:
+                    if counts is not None:
+                        counts[0] += 1
+                    stack = contextlib.AsyncExitStack()
+                    try:
+                        chunks = await self._open(stack, {**body, "stream": True}, url)
+                        first = await anext(chunks, None)
+                    except BaseException:
+                        await stack.aclose()
+                        raise
+            held.push_async_callback(stack.aclose)  # the connection (and the limit) until the end
+            if first is None:
+                return
+            received = len(first.token_ids)
+            if first.finish_reason is not None:
+                await _drain(chunks)
+            yield first
+            if first.finish_reason is not None:
+                return
+            try:
+                async for piece in chunks:
+                    received += len(piece.token_ids)
+                    if piece.finish_reason is not None:
+                        await _drain(chunks)
+                    yield piece
+                    if piece.finish_reason is not None:
+                        return
+            except (RemoteError, httpx.TransportError) as e:
+                raise StreamCut(
+                    f"{url}: the stream broke after {received} tokens: {e}", received
+                ) from e
+            raise StreamCut(
+                f"{url}: the stream ended after {received} tokens with no finish reason", received
+            )
+
+    async def _open(
+        self, stack: contextlib.AsyncExitStack, body: dict[str, Any], url: str
+    ) -> AsyncIterator[Completion]:
+        """Send a streamed request (inside ``stack``: the concurrency limit, the response); the
+        chunks that carry tokens or a finish reason, in order."""
+        assert self.client is not None, "use the replica inside `async with`"
+        self.num_requests += 1
+        if self.limit is not None:
+            await stack.enter_async_context(self.limit)
+        resp = await stack.enter_async_context(
+            self.client.stream("POST", "/v1/completions", json=body)
+        )
+        if resp.status_code != 200:
+            await resp.aread()
+            raise RemoteError(f"{url}: HTTP {resp.status_code}: {_message(resp)}", resp.status_code)
+        chunks = _sse_completions(resp, url)
+        stack.push_async_callback(chunks.aclose)
+        return chunks
+
     async def prefix_cache(self) -> tuple[float, float] | None:
         """The server's prefix-cache counters now (:func:`prefix_cache_counters`), or ``None``."""
         assert self.client is not None
@@ -175,6 +260,41 @@ class Replica:
         except httpx.HTTPError:
             return None
         return prefix_cache_counters(resp.text) if resp.status_code == 200 else None
+
+
+async def _sse_completions(resp: httpx.Response, url: str) -> AsyncIterator[Completion]:
+    """The completions chunks of an SSE response (:func:`parse_completion` each; the usage
+    chunk and chunks with neither tokens nor a finish reason skipped); an error event raises
+    :class:`RemoteError` (its status when it names one, else 500: retried before any token)."""
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise RemoteError(f"{url}: a stream event that is not JSON: {data[:200]!r}") from None
+        if isinstance(chunk, dict) and "error" in chunk:
+            err = (
+                chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+            )
+            code = err.get("code")
+            raise RemoteError(f"{url}: error event: {str(err.get('message'))[:400]}",
+                              code if isinstance(code, int) else 500)  # fmt: skip
+        if isinstance(chunk, dict) and chunk.get("choices") == []:
+            continue  # the usage
+        piece = parse_completion(chunk, url)
+        if piece.token_ids or piece.finish_reason is not None:
+            yield piece
+
+
+async def _drain(chunks: AsyncIterator[Completion]) -> None:
+    """Read a finished stream to its end (``[DONE]``), so its connection can be reused."""
+    with contextlib.suppress(RemoteError, httpx.TransportError):
+        async for _ in chunks:
+            pass
 
 
 def _message(resp: httpx.Response) -> str:

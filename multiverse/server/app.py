@@ -105,7 +105,9 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
 
         timeout = min(body.timeout or cfg.request_timeout, cfg.request_timeout)  # the operator's cap
         deadline = time.monotonic() + timeout
-        jobs = [Job(prompt, p, sink, index=i, stream=body.stream, timeout=timeout) for i, p in enumerate(params)]
+        with_ids = body.stream and not chat and body.return_token_ids  # each chunk's token ids
+        jobs = [Job(prompt, p, sink, index=i, stream=body.stream, token_ids=with_ids, timeout=timeout)
+                for i, p in enumerate(params)]  # fmt: skip
         for job in jobs[1:]:
             job.after = jobs[0]  # the other choices start from the first one's cached prompt
         try:
@@ -118,7 +120,7 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                 "model": model_name}  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(request, inbox, jobs, head, chat, include_usage, deadline),
+            return StreamingResponse(stream(request, inbox, jobs, head, chat, include_usage, deadline, with_ids),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         outs = await collect(request, inbox, jobs, deadline)
@@ -176,9 +178,19 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
         return outs
 
     async def stream(request: Request, inbox: asyncio.Queue, jobs: list[Job], head: dict[str, Any], chat: bool,
-                     include_usage: bool, deadline: float) -> AsyncIterator[str]:  # fmt: skip
+                     include_usage: bool, deadline: float, with_ids: bool = False) -> AsyncIterator[str]:  # fmt: skip
         outs: list[Any] = [None] * len(jobs)
         left = len(jobs)
+        first = [True] * len(jobs)
+
+        def chunk(index: int, text: str, events: list[Any], ids: list[int], out: Any = None) -> str:
+            """``with_ids`` (``return_token_ids``): the new ids, the prompt's on the first chunk
+            (``job.req`` was set on the engine thread before its first message)."""
+            prompt_ids = jobs[index].req.prompt_ids if with_ids and first[index] else None
+            first[index] = False
+            ids = ids if with_ids else None
+            return sse(choice_chunk(head, index, chat, text, events, ids, out, prompt_ids))
+
         try:
             if chat:
                 for i in range(len(jobs)):
@@ -194,11 +206,11 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                     yield SSE_DONE
                     return
                 if kind == "chunk":
-                    yield sse(choice_chunk(head, index, chat, payload, rest))
+                    yield chunk(index, *rest)
                     continue
                 outs[index] = payload
                 left -= 1
-                yield sse(choice_chunk(head, index, chat, *rest, out=payload))
+                yield chunk(index, *rest, out=payload)
             if include_usage:
                 yield sse(usage_chunk(head, chat, outs))
             yield SSE_DONE

@@ -8,10 +8,12 @@ one request share the prompt's KV through the prefix cache),
 steps the engine, and reports to each job's ``sink`` (a thread-safe callable, usually
 ``loop.call_soon_threadsafe`` onto an ``asyncio.Queue``):
 
-  * ``("chunk", index, text, events)``: streaming jobs, after each step with something new
-    (``text`` extends the canonical text sent so far; ``events``: :mod:`.streaming`);
-  * ``("done", index, output, (text, events))``: the request finished (``output``: its
-    :class:`~multiverse.engine.llm.RequestOutput`; for a streaming job the rest of its text);
+  * ``("chunk", index, None, (text, events, ids))``: streaming jobs, after each step with
+    something new (``text`` extends the canonical text sent so far, ``ids`` its token ids, which
+    a stop string does not hold back; ``events``: :mod:`.streaming`);
+  * ``("done", index, output, (text, events, ids))``: the request finished (``output``: its
+    :class:`~multiverse.engine.llm.RequestOutput`; for a streaming job the rest of its text and
+    of its ``token_ids``, the stop token that ended it last);
   * ``("timeout", index, output, None)``: its ``deadline`` passed; it was aborted (``output``
     ``None``: it expired in the queue, never admitted);
   * ``("shutdown", index, output, None)``: the server is shutting down and the job was aborted
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from multiverse.server import responses
 from multiverse.server.metrics import Metrics
 from multiverse.server.streaming import BranchStreamer
 
@@ -61,6 +64,7 @@ class Job:
     sink: Callable[[tuple[Any, ...]], None]
     index: int = 0
     stream: bool = False
+    token_ids: bool = False  # a streaming job's chunks carry their token ids (return_token_ids)
     timeout: float | None = None  # seconds from admission into the queue
     deadline: float = field(default=float("inf"), init=False)
     req: Any = field(default=None, init=False)
@@ -246,7 +250,8 @@ class EngineThread:
             return
         job.req = req
         if job.stream:
-            job.streamer = BranchStreamer(self.llm.tokenizer)  # stop strings: read from the request
+            # stop strings: read from the request
+            job.streamer = BranchStreamer(self.llm.tokenizer, token_ids=job.token_ids)
         with self.cond:
             self.running[req.id] = job
 
@@ -278,8 +283,9 @@ class EngineThread:
                 self._abort(job, "abort", notify=False)
                 self._fail(job, RuntimeError(f"streaming failed: {e!r}"))
                 continue
-            if text or events:
-                job.sink(("chunk", job.index, text, events))
+            ids = job.streamer.ids
+            if text or events or ids:
+                job.sink(("chunk", job.index, None, (text, events, ids)))
 
     def _count(self, job: Job) -> None:
         req, m = job.req, self.metrics
@@ -300,7 +306,11 @@ class EngineThread:
             job.sink(("error", job.index, e, None))
             return
         self.metrics.observe(out)
-        rest = job.streamer.finish(job.req, out.text) if job.streamer is not None else None
+        rest = None
+        if job.streamer is not None:
+            final_ids = responses.token_ids(out)["token_ids"]  # the stop token that ended it last
+            text, events = job.streamer.finish(job.req, out.text, final_ids)
+            rest = (text, events, job.streamer.ids)
         job.sink((kind, job.index, out, rest))
 
     def _try_abort(self, job: Job) -> bool:

@@ -10,13 +10,12 @@ task of the driver; a client that goes away, or a ``timeout`` that passes, cance
 closes every sub-request it has in flight on the fleet. ``--max-concurrent-requests`` bounds the
 requests in progress (more wait; beyond ``--max-queue`` waiting, 429).
 
-Streaming (``stream: true``, docs/streaming.md) is the local server's: the driver reports each
-completion it feeds to a request (``RemoteLLM.agenerate``'s ``on_progress``), and a
-:class:`~multiverse.server.streaming.BranchStreamer` per choice turns the live tree into the text
-that is certain so far and the branch events (fork, delta, path_end, merge); the last chunk has
-the finish reason, the ``multiverse`` fields of the end (the merge mode among them) and, asked
-for, the usage. Text arrives per completion of the fleet (a path's text when its sub-request
-ends), not per token.
+Streaming (``stream: true``, docs/streaming.md) is the local server's, per token: the driver
+streams its sub-requests and reports each piece it feeds to a request (``RemoteLLM.agenerate``'s
+``on_progress``), and a :class:`~multiverse.server.streaming.BranchStreamer` per choice turns the
+live tree into the text that is certain so far, its token ids (``return_token_ids``) and the
+branch events (fork, delta, path_end, merge); the last chunk has the finish reason, the
+``multiverse`` fields of the end (the merge mode among them) and, asked for, the usage.
 """
 
 from __future__ import annotations
@@ -148,19 +147,29 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
             await finish(task)
 
     async def stream(request: Request, prompt: str | list[int], params: list[Any], head: dict[str, Any],
-                     chat: bool, include_usage: bool, deadline: float) -> AsyncIterator[str]:  # fmt: skip
+                     chat: bool, include_usage: bool, deadline: float, with_ids: bool) -> AsyncIterator[str]:  # fmt: skip
         """SSE chunks as the driver's trees grow (module docstring). The place is taken here, in
-        the body, so a stream that never starts holds none (the queue was checked before)."""
-        streamers = [BranchStreamer(tok) for _ in params]
+        the body, so a stream that never starts holds none (the queue was checked before).
+        ``with_ids`` (``return_token_ids``): each chunk's new token ids, as the local server."""
+        streamers = [BranchStreamer(tok, token_ids=with_ids) for _ in params]
         live: list[Any] = [None] * len(params)  # each choice's Request (its branch tree)
-        ready: list[tuple[int, str, list[dict[str, Any]]]] = []
+        ready: list[tuple[int, str, list[dict[str, Any]], list[int]]] = []
         wake = asyncio.Event()
+        first = [True] * len(params)
+
+        def chunk(index: int, text: str, events: list[Any], ids: list[int], out: Any = None) -> str:
+            prompt_ids = None
+            if with_ids and first[index]:  # the first chunk: the prompt's ids (the output has them too)
+                prompt_ids = out.prompt_token_ids if out is not None else live[index].prompt_ids
+            first[index] = False
+            return sse(choice_chunk(head, index, chat, text, events, ids if with_ids else None, out, prompt_ids))
 
         def progress(index: int, req: Any) -> None:  # on the driver's task, between its awaits
             live[index] = req
             text, events = streamers[index].update(req)
-            if text or events:
-                ready.append((index, text, events))
+            ids = streamers[index].ids
+            if text or events or (with_ids and ids):
+                ready.append((index, text, events, ids))
                 wake.set()
 
         await admit()
@@ -171,8 +180,7 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
                     yield sse(chat_chunk(head, i, {"role": "assistant", "content": ""}, None))
             while True:
                 while ready:
-                    index, text, events = ready.pop(0)
-                    yield sse(choice_chunk(head, index, chat, text, events))
+                    yield chunk(*ready.pop(0))
                 if task.done():
                     break
                 wake.clear()
@@ -190,8 +198,13 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
                 yield SSE_DONE
                 return
             for i, o in enumerate(outs):
-                text, events = streamers[i].finish(live[i], o.text) if live[i] is not None else (o.text, [])
-                yield sse(choice_chunk(head, i, chat, text, events, out=o))
+                final_ids = responses.token_ids(o)["token_ids"]
+                if live[i] is not None:
+                    text, events = streamers[i].finish(live[i], o.text, final_ids)
+                    ids = streamers[i].ids
+                else:
+                    text, events, ids = o.text, [], final_ids
+                yield chunk(i, text, events, ids, out=o)
             if include_usage:
                 yield sse(usage_chunk(head, chat, outs))
             yield SSE_DONE
@@ -213,7 +226,8 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
         if body.stream:
             check_queue(len(params))  # a full queue is a 429, before the stream starts
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(request, prompt, params, head, chat, include_usage, deadline),
+            with_ids = not chat and body.return_token_ids
+            return StreamingResponse(stream(request, prompt, params, head, chat, include_usage, deadline, with_ids),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
         outs = await run(request, prompt, params, deadline)

@@ -88,7 +88,8 @@ def chat_logprobs(tokenizer: Any, out: Any, top: int | None) -> dict[str, Any] |
 def completion_body(head: dict[str, Any], outs: list[Any], tokenizer: Any, with_ids: bool = False) -> dict[str, Any]:
     choices = [{"index": i, "text": o.text, "finish_reason": finish_reason(o),
                 "logprobs": completion_logprobs(tokenizer, o, with_ids), "multiverse": extension(o),
-                **(token_ids(o) if with_ids else {})} for i, o in enumerate(outs)]  # fmt: skip
+                **({**token_ids(o), "prompt_token_ids": list(o.prompt_token_ids)} if with_ids else {})}
+               for i, o in enumerate(outs)]  # fmt: skip
     return {**head, "object": "text_completion", "choices": choices, "usage": usage(outs),
             "multiverse": choices[0]["multiverse"]}  # fmt: skip
 

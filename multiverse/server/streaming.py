@@ -56,10 +56,11 @@ def branch_name(parent: str, label: str) -> str:
 class _State:
     """What the streamer knows of one branch: its text and how much of it went where."""
 
-    __slots__ = ("text", "released", "sent", "canon", "ended")
+    __slots__ = ("text", "released", "sent", "canon", "ended", "ids")
 
-    def __init__(self, text: IncrementalText | FullText) -> None:
+    def __init__(self, text: IncrementalText | FullText, ids: int) -> None:
         self.text = text
+        self.ids = ids  # tokens of its eventual own_ids sent as canonical ids (the root: from the prompt's end)
         self.released = 0  # characters certain (held back: a partial character, a possible stop)
         self.sent = 0  # ... sent as delta events
         self.canon = 0  # ... sent as the canonical text
@@ -70,17 +71,21 @@ class BranchStreamer:
     """What is new in one request since the last call (see the module docstring).
 
     ``incremental=False``: every branch's text is re-decoded in full after every step (the
-    reference: the same chunks, at a cost growing with the length)."""
+    reference: the same chunks, at a cost growing with the length). ``token_ids``: also say the
+    canonical token ids new in each call (:attr:`ids`; ``return_token_ids``), a few % more work."""
 
-    def __init__(self, tokenizer: Any, incremental: bool = True) -> None:
+    def __init__(self, tokenizer: Any, incremental: bool = True, token_ids: bool = False) -> None:
         self.tokenizer = tokenizer
         self.incremental = incremental
+        self.token_ids = token_ids
         self.states: dict[Any, _State] = {}  # Branch (by identity) -> its text so far
         self.forks: dict[Any, tuple[int, str, list[Any], int]] = {}  # parent -> (block, name, children, start)
         self.merged: dict[tuple[Any, int], tuple[str, bool]] = {}  # (parent, start) -> (text, sent as canonical)
         self.child_block: dict[Any, int] = {}
         self.num_blocks = 0
         self.sent = 0  # characters of canonical text sent
+        self.ids: list[int] = []  # the canonical token ids new in the last update / finish
+        self.ids_sent = 0  # ... sent in all
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -89,15 +94,21 @@ class BranchStreamer:
         """(new canonical text, new events) of ``req`` now."""
         events: list[dict[str, Any]] = []
         out: list[str] = []
+        self.ids = []
         self._walk(req, req.root, "", events, out, True)
         text = "".join(out)
         self.sent += len(text)
+        self.ids_sent += len(self.ids)
         return text, events
 
-    def finish(self, req: Any, final_text: str) -> tuple[str, list[dict[str, Any]]]:
-        """The rest, once ``req`` has finished with ``final_text`` (``RequestOutput.text``)."""
+    def finish(
+        self, req: Any, final_text: str, final_ids: list[int] | None = None
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """The rest, once ``req`` has finished with ``final_text`` (``RequestOutput.text``);
+        :attr:`ids`: the rest of ``final_ids`` (the response's ``token_ids``, the stop token kept)."""
         events: list[dict[str, Any]] = []
         out: list[str] = []
+        self.ids = []
         self._walk(req, req.root, "", events, out, True)
         for parent in list(self.forks):  # blocks folded at an abort / the KV capacity
             self._close(req, parent, events, out, False)
@@ -106,14 +117,37 @@ class BranchStreamer:
         if sent + len(rest) != len(final_text):  # a bug: the final text is what counts
             log.warning("request %s: streamed %d + %d characters, the output has %d", req.id, sent, len(rest),
                         len(final_text))  # fmt: skip
+        if final_ids is not None:  # the stop token that ended it comes last
+            if self.ids_sent + len(self.ids) > len(final_ids):  # a bug, as above
+                log.warning("request %s: streamed %d + %d token ids, the output has %d", req.id, self.ids_sent,
+                            len(self.ids), len(final_ids))  # fmt: skip
+            self.ids = list(final_ids[self.ids_sent :])
+        self.ids_sent += len(self.ids)
         return final_text[sent:], events
 
     def _state(self, req: Any, b: Any) -> _State:
         st = self.states.get(b)
         if st is None:
             first = req.prompt_len if b.parent is None else 0
-            st = self.states[b] = _State(IncrementalText(first) if self.incremental else FullText(first))
+            text = IncrementalText(first) if self.incremental else FullText(first)
+            st = self.states[b] = _State(text, first)
         return st
+
+    def _send_ids(self, b: Any, st: _State) -> None:
+        """``b``'s new tokens, everything before them sent: canonical ids. They will sit in each
+        ancestor's ``own_ids`` once merged, right after what it has sent, so each counts them."""
+        if not self.token_ids:
+            return
+        known = self.forks.get(b)  # a block the streamer has not closed: its paths send their own
+        n = (known[3] if known is not None else len(b.own_ids)) - st.ids
+        if n <= 0:
+            return
+        self.ids += b.own_ids[st.ids : st.ids + n]
+        st.ids += n
+        a = b.parent
+        while a is not None:
+            self.states[a].ids += n
+            a = a.parent
 
     def _block_text(self, b: Any, blk: Any) -> str:
         """A merged block's text: its children's, or decoded here if the streamer never saw them."""
@@ -134,16 +168,19 @@ class BranchStreamer:
         st.released = max(st.released, n)
         return st
 
-    def _emit(self, st: _State, out: list[str], canonical: bool, path: Any = None, name: str = "",
+    def _emit(self, b: Any, st: _State, out: list[str], canonical: bool, name: str = "",
               events: list[dict[str, Any]] | None = None, done: bool = False) -> None:  # fmt: skip
-        """Send ``st``'s released text: as canonical text (``canonical``: everything before it
-        has been sent) and, for a ``path`` (a child branch), as delta / path_end events."""
+        """Send ``b``'s released text (``st``): as canonical text and ids (``canonical``: everything
+        before it has been sent) and, for a path (a child branch; ``events`` given), as delta /
+        path_end events."""
         if canonical and st.released > st.canon:
             out.append(st.text.piece(st.canon, st.released))
             st.canon = st.released
-        if path is None or events is None or st.ended:
+        if canonical:
+            self._send_ids(b, st)
+        if b.parent is None or events is None or st.ended:
             return
-        block = self.child_block.get(path)
+        block = self.child_block.get(b)
         if st.released > st.sent:
             events.append({"type": "delta", "branch": name, "block": block, "text": st.text.piece(st.sent, st.released)})
             st.sent = st.released
@@ -158,11 +195,12 @@ class BranchStreamer:
         known = self.forks.get(b)
         kids = list(b.children)
         if known is not None and [id(c) for c in known[2]] != [id(c) for c in kids]:
+            self._emit(b, self._state(req, b), out, frontier)  # its text before the block, if not sent yet
             self._close(req, b, events, out, frontier)  # merged (children gone), maybe forked again since
             known = None
         done = b.status in _DONE
         st = self._advance(req, b, done)
-        self._emit(st, out, frontier, b if b.parent is not None else None, name, events, done)
+        self._emit(b, st, out, frontier, name, events, done)
         if kids and known is None:
             block = self.num_blocks
             self.num_blocks += 1
@@ -182,10 +220,10 @@ class BranchStreamer:
         for c in kids:
             cname = branch_name(name, c.label)
             if c in self.forks:
-                self._emit(self._state(req, c), out, frontier)  # its text before its own block
+                self._emit(c, self._state(req, c), out, frontier)  # its text before its own block
                 self._close(req, c, events, out, frontier)
             st = self._advance(req, c, True)
-            self._emit(st, out, frontier, c, cname, events, True)
+            self._emit(c, st, out, frontier, cname, events, True)
             texts.append(st.text.piece(0))
             self.states.pop(c, None)
             self.child_block.pop(c, None)
@@ -220,16 +258,25 @@ def chat_chunk(head: dict[str, Any], index: int, delta: dict[str, Any], finish: 
 
 
 def choice_chunk(head: dict[str, Any], index: int, chat: bool, text: str, events: list[dict[str, Any]] | None = None,
-                 out: Any = None) -> dict[str, Any]:  # fmt: skip
+                 ids: list[int] | None = None, out: Any = None, prompt_ids: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
     """The chunk of choice ``index`` carrying ``text`` (new canonical text) and ``events``; with
     ``out`` (its finished :class:`~multiverse.engine.outputs.RequestOutput`) the last one: the
     OpenAI finish reason, and in ``multiverse`` the engine's own (``malformed`` ...), the seed
-    that replays it, ``forking`` and, from the driver, the ``merge`` mode."""
+    that replays it, ``forking`` and, from the driver, the ``merge`` mode. Completions with
+    ``return_token_ids`` (vLLM's streamed form): ``ids``, the chunk's new token ids, as
+    ``token_ids``, with ``stop_reason`` (set on the last chunk when a stop id ended it) and, on a
+    choice's first chunk, ``prompt_token_ids``."""
     finish = None if out is None else responses.finish_reason(out)
     if chat:
         chunk = chat_chunk(head, index, {"content": text} if text else {}, finish, events)
     else:
         chunk = completion_chunk(head, index, text, finish, events)
+        if ids is not None:
+            choice = chunk["choices"][0]
+            choice["token_ids"] = list(ids)
+            choice["stop_reason"] = None if out is None else responses.token_ids(out)["stop_reason"]
+            if prompt_ids is not None:
+                choice["prompt_token_ids"] = list(prompt_ids)
     if out is not None:
         end = {"finish_reason": out.finish_reason, "seed": out.seed, "forking": out.forking}
         if getattr(out, "merge", None):

@@ -1,5 +1,6 @@
 """Fault injection against a real ``multiverse serve`` (shipped tiny model): a 500 in the middle
-of a path and 429s are retried (same output as without them); a failure that retrying does not
+of a path and 429s are retried (same output as without them), a stream cut in the middle of a
+path goes on from the tokens received (same output); a failure that retrying does not
 cure, a server that hangs and a client that aborts all end every request with a finish reason,
 and no sub-request is left running on the server."""
 
@@ -16,6 +17,7 @@ from conftest import API_KEY, tiny_problems, wait_idle
 
 from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import chat_prompt, stop_token_ids
+from multiverse.format.tokenizer import tag_ids
 from multiverse.remote import RemoteLLM
 
 
@@ -130,13 +132,16 @@ def test_a_hanging_server_times_out_and_frees_the_work(reference, tiny_server):
     assert wait_idle(app, llm), "the timed-out sub-requests are still running on the server"
 
 
-def test_a_client_abort_cancels_every_sub_request(reference, tiny_server):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_client_abort_cancels_every_sub_request(reference, tiny_server, stream):
     prompts, _ = reference
     url, app, llm = tiny_server
     driver = RemoteLLM(url, api_key=API_KEY)
 
     async def abort_while_paths_run() -> None:
-        task = asyncio.ensure_future(driver.agenerate(prompts, _params(driver.tokenizer)))
+        task = asyncio.ensure_future(
+            driver.agenerate(prompts, _params(driver.tokenizer), stream=stream)
+        )
         for _ in range(2000):
             await asyncio.sleep(0.005)
             if len(llm.requests) >= 2:  # paths in flight
@@ -154,3 +159,84 @@ def test_a_client_abort_cancels_every_sub_request(reference, tiny_server):
     assert wait_idle(app, llm), (
         "sub-requests of the aborted requests are still running on the server"
     )
+
+
+class CutStreams(httpx.AsyncBaseTransport):
+    """A real transport whose streamed path requests (prompt with a ``<Path>`` and no
+    ``<Conclusion>``) break after ``after`` events: the first ``cuts`` of them (all: ``None``)."""
+
+    def __init__(
+        self, path_tag: int, conclusion_tag: int, after: int = 5, cuts: int | None = 1
+    ) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.tags, self.after, self.cuts, self.done = (path_tag, conclusion_tag), after, cuts, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        resp = await self.inner.handle_async_request(request)
+        if not request.url.path.endswith("/completions"):
+            return resp
+        body = json.loads(request.content)
+        path = self.tags[0] in body["prompt"] and self.tags[1] not in body["prompt"]
+        if not (body.get("stream") and path and (self.cuts is None or self.done < self.cuts)):
+            return resp
+        self.done += 1
+        return httpx.Response(resp.status_code, headers=resp.headers, stream=_Cut(resp.stream, self.after),
+                              extensions=resp.extensions)  # fmt: skip
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Cut(httpx.AsyncByteStream):
+    def __init__(self, inner, after: int) -> None:
+        self.inner, self.after = inner, after
+
+    async def __aiter__(self):
+        seen = 0
+        async for part in self.inner:
+            yield part
+            seen += part.count(b"data: ")
+            if seen >= self.after:
+                raise httpx.ReadError("injected: the connection dropped in the middle of a path")
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _streamed(driver, prompts, params):
+    async def run():
+        try:
+            return await driver.agenerate(prompts, params, stream=True)
+        finally:
+            await driver.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_stream_cut_in_the_middle_of_a_path_goes_on_from_the_tokens_received(
+    reference, tiny_server
+):
+    prompts, local = reference
+    url, app, llm = tiny_server
+    tags = tag_ids(llm.tokenizer)
+    cut = CutStreams(tags["<Path>"], tags["<Conclusion>"])
+    driver = RemoteLLM(url, api_key=API_KEY, transport=cut)
+    out = _streamed(driver, prompts[0], _params(driver.tokenizer))[0]
+    assert cut.done == 1  # the fault happened
+    assert out.finish_reason == local[0].finish_reason and out.token_ids == local[0].token_ids
+    plain = _streamed(RemoteLLM(url, api_key=API_KEY), prompts[0], _params(driver.tokenizer))[0]
+    assert out.http_requests == plain.http_requests + 1  # one more request: the rest of the path
+    driver.trees[0].check_invariants()
+    assert wait_idle(app, llm), "the cut stream's sub-request is still running on the server"
+
+
+def test_streams_that_keep_breaking_end_the_request_with_an_error(reference, tiny_server):
+    prompts, _ = reference
+    url, app, llm = tiny_server
+    tags = tag_ids(llm.tokenizer)
+    driver = RemoteLLM(url, api_key=API_KEY, retries=2, transport=CutStreams(tags["<Path>"], tags["<Conclusion>"],
+                                                                            after=2, cuts=None))  # fmt: skip
+    out = _streamed(driver, prompts[0], _params(driver.tokenizer))[0]
+    assert out.finish_reason == "error" and "stream broke" in out.error
+    driver.trees[0].check_invariants()
+    assert wait_idle(app, llm)

@@ -5,13 +5,17 @@ and a last chunk with the finish reason, the ``multiverse`` fields and the usage
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import pytest
-from conftest import API_KEY, FRONT_KEY, slow_backend, tiny_problems, wait_idle
+from conftest import API_KEY, FRONT_KEY, serve_app, slow_backend, tiny_problems, wait_idle
+from scripted import Script, scripted_app
 
+from multiverse.engine.sampling import SamplingParams
 from multiverse.format.prompts import chat_prompt, user_prompt
+from multiverse.remote import RemoteLLM
 
 H = {"Authorization": f"Bearer {FRONT_KEY}"}
 
@@ -102,3 +106,176 @@ def test_a_streaming_client_that_goes_away_frees_the_fleet(front, tiny_server, f
                 if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
                     break  # the first text has come: the client goes
         assert wait_idle(app, llm, 20.0), "a sub-request is still running on the backend"
+
+
+def test_the_front_streams_per_token_the_text_of_the_local_engine(front, tiny_local, tiny_server):
+    """Per token (not per sub-request): for held-out prompts that fork, the streamed text equals
+    the front's non-streamed text and the local engine's, is a prefix of it at every chunk, and
+    comes in about as many chunks as the request has tokens."""
+    tok = tiny_server[2].tokenizer
+    prompts = [chat_prompt(tok, q) for q in tiny_problems(2)]
+    local = tiny_local.generate(prompts, SamplingParams(temperature=0, max_tokens=1024))
+    for prompt, ref in zip(prompts, local, strict=True):
+        body = {"prompt": prompt, "temperature": 0, "max_tokens": 1024}
+        whole = httpx.post(f"{front}/v1/completions", json=body, headers=H, timeout=300).json()[
+            "choices"
+        ][0]
+        assert whole["multiverse"]["blocks"] >= 1 and whole["text"] == ref.text
+        texts = [c["choices"][0]["text"] for c in _chunks(front, "/v1/completions", body, H)]
+        assert "".join(texts) == ref.text
+        sent = ""
+        for t in texts:
+            sent += t
+            assert ref.text.startswith(sent)
+        pieces = sum(1 for t in texts if t)
+        assert pieces >= len(ref.token_ids) // 4, (
+            pieces,
+            len(ref.token_ids),
+        )  # per token, not 4 per request
+
+
+def test_streamed_sub_requests_give_the_reference_output(tiny_local, tiny_server):
+    """The driver fed token by token from streams (what `serve --base-url` does for a streaming
+    client) gives what it gives fed whole completions (the reference) and the local engine."""
+    url, app, llm = tiny_server
+    tok = llm.tokenizer
+    prompts = [chat_prompt(tok, q) for q in tiny_problems(2)]
+    params = SamplingParams(temperature=0, max_tokens=1024)
+    local = tiny_local.generate(prompts, params)
+    driver = RemoteLLM(url, api_key=API_KEY)
+    whole = driver.generate(prompts, params)
+    seen = [0, 0]
+
+    def progress(index, req):
+        seen[index] += 1
+
+    async def streamed():
+        try:
+            return await driver.agenerate(prompts, params, on_progress=progress)
+        finally:
+            await driver.aclose()
+
+    outs = asyncio.run(streamed())
+    for out, ref, w, n in zip(outs, local, whole, seen, strict=True):
+        assert out.token_ids == ref.token_ids == w.token_ids and out.text == ref.text
+        assert out.finish_reason == ref.finish_reason and out.tree == ref.tree
+        assert out.http_requests == w.http_requests  # one stream per completion
+        assert n >= len(ref.token_ids) // 4  # progress per token
+    for tree in driver.trees:
+        tree.check_invariants()
+    assert wait_idle(app, llm)
+
+
+def test_the_front_streams_token_ids_as_the_local_server(front, tiny_server, forking_body):
+    """`return_token_ids` through the front: per chunk the new ids, concatenated the
+    non-streamed ids (the stop token last), the prompt's ids on the first chunk, as the local
+    server streams them."""
+    body = {**forking_body, "return_token_ids": True, "stream_options": None}
+    whole = httpx.post(f"{front}/v1/completions", json=body, headers=H, timeout=300).json()
+    want = whole["choices"][0]
+    local = _chunks(tiny_server[0], "/v1/completions", body, {"Authorization": f"Bearer {API_KEY}"})
+    for chunks in (_chunks(front, "/v1/completions", body, H), local):
+        choices = [c["choices"][0] for c in chunks]
+        assert [t for c in choices for t in c["token_ids"]] == want["token_ids"]
+        assert choices[0]["prompt_token_ids"] == want["prompt_token_ids"]
+        assert choices[-1]["stop_reason"] == want["stop_reason"]
+        assert sum(1 for c in choices if c["token_ids"]) > len(want["token_ids"]) // 4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"temperature": 0.0, "stop": [" 50 47"]}, {"temperature": 0.7, "seed": 7}],
+    ids=["stop-strings-in-paths", "sampled-seeded"],
+)
+def test_streamed_sub_requests_keep_stops_and_seeds(tiny_local, tiny_server, settings):
+    """Streamed, a stop string met inside paths ends them as fed whole (and as the engine does);
+    a seeded sampled request gives the same output (each completion carries the same seed)."""
+    url, app, llm = tiny_server
+    tok = llm.tokenizer
+    prompt = chat_prompt(tok, tiny_problems(1)[0])
+    params = SamplingParams(max_tokens=1024, **settings)
+    driver = RemoteLLM(url, api_key=API_KEY)
+    whole = driver.generate(prompt, params)[0]
+
+    async def streamed():
+        try:
+            return await driver.agenerate(prompt, params, stream=True)
+        finally:
+            await driver.aclose()
+
+    out = asyncio.run(streamed())[0]
+    assert whole.usage.blocks >= 1 and out.token_ids == whole.token_ids and out.text == whole.text
+    assert out.tree == whole.tree and out.finish_reason == whole.finish_reason
+    if "stop" in settings:
+        assert (
+            " 50 47" not in out.text
+            and out.token_ids == tiny_local.generate(prompt, params)[0].token_ids
+        )
+    assert wait_idle(app, llm)
+
+
+def _forking_script(tok) -> Script:
+    """A stock server whose "model" forks two paths, closes them and concludes (then EOS)."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    v = tok.get_vocab()
+    goal = "<Parallel>\n<Goal>\n<Outline>\n1: a\n</Outline>\n<Outline>\n2: b\n</Outline>\n</Goal>\n"
+
+    def fn(ctx: list[int]):
+        last = {
+            t: max((i for i, x in enumerate(ctx) if x == v[t]), default=-1)
+            for t in ("<Path>", "</Path>")
+        }
+        if v["<Conclusion>"] in ctx:
+            return [*enc(" ok"), tok.eos_token_id]
+        if last["<Path>"] > last["</Path>"]:
+            return enc(" a b c</Path>")
+        return enc(goal)
+
+    return Script(fn)
+
+
+def test_a_stock_server_is_streamed_once_a_whole_answer_showed_no_plugin():
+    from multiverse.locations import find_model
+
+    model = find_model()
+    script = _forking_script(_tokenizer(model))
+    with serve_app(scripted_app(script)) as url:
+        driver = RemoteLLM(url, tokenizer=model, timeout=30)
+        params = SamplingParams(temperature=0.0, max_tokens=200)
+        whole = driver.generate("q?", params)[0]
+        script.streamed.clear()
+        out = _agenerate(driver, "q?", params)
+    assert whole.usage.blocks == 1 and whole.finish_reason == "stop", whole.text
+    assert out.token_ids == whole.token_ids and out.tree == whole.tree and out.merge == "flat"
+    assert (
+        script.streamed[0] is False and script.streamed.count(True) >= 3
+    )  # the Map whole, then streams
+
+
+def test_a_plugin_server_asked_for_flat_is_refused_when_streaming_too():
+    from multiverse.locations import find_model
+
+    model = find_model()
+    script = _forking_script(_tokenizer(model))
+    script.report = {"loaded": 0, "saved": 0}  # what a vLLM with the Multiverse plugin answers
+    with serve_app(scripted_app(script)) as url:
+        driver = RemoteLLM(url, tokenizer=model, timeout=30)
+        out = _agenerate(driver, "q?", SamplingParams(temperature=0.0, max_tokens=200))
+    assert out.finish_reason == "error" and "Multiverse plugin" in out.error
+    assert True not in script.streamed  # never streamed from it
+
+
+def _tokenizer(model):
+    from multiverse.format.tokenizer import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def _agenerate(driver, prompt, params):
+    async def run():
+        try:
+            return await driver.agenerate(prompt, params, stream=True)
+        finally:
+            await driver.aclose()
+
+    return asyncio.run(run())[0]

@@ -105,3 +105,35 @@ def test_the_prefix_cache_hits_more_than_half(runs):
     rates = {o.prefix_cache_hit_rate for o in remote}
     print(f"vLLM prefix-cache hit rate over the driver's requests: {rates}")
     assert all(r is not None and r > 0.5 for r in rates)
+
+
+def test_streamed_sub_requests_give_the_non_streamed_output(runs):
+    """The driver streaming its sub-requests from stock vLLM (SSE, token ids per chunk: what
+    `serve --base-url` does for a streaming client) gives what it gives fed whole completions."""
+    import asyncio
+
+    from multiverse import SamplingParams
+    from multiverse.format.prompts import stop_token_ids
+
+    driver, prompts, _, _ = runs
+    sp = SamplingParams(
+        temperature=0.0, max_tokens=700, stop_token_ids=stop_token_ids(driver.tokenizer)
+    )
+    whole = driver.generate(prompts, sp)
+    seen = [0] * len(prompts)
+
+    def progress(index, req):
+        seen[index] += 1
+
+    async def streamed():
+        try:
+            return await driver.agenerate(prompts, sp, on_progress=progress)
+        finally:
+            await driver.aclose()
+
+    outs = asyncio.run(streamed())
+    for w, s, n in zip(whole, outs, seen, strict=True):
+        assert s.finish_reason == w.finish_reason != "error", s.error
+        assert s.token_ids == w.token_ids and s.merge == "flat"
+        assert n >= len(w.token_ids) // 4, (n, len(w.token_ids))  # progress per token
+    print(f"vLLM streamed: progress reports {seen} for {[len(w.token_ids) for w in whole]} tokens")

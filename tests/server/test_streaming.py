@@ -59,25 +59,31 @@ def _paths(tree: dict, text, prefix: str = "") -> list[tuple[str, str]]:
 def test_stream_matches_the_final_output(llm, text, stop):
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=text, stop=stop))
-    streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
-    sent, events, snapshots = "", [], []
+    streamer, reference = BranchStreamer(tok, token_ids=True), BranchStreamer(tok, False, token_ids=True)
+    sent, events, snapshots, ids, id_snapshots = "", [], [], [], []
     while not req.finished:
         llm.step()
         if req.finished:
             break
         delta, evs = streamer.update(req)
         assert (delta, evs) == reference.update(req)  # incremental == full re-decode
+        assert streamer.ids == reference.ids
         sent += delta
         events += evs
+        ids += streamer.ids
         snapshots.append(sent)
+        id_snapshots.append(len(ids))
     out = llm.output(req)
     llm.check_invariants()
-    delta, evs = streamer.finish(req, out.text)
+    delta, evs = streamer.finish(req, out.text)  # the canonical ids from the tree, not the output
     assert (delta, evs) == reference.finish(req, out.text)
     sent += delta
     events += evs
+    ids += streamer.ids
     assert sent == out.text
     assert all(out.text.startswith(s) for s in snapshots)
+    assert ids == out.token_ids  # the ids, chunk by chunk, are the output's (stop cuts keep every token)
+    assert len(set(id_snapshots)) > 5  # they really streamed
     assert len(set(snapshots)) > 5  # it really streamed
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     n0 = req.prompt_len
@@ -112,19 +118,21 @@ def test_an_abort_inside_nested_blocks_closes_the_stream(llm, stop):
     ends equal to the final text, and the incremental streamer still matches the full re-decode."""
     tok = llm.tokenizer
     req = llm.add_request("q", SamplingParams(temperature=0, max_tokens=600, forced_output=NESTED, stop=stop))
-    streamer, reference = BranchStreamer(tok), BranchStreamer(tok, incremental=False)
-    sent, events = "", []
+    streamer, reference = BranchStreamer(tok, token_ids=True), BranchStreamer(tok, False, token_ids=True)
+    sent, events, ids = "", [], []
     while sum(1 for b in req.branches() if b.parent is not None) < 3:
         llm.step()
         chunk = streamer.update(req)
         assert chunk == reference.update(req)
         sent += chunk[0]
         events += chunk[1]
+        ids += streamer.ids
     llm.abort(req)
     out = llm.output(req)
     rest = streamer.finish(req, out.text)
     assert rest == reference.finish(req, out.text)
     assert out.finish_reason == "abort" and sent + rest[0] == out.text
+    assert ids and ids + streamer.ids == out.token_ids  # the folded blocks' ids come last
     events += rest[1]
     forks = [e for e in events if e["type"] == "fork"]
     assert len(forks) >= 2 and len([e for e in events if e["type"] == "merge"]) == len(forks)
@@ -162,3 +170,30 @@ def test_each_step_decodes_only_what_is_new(llm, stop):
     assert len(per_step) > 300 and max(per_step) <= 8, max(per_step)
     assert full.decoded > 100 * sum(per_step)  # the reference re-decodes everything every step
     llm.output(req)
+
+
+def test_a_later_paths_block_merging_as_the_first_path_ends(llm):
+    """Path 2 forks while path 1 still runs; path 1's length is varied until its end and path
+    2's merge come in the same engine step: path 2's text before its block must still go out
+    before its block's paths (text and ids a prefix of the final after every step)."""
+    tok, together = llm.tokenizer, 0
+    for filler in range(30, 60):
+        inner = block([("2.1", "p q"), ("2.2", "r")])
+        text = _think(block([("1", "a" + " b" * filler), ("2", "x\n" + inner)]))
+        params = SamplingParams(temperature=0, max_tokens=600, forced_output=text)
+        req, streamer = llm.add_request("q", params), BranchStreamer(tok, token_ids=True)
+        sent, ids, snapshots = "", [], []
+        while not req.finished:
+            llm.step()
+            if not req.finished:
+                delta, events = streamer.update(req)
+                sent += delta
+                ids += streamer.ids
+                snapshots.append((sent, list(ids)))
+                kinds = {(e["type"], e["branch"]) for e in events}
+                together += {("path_end", "1"), ("merge", "2")} <= kinds
+        out = llm.output(req)
+        assert out.usage.blocks == 2
+        for s, got in snapshots:
+            assert out.text.startswith(s) and got == out.token_ids[: len(got)], filler
+    assert together  # the case this is about happened
