@@ -58,7 +58,7 @@ def test_int8_nibble_planes_are_the_int8_weight_exactly() -> None:
 @pytest.mark.parametrize("rows", [1, 2, 4, 5])
 def test_int8_small_batches_take_the_nibble_kernel(rows: int) -> None:
     """Up to NIBBLE_MAX_ROWS rows the int8 fast path on torch's kernels (on two threads: the
-    compiled one-thread kernel of test_int8_kernel.py is not used) is the nibble kernel, from
+    compiled one-thread kernel of test_cpu_kernels.py is not used) is the nibble kernel, from
     there the int8 kernel; both match the reference, and each other up to a bfloat16 rounding."""
     from multiverse.engine.model.quant import NIBBLE_MAX_ROWS
 

@@ -17,7 +17,7 @@ activations: their float32-activation path is a scalar loop, 10-25x slower than 
 matmul (measured on AVX-512, torch 2.13), while the bfloat16 one reads 4x (int8) / 8x (int4)
 fewer weight bytes than float32.
 
-int8 at up to 4 rows on one thread runs :mod:`.int8_kernel` (a compiled AVX-512 loop, float32
+int8 at up to 4 rows on one thread runs :mod:`.cpu_kernels` (a compiled AVX-512 loop, float32
 activations, ~1.5x the nibble planes below on a whole step) where it is built. Otherwise int8 at
 up to :data:`NIBBLE_MAX_ROWS` rows (decode at small batches) runs on the int4 kernel instead: ``q + 128 = 16 hi + lo`` splits each int8 weight into two 4-bit planes, stored side by
 side as one ``[N, 2K]`` int4 matrix (``hi`` with scale ``16 s`` and zero 0, ``lo`` with scale
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multiverse.engine.model import int8_kernel
+from multiverse.engine.model import cpu_kernels
 
 QUANTIZATIONS = ("int8", "int4")
 # The LM head's format per method. SmolLM2-135M (GGUF: Q4_1 layers, Q8_0 embedding), teacher-forced
@@ -102,7 +102,7 @@ class QuantLinear(nn.Module):
             planes = _nibble_planes(q, scale, self.nibble_group) if n % 16 == 0 else None
             self.register_buffer("nibbles", None if planes is None else planes[0])
             self.register_buffer("nibble_scales", None if planes is None else planes[1])
-            int8_kernel.load()  # built once per machine, loaded once per process (logged)
+            cpu_kernels.load()  # built once per machine, loaded once per process (logged)
             return
         if method != "int4":
             raise ValueError(f"{name}: quantization={method!r}: expected 'int8' or 'int4'")
@@ -128,11 +128,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path: x ``[T, K]`` -> ``[T, N]`` in x's dtype (bfloat16 activations; int8 at
-        up to 4 rows on one thread: :mod:`.int8_kernel`, float32 activations, where built)."""
-        if self.method == "int8" and x.shape[0] <= int8_kernel.MAX_ROWS:
-            fn = int8_kernel.loaded()
+        up to 4 rows on one thread: :mod:`.cpu_kernels`, float32 activations, where built)."""
+        if self.method == "int8" and x.shape[0] <= cpu_kernels.MAX_ROWS:
+            fn = cpu_kernels.loaded()
             if fn is not None and torch.get_num_threads() == 1:
-                return int8_kernel.matvec(fn, x.float(), self.qweight, self.scales).to(x.dtype)
+                return cpu_kernels.matvec(fn, x.float(), self.qweight, self.scales).to(x.dtype)
         xk = x.to(_KERNEL_DTYPE)
         if self.method == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
