@@ -69,6 +69,21 @@ def test_quant_linear_takes_the_kernel_up_to_four_rows_on_one_thread(kernel, row
         assert torch.equal(one_thread, two_threads)  # the int8 kernel at either thread count
 
 
+def test_decode_attention_refuses_slots_and_lengths_outside_the_pool(kernel) -> None:
+    pool = torch.randn(8, 2, 1, 16)
+    q = torch.randn(2, 32)
+    ok_slots, ok_lens = torch.tensor([0, 1, 2, 3]), torch.tensor([2, 1])
+    assert finite_2x32(cpu_kernels.decode_attention(kernel, q, pool, ok_slots, ok_lens))
+    for slots, lens in ((torch.tensor([0, 8, 2, 3]), ok_lens), (ok_slots, torch.tensor([3, 1])),
+                        (ok_slots, torch.tensor([2, 0])), (torch.tensor([0, -1, 2, 3]), ok_lens)):  # fmt: skip
+        with pytest.raises(ValueError, match="outside"):
+            cpu_kernels.decode_attention(kernel, q, pool, slots, lens)
+
+
+def finite_2x32(out: torch.Tensor) -> bool:
+    return out.shape == (2, 32) and bool(torch.isfinite(out).all())
+
+
 def test_build_reports_the_compiler_error(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="failed"):
         cpu_kernels.build(cc="false", directory=tmp_path)

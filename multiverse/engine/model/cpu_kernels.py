@@ -242,11 +242,19 @@ def decode_attention(fn, q: torch.Tensor, pool: torch.Tensor, slots: torch.Tenso
     cols = slots.shape[0] // b
     g = q.shape[1] // (hk * d)
     if (pool.dtype != torch.float32 or q.dtype != torch.float32 or not pool.is_contiguous()
-            or slots.dtype != torch.long or lens.dtype != torch.long or cols * b != slots.shape[0]):  # fmt: skip
+            or cols * b != slots.shape[0] or q.shape != (b, hk * g * d)):  # fmt: skip
         raise ValueError(f"decode attention: q {tuple(q.shape)} {q.dtype}, pool {tuple(pool.shape)} "
                          f"{pool.dtype}, slots {tuple(slots.shape)}, lens {tuple(lens.shape)}")  # fmt: skip
     qs = (q * d**-0.5).contiguous()  # [B, Hk, G, D]
-    slots, lens = slots.contiguous(), lens.contiguous()
+    slots, lens = slots.to(torch.long).contiguous(), lens.to(torch.long).contiguous()
+    # the kernel reads pool rows by these numbers: out of range would read outside the pool
+    if (
+        int(slots.min()) < 0
+        or int(slots.max()) >= s
+        or int(lens.min()) < 1
+        or int(lens.max()) > cols
+    ):
+        raise ValueError(f"decode attention: slots outside [0, {s}) or lens outside [1, {cols}]")
     scores = torch.empty(b, hk, g, cols)
     args = (pool.data_ptr(), slots.data_ptr(), lens.data_ptr())
     fn.decode_scores(qs.data_ptr(), *args, scores.data_ptr(), b, cols, hk, g, d)
