@@ -24,8 +24,8 @@ from multiverse.engine.model import (
 
 ATOL = 1e-5
 NUM_SLOTS = 160
-HEADS = [(4, 4, 8), (4, 2, 16), (6, 1, 8)]  # (query heads, kv heads, head_dim)
-HEAD_IDS = ["mha", "gqa2", "mqa"]
+HEADS = [(4, 4, 8), (4, 2, 16), (6, 1, 8), (9, 3, 64)]  # (query heads, kv heads, head_dim)
+HEAD_IDS = ["mha", "gqa2", "mqa", "gqa3_d64"]
 
 # Each case: (q_len, kv_len, custom mask) per sequence, and the shared-prefix groups as
 # (prefix length, member sequence indices); members' kv_indices start with their group's prefix.
@@ -137,10 +137,35 @@ def test_sdpa_backend_equals_reference(case, heads):
 
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("case", [c for c in DECODE_CASES if c not in GROUP_CASES])
+def test_native_decode_kernel_and_sdpa_path_equal_reference(case, heads):
+    """A CPU decode step: the compiled kernel that reads K/V in the pool (``native``, the
+    default where it is built) and the gathered SDPA path (its fallback)
+    both equal the reference."""
+    from multiverse.engine.model import cpu_kernels
+
+    batch, q, new_kv, pool = _make(case, heads, seed=200 + len(case))
+    ref = _reference(batch, q, new_kv, pool)
+    native = build_attention_plan(batch, fold_gqa=False)
+    assert native.kv_lens is not None and native.kv_lens.tolist() == [
+        ix.shape[0] for ix in batch.kv_indices
+    ]
+    sdpa = build_attention_plan(batch, fold_gqa=False, native=False)
+    assert sdpa.kv_lens is None
+    torch.testing.assert_close(native.attend(q, new_kv, pool), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(sdpa.attend(q, new_kv, pool), ref, atol=ATOL, rtol=0)
+    if cpu_kernels.supported():  # the kernel ran: it reads no copy
+        fn = cpu_kernels.load()
+        assert fn is not None
+        direct = cpu_kernels.decode_attention(fn, q, pool, native.gather, native.kv_lens)
+        assert torch.equal(native.attend(q, new_kv, pool), direct)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("case", [c for c in DECODE_CASES if c not in GROUP_CASES])
 def test_sdpa_folded_gqa_decode_equals_reference(case, heads):
     """The CUDA decode layout (G query heads of a KV head as G query rows), run on CPU."""
     batch, q, new_kv, pool = _make(case, heads, seed=100 + len(case))
-    plan = build_attention_plan(batch, fold_gqa=True)
+    plan = build_attention_plan(batch, fold_gqa=True, native=False)
     assert plan.fold_gqa
     out = plan.attend(q, new_kv, pool)
     torch.testing.assert_close(out, _reference(batch, q, new_kv, pool), atol=ATOL, rtol=0)

@@ -57,8 +57,9 @@ def test_int8_nibble_planes_are_the_int8_weight_exactly() -> None:
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 5])
 def test_int8_small_batches_take_the_nibble_kernel(rows: int) -> None:
-    """Up to NIBBLE_MAX_ROWS rows the int8 fast path is the nibble kernel, from there the int8
-    kernel; both match the reference, and each other up to a bfloat16 rounding."""
+    """Up to NIBBLE_MAX_ROWS rows the int8 fast path on torch's kernels (on two threads: the
+    compiled one-thread kernel of test_cpu_kernels.py is not used) is the nibble kernel, from
+    there the int8 kernel; both match the reference, and each other up to a bfloat16 rounding."""
     from multiverse.engine.model.quant import NIBBLE_MAX_ROWS
 
     gen = torch.Generator().manual_seed(rows)
@@ -67,7 +68,12 @@ def test_int8_small_batches_take_the_nibble_kernel(rows: int) -> None:
     xk = x.to(torch.bfloat16)
     nibble = q.nibble_forward(xk).float()
     int8 = torch._weight_int8pack_mm(xk, q.qweight, q.kernel_scales).float()
-    fast = q(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fast = q(x)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(fast, nibble if rows <= NIBBLE_MAX_ROWS else int8)
     assert _rel(nibble, q.reference(x)) < BF16_REL and _rel(int8, q.reference(x)) < BF16_REL
     assert torch.allclose(nibble, int8, rtol=2.0**-7, atol=0)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multiverse.engine.model import weights
+from multiverse.engine.model import cpu_kernels, weights
 from multiverse.engine.model.attention import (
     ATTENTION_BACKENDS,
     AttentionMetadata,
@@ -102,6 +102,8 @@ class CausalLM(nn.Module):
         self.linear_kernel = "onednn"  # float32 on CPU; "torch" = F.linear (set_linear_kernel)
         self._packed: tuple[tuple, list[LayerWeights], Any] | None = None  # (signature, ...)
         self._refresh_weight_cache()
+        if factory["device"].type == "cpu":
+            cpu_kernels.load()  # decode attention, int8: built once per machine (logged)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -17,8 +17,9 @@ activations: their float32-activation path is a scalar loop, 10-25x slower than 
 matmul (measured on AVX-512, torch 2.13), while the bfloat16 one reads 4x (int8) / 8x (int4)
 fewer weight bytes than float32.
 
-int8 at up to :data:`NIBBLE_MAX_ROWS` rows (decode at small batches) runs on the int4 kernel
-instead: ``q + 128 = 16 hi + lo`` splits each int8 weight into two 4-bit planes, stored side by
+int8 at up to 4 rows on one thread runs :mod:`.cpu_kernels` (a compiled AVX-512 loop, float32
+activations, ~1.5x the nibble planes below on a whole step) where it is built. Otherwise int8 at
+up to :data:`NIBBLE_MAX_ROWS` rows (decode at small batches) runs on the int4 kernel instead: ``q + 128 = 16 hi + lo`` splits each int8 weight into two 4-bit planes, stored side by
 side as one ``[N, 2K]`` int4 matrix (``hi`` with scale ``16 s`` and zero 0, ``lo`` with scale
 ``s`` and zero ``8 s``: exactly ``s q``), multiplied by ``[x, x]``; the kernel sums both planes
 in float32 before its one bfloat16 rounding, like the int8 kernel. The same weight bytes, but
@@ -35,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from multiverse.engine.model import cpu_kernels
 
 QUANTIZATIONS = ("int8", "int4")
 # The LM head's format per method. SmolLM2-135M (GGUF: Q4_1 layers, Q8_0 embedding), teacher-forced
@@ -99,6 +102,7 @@ class QuantLinear(nn.Module):
             planes = _nibble_planes(q, scale, self.nibble_group) if n % 16 == 0 else None
             self.register_buffer("nibbles", None if planes is None else planes[0])
             self.register_buffer("nibble_scales", None if planes is None else planes[1])
+            cpu_kernels.load()  # built once per machine, loaded once per process (logged)
             return
         if method != "int4":
             raise ValueError(f"{name}: quantization={method!r}: expected 'int8' or 'int4'")
@@ -123,7 +127,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("kernel_scales", sz.to(_KERNEL_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The fast path: x ``[T, K]`` -> ``[T, N]`` in x's dtype (bfloat16 activations)."""
+        """The fast path: x ``[T, K]`` -> ``[T, N]`` in x's dtype (bfloat16 activations; int8 at
+        up to 4 rows on one thread: :mod:`.cpu_kernels`, float32 activations, where built)."""
+        if self.method == "int8" and x.shape[0] <= cpu_kernels.MAX_ROWS:
+            fn = cpu_kernels.loaded()
+            if fn is not None and torch.get_num_threads() == 1:
+                return cpu_kernels.matvec(fn, x.float(), self.qweight, self.scales).to(x.dtype)
         xk = x.to(_KERNEL_DTYPE)
         if self.method == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from multiverse.engine.model import cpu_kernels
 from multiverse.engine.model.attention.cascade import CascadePlan, build_cascade_tensors
 from multiverse.engine.model.batch import ForwardBatch, check_forward_batch
 
@@ -46,6 +47,7 @@ class AttentionPlan:
     attn_mask: torch.Tensor | None = None  # Bool [B, 1, max_q, max_kv]
     fold_gqa: bool = False  # decode only: the G query heads of a KV head become G query rows
     cascade: CascadePlan | None = None  # decode with shared prefixes (ForwardBatch.groups)
+    kv_lens: torch.Tensor | None = None  # [B] long: CPU decode without custom masks (native)
 
     def attend(self, q: torch.Tensor, new_kv: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         """q ``[T, Hq * D]``, new_kv ``[T, 2, Hk, D]``, pool ``[S, 2, Hk, D]`` -> ``[T, Hq * D]``."""
@@ -61,6 +63,10 @@ class AttentionPlan:
             return out.transpose(1, 2).reshape(t, hq * d)
         b, max_q, max_kv = self.num_seqs, self.max_q, self.max_kv
         assert self.gather is not None
+        if self.kv_lens is not None and pool.dtype == torch.float32:
+            fn = cpu_kernels.loaded()  # reads K/V in the pool, no gathered copy
+            if fn is not None and torch.get_num_threads() == 1 and pool.is_contiguous():
+                return cpu_kernels.decode_attention(fn, q, pool, self.gather, self.kv_lens)
         gathered = pool.index_select(0, self.gather).view(b, max_kv, 2, hk, d)
         k = gathered[:, :, 0].transpose(1, 2)  # [B, Hk, max_kv, D]
         v = gathered[:, :, 1].transpose(1, 2)
@@ -78,7 +84,9 @@ class AttentionPlan:
         return attn
 
 
-def build_attention_plan(batch: ForwardBatch, fold_gqa: bool | None = None) -> AttentionPlan:
+def build_attention_plan(
+    batch: ForwardBatch, fold_gqa: bool | None = None, native: bool | None = None
+) -> AttentionPlan:
     """Validate a batch's per-sequence lists and build the fast path's tensors (no device sync).
 
     ``fold_gqa`` (default: on CUDA) lets a decode step (every ``q_len == 1``) attend with queries
@@ -133,6 +141,20 @@ def build_attention_plan(batch: ForwardBatch, fold_gqa: bool | None = None) -> A
     if fold_gqa is None:
         fold_gqa = device.type == "cuda"
     fold_gqa = fold_gqa and max_q == 1
+    if native is None:
+        native = device.type == "cpu"
+    lens = None
+    if native and all_decode and not has_masks:
+        lens = torch.tensor(kv_lens, dtype=torch.long, device=device)
     return AttentionPlan(
-        num_seqs, max_q, max_kv, False, gather, q_index, out_index, attn_mask, fold_gqa
+        num_seqs,
+        max_q,
+        max_kv,
+        False,
+        gather,
+        q_index,
+        out_index,
+        attn_mask,
+        fold_gqa,
+        kv_lens=lens,
     )

@@ -1,0 +1,142 @@
+"""The compiled int8 matrix-vector kernel (multiverse.engine.model.cpu_kernels) against
+``QuantLinear.reference``, the 1-4 row dispatch to it, and its fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from multiverse.engine.model import cpu_kernels
+from multiverse.engine.model.quant import QuantLinear
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="the kernel needs AVX-512")
+
+
+@pytest.fixture
+def kernel():
+    fn = cpu_kernels.load()
+    assert fn is not None, "the kernel did not build on an AVX-512 machine"
+    return fn
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize(("n", "k"), [(1, 16), (33, 200), (96, 576)])  # 200: a K % 16 tail
+def test_kernel_matches_reference_within_float32_rounding(
+    kernel, rows: int, n: int, k: int
+) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    q = QuantLinear("int8", torch.randn(n, k, generator=gen) * 0.05)
+    x = torch.randn(rows, k, generator=gen)
+    out = cpu_kernels.matvec(kernel, x, q.qweight, q.scales)
+    exact = (x.double() @ q.dequantize().double().t()).float()
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    # float32 sums of k products: a few ulps of the sum of |terms|, far below bfloat16's 2^-8
+    bound = 1e-6 * k * (x.abs().double() @ q.dequantize().abs().double().t()).float()
+    assert ((out - exact).abs() <= bound).all()
+    assert torch.allclose(
+        out, q.reference(x), rtol=1e-5, atol=1e-5 * q.reference(x).abs().max().item()
+    )
+
+
+def test_kernel_refuses_bad_input(kernel) -> None:
+    q = QuantLinear("int8", torch.randn(16, 32))
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        cpu_kernels.matvec(kernel, torch.randn(5, 32), q.qweight, q.scales)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.matvec(kernel, torch.randn(1, 32, dtype=torch.bfloat16), q.qweight, q.scales)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_quant_linear_takes_the_kernel_up_to_four_rows_on_one_thread(kernel, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    q = QuantLinear("int8", torch.randn(96, 192, generator=gen) * 0.05)
+    x = torch.randn(rows, 192, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = q(x)
+        torch.set_num_threads(2)
+        two_threads = q(x)
+    finally:
+        torch.set_num_threads(threads)
+    compiled = cpu_kernels.matvec(kernel, x, q.qweight, q.scales) if rows <= 4 else None
+    torch_kernel = q.nibble_forward(x.bfloat16()).float() if rows <= 4 else None
+    if rows <= 4:
+        assert torch.equal(one_thread, compiled) and torch.equal(two_threads, torch_kernel)
+    else:
+        assert torch.equal(one_thread, two_threads)  # the int8 kernel at either thread count
+
+
+def test_decode_attention_refuses_slots_and_lengths_outside_the_pool(kernel) -> None:
+    pool = torch.randn(8, 2, 1, 16)
+    q = torch.randn(2, 32)
+    ok_slots, ok_lens = torch.tensor([0, 1, 2, 3]), torch.tensor([2, 1])
+    assert finite_2x32(cpu_kernels.decode_attention(kernel, q, pool, ok_slots, ok_lens))
+    for slots, lens in ((torch.tensor([0, 8, 2, 3]), ok_lens), (ok_slots, torch.tensor([3, 1])),
+                        (ok_slots, torch.tensor([2, 0])), (torch.tensor([0, -1, 2, 3]), ok_lens)):  # fmt: skip
+        with pytest.raises(ValueError, match="outside"):
+            cpu_kernels.decode_attention(kernel, q, pool, slots, lens)
+
+
+def finite_2x32(out: torch.Tensor) -> bool:
+    return out.shape == (2, 32) and bool(torch.isfinite(out).all())
+
+
+def test_build_reports_the_compiler_error(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_kernels.build(cc="false", directory=tmp_path)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        cpu_kernels.build(cc="no-such-compiler-xyz", directory=tmp_path)
+
+
+def test_failed_build_warns_once_and_the_torch_kernels_run(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    monkeypatch.setenv("MULTIVERSE_KERNEL_CACHE", str(tmp_path))
+    cpu_kernels.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="CPU kernels unavailable.*no C compiler"):
+            assert cpu_kernels.load() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second load (each QuantLinear) stays quiet
+            q = QuantLinear("int8", torch.randn(96, 192) * 0.05)
+            x = torch.randn(2, 192)
+            assert torch.equal(q(x), q.nibble_forward(x.bfloat16()).float())
+    finally:
+        cpu_kernels.reset()  # later tests load the real kernel again
+
+
+def test_model_decode_with_the_attention_kernel_matches_the_reference_backend() -> None:
+    """The tiny model (GQA, head_dim 24: a masked tail in the kernel), 4 ragged sequences, 6
+    greedy decode steps: the default CPU path (the pool-reading kernel) and the reference
+    backend pick the same tokens, log-probabilities within 1e-4."""
+    from pathlib import Path
+
+    from multiverse.engine.loader import load_model
+    from multiverse.engine.model import ForwardBatch, KVPool
+    from multiverse.engine.model.attention import build_attention_plan
+
+    model, _, _ = load_model(Path(__file__).resolve().parents[2] / "models" / "multiverse-tiny")
+    gen = torch.Generator().manual_seed(0)
+    lens = [3, 11, 6, 1]
+    slots = torch.randperm(96, generator=gen)
+    owned = [slots[24 * i : 24 * i + 24] for i in range(len(lens))]
+    ids = [torch.randint(0, model.vocab_size, (n,), generator=gen) for n in lens]
+    pools = {True: KVPool.for_model(model, 96), False: KVPool.for_model(model, 96)}
+    with torch.inference_mode():
+        prefill = ForwardBatch(torch.cat(ids), torch.cat([torch.arange(n) for n in lens]),
+                               torch.cat([o[:n] for o, n in zip(owned, lens)]), lens,
+                               [o[:n] for o, n in zip(owned, lens)], [None] * len(lens))  # fmt: skip
+        nxt = {r: model(prefill, pools[r], reference=r).argmax(-1) for r in (True, False)}
+        assert torch.equal(nxt[True], nxt[False])
+        for step in range(6):
+            pos = torch.tensor([n + step for n in lens])
+            batch = ForwardBatch(nxt[True], pos, torch.stack([o[p] for o, p in zip(owned, pos)]),
+                                 [1] * len(lens), [o[: p + 1] for o, p in zip(owned, pos)],
+                                 [None] * len(lens))  # fmt: skip
+            assert build_attention_plan(batch).kv_lens is not None  # the kernel's path
+            logp = {r: model(batch, pools[r], reference=r).log_softmax(-1) for r in (True, False)}
+            torch.testing.assert_close(logp[False], logp[True], atol=1e-4, rtol=0)
+            nxt = {r: logp[r].argmax(-1) for r in (True, False)}
+            assert torch.equal(nxt[True], nxt[False])
