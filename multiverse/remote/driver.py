@@ -13,9 +13,7 @@ Merge modes (named in every output): ``exact`` against a server that lays out a 
 by the layout rule (``multiverse serve``: the request says ``parallel: true``), so the output is
 ``LLM.generate``'s token for token under greedy decoding; ``flat`` against a stock engine, which
 re-prefills the joined paths causally. Path requests are exact in both. On ``multiverse serve``
-each request reuses the K/V of those before it: a path request the Map's, the Reduce request
-every path's, from the paths' own requests (:mod:`multiverse.engine.reuse`), so the server
-computes about the tokens ``LLM.generate`` computes.
+each request reuses the K/V of earlier ones (the Reduce: every path's, :mod:`multiverse.engine.reuse`).
 
 Requests run concurrently (all of a batch at once, every path of a fork at once), within one
 concurrency limit per replica. Several base URLs are data-parallel replicas: each request goes
