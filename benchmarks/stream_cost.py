@@ -18,6 +18,12 @@ the best of ``--repeat`` runs (the modes interleaved: a shared machine is noisy)
 table, then one JSON object on the last line with the 2,048 / 256 ratios per mode (goal:
 within 10% for ``incremental``). On a CPU the engine's own step grows with the context (the
 attention reads every earlier token), so ``none`` shows what is the engine's part.
+
+``--profile``: instead, one run per length of mode ``none`` under ``cProfile``, the engine step
+split into milliseconds per step: the K/V gather (``index_select``), ``scaled_dot_product_attention``,
+the linear layers, the RMS norms, other torch calls and Python (each call counted once, in its
+own time), plus the Python calls per step (a count that grows with the context would be
+O(context) Python work in a step).
 """
 
 from __future__ import annotations
@@ -73,6 +79,35 @@ def run_cell(
             "streamed_chars": chars}  # fmt: skip
 
 
+PARTS = {"kv_gather": ("index_select",), "attention": ("scaled_dot_product_attention",),
+         "linear": ("_linear_pointwise", "addmm", "built-in method torch._C._nn.linear", "mm}"),
+         "rms_norm": ("rms_norm",)}  # fmt: skip
+
+
+def profile_cell(llm: Any, requests: int, tokens: int) -> dict[str, Any]:
+    """Mode ``none`` under cProfile: ms per engine step by part (see the module docstring)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    cell = run_cell(llm, requests, tokens, "none", None)
+    prof.disable()
+    steps = cell["steps"]
+    parts = dict.fromkeys([*PARTS, "other_torch", "python"], 0.0)
+    calls = 0
+    for (file, _, name), (_, ncalls, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        label = f"{file}:{name}"
+        part = next((p for p, keys in PARTS.items() if any(k in label for k in keys)), None)
+        if part is None:
+            part = "other_torch" if file == "~" and "torch" in name else "python"
+        parts[part] += tottime
+        calls += ncalls if file != "~" else 0
+    return {"tokens": tokens, "steps": steps, "python_calls_per_step": round(calls / steps, 1),
+            "ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in parts.items()},
+            "total_ms_per_step": round(1e3 * sum(parts.values()) / steps, 3)}  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=16)
@@ -87,6 +122,7 @@ def main() -> int:
         help="a stop string every request carries (never hit)",
     )
     p.add_argument("--repeat", type=int, default=3, help="runs per cell; the best counts")
+    p.add_argument("--profile", action="store_true", help="where a mode-none step's time goes")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: cli.common's rule)"
@@ -104,6 +140,15 @@ def main() -> int:
         str(find_model()), device=args.device, num_kv_slots=args.requests * (max(lengths) + 64)
     )
     run_cell(llm, 2, 32, "incremental", args.stop)  # warm-up
+    if args.profile:
+        prof = [profile_cell(llm, args.requests, tokens) for tokens in lengths]
+        for c in prof:
+            parts = "  ".join(f"{k} {v:.3f}" for k, v in c["ms_per_step"].items())
+            print(f"{c['tokens']:>6} tokens  {c['total_ms_per_step']:.3f} ms/step: {parts}  "
+                  f"({c['python_calls_per_step']} Python calls a step)")  # fmt: skip
+        print(json.dumps({"benchmark": "stream_cost", "profile": prof, "model": "multiverse-tiny",
+                          "device": args.device, "threads": threads, "requests": args.requests}))  # fmt: skip
+        return 0
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for tokens in lengths:
         for rep in range(args.repeat):
