@@ -564,6 +564,21 @@ def test_a_large_cpu_pool_is_zero_and_resident_only_where_slots_were_written():
     assert half.kv.dtype == torch.bfloat16 and half.kv.eq(0).all()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_writes_its_own_copy_of_the_pool():
+    """The pool's memory is private, as ``torch.zeros``' was: a forked child's writes stay in the
+    child (a shared map would let two engines write one pool)."""
+    pool = KVPool(2, 10, 2, 24, dtype="float32")  # small: the child runs no OpenMP
+    pool.kv[0, 1] = 2.0
+    pid = os.fork()
+    if pid == 0:  # the child
+        pool.kv.fill_(5.0)
+        os._exit(0 if pool.kv.eq(5.0).all() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pool.kv.count_nonzero() == 2 * 2 * 24 and pool.kv[0, 1].eq(2.0).all()
+
+
 def test_bad_batches_are_rejected_with_clear_errors(pair):
     _, ours = pair
     kv = KVPool.for_model(ours, num_slots=8)

@@ -97,5 +97,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     count = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    buf = mmap.mmap(-1, max(1, count * itemsize))  # anonymous, private, zero-filled
+    # private (a forked process writes its own copy, as with torch.zeros), anonymous: zero-filled
+    buf = mmap.mmap(-1, max(1, count * itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
