@@ -31,7 +31,8 @@ demo: $(DEMO_STAMP)
 	$(BIN)/multiverse demo
 
 # `make test WORKERS=2`: two pytest-xdist workers of one thread each instead of one process of
-# two threads; the SmolLM2 tests keep to one worker (tests/conftest.py).
+# two threads; the SmolLM2 tests keep to one worker (tests/conftest.py). Opt-in: measured slower,
+# with more CPU and memory, on the shared 2-core machine (README "Tests").
 WORKERS ?=
 XDIST = $(if $(WORKERS),-n $(WORKERS) --dist loadgroup,)
 test: $(DEV_STAMP)

@@ -14,10 +14,17 @@ multi-byte characters included) until ``max_tokens``, so every cell runs the sam
 Per (tokens, mode): ``steps_per_s`` over the whole run and ``stream_ms_per_step`` (time in the
 streamers; ``stream_steps_per_s``: the steps per second if the engine step itself were free;
 ``stream_ms_first_256`` / ``_last_256``: within one run, a short and a long text, same load),
-the best of ``--repeat`` runs (the modes interleaved: a shared machine is noisy). Prints a
+the best of ``--repeat`` runs (the modes interleaved: a shared machine is noisy);
+``steps_per_cpu_s``: the same per second of process CPU time (less sensitive to other jobs). Prints a
 table, then one JSON object on the last line with the 2,048 / 256 ratios per mode (goal:
 within 10% for ``incremental``). On a CPU the engine's own step grows with the context (the
 attention reads every earlier token), so ``none`` shows what is the engine's part.
+
+``--profile``: instead, one run per length of mode ``none`` under ``cProfile``, the engine step
+split into milliseconds per step: the K/V gather (``index_select``), ``scaled_dot_product_attention``,
+the linear layers, the RMS norms, other torch calls and Python (each call counted once, in its
+own time), plus the Python calls per step (a count that grows with the context would be
+O(context) Python work in a step).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ def run_cell(
         r.id: BranchStreamer(llm.tokenizer, incremental=mode == "incremental") for r in reqs
     }
     steps, in_stream, chars, per_step = 0, 0.0, 0, []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while llm.requests:
         llm.step()
         steps += 1
@@ -61,16 +68,46 @@ def run_cell(
                 chars += len(streamers[r.id].update(r)[0])
         per_step.append(time.perf_counter() - t1)
         in_stream += per_step[-1]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = [llm.output(r) for r in reqs]
     assert all(len(o.token_ids) == tokens for o in out), [len(o.token_ids) for o in out]
     return {"tokens": tokens, "mode": mode, "steps": steps, "seconds": round(wall, 3),
-            "steps_per_s": round(steps / wall, 2), "stream_ms_per_step": round(1e3 * in_stream / steps, 3),
+            "steps_per_s": round(steps / wall, 2),
+            "steps_per_cpu_s": round(steps / cpu, 2), "stream_ms_per_step": round(1e3 * in_stream / steps, 3),
             "stream_steps_per_s": round(steps / in_stream, 1) if in_stream else None,
             # the same run's streaming time at its first and its last 256 steps (the same load)
             "stream_ms_first_256": round(1e3 * sum(per_step[:256]) / 256, 3) if per_step else None,
             "stream_ms_last_256": round(1e3 * sum(per_step[-256:]) / 256, 3) if per_step else None,
             "streamed_chars": chars}  # fmt: skip
+
+
+PARTS = {"kv_gather": ("index_select",), "attention": ("scaled_dot_product_attention",),
+         "linear": ("_linear_pointwise", "addmm", "built-in method torch._C._nn.linear", "mm}"),
+         "rms_norm": ("rms_norm",)}  # fmt: skip
+
+
+def profile_cell(llm: Any, requests: int, tokens: int) -> dict[str, Any]:
+    """Mode ``none`` under cProfile: ms per engine step by part (see the module docstring)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.process_time)  # CPU time: the machine is shared
+    prof.enable()
+    cell = run_cell(llm, requests, tokens, "none", None)
+    prof.disable()
+    steps = cell["steps"]
+    parts = dict.fromkeys([*PARTS, "other_torch", "python"], 0.0)
+    calls = 0
+    for (file, _, name), (_, ncalls, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        label = f"{file}:{name}"
+        part = next((p for p, keys in PARTS.items() if any(k in label for k in keys)), None)
+        if part is None:
+            part = "other_torch" if file == "~" and "torch" in name else "python"
+        parts[part] += tottime
+        calls += ncalls if file != "~" else 0
+    return {"tokens": tokens, "steps": steps, "python_calls_per_step": round(calls / steps, 1),
+            "ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in parts.items()},
+            "total_ms_per_step": round(1e3 * sum(parts.values()) / steps, 3)}  # fmt: skip
 
 
 def main() -> int:
@@ -87,6 +124,7 @@ def main() -> int:
         help="a stop string every request carries (never hit)",
     )
     p.add_argument("--repeat", type=int, default=3, help="runs per cell; the best counts")
+    p.add_argument("--profile", action="store_true", help="where a mode-none step's time goes")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: cli.common's rule)"
@@ -104,6 +142,15 @@ def main() -> int:
         str(find_model()), device=args.device, num_kv_slots=args.requests * (max(lengths) + 64)
     )
     run_cell(llm, 2, 32, "incremental", args.stop)  # warm-up
+    if args.profile:
+        prof = [profile_cell(llm, args.requests, tokens) for tokens in lengths]
+        for c in prof:
+            parts = "  ".join(f"{k} {v:.3f}" for k, v in c["ms_per_step"].items())
+            print(f"{c['tokens']:>6} tokens  {c['total_ms_per_step']:.3f} ms/step: {parts}  "
+                  f"({c['python_calls_per_step']} Python calls a step)")  # fmt: skip
+        print(json.dumps({"benchmark": "stream_cost", "profile": prof, "model": "multiverse-tiny",
+                          "device": args.device, "threads": threads, "requests": args.requests}))  # fmt: skip
+        return 0
     runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for tokens in lengths:
         for rep in range(args.repeat):
@@ -121,14 +168,19 @@ def main() -> int:
     cells = list(by.values())
     lo, hi = min(lengths), max(lengths)
     ratio = {m: round(by[(hi, m)]["steps_per_s"] / by[(lo, m)]["steps_per_s"], 3) for m in modes}
+    cpu_ratio = {
+        m: round(by[(hi, m)]["steps_per_cpu_s"] / by[(lo, m)]["steps_per_cpu_s"], 3) for m in modes
+    }
     stream_ratio = {m: round(by[(hi, m)]["stream_steps_per_s"] / by[(lo, m)]["stream_steps_per_s"], 3)
                     for m in modes if m != "none"}  # fmt: skip
     for c in cells:
         print(f"best: {c['tokens']:>6} tokens  {c['mode']:<12} {c['steps_per_s']:9.2f} steps/s  "
+              f"{c['steps_per_cpu_s']:9.2f} steps/cpu-s  "
               f"stream {c['stream_ms_per_step']:8.3f} ms/step")  # fmt: skip
     print(json.dumps({"benchmark": "stream_cost", "model": "multiverse-tiny", "device": args.device, "threads": threads,
                       "requests": args.requests, "stop": args.stop, "cells": cells,
                       "repeat": args.repeat, f"steps_per_s_ratio_{hi}_vs_{lo}": ratio,
+                      f"steps_per_cpu_s_ratio_{hi}_vs_{lo}": cpu_ratio,
                       f"stream_steps_per_s_ratio_{hi}_vs_{lo}": stream_ratio}))  # fmt: skip
     return 0
 

@@ -60,24 +60,39 @@ def smollm2_gguf():
     return gguf, load_hf_model(gguf)
 
 
+_GGUF_TOKENIZER: dict[Path, object] = {}  # the GGUF's tokenizer, read once per session
+
+
 @contextmanager
 def _loads_shared(gguf: Path, model):
-    """``load_hf_model`` (adapter and loader) returns a copy of ``model`` for ``gguf``."""
+    """``load_hf_model`` (adapter and loader) returns a copy of ``model`` for ``gguf``, and the
+    loader's ``load_tokenizer`` a copy of ``gguf``'s tokenizer, read on first use (10 s a read)."""
     import copy
 
     from multiverse.engine import adapter, loader
 
-    real = adapter.load_hf_model
+    real, real_tokenizer = adapter.load_hf_model, loader.load_tokenizer
+
+    def is_gguf(path, gguf_file) -> bool:
+        file = Path(path) / gguf_file if gguf_file is not None else Path(path)
+        return file.resolve() == gguf.resolve()
 
     def load_hf_model(path, gguf_file=None, attn_implementation=None):
-        file = Path(path) / gguf_file if gguf_file is not None else Path(path)
-        if attn_implementation is None and file.resolve() == gguf.resolve():
+        if attn_implementation is None and is_gguf(path, gguf_file):
             return copy.deepcopy(model)
         return real(path, gguf_file, attn_implementation)
+
+    def load_tokenizer(source, gguf_file=None):
+        if not is_gguf(source, gguf_file):
+            return real_tokenizer(source, gguf_file)
+        if gguf not in _GGUF_TOKENIZER:
+            _GGUF_TOKENIZER[gguf] = real_tokenizer(source, gguf_file)
+        return copy.deepcopy(_GGUF_TOKENIZER[gguf])
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(adapter, "load_hf_model", load_hf_model)
         mp.setattr(loader, "load_hf_model", load_hf_model)
+        mp.setattr(loader, "load_tokenizer", load_tokenizer)
         yield
 
 
@@ -85,8 +100,9 @@ def _loads_shared(gguf: Path, model):
 def smollm2_loads_shared(smollm2_gguf):
     """For a module: ``multiverse.engine.adapter.load_hf_model`` (what the engine's loader, the
     adapter loader and the trainer read a checkpoint with) returns a copy of the session's
-    SmolLM2 model when asked for that GGUF, instead of reading it again; anything else loads as
-    usual. Everything after the read (tag rows, adapter merge, the copy into our model) runs."""
+    SmolLM2 model when asked for that GGUF, instead of reading it again, and the engine's loader
+    gets a copy of the GGUF's tokenizer, read once per session; anything else loads as usual.
+    Everything after the read (tag rows, adapter merge, the copy into our model) runs."""
     with _loads_shared(*smollm2_gguf):
         yield
 
@@ -100,8 +116,9 @@ def smollm2_mv_run(smollm2_gguf):
     session's GGUF) run greedily, logprobs on, in one batch on held-out word problems (two that
     fork, one that does not), ONCE per session (minutes on CPU): the engine tests check these
     outputs against transformers, the remote tests serve the adapter and compare with them.
-    A namespace: ``tokenizer``, ``problems``, ``prompts``, ``params``, ``outputs`` (the engine
-    itself is not kept: its weights and K/V pool would stay for the whole session)."""
+    A namespace: ``llm`` (the engine, kept for more requests on the adapter: one set-up fewer;
+    its pool is resident only where used), ``tokenizer``, ``problems``, ``prompts``, ``params``,
+    ``outputs``."""
     if not (SMOLLM2_MV / "adapter_config.json").is_file():
         pytest.skip("shipped SmolLM2 adapter not present")
     import types
@@ -122,5 +139,5 @@ def smollm2_mv_run(smollm2_gguf):
     params = SamplingParams(temperature=0.0, max_tokens=700, parallel=True, logprobs=True,
                             stop_token_ids=stop_token_ids(tok))  # fmt: skip
     outputs = llm.generate(prompts, params)
-    return types.SimpleNamespace(tokenizer=tok, problems=problems, prompts=prompts, params=params,
-                                 outputs=outputs)  # fmt: skip
+    return types.SimpleNamespace(llm=llm, tokenizer=tok, problems=problems, prompts=prompts,
+                                 params=params, outputs=outputs)  # fmt: skip

@@ -8,6 +8,8 @@ a wrong bias, norm or RoPE mapping shows up as a large logit difference.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -534,6 +536,47 @@ def test_kv_pool_layout_and_bytes_per_slot():
     assert pool.k.shape == pool.v.shape == (2, 10, 2, 24)
     pool.kv[1, 3, 1] = 7.0
     assert pool.v[1, 3].eq(7.0).all() and pool.k.eq(0).all()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc/self/statm (Linux)")
+def test_a_large_cpu_pool_is_zero_and_resident_only_where_slots_were_written():
+    """A CPU pool is a zero-filled memory map: making a 1 GiB pool (the engine's default) touches
+    none of it; a written slot is resident, every other slot still reads zero."""
+
+    def resident_mib() -> float:
+        return (
+            int(Path("/proc/self/statm").read_text().split()[1])
+            * os.sysconf("SC_PAGE_SIZE")
+            / 2**20
+        )
+
+    before = resident_mib()
+    pool = KVPool(4, (1 << 30) // (4 * 2 * 2 * 64 * 4), 2, 64, dtype="float32")  # 1 GiB
+    assert pool.kv.numel() * pool.kv.element_size() == 1 << 30 and pool.kv.is_contiguous()
+    assert resident_mib() - before < 64
+    pool.kv[2, 1000, 1] = 3.0
+    pool.kv[0, -1] = -1.0
+    assert pool.v[2, 1000].eq(3.0).all() and pool.k[2, 1000].eq(0).all()
+    assert pool.kv[:, :2000].count_nonzero() == 2 * 64 and pool.kv[1, ::997].count_nonzero() == 0
+    assert pool.kv[0, -1].eq(-1.0).all() and pool.kv[0, -2].eq(0).all()
+    assert resident_mib() - before < 128  # what was read or written, not the gigabyte
+    half = KVPool(2, 8, 2, 24, dtype="bfloat16")
+    assert half.kv.dtype == torch.bfloat16 and half.kv.eq(0).all()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_writes_its_own_copy_of_the_pool():
+    """The pool's memory is private, as ``torch.zeros``' was: a forked child's writes stay in the
+    child (a shared map would let two engines write one pool)."""
+    pool = KVPool(2, 10, 2, 24, dtype="float32")  # small: the child runs no OpenMP
+    pool.kv[0, 1] = 2.0
+    pid = os.fork()
+    if pid == 0:  # the child
+        pool.kv.fill_(5.0)
+        os._exit(0 if pool.kv.eq(5.0).all() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pool.kv.count_nonzero() == 2 * 2 * 24 and pool.kv[0, 1].eq(2.0).all()
 
 
 def test_bad_batches_are_rejected_with_clear_errors(pair):

@@ -77,15 +77,12 @@ def _generate(adapter_dir: Path, questions: list[str], parallel: bool, max_token
 
 
 @pytest.fixture(scope="module")
-def mv_run(smollm2_mv_run, smollm2_loads_shared):
-    """An engine on the Multiverse adapter and the session's one run of it on :func:`_problems`
+def mv_run(smollm2_mv_run):
+    """The engine on the Multiverse adapter and the session's one run of it on :func:`_problems`
     (``smollm2_mv_run``, tests/conftest.py; tests/remote/test_remote_smollm2.py compares the
     served adapter with the same run)."""
-    from multiverse import LLM
-
     assert [r.question for r in smollm2_mv_run.problems] == [r.question for r in _problems()]
-    llm = LLM(str(MV_DIR), device="cpu", dtype="float32", num_kv_slots=KV_SLOTS)
-    return llm, smollm2_mv_run.outputs
+    return smollm2_mv_run.llm, smollm2_mv_run.outputs
 
 
 @pytest.fixture(scope="module")
