@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -35,3 +36,17 @@ def serve_app(app):
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def sse_chunks(url: str, path: str, body: dict, headers: dict, timeout: float = 300) -> list[dict]:
+    """POST ``body`` with ``stream: true`` to ``url + path``; the SSE chunks as dicts (the
+    stream must answer 200 and end with ``[DONE]``)."""
+    import httpx
+
+    with httpx.stream(
+        "POST", f"{url}{path}", json={**body, "stream": True}, headers=headers, timeout=timeout
+    ) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]

@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+from _serving import sse_chunks
 from conftest import API_KEY, FRONT_KEY, serve_app, slow_backend, tiny_problems, wait_idle
 from scripted import Script, scripted_app
 
@@ -18,16 +19,6 @@ from multiverse.format.prompts import chat_prompt, user_prompt
 from multiverse.remote import RemoteLLM
 
 H = {"Authorization": f"Bearer {FRONT_KEY}"}
-
-
-def _chunks(url: str, path: str, body: dict, headers: dict) -> list[dict]:
-    with httpx.stream(
-        "POST", f"{url}{path}", json={**body, "stream": True}, headers=headers, timeout=300
-    ) as r:
-        assert r.status_code == 200, r.read()
-        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(x) for x in lines[:-1]]
 
 
 def _events(chunks: list[dict]) -> list[dict]:
@@ -53,7 +44,7 @@ def test_the_front_streams_live_text_and_branch_events(front, tiny_server, forki
     whole = httpx.post(f"{front}/v1/completions", json=forking_body, headers=H, timeout=300).json()
     final = whole["choices"][0]["text"]
     assert whole["choices"][0]["multiverse"]["blocks"] >= 1  # the prompt forks
-    chunks = _chunks(front, "/v1/completions", forking_body, H)
+    chunks = sse_chunks(front, "/v1/completions", forking_body, H)
     usage, chunks = chunks[-1], chunks[:-1]
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
     ends = [i for i, c in enumerate(chunks) if c["choices"][0]["finish_reason"] is not None]
@@ -74,8 +65,8 @@ def test_the_front_streams_live_text_and_branch_events(front, tiny_server, forki
 def test_the_front_streams_the_local_servers_events(front, tiny_server, forking_body):
     """The same forks, and each path's deltas the same text, as the backend's own stream."""
     url = tiny_server[0]
-    local = _chunks(url, "/v1/completions", forking_body, {"Authorization": f"Bearer {API_KEY}"})
-    via = _chunks(front, "/v1/completions", forking_body, H)
+    local = sse_chunks(url, "/v1/completions", forking_body, {"Authorization": f"Bearer {API_KEY}"})
+    via = sse_chunks(front, "/v1/completions", forking_body, H)
     forks = [[e for e in _events(c) if e["type"] == "fork"] for c in (local, via)]
     assert forks[0] and forks[0] == forks[1]
     assert _branch_texts(_events(local)) == _branch_texts(_events(via))
@@ -89,7 +80,7 @@ def test_the_front_streams_a_chat(front, tiny_server):
         "temperature": 0,
     }
     whole = httpx.post(f"{front}/v1/chat/completions", json=body, headers=H, timeout=300).json()
-    chunks = _chunks(front, "/v1/chat/completions", body, H)
+    chunks = sse_chunks(front, "/v1/chat/completions", body, H)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert content == whole["choices"][0]["message"]["content"]
@@ -121,7 +112,7 @@ def test_the_front_streams_per_token_the_text_of_the_local_engine(front, tiny_lo
             "choices"
         ][0]
         assert whole["multiverse"]["blocks"] >= 1 and whole["text"] == ref.text
-        texts = [c["choices"][0]["text"] for c in _chunks(front, "/v1/completions", body, H)]
+        texts = [c["choices"][0]["text"] for c in sse_chunks(front, "/v1/completions", body, H)]
         assert "".join(texts) == ref.text
         sent = ""
         for t in texts:
@@ -173,8 +164,10 @@ def test_the_front_streams_token_ids_as_the_local_server(front, tiny_server, for
     body = {**forking_body, "return_token_ids": True, "stream_options": None}
     whole = httpx.post(f"{front}/v1/completions", json=body, headers=H, timeout=300).json()
     want = whole["choices"][0]
-    local = _chunks(tiny_server[0], "/v1/completions", body, {"Authorization": f"Bearer {API_KEY}"})
-    for chunks in (_chunks(front, "/v1/completions", body, H), local):
+    local = sse_chunks(
+        tiny_server[0], "/v1/completions", body, {"Authorization": f"Bearer {API_KEY}"}
+    )
+    for chunks in (sse_chunks(front, "/v1/completions", body, H), local):
         choices = [c["choices"][0] for c in chunks]
         assert [t for c in choices for t in c["token_ids"]] == want["token_ids"]
         assert choices[0]["prompt_token_ids"] == want["prompt_token_ids"]

@@ -6,10 +6,9 @@ forks (the ids of the paths in outline order, as the merged output has them)."""
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
+from _serving import sse_chunks
 from conftest import API_KEY
 
 from multiverse.format.prompts import chat_prompt
@@ -19,13 +18,7 @@ H = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def _stream(url: str, body: dict) -> list[dict]:
-    with httpx.stream(
-        "POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=H, timeout=120
-    ) as r:
-        assert r.status_code == 200, r.read()
-        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(x) for x in lines[:-1]]
+    return sse_chunks(url, "/v1/completions", body, H, timeout=120)
 
 
 def _whole(url: str, body: dict) -> dict:
