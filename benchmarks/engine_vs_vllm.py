@@ -145,7 +145,7 @@ def cpu_flags() -> str:
 def load_models(precisions: list[str]) -> tuple[dict[str, Any], Any]:
     from multiverse.engine.loader import load_model
 
-    base, tok, _ = load_model(ADAPTER)
+    base, tok, _ = load_model(ADAPTER, keep_adapter_base="int4" in precisions)  # int4 keeps the delta
     models = {}
     for p in precisions:
         if p == "float32":

@@ -251,11 +251,13 @@ def check_adapter_shapes(hf_model: Any, adapter_dir: Path, config: dict[str, Any
 
 
 def load_with_adapter(base: str | Path | None, adapter_dir: str | Path, dtype: str | torch.dtype = "float32",
-                      device: str | torch.device = "cpu") -> tuple[CausalLM, Any, Any]:  # fmt: skip
+                      device: str | torch.device = "cpu", keep_base: bool = False) -> tuple[CausalLM, Any, Any]:  # fmt: skip
     """``(model, tokenizer, hf_config)``: the base (:func:`resolve_base`; ``None``: the one
     ``adapter_dir`` records) in float32, resized for the tags (:func:`prepare_base`), the
     adapter applied and merged (``PeftModel.from_pretrained`` then ``merge_and_unload``), in
-    our :class:`CausalLM` at ``dtype`` on ``device``; the tokenizer is ``adapter_dir``'s."""
+    our :class:`CausalLM` at ``dtype`` on ``device``; the tokenizer is ``adapter_dir``'s.
+    ``keep_base``: the model also keeps the base's projection weights (``adapter_base``), so
+    int4 can quantise the base and keep the adapter's delta in float32 (``CausalLM.quantize_``)."""
     adapter_dir = Path(adapter_dir)
     config = _adapter_config(adapter_dir)
     base_path = resolve_base(base, adapter_dir)
@@ -270,8 +272,18 @@ def load_with_adapter(base: str | Path | None, adapter_dir: str | Path, dtype: s
     hf_model = load_hf_model(base_path)
     prepare_base(hf_model, tokenizer, base_path)
     check_adapter_shapes(hf_model, adapter_dir, config, base_path)
+    kept = _projections(causal_lm_from_hf(hf_model, "float32", "cpu", source=str(base_path))) if keep_base else None
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         merged = PeftModel.from_pretrained(hf_model, str(adapter_dir)).merge_and_unload()
     model = causal_lm_from_hf(merged, dtype, device, source=f"{base_path} + adapter {adapter_dir}")
+    if kept is not None:
+        model.adapter_base, model.adapter_rank = kept, 3 * int(config.get("r", 0))  # q/k/v fused: 3 r
     return model, tokenizer, merged.config
+
+
+def _projections(model: CausalLM) -> list[dict[str, torch.Tensor]]:
+    """Each layer's projection matrices (the ones ``quantize_`` quantises), float32 copies."""
+    from multiverse.engine.model.layer import QUANTIZED
+
+    return [{n: getattr(layer, n).detach().float().contiguous().clone() for n in QUANTIZED} for layer in model.layers]

@@ -78,7 +78,8 @@ class LLM:
 
             path, adapter = model, engine_config.pop("adapter", None)
             model, loaded_tok, _ = load_model(model, dtype=dtype, device=device, adapter=adapter,
-                                              gguf_file=engine_config.pop("gguf_file", None))  # fmt: skip
+                                              gguf_file=engine_config.pop("gguf_file", None),
+                                              keep_adapter_base=engine_config.get("quantization") == "int4")  # fmt: skip
             tokenizer = tokenizer or loaded_tok
             engine_config.setdefault("eos_token_ids", _checkpoint_eos(path, adapter, loaded_tok))
         if tokenizer is None:

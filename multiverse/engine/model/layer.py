@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multiverse.engine.model.quant import QuantLinear, add_linear, linear
+from multiverse.engine.model.quant import QuantLinear, add_linear, linear, low_rank
 from multiverse.engine.model.rope import apply_rope_
 from multiverse.engine.model.spec import ModelSpec
 
@@ -74,14 +74,21 @@ class DecoderLayer(nn.Module):
         self.down_weight = param(h, spec.intermediate_size)
         self.down_bias = param(h) if spec.mlp_bias else None
 
-    def quantize_(self, method: str, group_size: int, where: str) -> None:
-        """Replace the four projection matrices by :class:`QuantLinear` modules (in place)."""
+    def quantize_(self, method: str, group_size: int, where: str,
+                  base: dict[str, torch.Tensor] | None = None, rank: int = 0) -> None:  # fmt: skip
+        """Replace the four projection matrices by :class:`QuantLinear` modules (in place).
+        ``base``: the weights before a LoRA adapter was merged (rank <= ``rank``): the base is
+        quantised and the adapter's delta kept beside it in float32 (:func:`.quant.low_rank`)."""
         for name in QUANTIZED:
             weight = getattr(self, name)
             if type(weight) is QuantLinear:
                 raise ValueError(f"{where}.{name} is already quantised ({weight.method})")
             # contiguous: the float32 fast path may store a weight transposed (.packed)
-            q = QuantLinear(method, weight.contiguous(), group_size, name=f"{where}.{name}")
+            weight, lora = weight.contiguous(), None
+            if base is not None:
+                lora = low_rank(weight.float() - base[name], rank, f"{where}.{name}")
+                weight = weight if lora is None else base[name].to(weight.dtype)
+            q = QuantLinear(method, weight, group_size, name=f"{where}.{name}", lora=lora)
             delattr(self, name)
             setattr(self, name, q)
 

@@ -83,8 +83,11 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, method: str, weight: torch.Tensor, group_size: int = DEFAULT_INT4_GROUP_SIZE,
-                 name: str = "weight") -> None:  # fmt: skip
+                 name: str = "weight", lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:  # fmt: skip
         super().__init__()
+        # a LoRA adapter's delta kept beside the quantised base weight, float32: (A [R, K], B [N, R])
+        self.register_buffer("lora_a", None if lora is None else lora[0].float().contiguous())
+        self.register_buffer("lora_b", None if lora is None else lora[1].float().contiguous())
         if weight.dim() != 2:
             raise ValueError(f"{name}: quantise a 2-D weight, got shape {tuple(weight.shape)}")
         n, k = weight.shape
@@ -128,7 +131,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path: x ``[T, K]`` -> ``[T, N]`` in x's dtype (bfloat16 activations; int8 at
-        up to 4 rows on one thread: :mod:`.cpu_kernels`, float32 activations, where built)."""
+        up to 4 rows on one thread: :mod:`.cpu_kernels`, float32 activations, where built), plus
+        the adapter's low-rank delta in float32 where there is one."""
+        out = self._base_forward(x)
+        if self.lora_a is None:
+            return out
+        return out + ((x.float() @ self.lora_a.t()) @ self.lora_b.t()).to(out.dtype)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "int8" and x.shape[0] <= cpu_kernels.MAX_ROWS:
             fn = cpu_kernels.loaded()
             if fn is not None and torch.get_num_threads() == 1:
@@ -154,12 +164,14 @@ class QuantLinear(nn.Module):
         )
 
     def dequantize(self) -> torch.Tensor:
-        """The weight the quantised values stand for, float32 ``[N, K]``."""
+        """The weight the quantised values (and the adapter's delta) stand for, float32 ``[N, K]``."""
         if self.method == "int8":
-            return self.qweight.float() * self.scales[:, None]
-        q = torch.stack([self.qweight & 15, self.qweight >> 4], -1).reshape(self.out_features, -1)
-        g = q.float().reshape(self.out_features, -1, self.group_size)
-        return ((g - 8) * self.scales[..., None] + self.zeros[..., None]).reshape(q.shape)
+            w = self.qweight.float() * self.scales[:, None]
+        else:
+            q = torch.stack([self.qweight & 15, self.qweight >> 4], -1).reshape(self.out_features, -1)
+            g = q.float().reshape(self.out_features, -1, self.group_size)
+            w = ((g - 8) * self.scales[..., None] + self.zeros[..., None]).reshape(q.shape)
+        return w if self.lora_a is None else w + self.lora_b @ self.lora_a
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference: dequantise, then a float32 ``F.linear``; returns x's dtype."""
@@ -167,7 +179,31 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.method == "int4" else ""
-        return f"{self.method}, in={self.in_features}, out={self.out_features}{g}"
+        r = "" if self.lora_a is None else f", adapter rank={self.lora_a.shape[0]}"
+        return f"{self.method}, in={self.in_features}, out={self.out_features}{g}{r}"
+
+
+def low_rank(delta: torch.Tensor, rank: int, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(A [R, K], B [N, R])`` with ``B @ A == delta`` (an adapter's merged delta, rank <= ``rank``),
+    R the components above 1e-5 of the largest; None for a zero delta. A randomized SVD, the full
+    one when that leaves more than 1e-4 of ``delta`` out (``ValueError`` if even that does)."""
+    delta = delta.detach().float()
+    norm = delta.norm()
+    if norm == 0:
+        return None
+    small = min(delta.shape)
+    for exact in (False, True):
+        if exact or rank + 8 >= small:
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        else:
+            u, s, v = torch.svd_lowrank(delta, q=rank + 8, niter=4)
+            vh = v.t()
+        keep = (s > s[0] * 1e-5) & (torch.arange(len(s)) < rank)
+        a, b = s[keep, None] * vh[keep], u[:, keep]
+        if (delta - b @ a).norm() <= 1e-4 * norm:
+            return a.contiguous(), b.contiguous()
+    raise ValueError(f"{name}: the adapter's delta is not of rank <= {rank} (left out: "
+                     f"{float((delta - b @ a).norm() / norm):.2e} of it)")  # fmt: skip
 
 
 def linear(
