@@ -166,12 +166,17 @@ class Replica:
         except ValueError:
             raise RemoteError(f"{url}: the response is not JSON: {resp.text[:200]!r}") from None
 
+    def _retrying(self) -> AsyncRetrying:
+        """The retry policy of every completions call (module docstring): 429 / 5xx / timeouts /
+        dropped connections, up to ``retries`` more attempts, randomized exponential backoff."""
+        return AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(self.retries + 1),
+                             wait=wait_random_exponential(multiplier=0.2, max=8.0), reraise=True,
+                             before_sleep=_log_retry)  # fmt: skip
+
     async def complete(self, body: dict[str, Any], counts: list[int] | None = None) -> Completion:
         """One completion (``body``: the JSON request), retried as the module docstring says;
         ``counts[0]`` counts the calls sent (retries included)."""
-        retrying = AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(self.retries + 1),
-                                 wait=wait_random_exponential(multiplier=0.2, max=8.0), reraise=True,
-                                 before_sleep=_log_retry)  # fmt: skip
+        retrying = self._retrying()
         async for attempt in retrying:
             with attempt:
                 if counts is not None:
@@ -193,9 +198,7 @@ class Replica:
         tokens arrived raises :class:`StreamCut`. Closing the generator (``aclose``, or the
         cancelled task that iterates it) closes the connection: the server frees the work."""
         url = f"{self.base_url}/v1/completions"
-        retrying = AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(self.retries + 1),
-                                 wait=wait_random_exponential(multiplier=0.2, max=8.0), reraise=True,
-                                 before_sleep=_log_retry)  # fmt: skip
+        retrying = self._retrying()
         async with contextlib.AsyncExitStack() as held:
             async for attempt in retrying:
                 with attempt:
