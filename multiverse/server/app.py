@@ -41,7 +41,7 @@ from multiverse.server.schemas import (
     completion_prompt,
     sampling_params,
 )
-from multiverse.server.streaming import SSE_DONE, chat_chunk, choice_chunk, sse, usage_chunk
+from multiverse.server.streaming import SSE_DONE, ChoiceChunks, chat_chunk, sse, usage_chunk
 
 POLL_S = 0.2  # how often a waiting handler checks that its client is still there
 log = logging.getLogger("multiverse.server")
@@ -181,15 +181,8 @@ def create_app(llm: Any, model_name: str = "multiverse", config: ServerConfig | 
                      include_usage: bool, deadline: float, with_ids: bool = False) -> AsyncIterator[str]:  # fmt: skip
         outs: list[Any] = [None] * len(jobs)
         left = len(jobs)
-        first = [True] * len(jobs)
-
-        def chunk(index: int, text: str, events: list[Any], ids: list[int], out: Any = None) -> str:
-            """``with_ids`` (``return_token_ids``): the new ids, the prompt's on the first chunk
-            (``job.req`` was set on the engine thread before its first message)."""
-            prompt_ids = jobs[index].req.prompt_ids if with_ids and first[index] else None
-            first[index] = False
-            ids = ids if with_ids else None
-            return sse(choice_chunk(head, index, chat, text, events, ids, out, prompt_ids))
+        # the prompt's ids: job.req was set on the engine thread before its first message
+        chunk = ChoiceChunks(head, chat, with_ids, len(jobs), lambda i, out: jobs[i].req.prompt_ids)
 
         try:
             if chat:

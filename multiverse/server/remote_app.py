@@ -45,8 +45,8 @@ from multiverse.server.schemas import (
 from multiverse.server.streaming import (
     SSE_DONE,
     BranchStreamer,
+    ChoiceChunks,
     chat_chunk,
-    choice_chunk,
     sse,
     usage_chunk,
 )
@@ -155,14 +155,8 @@ def create_remote_app(remote: Any, model_name: str, config: Any) -> FastAPI:
         live: list[Any] = [None] * len(params)  # each choice's Request (its branch tree)
         ready: list[tuple[int, str, list[dict[str, Any]], list[int]]] = []
         wake = asyncio.Event()
-        first = [True] * len(params)
-
-        def chunk(index: int, text: str, events: list[Any], ids: list[int], out: Any = None) -> str:
-            prompt_ids = None
-            if with_ids and first[index]:  # the first chunk: the prompt's ids (the output has them too)
-                prompt_ids = out.prompt_token_ids if out is not None else live[index].prompt_ids
-            first[index] = False
-            return sse(choice_chunk(head, index, chat, text, events, ids if with_ids else None, out, prompt_ids))
+        chunk = ChoiceChunks(head, chat, with_ids, len(params),  # the prompt's ids: the output has them too
+                             lambda i, out: out.prompt_token_ids if out is not None else live[i].prompt_ids)  # fmt: skip
 
         def progress(index: int, req: Any) -> None:  # on the driver's task, between its awaits
             live[index] = req

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from multiverse.engine import stops
@@ -283,6 +284,24 @@ def choice_chunk(head: dict[str, Any], index: int, chat: bool, text: str, events
             end["merge"] = out.merge
         chunk.setdefault("multiverse", {"index": index}).update(end)
     return chunk
+
+
+class ChoiceChunks:
+    """Both servers' SSE chunks of a request's choices (:func:`choice_chunk`): with ``with_ids``
+    (``return_token_ids``) each carries its new token ids, and a choice's first one the prompt's,
+    ``prompt_ids(index, out)`` (called on that first chunk only)."""
+
+    def __init__(self, head: dict[str, Any], chat: bool, with_ids: bool, n: int,
+                 prompt_ids: Callable[[int, Any], list[int]]) -> None:  # fmt: skip
+        self.head, self.chat, self.with_ids, self.prompt_ids = head, chat, with_ids, prompt_ids
+        self._first = [True] * n
+
+    def __call__(self, index: int, text: str, events: list[Any], ids: list[int], out: Any = None) -> str:
+        first, self._first[index] = self._first[index], False
+        if not self.with_ids:
+            return sse(choice_chunk(self.head, index, self.chat, text, events, None, out))
+        prompt = self.prompt_ids(index, out) if first else None
+        return sse(choice_chunk(self.head, index, self.chat, text, events, ids, out, prompt))
 
 
 def usage_chunk(head: dict[str, Any], chat: bool, outs: list[Any]) -> dict[str, Any]:
