@@ -191,9 +191,9 @@ def low_rank(delta: torch.Tensor, rank: int, name: str) -> tuple[torch.Tensor, t
     norm = delta.norm()
     if norm == 0:
         return None
-    small = min(delta.shape)
-    for exact in (False, True):
-        if exact or rank + 8 >= small:
+    # the randomized SVD first; the full one when it falls short (or the matrix is that small)
+    for exact in (True,) if rank + 8 >= min(delta.shape) else (False, True):
+        if exact:
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         else:
             u, s, v = torch.svd_lowrank(delta, q=rank + 8, niter=4)
