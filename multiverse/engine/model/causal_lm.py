@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multiverse.engine.model import cpu_kernels, weights
+from multiverse.engine.model import cpu_fused, cpu_kernels, weights
 from multiverse.engine.model.attention import (
     ATTENTION_BACKENDS,
     AttentionMetadata,
@@ -105,9 +105,11 @@ class CausalLM(nn.Module):
         self._layer_weights: list[LayerWeights] = []
         self.linear_kernel = "onednn"  # float32 on CPU; "torch" = F.linear (set_linear_kernel)
         self._packed: tuple[tuple, list[LayerWeights], Any] | None = None  # (signature, ...)
+        self.fused_ops = True  # float32 CPU steps: the small ops in C (set_fused_ops)
         self._refresh_weight_cache()
         if factory["device"].type == "cpu":
             cpu_kernels.load()  # decode attention, int8: built once per machine (logged)
+            cpu_fused.load()  # RMSNorm, RoPE + K/V write, SiLU * up (cpu_fused)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -141,6 +143,13 @@ class CausalLM(nn.Module):
         if kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel {kernel!r}: expected one of {LINEAR_KERNELS}")
         self.linear_kernel, self._packed = kernel, None
+        return self
+
+    def set_fused_ops(self, fused: bool) -> CausalLM:
+        """``True`` (default): float32 CPU steps run their small ops (norms, RoPE and the K/V
+        write, SiLU * up, residual adds) as :mod:`.cpu_fused` kernels where they can run;
+        ``False``: torch's ops, the reference."""
+        self.fused_ops = bool(fused)
         return self
 
     def _weights(self) -> tuple[list[LayerWeights], Any]:
@@ -278,7 +287,10 @@ class CausalLM(nn.Module):
         t = x.shape[0]
         rope = rope_table(position_ids, self.inv_freq, self.rope_scaling, self.dtype)
         layer_weights, head = self._weights()
-        for layer, w in enumerate(layer_weights):
+        fused = cpu_fused.usable(self, kv_buffer)
+        if fused is not None:
+            x = cpu_fused.run_layers(fused, x, layer_weights, s, rope, slot_mapping, kv_buffer, plan)
+        for layer, w in enumerate(layer_weights if fused is None else ()):
             qkv = attention_inputs(x, w, s, rope)  # [T, (Hq + 2 Hk) * D]
             new_kv = qkv[:, hq * d :].view(t, 2, hk, d)  # [T, 2, Hk, D]
             pool = kv_buffer[layer]  # [S, 2, Hk, D]

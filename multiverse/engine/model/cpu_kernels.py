@@ -148,13 +148,15 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def build(cc: str | None = None, directory: Path | None = None) -> Path:
-    """Compile the kernel (or find it compiled) and return the library's path; raises
-    ``RuntimeError`` with the compiler's message when it cannot."""
+def build(cc: str | None = None, directory: Path | None = None, source: str = SOURCE,
+          stem: str = "cpu_kernels") -> Path:  # fmt: skip
+    """Compile ``source`` (default: these kernels) or find it compiled, return the library's
+    path (``<stem>-<hash>.so``); raises ``RuntimeError`` with the compiler's message when it
+    cannot."""
     cc = cc or os.environ.get("CC") or "cc"
     directory = directory or cache_dir()
-    key = hashlib.sha256("\0".join((SOURCE, cc, *FLAGS, _cpu_id())).encode()).hexdigest()[:16]
-    lib = directory / f"cpu_kernels-{key}.so"
+    key = hashlib.sha256("\0".join((source, cc, *FLAGS, _cpu_id())).encode()).hexdigest()[:16]
+    lib = directory / f"{stem}-{key}.so"
     if lib.exists():
         return lib
     exe = shutil.which(cc)
@@ -162,8 +164,8 @@ def build(cc: str | None = None, directory: Path | None = None) -> Path:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC)")
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        src, out = Path(tmp) / "cpu_kernels.c", Path(tmp) / lib.name
-        src.write_text(SOURCE)
+        src, out = Path(tmp) / f"{stem}.c", Path(tmp) / lib.name
+        src.write_text(source)
         try:
             proc = subprocess.run([exe, *FLAGS, str(src), "-o", str(out)], capture_output=True,
                                   text=True, timeout=COMPILE_TIMEOUT_S)  # fmt: skip

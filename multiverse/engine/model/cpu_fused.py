@@ -1,0 +1,229 @@
+"""Fused C kernels for the small ops of a float32 CPU step (everything but the matrices).
+
+At decode shapes each torch op costs its dispatch (~5-10 us) more than its arithmetic, and a
+layer ran ~25 of them besides its four matrices (``F.rms_norm`` alone is 6 aten ops): ~0.1-0.2 ms
+a layer, 30 layers, every step. :func:`run_layers` runs a step's layers with three C calls in
+place of those ops:
+
+- ``add_rms_norm``: the pending residual add (the previous matrix's output) and the next RMSNorm
+  in one pass (``x += delta; out = x * rsqrt(mean(x^2) + eps) * w``);
+- ``rope_store``: RoPE on the new q and k heads (interleaved layout, :mod:`.rope`) in place and
+  the new K/V row written into the pool at its slot (was ``view_as_complex(...).mul_`` and
+  ``index_copy_``);
+- ``silu_mul``: ``silu(gate) * up`` (AVX-512 ``exp``, a degree-7 polynomial after range
+  reduction: within float32 rounding of torch's).
+
+The matrices, the attention backend (``plan.attend``) and biases run as in the reference loop.
+Built like :mod:`.cpu_kernels` (same compiler, flags and cache, AVX-512 only) and loaded with
+ctypes; torch's ops run where the CPU lacks AVX-512, the build fails (one warning), torch uses
+more than one thread, the model is not float32 on CPU or has Qwen3's q/k norm, or
+``CausalLM.set_fused_ops(False)`` (the reference). Parity: tests/engine/test_cpu_fused.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from multiverse.engine.model import cpu_kernels
+from multiverse.engine.model.quant import linear
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+
+static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* x [T, H] += delta (if not NULL); out [T, H] = x * rsqrt(mean(x^2) + eps) * w. */
+void add_rms_norm(float *x, const float *delta, const float *w, float *out,
+                  int64_t T, int64_t H, float eps) {
+    for (int64_t t = 0; t < T; t++) {
+        float *xr = x + t * H;
+        float *o = out + t * H;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < H; k += 16) {
+            __mmask16 m = lanes(H - k);
+            __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
+            if (delta) {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, delta + t * H + k));
+                _mm512_mask_storeu_ps(xr + k, m, v);
+            }
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps);
+        __m512 s = _mm512_set1_ps(inv);
+        for (int64_t k = 0; k < H; k += 16) {
+            __mmask16 m = lanes(H - k);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + k), s);
+            _mm512_mask_storeu_ps(o + k, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + k)));
+        }
+    }
+}
+
+/* qkv [T, W]: its first Hqk heads of D (q then k, pairs 2i, 2i+1) rotated in place by rope
+   [T, D/2] (cos, sin pairs); then the row's `row` floats from column Hq * D (k heads, v heads)
+   copied to pool row slots[t]. */
+void rope_store(float *qkv, const float *rope, const int64_t *slots, float *pool, int64_t T,
+                int64_t W, int64_t Hqk, int64_t Hq, int64_t row, int64_t D) {
+    for (int64_t t = 0; t < T; t++) {
+        float *r = qkv + t * W;
+        const float *cs = rope + t * D;
+        for (int64_t h = 0; h < Hqk; h++) {
+            float *p = r + h * D;
+            for (int64_t i = 0; i < D; i += 2) {
+                float x0 = p[i], x1 = p[i + 1], c = cs[i], s = cs[i + 1];
+                p[i] = x0 * c - x1 * s;
+                p[i + 1] = x0 * s + x1 * c;
+            }
+        }
+        memcpy(pool + slots[t] * row, r + Hq * D, (size_t)row * sizeof(float));
+    }
+}
+
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);   /* |r| <= ln2 / 2 */
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* out [T, I] = silu(gu[t, :I]) * gu[t, I:] for gu [T, 2I]. */
+void silu_mul(const float *gu, float *out, int64_t T, int64_t I) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        for (int64_t i = 0; i < I; i += 16) {
+            __mmask16 m = lanes(I - i);
+            __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+            _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
+        }
+    }
+}
+"""
+
+_state: dict[str, Any] = {}  # "lib": the loaded library or None, once per process
+
+
+def load(cc: str | None = None, directory=None):
+    """The fused kernels' library (compiled once per machine, cached), or None where the CPU
+    lacks AVX-512 or it cannot be built (then one warning). Once per process."""
+    if "lib" in _state:
+        return _state["lib"]
+    fn = None
+    if cpu_kernels.supported():
+        start = time.perf_counter()
+        try:
+            path = cpu_kernels.build(cc, directory, source=SOURCE, stem="cpu_fused")
+            fn = ctypes.CDLL(str(path))
+            p, i = ctypes.c_void_p, ctypes.c_int64
+            fn.add_rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
+            fn.rope_store.argtypes = [p, p, p, p] + [i] * 6
+            fn.silu_mul.argtypes = [p, p, i, i]
+            for f in (fn.add_rms_norm, fn.rope_store, fn.silu_mul):
+                f.restype = None
+        except (RuntimeError, OSError, AttributeError) as err:
+            fn = None
+            warnings.warn(f"fused CPU kernels unavailable, torch's ops run instead "
+                          f"(slower steps): {err}", RuntimeWarning, stacklevel=2)  # fmt: skip
+        else:
+            log.info("fused CPU kernels ready in %.2f s (%s)", time.perf_counter() - start, path)
+    _state["lib"] = fn
+    return fn
+
+
+def reset() -> None:
+    """Forget the loaded library (the next :func:`load` builds or loads it again)."""
+    _state.clear()
+
+
+def usable(model: Any, kv_buffer: torch.Tensor) -> Any:
+    """The loaded library when ``model``'s step can run :func:`run_layers`, else None."""
+    fn = _state.get("lib")
+    if (fn is None or not model.fused_ops or model.spec.qk_norm or torch.get_num_threads() != 1
+            or model.dtype != torch.float32 or model.device.type != "cpu"
+            or kv_buffer.dtype != torch.float32 or not kv_buffer.is_contiguous()):  # fmt: skip
+        return None
+    return fn
+
+
+def add_rms_norm(fn, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:  # fmt: skip
+    """``x += delta`` in place (x, delta contiguous float32 ``[T, H]``), returns the RMSNorm of
+    the sum times ``weight``, as ``F.rms_norm`` (one kernel call)."""
+    out = torch.empty_like(x)
+    t, h = x.shape
+    fn.add_rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(),
+                    weight.data_ptr(), out.data_ptr(), t, h, eps)  # fmt: skip
+    return out
+
+
+def silu_mul(fn, gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate_up[:, :I]) * gate_up[:, I:]`` for contiguous float32 ``[T, 2I]``."""
+    t, two_i = gate_up.shape
+    out = torch.empty(t, two_i // 2)
+    fn.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, two_i // 2)
+    return out
+
+
+def _check_slots(slots: torch.Tensor, pool_slots: int) -> None:
+    # the kernel writes pool rows by these numbers: out of range would write outside the pool
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= pool_slots):
+        raise ValueError(f"slot_mapping outside the pool's [0, {pool_slots}) slots")
+
+
+def run_layers(fn, x: torch.Tensor, layers: list, spec: Any, rope: torch.Tensor,
+               slot_mapping: torch.Tensor, kv_buffer: torch.Tensor, plan: Any) -> torch.Tensor:  # fmt: skip
+    """The decoder layers of ``CausalLM.step`` with the fused kernels: x ``[T, H]`` (the
+    embeddings, written in place) -> the last layer's output ``[T, H]``. Same contract as the
+    reference loop: each layer's new K/V written to the pool, then ``plan.attend``."""
+    t, hidden = x.shape
+    d, hq, hk = spec.head_dim, spec.num_heads, spec.num_kv_heads
+    width, row = (hq + 2 * hk) * d, 2 * hk * d
+    eps = spec.rms_norm_eps
+    slots = slot_mapping.to(torch.long).contiguous()
+    _check_slots(slots, kv_buffer.shape[1])
+    cs = torch.view_as_real(rope).contiguous()  # [T, 1, D/2, 2]: cos, sin per pair
+    if cs.shape != (t, 1, d // 2, 2):
+        raise ValueError(f"rope table {tuple(rope.shape)} does not fit {t} tokens, head_dim {d}")
+    x = x.contiguous()
+    norm, rope_store, act_fn = fn.add_rms_norm, fn.rope_store, fn.silu_mul
+    h = torch.empty_like(x)
+    inter = spec.intermediate_size
+    act = torch.empty(t, inter)
+    xp, hp, cp, sp, ap = x.data_ptr(), h.data_ptr(), cs.data_ptr(), slots.data_ptr(), act.data_ptr()
+    down = None  # the last layer's MLP output, not yet added to x
+    for layer, w in enumerate(layers):
+        norm(xp, None if down is None else down.data_ptr(), w.input_norm.data_ptr(), hp, t,
+             hidden, eps)  # fmt: skip
+        qkv = linear(h, w.qkv_weight, w.qkv_bias).contiguous()  # [T, (Hq + 2 Hk) * D]
+        pool = kv_buffer[layer]  # [S, 2, Hk, D]
+        rope_store(qkv.data_ptr(), cp, sp, pool.data_ptr(), t, width, hq + hk, hq, row, d)
+        attn = plan.attend(qkv[:, : hq * d], qkv[:, hq * d :].view(t, 2, hk, d), pool)
+        out = linear(attn, w.o_weight, w.o_bias).contiguous()
+        norm(xp, out.data_ptr(), w.post_norm.data_ptr(), hp, t, hidden, eps)
+        gate_up = linear(h, w.gate_up_weight, w.gate_up_bias).contiguous()  # [T, 2 I]
+        act_fn(gate_up.data_ptr(), ap, t, inter)
+        down = linear(act, w.down_weight, w.down_bias).contiguous()
+    return x if down is None else x.add_(down)
