@@ -240,8 +240,12 @@ def sample(
     todo_greedy = [r for r in range(rows) if tokens[r] is None and params[r].greedy]
     todo_draw = [r for r in range(rows) if tokens[r] is None and not params[r].greedy]
     if todo_greedy:
-        idx = torch.tensor(todo_greedy, device=logits.device)
-        for r, t in zip(todo_greedy, scores.index_select(0, idx).argmax(-1).tolist(), strict=True):
+        if len(todo_greedy) == rows:  # every row greedy: no copy of the rows (a decode step)
+            picked = scores.argmax(-1)
+        else:
+            idx = torch.tensor(todo_greedy, device=logits.device)
+            picked = scores.index_select(0, idx).argmax(-1)
+        for r, t in zip(todo_greedy, picked.tolist(), strict=True):
             tokens[r] = t
     if todo_draw:
         idx = torch.tensor(todo_draw, device=logits.device)

@@ -64,6 +64,17 @@ def test_sampler_forced_rows_and_logprobs():
     assert toks == [-1] and lps == [None]
 
 
+def test_greedy_rows_take_their_argmax_whether_or_not_every_row_is_greedy():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3))
+    greedy, drawn = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
+    want = logits.argmax(-1).tolist()
+    toks, _ = sample(logits, [greedy] * 5, [None] * 5, [None] * 5, [False] * 5)
+    assert toks == want
+    mixed, _ = sample(logits, [greedy, drawn] * 2 + [greedy], [None, (1, 0), None, (1, 1), None],
+                      [None] * 5, [False] * 5)  # fmt: skip
+    assert [mixed[r] for r in (0, 2, 4)] == [want[r] for r in (0, 2, 4)]
+
+
 def test_draws_are_splitmix64_streams():
     # splitmix64's first output from state 0 is 0xE220A8397B1DCDAF (the published sequence)
     assert uniform(0, 0) == (0xE220A8397B1DCDAF >> 11) * 2.0**-53

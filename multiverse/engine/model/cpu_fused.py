@@ -214,11 +214,11 @@ def run_layers(fn, x: torch.Tensor, layers: list, spec: Any, rope: torch.Tensor,
     act = torch.empty(t, inter)
     xp, hp, cp, sp, ap = x.data_ptr(), h.data_ptr(), cs.data_ptr(), slots.data_ptr(), act.data_ptr()
     down = None  # the last layer's MLP output, not yet added to x
-    for layer, w in enumerate(layers):
+    pools = kv_buffer.unbind(0)  # [S, 2, Hk, D] per layer
+    for w, pool in zip(layers, pools, strict=True):
         norm(xp, None if down is None else down.data_ptr(), w.input_norm.data_ptr(), hp, t,
              hidden, eps)  # fmt: skip
         qkv = linear(h, w.qkv_weight, w.qkv_bias).contiguous()  # [T, (Hq + 2 Hk) * D]
-        pool = kv_buffer[layer]  # [S, 2, Hk, D]
         rope_store(qkv.data_ptr(), cp, sp, pool.data_ptr(), t, width, hq + hk, hq, row, d)
         attn = plan.attend(qkv[:, : hq * d], qkv[:, hq * d :].view(t, 2, hk, d), pool)
         out = linear(attn, w.o_weight, w.o_bias).contiguous()
