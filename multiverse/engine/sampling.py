@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from multiverse.engine.model import cpu_fused
+
 MIN_TEMPERATURE = 1e-3  # a temperature is 0 (greedy) or at least this: logits / T stay finite
 TOTAL_TOKENS_FACTOR = 4  # default max_total_tokens = TOTAL_TOKENS_FACTOR * max_tokens
 MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI)
@@ -241,7 +243,7 @@ def sample(
     todo_draw = [r for r in range(rows) if tokens[r] is None and not params[r].greedy]
     if todo_greedy:
         if len(todo_greedy) == rows:  # every row greedy: no copy of the rows (a decode step)
-            picked = scores.argmax(-1)
+            picked = cpu_fused.argmax(scores)
         else:
             idx = torch.tensor(todo_greedy, device=logits.device)
             picked = scores.index_select(0, idx).argmax(-1)

@@ -162,3 +162,18 @@ def test_failed_build_warns_once_and_the_torch_ops_run(tmp_path, monkeypatch) ->
         cpu_fused.reset()
         monkeypatch.delenv("CC")
         cpu_fused.load()  # later tests use the real library
+
+
+def test_argmax_equals_torch_with_ties_nan_and_infinities(fn) -> None:
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(8, 1000, generator=gen)  # 1000: a masked tail of 8
+    scores[1, 17] = scores[1, 900] = 50.0  # a tie: the first wins
+    scores[2, 999] = 60.0  # the maximum in the tail
+    scores[3, 5], scores[3, 700] = 50.0, float("nan")  # a NaN counts as the largest
+    scores[4] = float("-inf")  # every value -inf: index 0
+    scores[5, 3] = float("inf")
+    scores[6, 20:40] = 7.0  # equal maxima in several lanes
+    want = scores.argmax(-1)
+    assert want.tolist()[1:5] == [17, 999, 700, 0]
+    assert torch.equal(cpu_fused.argmax(scores), want)
+    assert torch.equal(cpu_fused.argmax(scores[:, :16]), scores[:, :16].argmax(-1))

@@ -121,6 +121,31 @@ void silu_mul(const float *gu, float *out, int64_t T, int64_t I) {
         }
     }
 }
+
+/* out[r] = the first index of the largest value of row r of x [R, V] (V < 2^31); a NaN counts
+   as the largest (the first NaN), as torch.argmax. */
+void argmax_rows(const float *x, int64_t *out, int64_t R, int64_t V) {
+    const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = x + r * V;
+        __m512 best = ninf;
+        __m512i at = _mm512_set1_epi32(-1);
+        int64_t nan_at = -1;
+        for (int64_t k = 0; k < V; k += 16) {
+            __m512 v = _mm512_mask_loadu_ps(ninf, lanes(V - k), row + k);
+            __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            if (nan) { nan_at = k + __builtin_ctz(nan); break; }
+            __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, gt, v);
+            at = _mm512_mask_mov_epi32(at, gt, _mm512_add_epi32(iota, _mm512_set1_epi32((int)k)));
+        }
+        if (nan_at >= 0) { out[r] = nan_at; continue; }
+        __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+        int first = _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(0x7fffffff), top, at));
+        out[r] = first < 0 ? 0 : first;  /* every value -inf: index 0 */
+    }
+}
 """
 
 _state: dict[str, Any] = {}  # "lib": the loaded library or None, once per process
@@ -141,7 +166,8 @@ def load(cc: str | None = None, directory=None):
             fn.add_rms_norm.argtypes = [p, p, p, p, i, i, ctypes.c_float]
             fn.rope_store.argtypes = [p, p, p, p] + [i] * 6
             fn.silu_mul.argtypes = [p, p, i, i]
-            for f in (fn.add_rms_norm, fn.rope_store, fn.silu_mul):
+            fn.argmax_rows.argtypes = [p, p, i, i]
+            for f in (fn.add_rms_norm, fn.rope_store, fn.silu_mul, fn.argmax_rows):
                 f.restype = None
         except (RuntimeError, OSError, AttributeError) as err:
             fn = None
@@ -184,6 +210,22 @@ def silu_mul(fn, gate_up: torch.Tensor) -> torch.Tensor:
     t, two_i = gate_up.shape
     out = torch.empty(t, two_i // 2)
     fn.silu_mul(gate_up.data_ptr(), out.data_ptr(), t, two_i // 2)
+    return out
+
+
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(-1)`` of float32 CPU ``[R, V]`` (the first of equal maxima; a NaN is the
+    largest): one AVX-512 pass where the library runs on one thread (torch's CPU argmax reads
+    ~5 GB/s: 0.68 ms for 16 rows of SmolLM2's 49,152 logits), else torch's."""
+    fn = _state.get("lib")
+    if (fn is None or torch.get_num_threads() != 1 or scores.dtype != torch.float32
+            or scores.device.type != "cpu" or scores.dim() != 2 or scores.shape[1] >= 2**31):  # fmt: skip
+        return scores.argmax(-1)
+    scores = scores.contiguous()
+    out = torch.empty(scores.shape[0], dtype=torch.long)
+    if scores.shape[1] == 0:
+        raise ValueError("argmax of an empty row")
+    fn.argmax_rows(scores.data_ptr(), out.data_ptr(), scores.shape[0], scores.shape[1])
     return out
 
 
