@@ -312,8 +312,10 @@ class LLM:
             forced.append(self.forkjoin.forced_token(br))
             want.append(bool(p.logprobs) or forced[-1] is not None)
             generated.append(br.seq_ids()[br.request.prompt_len :] if p.penalized else None)
-        rows = torch.tensor([r for _, r in items], device=logits.device)
-        tokens, lps = sample(logits.index_select(0, rows), params, streams, forced, want, generated)
+        rows = [r for _, r in items]
+        if rows != list(range(logits.shape[0])):  # else every row in order: no copy
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        tokens, lps = sample(logits, params, streams, forced, want, generated)
         return [(br, tok, lp) for (br, _), tok, lp in zip(items, tokens, lps, strict=True)]
 
     # -- generate --------------------------------------------------------------------------

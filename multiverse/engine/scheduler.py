@@ -140,6 +140,8 @@ class Scheduler:
         """Whether ``br``'s pending tokens and ``reserve`` more slots fit in the free slots, the
         prefix cache's evictable ones and those that only branches in ``lower`` hold."""
         need = br.num_pending + reserve
+        if self.kv.num_free >= need:  # before the prefix cache's count, which walks the cache
+            return True
         room = self.kv.num_free + (self.radix.evictable_slots() if self.radix is not None else 0)
         if room >= need:
             return True
