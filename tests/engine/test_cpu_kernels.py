@@ -69,15 +69,29 @@ def test_quant_linear_takes_the_kernel_up_to_four_rows_on_one_thread(kernel, row
         assert torch.equal(one_thread, two_threads)  # the int8 kernel at either thread count
 
 
-def test_decode_attention_refuses_slots_and_lengths_outside_the_pool(kernel) -> None:
+def test_decode_attention_refuses_slots_rows_and_segments_outside_their_lists(kernel) -> None:
+    from multiverse.engine.model.attention.native import DecodeIndex, decode_attention
+
     pool = torch.randn(8, 2, 1, 16)
     q = torch.randn(2, 32)
-    ok_slots, ok_lens = torch.tensor([0, 1, 2, 3]), torch.tensor([2, 1])
-    assert finite_2x32(cpu_kernels.decode_attention(kernel, q, pool, ok_slots, ok_lens))
-    for slots, lens in ((torch.tensor([0, 8, 2, 3]), ok_lens), (ok_slots, torch.tensor([3, 1])),
-                        (ok_slots, torch.tensor([2, 0])), (torch.tensor([0, -1, 2, 3]), ok_lens)):  # fmt: skip
-        with pytest.raises(ValueError, match="outside"):
-            cpu_kernels.decode_attention(kernel, q, pool, slots, lens)
+    ok = DecodeIndex.per_sequence([torch.tensor([0, 1]), torch.tensor([2])])
+    assert finite_2x32(decode_attention(kernel, q, pool, ok))
+    assert ok.checked_slots == 8  # checked once for this pool size, not again per layer
+    slots, segs, rows = ok.slots, ok.segments, ok.rows
+    bad = [
+        ("slots outside", torch.tensor([0, 8, 2]), segs, rows),
+        ("slots outside", torch.tensor([0, -1, 2]), segs, rows),
+        ("segment outside", slots, torch.tensor([[0, 2, 0, 1], [2, 4, 1, 2]]), rows),  # 4 > 3 slots
+        ("row outside", slots, segs, torch.tensor([0, 2])),  # row 2 of 2
+        ("attends no key", slots, torch.tensor([[0, 3, 0, 1], [3, 3, 1, 2]]), rows),
+    ]
+    for message, sl, sg, rw in bad:
+        with pytest.raises(ValueError, match=message):
+            decode_attention(kernel, q, pool, DecodeIndex(sl, sg, rw, 2))
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        decode_attention(kernel, torch.randn(2, 256), torch.randn(8, 2, 1, 256), ok)
+    with pytest.raises(ValueError, match="float32"):
+        decode_attention(kernel, q.bfloat16(), pool, ok)
 
 
 def finite_2x32(out: torch.Tensor) -> bool:
@@ -135,7 +149,7 @@ def test_model_decode_with_the_attention_kernel_matches_the_reference_backend() 
             batch = ForwardBatch(nxt[True], pos, torch.stack([o[p] for o, p in zip(owned, pos)]),
                                  [1] * len(lens), [o[: p + 1] for o, p in zip(owned, pos)],
                                  [None] * len(lens))  # fmt: skip
-            assert build_attention_plan(batch).kv_lens is not None  # the kernel's path
+            assert build_attention_plan(batch).native is not None  # the kernel's path
             logp = {r: model(batch, pools[r], reference=r).log_softmax(-1) for r in (True, False)}
             torch.testing.assert_close(logp[False], logp[True], atol=1e-4, rtol=0)
             nxt = {r: logp[r].argmax(-1) for r in (True, False)}
