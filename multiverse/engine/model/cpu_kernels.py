@@ -10,11 +10,14 @@
   against 16.1-16.5 (nibble planes), 23-25 (int8 kernel) and 36-38 ms for float32 (1 thread,
   thread time, AMD EPYC with AVX-512, issue 30). inductor's C++ codegen of the same reduction
   (``torch.compile``) ran at the int8 kernel's speed at 1 row and ~30x slower at 4 rows.
-- ``decode_scores`` / ``decode_pv`` (:func:`decode_attention`): a decode step's attention read
-  straight from the K/V pool by slot (no gathered, padded copy of every sequence's K/V, which
-  was most of the cost: 5 of 7.7 ms a layer at 16 sequences x 1000 tokens), softmax by torch in
-  between. Gather + SDPA against this, per layer, SmolLM2 heads (9 q, 3 kv, 64): 16 sequences x
-  ~80 tokens 0.34 vs 0.13 ms, 64 x ~80 2.8 vs 0.5 ms, 16 x ~1000 8.6-9.4 vs 3.4-4.0 ms.
+- ``decode_attend`` (:func:`.attention.native.decode_attention`): a decode step's attention
+  read straight from the K/V pool by slot (no gathered, padded copy) in one pass: per block of
+  keys that fits L1, every query head's scores, an online softmax (running max and sum) and the
+  values, so each K/V row is read from memory once; a shared prefix (forked paths) once for all
+  its rows. Per layer at SmolLM2's heads (9 q, 3 kv, 64), 1 thread, thread time, against the
+  earlier two-pass kernel (scores, torch softmax, values): 16 sequences x ~80 tokens 0.088 vs
+  0.138 ms, 64 x ~80 0.35 vs 0.49 ms, 16 x ~1000 1.28 vs 2.9-3.0 ms (~19 GB/s of K/V, where
+  a sequential read runs at ~28 GB/s); gather + SDPA took 0.34, 2.8 and 8.6-9.4 ms.
 
 C compiled once per machine with the system compiler (``$CC``, default ``cc``;
 ``-O3 -march=native``, ~0.5 s) into ``$MULTIVERSE_KERNEL_CACHE`` (default

@@ -3,6 +3,10 @@
 :func:`build_attention_plan` turns a :class:`ForwardBatch` into index and mask tensors once per
 step (no device sync); every layer then runs :meth:`AttentionPlan.attend`:
 
+- on CPU where the compiled kernel is built, a decode step without custom masks runs the
+  one-pass kernel (:mod:`.native`), reading K/V in the pool by slot (with ``groups``: each
+  shared prefix once for its members); where it cannot run (bfloat16, several threads) the
+  same plan builds the torch path below on first use;
 - a single fresh sequence (prefill, no cached prefix, no custom mask) attends its own new K/V
   with ``is_causal`` and reads nothing back from the pool;
 - a batch with ``groups`` runs cascade attention (:mod:`.cascade`);
