@@ -94,6 +94,35 @@ def test_decode_attention_refuses_slots_rows_and_segments_outside_their_lists(ke
         decode_attention(kernel, q.bfloat16(), pool, ok)
 
 
+@pytest.mark.parametrize(("hk", "g", "d"), [(3, 3, 64), (2, 2, 24), (1, 4, 128), (2, 1, 8)])
+def test_one_pass_attention_over_many_blocks_equals_float64_softmax(kernel, hk, g, d) -> None:
+    """Sequences of 1 to 700 keys (many L1 blocks each), scores spread over +-40 (the running
+    max moves: the online softmax rescales), ungrouped and with a 300-key prefix shared by three
+    rows: within float32 rounding of a float64 softmax over each row's keys."""
+    from multiverse.engine.model.attention.native import DecodeIndex, decode_attention
+
+    gen = torch.Generator().manual_seed(hk * 100 + d)
+    pool = torch.randn(2400, 2, hk, d, generator=gen)
+    pool[:, 0] *= torch.linspace(0.1, 6.0, 2400)[:, None, None]  # later keys score higher
+    free = torch.randperm(2400, generator=gen)
+    prefix = free[:300]
+    lens = [1, 17, 700, 129, 64]
+    own = [free[300 + 700 * i : 300 + 700 * i + n] for i, n in enumerate(lens)]
+    members = [1, 3, 4]
+    kv = [torch.cat([prefix, o]) if i in members else o for i, o in enumerate(own)]
+    q = torch.randn(len(kv), hk * g * d, generator=gen) * 2
+    expect = []
+    for i, ix in enumerate(kv):
+        k, v = pool[ix, 0].double(), pool[ix, 1].double()
+        s = torch.einsum("hgd,lhd->hgl", q[i].view(hk, g, d).double(), k) * d**-0.5
+        expect.append(torch.einsum("hgl,lhd->hgd", s.softmax(-1), v).reshape(-1))
+    expect_t = torch.stack(expect)
+    groups = [(prefix, members), *[(kv[i][:-1], [i]) for i in (0, 2)]]
+    for index in (DecodeIndex.per_sequence(kv), DecodeIndex.grouped(kv, groups)):
+        out = decode_attention(kernel, q, pool, index)
+        assert (out.double() - expect_t).abs().max() < 2e-5
+
+
 def finite_2x32(out: torch.Tensor) -> bool:
     return out.shape == (2, 32) and bool(torch.isfinite(out).all())
 
