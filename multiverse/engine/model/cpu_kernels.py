@@ -114,8 +114,8 @@ static inline __attribute__((always_inline)) void attend_block(
     const int64_t row = 2 * Hk * D, H = Hk * G;
     for (int64_t j = 0; j < n; j++) {  /* scores: q . k of every (row, head) */
         const float *kr = pool + ks[j] * row;
-        if (j < ahead)  /* the next block's rows, while this one computes */
-            for (int64_t b = 0; b < row * 4; b += 64) _mm_prefetch((const char *)(pool + ks[n + j] * row) + b, _MM_HINT_T0);
+        if (j < ahead)  /* the next block's rows into L2, while this one computes */
+            for (int64_t b = 0; b < row * 4; b += 64) _mm_prefetch((const char *)(pool + ks[n + j] * row) + b, _MM_HINT_T1);
         for (int64_t h = 0; h < Hk; h++) {
             __m512 k[8];
             for (int c = 0; c < C; c++)
