@@ -21,10 +21,13 @@ within 10% for ``incremental``). On a CPU the engine's own step grows with the c
 attention reads every earlier token), so ``none`` shows what is the engine's part.
 
 ``--profile``: instead, one run per length of mode ``none`` under ``cProfile``, the engine step
-split into milliseconds per step: the K/V gather (``index_select``), ``scaled_dot_product_attention``,
-the linear layers, the RMS norms, other torch calls and Python (each call counted once, in its
-own time), plus the Python calls per step (a count that grows with the context would be
-O(context) Python work in a step).
+split into milliseconds per step: the K/V gather (``index_select``), attention (SDPA or the
+one-pass kernel, :mod:`multiverse.engine.model.attention.native`), the step's plan (slot index
+and its check, the runner's slot mirrors), the linear layers, the RMS norms, other torch calls
+and Python (each call counted once, in its own time), plus the Python calls per step (a count
+that grows with the context would be O(context) Python work in a step), the K/V bytes a step
+reads on average (every sequence's context, all layers: ``kv_mb_per_step``) and that over the
+attention time (``attention_gb_per_s``).
 """
 
 from __future__ import annotations
@@ -81,7 +84,11 @@ def run_cell(
             "streamed_chars": chars}  # fmt: skip
 
 
-PARTS = {"kv_gather": ("index_select",), "attention": ("scaled_dot_product_attention",),
+PARTS = {"kv_gather": ("index_select",),
+         # the compiled one-pass kernel's time is its Python wrapper's own (ctypes calls are not profiled)
+         "attention": ("scaled_dot_product_attention", "native.py:decode_attention", "softmax"),
+         "plan": ("build_attention_plan", "native.py:per_sequence", "native.py:grouped", "native.py:check",
+                  "check_forward_batch", "runner.py:_attend_tensor", "runner.py:_groups"),
          "linear": ("_linear_pointwise", "addmm", "built-in method torch._C._nn.linear", "mm}"),
          "rms_norm": ("rms_norm",)}  # fmt: skip
 
@@ -96,6 +103,11 @@ def profile_cell(llm: Any, requests: int, tokens: int) -> dict[str, Any]:
     cell = run_cell(llm, requests, tokens, "none", None)
     prof.disable()
     steps = cell["steps"]
+    from multiverse.engine.model import KVPool
+
+    prompt = len(llm.tokenizer.encode("stream 0", add_special_tokens=False))  # run_cell's prompts
+    per_token = KVPool.bytes_per_slot(llm.model.config, llm.model.dtype)
+    kv_mb = requests * (prompt + (tokens + 1) / 2) * per_token / 1e6  # the mean context a step
     parts = dict.fromkeys([*PARTS, "other_torch", "python"], 0.0)
     calls = 0
     for (file, _, name), (_, ncalls, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
@@ -107,7 +119,9 @@ def profile_cell(llm: Any, requests: int, tokens: int) -> dict[str, Any]:
         calls += ncalls if file != "~" else 0
     return {"tokens": tokens, "steps": steps, "python_calls_per_step": round(calls / steps, 1),
             "ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in parts.items()},
-            "total_ms_per_step": round(1e3 * sum(parts.values()) / steps, 3)}  # fmt: skip
+            "total_ms_per_step": round(1e3 * sum(parts.values()) / steps, 3),
+            "kv_mb_per_step": round(kv_mb, 2),
+            "attention_gb_per_s": round(kv_mb * steps / 1e3 / max(parts["attention"], 1e-9), 2)}  # fmt: skip
 
 
 def main() -> int:
@@ -147,7 +161,8 @@ def main() -> int:
         for c in prof:
             parts = "  ".join(f"{k} {v:.3f}" for k, v in c["ms_per_step"].items())
             print(f"{c['tokens']:>6} tokens  {c['total_ms_per_step']:.3f} ms/step: {parts}  "
-                  f"({c['python_calls_per_step']} Python calls a step)")  # fmt: skip
+                  f"({c['python_calls_per_step']} Python calls a step; K/V {c['kv_mb_per_step']} MB "
+                  f"a step read at {c['attention_gb_per_s']} GB/s)")  # fmt: skip
         print(json.dumps({"benchmark": "stream_cost", "profile": prof, "model": "multiverse-tiny",
                           "device": args.device, "threads": threads, "requests": args.requests}))  # fmt: skip
         return 0

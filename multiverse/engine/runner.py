@@ -57,9 +57,11 @@ class StepOutput:
 
 CASCADE_MIN_SAVED_ROWS = 1024
 """Group siblings only when that saves this many gathered K/V rows per layer. Measured with
-``benchmarks/cascade.py`` (shipped tiny model, 2-core CPU, one thread, forking on): one request
-with six branches (~750 rows saved) gains nothing (0.99x with every family grouped), eight
-requests 1.07-1.13x, sixteen 1.19-1.23x."""
+``benchmarks/cascade.py`` (shipped tiny model, 2-core CPU, one thread, forking on), for the SDPA
+cascade: one request with six branches (~750 rows saved) gains nothing (0.99x with every family
+grouped), eight requests 1.07-1.13x, sixteen 1.19-1.23x. With the one-pass CPU kernel (groups
+are its shared-prefix segments) sixteen requests ran 0.97x (4.21 s ungrouped, 4.33 s grouped;
+the SDPA cascade 5.25 s, the earlier two-pass kernel ungrouped 5.35 s; 2026-12-07)."""
 
 TAIL_FLUSH = 32
 """A static decode step sends a branch's slots appended since its mirror was filled with the

@@ -121,43 +121,67 @@ def test_registry_names_every_backend():
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_sdpa_backend_equals_reference(case, heads):
+    """The torch path (``native=False``: gather + SDPA, cascade for groups)."""
     batch, q, new_kv, pool = _make(case, heads, seed=len(case))
     ref = _reference(batch, q, new_kv, pool)
-    plan = build_attention_plan(batch, fold_gqa=False)
+    plan = build_attention_plan(batch, fold_gqa=False, native=False)
     assert plan.fresh_causal == (case == "fresh_prefill")
-    assert (plan.cascade is not None) == (case in GROUP_CASES)
+    assert (plan.cascade is not None) == (case in GROUP_CASES) and plan.native is None
     out = plan.attend(q, new_kv, pool)
     assert out.shape == (q.shape[0], q.shape[1]) and out.dtype == q.dtype
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     if batch.groups is not None:  # the same step without groups: the gathered path
-        plain = build_attention_plan(_without_groups(batch), fold_gqa=False)
+        plain = build_attention_plan(_without_groups(batch), fold_gqa=False, native=False)
         assert plain.cascade is None
         torch.testing.assert_close(plain.attend(q, new_kv, pool), ref, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
-@pytest.mark.parametrize("case", [c for c in DECODE_CASES if c not in GROUP_CASES])
-def test_native_decode_kernel_and_sdpa_path_equal_reference(case, heads):
-    """A CPU decode step: the compiled kernel that reads K/V in the pool (``native``, the
-    default where it is built) and the gathered SDPA path (its fallback)
-    both equal the reference."""
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_native_decode_kernel_equals_reference(case, heads):
+    """A CPU decode step on the one-pass kernel that reads K/V in the pool (``native``, the
+    default where it is built), with and without shared-prefix groups (a group's prefix one
+    segment for all its members), equals the reference within float32 rounding."""
     from multiverse.engine.model import cpu_kernels
+    from multiverse.engine.model.attention import native as native_kernel
 
+    fn = cpu_kernels.load()
+    if fn is None:
+        pytest.skip("the kernel is not built on this machine (no AVX-512 or no compiler)")
     batch, q, new_kv, pool = _make(case, heads, seed=200 + len(case))
     ref = _reference(batch, q, new_kv, pool)
-    native = build_attention_plan(batch, fold_gqa=False)
-    assert native.kv_lens is not None and native.kv_lens.tolist() == [
-        ix.shape[0] for ix in batch.kv_indices
-    ]
-    sdpa = build_attention_plan(batch, fold_gqa=False, native=False)
-    assert sdpa.kv_lens is None
-    torch.testing.assert_close(native.attend(q, new_kv, pool), ref, atol=ATOL, rtol=0)
-    torch.testing.assert_close(sdpa.attend(q, new_kv, pool), ref, atol=ATOL, rtol=0)
-    if cpu_kernels.supported():  # the kernel ran: it reads no copy
-        fn = cpu_kernels.load()
-        assert fn is not None
-        direct = cpu_kernels.decode_attention(fn, q, pool, native.gather, native.kv_lens)
-        assert torch.equal(native.attend(q, new_kv, pool), direct)
+    for b in (batch, _without_groups(batch)):
+        plan = build_attention_plan(b, fold_gqa=False)
+        assert plan.native is not None and plan.cascade is None and plan.gather is None
+        segments = plan.native.segments.shape[0]
+        grouped = b.groups is not None
+        assert segments == (len(b.q_lens) + len(b.groups) if grouped else len(b.q_lens))
+        out = plan.attend(q, new_kv, pool)
+        assert plan.torch_plan is None  # the kernel ran, no gathered copy was made
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+        assert torch.equal(out, native_kernel.decode_attention(fn, q, pool, plan.native))
+
+
+@pytest.mark.parametrize("case", ["decode_ragged", "decode_groups"])
+def test_native_plan_runs_the_torch_path_where_the_kernel_cannot(case):
+    """bfloat16 pools and several torch threads: the same plan attends by gather + SDPA (or
+    cascade), built once for the step, equal to the reference."""
+    batch, q, new_kv, pool = _make(case, HEADS[1], seed=7)
+    ref = _reference(batch, q, new_kv, pool)
+    plan = build_attention_plan(batch, native=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = plan.attend(q, new_kv, pool)
+    finally:
+        torch.set_num_threads(threads)
+    assert plan.torch_plan is not None
+    assert (plan.torch_plan.cascade is not None) == (case == "decode_groups")
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    half = build_attention_plan(batch, native=True)
+    out16 = half.attend(q.bfloat16(), new_kv.bfloat16(), pool.bfloat16())
+    assert half.torch_plan is not None and out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), ref, atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)

@@ -69,15 +69,58 @@ def test_quant_linear_takes_the_kernel_up_to_four_rows_on_one_thread(kernel, row
         assert torch.equal(one_thread, two_threads)  # the int8 kernel at either thread count
 
 
-def test_decode_attention_refuses_slots_and_lengths_outside_the_pool(kernel) -> None:
+def test_decode_attention_refuses_slots_rows_and_segments_outside_their_lists(kernel) -> None:
+    from multiverse.engine.model.attention.native import DecodeIndex, decode_attention
+
     pool = torch.randn(8, 2, 1, 16)
     q = torch.randn(2, 32)
-    ok_slots, ok_lens = torch.tensor([0, 1, 2, 3]), torch.tensor([2, 1])
-    assert finite_2x32(cpu_kernels.decode_attention(kernel, q, pool, ok_slots, ok_lens))
-    for slots, lens in ((torch.tensor([0, 8, 2, 3]), ok_lens), (ok_slots, torch.tensor([3, 1])),
-                        (ok_slots, torch.tensor([2, 0])), (torch.tensor([0, -1, 2, 3]), ok_lens)):  # fmt: skip
-        with pytest.raises(ValueError, match="outside"):
-            cpu_kernels.decode_attention(kernel, q, pool, slots, lens)
+    ok = DecodeIndex.per_sequence([torch.tensor([0, 1]), torch.tensor([2])])
+    assert finite_2x32(decode_attention(kernel, q, pool, ok))
+    assert ok.checked_slots == 8  # checked once for this pool size, not again per layer
+    slots, segs, rows = ok.slots, ok.segments, ok.rows
+    bad = [
+        ("slots outside", torch.tensor([0, 8, 2]), segs, rows),
+        ("slots outside", torch.tensor([0, -1, 2]), segs, rows),
+        ("segment outside", slots, torch.tensor([[0, 2, 0, 1], [2, 4, 1, 2]]), rows),  # 4 > 3 slots
+        ("row outside", slots, segs, torch.tensor([0, 2])),  # row 2 of 2
+        ("attends no key", slots, torch.tensor([[0, 3, 0, 1], [3, 3, 1, 2]]), rows),
+    ]
+    for message, sl, sg, rw in bad:
+        with pytest.raises(ValueError, match=message):
+            decode_attention(kernel, q, pool, DecodeIndex(sl, sg, rw, 2))
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        decode_attention(kernel, torch.randn(2, 256), torch.randn(8, 2, 1, 256), ok)
+    with pytest.raises(ValueError, match="float32"):
+        decode_attention(kernel, q.bfloat16(), pool, ok)
+
+
+@pytest.mark.parametrize(("hk", "g", "d"), [(3, 3, 64), (2, 2, 24), (1, 4, 128), (2, 1, 8)])
+def test_one_pass_attention_over_many_blocks_equals_float64_softmax(kernel, hk, g, d) -> None:
+    """Sequences of 1 to 700 keys (many L1 blocks each), scores spread over +-40 (the running
+    max moves: the online softmax rescales), ungrouped and with a 300-key prefix shared by three
+    rows: within float32 rounding of a float64 softmax over each row's keys."""
+    from multiverse.engine.model.attention.native import DecodeIndex, decode_attention
+
+    gen = torch.Generator().manual_seed(hk * 100 + d)
+    pool = torch.randn(2400, 2, hk, d, generator=gen)
+    pool[:, 0] *= torch.linspace(0.1, 6.0, 2400)[:, None, None]  # later keys score higher
+    free = torch.randperm(2400, generator=gen)
+    prefix = free[:300]
+    lens = [1, 17, 700, 129, 64]
+    own = [free[300 + 700 * i : 300 + 700 * i + n] for i, n in enumerate(lens)]
+    members = [1, 3, 4]
+    kv = [torch.cat([prefix, o]) if i in members else o for i, o in enumerate(own)]
+    q = torch.randn(len(kv), hk * g * d, generator=gen) * 2
+    expect = []
+    for i, ix in enumerate(kv):
+        k, v = pool[ix, 0].double(), pool[ix, 1].double()
+        s = torch.einsum("hgd,lhd->hgl", q[i].view(hk, g, d).double(), k) * d**-0.5
+        expect.append(torch.einsum("hgl,lhd->hgd", s.softmax(-1), v).reshape(-1))
+    expect_t = torch.stack(expect)
+    groups = [(prefix, members), *[(kv[i][:-1], [i]) for i in (0, 2)]]
+    for index in (DecodeIndex.per_sequence(kv), DecodeIndex.grouped(kv, groups)):
+        out = decode_attention(kernel, q, pool, index)
+        assert (out.double() - expect_t).abs().max() < 2e-5
 
 
 def finite_2x32(out: torch.Tensor) -> bool:
@@ -135,7 +178,7 @@ def test_model_decode_with_the_attention_kernel_matches_the_reference_backend() 
             batch = ForwardBatch(nxt[True], pos, torch.stack([o[p] for o, p in zip(owned, pos)]),
                                  [1] * len(lens), [o[: p + 1] for o, p in zip(owned, pos)],
                                  [None] * len(lens))  # fmt: skip
-            assert build_attention_plan(batch).kv_lens is not None  # the kernel's path
+            assert build_attention_plan(batch).native is not None  # the kernel's path
             logp = {r: model(batch, pools[r], reference=r).log_softmax(-1) for r in (True, False)}
             torch.testing.assert_close(logp[False], logp[True], atol=1e-4, rtol=0)
             nxt = {r: logp[r].argmax(-1) for r in (True, False)}

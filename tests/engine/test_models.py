@@ -393,10 +393,10 @@ def test_fast_decode_equals_reference(kv_lens):
         kv_indices=kv_indices,
         masks=[None] * b,
     )
-    plan = build_attention_plan(batch)
+    plan = build_attention_plan(batch, native=False)  # the torch path (gather + SDPA)
     assert plan.q_index is None and not plan.fresh_causal and not plan.fold_gqa
     assert (plan.attn_mask is None) == (len(set(kv_lens)) == 1)
-    folded = build_attention_plan(batch, fold_gqa=True)  # the CUDA default
+    folded = build_attention_plan(batch, fold_gqa=True, native=False)  # the CUDA default
     assert folded.fold_gqa
     kv_ref = KVPool.for_model(ours, num_slots=64)
     kv_ref.kv.copy_(kv.kv)
@@ -448,7 +448,11 @@ def test_cascade_decode_equals_reference(arch):
         masks=[None] * b,
     )
     cascade = ForwardBatch(**common, groups=groups)
-    assert build_attention_plan(cascade).cascade is not None
+    plan = build_attention_plan(cascade)  # the one-pass kernel (prefix once a group) or SDPA
+    if plan.native is not None:
+        assert plan.native.segments.shape[0] == len(groups) + b
+    else:
+        assert plan.cascade is not None
     kv_ref = KVPool.for_model(ours, num_slots=128)
     kv_ref.kv.copy_(kv.kv)
     kv_plain = KVPool.for_model(ours, num_slots=128)

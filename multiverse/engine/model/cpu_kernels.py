@@ -10,11 +10,14 @@
   against 16.1-16.5 (nibble planes), 23-25 (int8 kernel) and 36-38 ms for float32 (1 thread,
   thread time, AMD EPYC with AVX-512, issue 30). inductor's C++ codegen of the same reduction
   (``torch.compile``) ran at the int8 kernel's speed at 1 row and ~30x slower at 4 rows.
-- ``decode_scores`` / ``decode_pv`` (:func:`decode_attention`): a decode step's attention read
-  straight from the K/V pool by slot (no gathered, padded copy of every sequence's K/V, which
-  was most of the cost: 5 of 7.7 ms a layer at 16 sequences x 1000 tokens), softmax by torch in
-  between. Gather + SDPA against this, per layer, SmolLM2 heads (9 q, 3 kv, 64): 16 sequences x
-  ~80 tokens 0.34 vs 0.13 ms, 64 x ~80 2.8 vs 0.5 ms, 16 x ~1000 8.6-9.4 vs 3.4-4.0 ms.
+- ``decode_attend`` (:func:`.attention.native.decode_attention`): a decode step's attention
+  read straight from the K/V pool by slot (no gathered, padded copy) in one pass: per block of
+  keys that fits L1, every query head's scores, an online softmax (running max and sum) and the
+  values, so each K/V row is read from memory once; a shared prefix (forked paths) once for all
+  its rows. Per layer at SmolLM2's heads (9 q, 3 kv, 64), 1 thread, thread time, against the
+  earlier two-pass kernel (scores, torch softmax, values): 16 sequences x ~80 tokens 0.088 vs
+  0.138 ms, 64 x ~80 0.35 vs 0.49 ms, 16 x ~1000 1.28 vs 2.9-3.0 ms (~19 GB/s of K/V, where
+  a sequential read runs at ~28 GB/s); gather + SDPA took 0.34, 2.8 and 8.6-9.4 ms.
 
 C compiled once per machine with the system compiler (``$CC``, default ``cc``;
 ``-O3 -march=native``, ~0.5 s) into ``$MULTIVERSE_KERNEL_CACHE`` (default
@@ -51,6 +54,8 @@ COMPILE_TIMEOUT_S = 60
 SOURCE = r"""
 #include <stdint.h>
 #include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
 /* out[t, n] = scale[n] * sum_k x[t, k] * w[n, k] for t < T <= 4; float32 sums in 16 lanes. */
 void int8_matvec(const float *x, const int8_t *w, const float *scale, float *out,
                  int64_t T, int64_t N, int64_t K) {
@@ -76,50 +81,142 @@ void int8_matvec(const float *x, const int8_t *w, const float *scale, float *out
 
 static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
-/* Decode attention straight from the K/V pool (no gathered copy). pool: rows of [2, Hk, D]
-   floats; idx [B, L] the slots of each sequence (the first lens[b] are its own); q [B, Hk, G, D]
-   (scaled). scores [B, Hk, G, L]: q . k for l < lens[b], -inf after. */
-void decode_scores(const float *q, const float *pool, const int64_t *idx, const int64_t *lens,
-                   float *scores, int64_t B, int64_t L, int64_t Hk, int64_t G, int64_t D) {
-    const int64_t row = 2 * Hk * D;
-    for (int64_t b = 0; b < B; b++)
+/* Decode attention in one pass (flash-decoding style) straight from the K/V pool: each key row
+   is read once, its K for the scores and its V for the outputs while it is in cache, with an
+   online softmax (running max m, sum l, unnormalised output per query head).
+   pool: rows of [2, Hk, D] floats; out [N, Hk, G, D]; q the same with rows qstride floats
+   apart (unscaled: scale applied here).
+   segs [S, 4]: (slot_lo, slot_hi, row_lo, row_hi): the query rows rows[row_lo:row_hi] attend the
+   keys at slots[slot_lo:slot_hi]; a row may take part in several segments (a shared prefix read
+   once for all its rows, then its own keys). C = ceil(D / 16) <= 8, the last chunk masked. */
+static inline __m512 exp_ps(__m512 x) {  /* e^x, x <= 0: 2^n p(r), |r| <= ln2 / 2, degree 7 */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One block of n <= BL keys (slots ks) for the R rows rr of a segment; sc: [R, H, BL] scratch. */
+static inline __attribute__((always_inline)) void attend_block(
+        const int C, const float *q, int64_t qstride, const float *pool, const int64_t *ks, int64_t n,
+        const int64_t *rr, int64_t R, float *sc, float *m, float *l, float *out, int64_t BL,
+        int64_t Hk, int64_t G, int64_t D, float scale, __mmask16 tail, int64_t ahead) {
+    const int64_t row = 2 * Hk * D, H = Hk * G;
+    for (int64_t j = 0; j < n; j++) {  /* scores: q . k of every (row, head) */
+        const float *kr = pool + ks[j] * row;
+        if (j < ahead)  /* the next block's rows into L2, while this one computes */
+            for (int64_t b = 0; b < row * 4; b += 64) _mm_prefetch((const char *)(pool + ks[n + j] * row) + b, _MM_HINT_T1);
+        for (int64_t h = 0; h < Hk; h++) {
+            __m512 k[8];
+            for (int c = 0; c < C; c++)
+                k[c] = c == C - 1 ? _mm512_maskz_loadu_ps(tail, kr + h * D + 16 * c)
+                                  : _mm512_loadu_ps(kr + h * D + 16 * c);
+            for (int64_t r = 0; r < R; r++)
+                for (int64_t g = 0; g < G; g++) {
+                    const float *qv = q + rr[r] * qstride + (h * G + g) * D;
+                    __m512 a = _mm512_mul_ps(k[0], C == 1 ? _mm512_maskz_loadu_ps(tail, qv)
+                                                          : _mm512_loadu_ps(qv));
+                    for (int c = 1; c < C; c++)
+                        a = _mm512_fmadd_ps(k[c], c == C - 1 ? _mm512_maskz_loadu_ps(tail, qv + 16 * c)
+                                                             : _mm512_loadu_ps(qv + 16 * c), a);
+                    sc[(r * H + h * G + g) * BL + j] = _mm512_reduce_add_ps(a) * scale;
+                }
+        }
+    }
+    __mmask16 left = n % 16 ? (__mmask16)((1u << (n % 16)) - 1) : 0xFFFF;
+    for (int64_t r = 0; r < R; r++)  /* online softmax: new max, rescale, p = e^(s - m) */
+        for (int64_t hg = 0; hg < H; hg++) {
+            float *s = sc + (r * H + hg) * BL;
+            const int64_t at = rr[r] * H + hg;
+            __m512 mx = _mm512_set1_ps(-__builtin_inff());
+            for (int64_t j = 0; j < n; j += 16)
+                mx = _mm512_mask_max_ps(mx, j + 16 <= n ? 0xFFFF : left, mx, _mm512_loadu_ps(s + j));
+            float mnew = _mm512_reduce_max_ps(mx);
+            if (mnew < m[at]) mnew = m[at];
+            __m512 mv = _mm512_set1_ps(mnew), sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j += 16) {
+                __mmask16 lm = j + 16 <= n ? 0xFFFF : left;
+                __m512 p = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lm, s + j), mv));
+                sum = _mm512_mask_add_ps(sum, lm, sum, p);
+                _mm512_mask_storeu_ps(s + j, lm, p);
+            }
+            float alpha = m[at] == -__builtin_inff() ? 0.f
+                          : _mm512_cvtss_f32(exp_ps(_mm512_set1_ps(m[at] - mnew)));
+            l[at] = l[at] * alpha + _mm512_reduce_add_ps(sum);
+            m[at] = mnew;
+            if (alpha != 1.f) {
+                float *o = out + at * D;
+                for (int c = 0; c < C; c++) {
+                    __mmask16 cm = c == C - 1 ? tail : 0xFFFF;
+                    _mm512_mask_storeu_ps(o + 16 * c, cm, _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, o + 16 * c),
+                                                                        _mm512_set1_ps(alpha)));
+                }
+            }
+        }
+    for (int64_t r = 0; r < R; r++)  /* out += p v, the block's V rows (in cache) */
         for (int64_t h = 0; h < Hk; h++)
             for (int64_t g = 0; g < G; g++) {
-                const float *qv = q + ((b * Hk + h) * G + g) * D;
-                float *out = scores + ((b * Hk + h) * G + g) * L;
-                for (int64_t l = 0; l < L; l++) {
-                    if (l >= lens[b]) { out[l] = -__builtin_inff(); continue; }
-                    const float *k = pool + idx[b * L + l] * row + h * D;
-                    __m512 a = _mm512_setzero_ps();
-                    for (int64_t d = 0; d < D; d += 16) {
-                        __mmask16 m = lanes(D - d);
-                        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qv + d),
-                                            _mm512_maskz_loadu_ps(m, k + d), a);
-                    }
-                    out[l] = _mm512_reduce_add_ps(a);
+                const int64_t at = rr[r] * H + h * G + g;
+                const float *p = sc + (r * H + h * G + g) * BL;
+                float *o = out + at * D;
+                __m512 a[8];
+                for (int c = 0; c < C; c++)
+                    a[c] = _mm512_maskz_loadu_ps(c == C - 1 ? tail : 0xFFFF, o + 16 * c);
+                for (int64_t j = 0; j < n; j++) {
+                    const float *v = pool + ks[j] * row + (Hk + h) * D;
+                    __m512 pj = _mm512_set1_ps(p[j]);
+                    for (int c = 0; c < C; c++)
+                        a[c] = _mm512_fmadd_ps(pj, c == C - 1 ? _mm512_maskz_loadu_ps(tail, v + 16 * c)
+                                                              : _mm512_loadu_ps(v + 16 * c), a[c]);
                 }
+                for (int c = 0; c < C; c++)
+                    _mm512_mask_storeu_ps(o + 16 * c, c == C - 1 ? tail : 0xFFFF, a[c]);
             }
 }
 
-/* out [B, Hk, G, D] = sum_l p[b, h, g, l] v[l], v from the pool (rows as in decode_scores). */
-void decode_pv(const float *p, const float *pool, const int64_t *idx, const int64_t *lens,
-               float *out, int64_t B, int64_t L, int64_t Hk, int64_t G, int64_t D) {
-    const int64_t row = 2 * Hk * D;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < Hk; h++)
-            for (int64_t g = 0; g < G; g++) {
-                const float *pr = p + ((b * Hk + h) * G + g) * L;
-                float *o = out + ((b * Hk + h) * G + g) * D;
-                for (int64_t d = 0; d < D; d += 16) {
-                    __mmask16 m = lanes(D - d);
-                    __m512 a = _mm512_setzero_ps();
-                    for (int64_t l = 0; l < lens[b]; l++) {
-                        const float *v = pool + idx[b * L + l] * row + (Hk + h) * D;
-                        a = _mm512_fmadd_ps(_mm512_set1_ps(pr[l]), _mm512_maskz_loadu_ps(m, v + d), a);
-                    }
-                    _mm512_mask_storeu_ps(o + d, m, a);
-                }
+int decode_attend(const float *q, const float *pool, const int64_t *slots, const int64_t *segs,
+                  const int64_t *rows, float *out, int64_t N, int64_t S, int64_t Hk, int64_t G,
+                  int64_t D, int64_t qstride, float scale) {
+    const int64_t H = Hk * G, C = (D + 15) / 16, row = 2 * Hk * D;
+    if (C > 8) return -1;
+    int64_t BL = 24576 / (row * 4), maxr = 1;  /* a block's K/V rows fit a 32 KiB L1 */
+    BL = BL < 8 ? 8 : BL > 128 ? 128 : BL;
+    for (int64_t s = 0; s < S; s++)
+        if (segs[4 * s + 3] - segs[4 * s + 2] > maxr) maxr = segs[4 * s + 3] - segs[4 * s + 2];
+    float *m = malloc(sizeof(float) * N * H), *l = malloc(sizeof(float) * N * H);
+    float *sc = malloc(sizeof(float) * maxr * H * BL);
+    if (!m || !l || !sc) { free(m); free(l); free(sc); return -2; }
+    for (int64_t i = 0; i < N * H; i++) { m[i] = -__builtin_inff(); l[i] = 0.f; }
+    memset(out, 0, sizeof(float) * N * H * D);
+    __mmask16 tail = lanes(D - 16 * (C - 1));
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t *sg = segs + 4 * s, *rr = rows + sg[2], R = sg[3] - sg[2];
+        for (int64_t k0 = sg[0]; k0 < sg[1]; k0 += BL) {
+            int64_t n = sg[1] - k0 < BL ? sg[1] - k0 : BL;
+            int64_t ahead = sg[1] - k0 - n < BL ? sg[1] - k0 - n : BL;
+            switch (C) {
+#define CASE(c) case c: attend_block(c, q, qstride, pool, slots + k0, n, rr, R, sc, m, l, out, BL, Hk, G, D, scale, tail, ahead); break;
+                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
             }
+        }
+    }
+    for (int64_t i = 0; i < N * H; i++) {  /* normalise; l > 0 for every row with a key */
+        float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        for (int64_t d = 0; d < D; d++) out[i * D + d] *= inv;
+    }
+    free(m); free(l); free(sc);
+    return 0;
 }
 """
 
@@ -193,9 +290,9 @@ def load(cc: str | None = None, directory: Path | None = None):
             fn = ctypes.CDLL(str(lib))
             ptrs, ints = [ctypes.c_void_p] * 4, [ctypes.c_int64]
             fn.int8_matvec.argtypes = ptrs + ints * 3
-            fn.decode_scores.argtypes = fn.decode_pv.argtypes = ptrs + [ctypes.c_void_p] + ints * 5
-            for f in (fn.int8_matvec, fn.decode_scores, fn.decode_pv):
-                f.restype = None
+            fn.decode_attend.argtypes = ptrs + ptrs[:2] + ints * 6 + [ctypes.c_float]
+            fn.decode_attend.restype = ctypes.c_int
+            fn.int8_matvec.restype = None
         except (RuntimeError, OSError, AttributeError) as err:
             warnings.warn(f"CPU kernels unavailable, torch's kernels run instead "
                           f"(slower decode steps): {err}", RuntimeWarning, stacklevel=2)  # fmt: skip
@@ -230,37 +327,4 @@ def matvec(fn, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
     x = x.contiguous()
     out = torch.empty(t, n, dtype=torch.float32)
     fn.int8_matvec(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), t, n, k)
-    return out
-
-
-def decode_attention(fn, q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """One decode step's attention read straight from the pool with the loaded kernels ``fn``:
-    q ``[B, Hq * D]`` float32, ``pool [S, 2, Hk, D]`` contiguous float32, ``slots [B * L]`` long
-    (sequence b's K/V slots first, then padding), ``lens [B]`` long (1 <= lens[b] <= L) ->
-    ``[B, Hq * D]``; query head ``h`` reads KV head ``h // (Hq // Hk)``; float32 softmax."""
-    s, _, hk, d = pool.shape
-    b = lens.shape[0]
-    cols = slots.shape[0] // b
-    g = q.shape[1] // (hk * d)
-    if (pool.dtype != torch.float32 or q.dtype != torch.float32 or not pool.is_contiguous()
-            or cols * b != slots.shape[0] or q.shape != (b, hk * g * d)):  # fmt: skip
-        raise ValueError(f"decode attention: q {tuple(q.shape)} {q.dtype}, pool {tuple(pool.shape)} "
-                         f"{pool.dtype}, slots {tuple(slots.shape)}, lens {tuple(lens.shape)}")  # fmt: skip
-    qs = (q * d**-0.5).contiguous()  # [B, Hk, G, D]
-    slots, lens = slots.to(torch.long).contiguous(), lens.to(torch.long).contiguous()
-    # the kernel reads pool rows by these numbers: out of range would read outside the pool
-    if (
-        int(slots.min()) < 0
-        or int(slots.max()) >= s
-        or int(lens.min()) < 1
-        or int(lens.max()) > cols
-    ):
-        raise ValueError(f"decode attention: slots outside [0, {s}) or lens outside [1, {cols}]")
-    scores = torch.empty(b, hk, g, cols)
-    args = (pool.data_ptr(), slots.data_ptr(), lens.data_ptr())
-    fn.decode_scores(qs.data_ptr(), *args, scores.data_ptr(), b, cols, hk, g, d)
-    probs = torch.softmax(scores, -1)
-    out = torch.empty(b, hk * g * d)
-    fn.decode_pv(probs.data_ptr(), *args, out.data_ptr(), b, cols, hk, g, d)
     return out

@@ -10,7 +10,8 @@ Backends (:data:`ATTENTION_BACKENDS`):
 - ``"reference"`` (:mod:`.reference`): per sequence, fp32 softmax with a dense Bool mask; the
   definition every other backend is tested against (``tests/engine/test_attention_backends.py``).
 - ``"sdpa"`` (:mod:`.sdpa`): the engine's fast path, one batched SDPA call per layer; hands a
-  batch with ``groups`` to the cascade kernel.
+  batch with ``groups`` to the cascade kernel; a CPU decode step to the one-pass compiled
+  kernel (:mod:`.native`) where it is built.
 - ``"cascade"`` (:mod:`.cascade`): decode steps whose sequences share K/V prefixes
   (``ForwardBatch.groups`` required); each shared prefix is read once per group.
 """

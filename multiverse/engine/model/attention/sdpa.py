@@ -3,6 +3,10 @@
 :func:`build_attention_plan` turns a :class:`ForwardBatch` into index and mask tensors once per
 step (no device sync); every layer then runs :meth:`AttentionPlan.attend`:
 
+- on CPU where the compiled kernel is built, a decode step without custom masks runs the
+  one-pass kernel (:mod:`.native`), reading K/V in the pool by slot (with ``groups``: each
+  shared prefix once for its members); where it cannot run (bfloat16, several threads) the
+  same plan builds the torch path below on first use;
 - a single fresh sequence (prefill, no cached prefix, no custom mask) attends its own new K/V
   with ``is_causal`` and reads nothing back from the pool;
 - a batch with ``groups`` runs cascade attention (:mod:`.cascade`);
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from multiverse.engine.model import cpu_kernels
+from multiverse.engine.model.attention import native as native_kernel
 from multiverse.engine.model.attention.cascade import CascadePlan, build_cascade_tensors
 from multiverse.engine.model.batch import ForwardBatch, check_forward_batch
 
@@ -47,10 +52,20 @@ class AttentionPlan:
     attn_mask: torch.Tensor | None = None  # Bool [B, 1, max_q, max_kv]
     fold_gqa: bool = False  # decode only: the G query heads of a KV head become G query rows
     cascade: CascadePlan | None = None  # decode with shared prefixes (ForwardBatch.groups)
-    kv_lens: torch.Tensor | None = None  # [B] long: CPU decode without custom masks (native)
+    native: native_kernel.DecodeIndex | None = None  # CPU decode without custom masks
+    batch: ForwardBatch | None = None  # with ``native``: for the torch path where it cannot run
+    torch_plan: AttentionPlan | None = None  # that path's tensors, built on first need
 
     def attend(self, q: torch.Tensor, new_kv: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         """q ``[T, Hq * D]``, new_kv ``[T, 2, Hk, D]``, pool ``[S, 2, Hk, D]`` -> ``[T, Hq * D]``."""
+        if self.native is not None:
+            fn = native_kernel.usable(pool)
+            if fn is not None:  # one pass over each sequence's K/V in the pool, no copy
+                return native_kernel.decode_attention(fn, q, pool, self.native)
+            if self.torch_plan is None:  # bfloat16, several threads, no kernel: gather + SDPA
+                assert self.batch is not None
+                self.torch_plan = build_attention_plan(self.batch, native=False)
+            return self.torch_plan.attend(q, new_kv, pool)
         if self.cascade is not None:
             return self.cascade.attend(q, new_kv, pool)
         t, hk, d = q.shape[0], pool.shape[2], pool.shape[3]
@@ -63,10 +78,6 @@ class AttentionPlan:
             return out.transpose(1, 2).reshape(t, hq * d)
         b, max_q, max_kv = self.num_seqs, self.max_q, self.max_kv
         assert self.gather is not None
-        if self.kv_lens is not None and pool.dtype == torch.float32:
-            fn = cpu_kernels.loaded()  # reads K/V in the pool, no gathered copy
-            if fn is not None and torch.get_num_threads() == 1 and pool.is_contiguous():
-                return cpu_kernels.decode_attention(fn, q, pool, self.gather, self.kv_lens)
         gathered = pool.index_select(0, self.gather).view(b, max_kv, 2, hk, d)
         k = gathered[:, :, 0].transpose(1, 2)  # [B, Hk, max_kv, D]
         v = gathered[:, :, 1].transpose(1, 2)
@@ -99,6 +110,12 @@ def build_attention_plan(
     max_q, max_kv = max(q_lens), max(kv_lens)
     device = batch.input_ids.device
     has_masks = any(m is not None for m in batch.masks)
+    if native is None:  # where the kernel is built (it checks dtype and threads per layer)
+        native = device.type == "cpu" and cpu_kernels.loaded() is not None
+    if native and max_q == 1 and not has_masks:  # decode: the one-pass kernel, where it runs
+        index = (native_kernel.DecodeIndex.per_sequence(batch.kv_indices) if batch.groups is None
+                 else native_kernel.DecodeIndex.grouped(batch.kv_indices, batch.groups))  # fmt: skip
+        return AttentionPlan(num_seqs, 1, max_kv, native=index, batch=batch)
     if batch.groups is not None:
         return AttentionPlan(num_seqs, max_q, max_kv, cascade=build_cascade_tensors(batch))
 
@@ -141,20 +158,6 @@ def build_attention_plan(
     if fold_gqa is None:
         fold_gqa = device.type == "cuda"
     fold_gqa = fold_gqa and max_q == 1
-    if native is None:
-        native = device.type == "cpu"
-    lens = None
-    if native and all_decode and not has_masks:
-        lens = torch.tensor(kv_lens, dtype=torch.long, device=device)
     return AttentionPlan(
-        num_seqs,
-        max_q,
-        max_kv,
-        False,
-        gather,
-        q_index,
-        out_index,
-        attn_mask,
-        fold_gqa,
-        kv_lens=lens,
+        num_seqs, max_q, max_kv, False, gather, q_index, out_index, attn_mask, fold_gqa
     )
