@@ -1,15 +1,21 @@
-"""Compiled CPU kernels (AVX-512), for what torch's CPU kernels do slowly at decode shapes.
+"""Compiled CPU kernels (AVX-512; the int8 one AVX2 too), for what torch's CPU kernels do slowly
+at decode shapes.
 
-- ``int8_matvec`` (:func:`matvec`): weight-only int8 for 1-4 rows, ``(x @ qweight.T) * scales``
-  for float32 ``x [T, K]``, int8 ``qweight [N, K]``, float32 ``scales [N]``: each weight row read
-  once, widened to float32 in registers, multiplied into every row of ``x``, float32 sums. No
-  bfloat16 rounding: it equals :meth:`.quant.QuantLinear.reference` up to the order of the sums.
-  At 1-4 rows a decode step streams every weight once; torch's int8 kernel
-  (``_weight_int8pack_mm``) streams int8 at ~6 GB/s, the int4 kernel on two nibble planes at
-  ~8 GB/s, this loop at ~12 GB/s: a whole SmolLM2-135M step's int8 matrices at 1 row 10.7-12.3 ms
-  against 16.1-16.5 (nibble planes), 23-25 (int8 kernel) and 36-38 ms for float32 (1 thread,
-  thread time, AMD EPYC with AVX-512, issue 30). inductor's C++ codegen of the same reduction
-  (``torch.compile``) ran at the int8 kernel's speed at 1 row and ~30x slower at 4 rows.
+- ``int8_matvec`` (:func:`matvec`): weight-only int8, ``(x @ qweight.T) * scales`` for float32
+  ``x [T, K]``, int8 ``qweight [N, K]``, float32 ``scales [N]``: each weight row widened to
+  float32 in registers and multiplied into a tile of up to 8 rows of ``x`` (one float32
+  accumulator each; ``ceil(T / 8)`` passes over the weights), weights prefetched 2 KiB ahead.
+  No bfloat16 rounding: it equals :meth:`.quant.QuantLinear.reference` up to the order of the
+  sums. At one row it streams int8 at the core's memory bandwidth (~14 GB/s, what float32
+  streams at: several weight rows per iteration, 64-byte loads, or more prefetch did not stream
+  faster); from 2 rows it is bound by the FMAs. A whole SmolLM2-135M step's matrices, ms (1
+  thread, thread time, AMD EPYC with AVX-512, two runs), this / float32 (:mod:`.packed`) /
+  torch's bfloat16 kernels (nibble planes to 4 rows, then ``_weight_int8pack_mm``): 1 row
+  10.0-10.4 / 34.6-35.6 / 16.6-16.9, 2 rows 11.7-12.3 / 48.6-51.3 / 20.2-20.3, 4 rows
+  15.6-15.7 / 35.3-37.7 / 28.1-28.4, 5 rows 18.5 / 35.8 / 40.5, 8 rows 28.8-31.0 / 43.5-45.7 /
+  46.7-48.4, 12 rows 41.6-42.6 / 48.9-52.1 / 63.2-67.4, 16 rows 54.7-60.0 / 58.1-62.3 /
+  80.6-84.1. The engine
+  takes it to :data:`MAX_ROWS` rows.
 - ``decode_scores`` / ``decode_pv`` (:func:`decode_attention`): a decode step's attention read
   straight from the K/V pool by slot (no gathered, padded copy of every sequence's K/V, which
   was most of the cost: 5 of 7.7 ms a layer at 16 sequences x 1000 tokens), softmax by torch in
@@ -17,11 +23,14 @@
   ~80 tokens 0.34 vs 0.13 ms, 64 x ~80 2.8 vs 0.5 ms, 16 x ~1000 8.6-9.4 vs 3.4-4.0 ms.
 
 C compiled once per machine with the system compiler (``$CC``, default ``cc``;
-``-O3 -march=native``, ~0.5 s) into ``$MULTIVERSE_KERNEL_CACHE`` (default
+``-O3 -march=native``, ~0.5 s; the instruction set picked from torch's CPU capability: AVX-512
+builds every kernel, AVX2 + FMA the int8 one only, ``-mno-avx512f`` builds that one on an AVX-512
+CPU too) into ``$MULTIVERSE_KERNEL_CACHE`` (default
 ``~/.cache/multiverse/kernels``, the file named by a hash of the source, the flags and the CPU),
 then loaded with ctypes; a later process loads the cached library. :func:`load` runs when a CPU
 model is made (``CausalLM.__init__``) and logs the compile and its time, so no step pays for it.
-Where the CPU lacks AVX-512 nothing is built (torch's kernels run, as before); where the compiler
+Where the CPU lacks AVX2 nothing is built (torch's kernels run, as before; without
+AVX-512, torch's decode attention); where the compiler
 fails or is missing, one warning and torch's kernels. The kernels are single-threaded: with
 ``torch.get_num_threads() > 1`` torch's kernels run. Reference paths: ``QuantLinear.reference``
 and the attention backends' (``build_attention_plan(native=False)``, ``"reference"``).
@@ -45,35 +54,90 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 4
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+MAX_ROWS = 16
+FLAGS = ("-O3", "-shared", "-fPIC")
+# per instruction set: -march=native on an AVX2-only CPU targets AVX2 already; "avx2" on an
+# AVX-512 CPU (tests/engine/test_cpu_kernels.py) turns AVX-512 off
+ISA_FLAGS = {"avx512": ("-march=native",), "avx2": ("-march=native", "-mno-avx512f")}
 COMPILE_TIMEOUT_S = 60
 SOURCE = r"""
 #include <stdint.h>
 #include <immintrin.h>
-/* out[t, n] = scale[n] * sum_k x[t, k] * w[n, k] for t < T <= 4; float32 sums in 16 lanes. */
+/* int8 matvec: out[t, n] = scale[n] * sum_k x[t, k] * w[n, k], float32 sums in VL lanes. One
+   weight row at a time against a tile of TT <= 8 rows of x (one accumulator each: TT FMAs per
+   widened weight vector), the tiles one after another; the weights 2 KiB ahead prefetched
+   (once a cache line). AVX-512 (16 lanes) where the compiler targets it, else AVX2 + FMA (8). */
+#define PREFETCH 2048
+#if defined(__AVX512F__)
+#define ISA 512
+#define VL 16
+typedef __m512 vf;
+#define VZERO() _mm512_setzero_ps()
+#define VLOADX(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(v) _mm512_reduce_add_ps(v)
+#define WIDEN(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ISA 256
+#define VL 8
+typedef __m256 vf;
+#define VZERO() _mm256_setzero_ps()
+#define VLOADX(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define WIDEN(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+static inline float VSUM(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+#error "the CPU kernels need AVX-512 F or AVX2 + FMA"
+#endif
+
+int kernel_isa(void) { return ISA; }
+
+#define INT8_TILE(TT)                                                                           \
+static void int8_tile_##TT(const float *x, const int8_t *w, const float *scale, float *out,     \
+                           int64_t N, int64_t K, const int8_t *end) {                           \
+    for (int64_t n = 0; n < N; n++) {                                                           \
+        const int8_t *wr = w + n * K;                                                           \
+        vf acc[TT];                                                                             \
+        for (int t = 0; t < TT; t++) acc[t] = VZERO();                                          \
+        int64_t k = 0;                                                                          \
+        for (; k + VL <= K; k += VL) {                                                          \
+            const int8_t *ahead = wr + k + PREFETCH;                                            \
+            if (((uintptr_t)ahead & 63) < VL && ahead < end)                                    \
+                _mm_prefetch((const char *)ahead, _MM_HINT_T0);                                 \
+            vf wf = WIDEN(wr + k);                                                              \
+            for (int t = 0; t < TT; t++) acc[t] = VFMA(wf, VLOADX(x + t * K + k), acc[t]);      \
+        }                                                                                       \
+        for (int t = 0; t < TT; t++) {                                                          \
+            float s = VSUM(acc[t]);                                                             \
+            for (int64_t j = k; j < K; j++) s += x[t * K + j] * (float)wr[j];                   \
+            out[t * N + n] = s * scale[n];                                                      \
+        }                                                                                       \
+    }                                                                                           \
+}
+INT8_TILE(1) INT8_TILE(2) INT8_TILE(3) INT8_TILE(4)
+INT8_TILE(5) INT8_TILE(6) INT8_TILE(7) INT8_TILE(8)
+typedef void (*int8_tile)(const float *, const int8_t *, const float *, float *, int64_t,
+                          int64_t, const int8_t *);
+static const int8_tile INT8_TILES[8] = {int8_tile_1, int8_tile_2, int8_tile_3, int8_tile_4,
+                                        int8_tile_5, int8_tile_6, int8_tile_7, int8_tile_8};
+
+/* T rows of x in ceil(T / 8) passes over the weights, tiles of equal size (12: 6 + 6) */
 void int8_matvec(const float *x, const int8_t *w, const float *scale, float *out,
                  int64_t T, int64_t N, int64_t K) {
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *wr = w + n * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            __m128i q = _mm_loadu_si128((const __m128i *)(wr + k));
-            __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-            a0 = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + k), a0);
-            if (T > 1) a1 = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + K + k), a1);
-            if (T > 2) a2 = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + 2 * K + k), a2);
-            if (T > 3) a3 = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + 3 * K + k), a3);
-        }
-        float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1),
-                      _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
-        for (; k < K; k++)
-            for (int64_t t = 0; t < T; t++) s[t] += x[t * K + k] * (float)wr[k];
-        for (int64_t t = 0; t < T; t++) out[t * N + n] = s[t] * scale[n];
+    const int8_t *end = w + N * K;
+    int64_t passes = (T + 7) / 8;
+    for (int64_t t0 = 0, p = 0; p < passes; p++) {
+        int64_t tt = (T - t0 + (passes - p) - 1) / (passes - p);
+        INT8_TILES[tt - 1](x + t0 * K, w, scale, out + t0 * N, N, K, end);
+        t0 += tt;
     }
 }
 
+#if defined(__AVX512F__)
 static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
 /* Decode attention straight from the K/V pool (no gathered copy). pool: rows of [2, Hk, D]
@@ -121,17 +185,24 @@ void decode_pv(const float *p, const float *pool, const int64_t *idx, const int6
                 }
             }
 }
+#endif
 """
 
 _state: dict[str, object] = {}  # "lib": the loaded library or None, once per process
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the kernels are built for on this CPU (as torch detects it, x86-64):
+    ``"avx512"`` (int8 matvec and decode attention), ``"avx2"`` (int8 matvec only), or None."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "avx512" if "AVX512" in capability else "avx2" if "AVX2" in capability else None
+
+
 def supported() -> bool:
-    """Whether this CPU runs the kernel (AVX-512 as torch detects it, x86-64)."""
-    return (
-        platform.machine() in ("x86_64", "AMD64")
-        and "AVX512" in torch.backends.cpu.get_cpu_capability()
-    )
+    """Whether this CPU runs every kernel, the decode attention's too (AVX-512)."""
+    return cpu_isa() == "avx512"
 
 
 def cache_dir() -> Path:
@@ -148,13 +219,19 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def build(cc: str | None = None, directory: Path | None = None) -> Path:
-    """Compile the kernel (or find it compiled) and return the library's path; raises
+def build(cc: str | None = None, directory: Path | None = None, isa: str | None = None) -> Path:
+    """Compile the kernels for ``isa`` (default :func:`cpu_isa`; ``"avx2"`` builds the AVX2
+    variant on an AVX-512 CPU too) or find them compiled, and return the library's path; raises
     ``RuntimeError`` with the compiler's message when it cannot."""
     cc = cc or os.environ.get("CC") or "cc"
     directory = directory or cache_dir()
-    key = hashlib.sha256("\0".join((SOURCE, cc, *FLAGS, _cpu_id())).encode()).hexdigest()[:16]
-    lib = directory / f"cpu_kernels-{key}.so"
+    isa = isa or cpu_isa()
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"no CPU kernels for isa={isa!r} (this CPU: {cpu_isa()}); "
+                           f"one of {tuple(ISA_FLAGS)}")  # fmt: skip
+    flags = (*FLAGS, *ISA_FLAGS[isa])
+    key = hashlib.sha256("\0".join((SOURCE, cc, *flags, _cpu_id())).encode()).hexdigest()[:16]
+    lib = directory / f"cpu_kernels-{isa}-{key}.so"
     if lib.exists():
         return lib
     exe = shutil.which(cc)
@@ -165,7 +242,7 @@ def build(cc: str | None = None, directory: Path | None = None) -> Path:
         src, out = Path(tmp) / "cpu_kernels.c", Path(tmp) / lib.name
         src.write_text(SOURCE)
         try:
-            proc = subprocess.run([exe, *FLAGS, str(src), "-o", str(out)], capture_output=True,
+            proc = subprocess.run([exe, *flags, str(src), "-o", str(out)], capture_output=True,
                                   text=True, timeout=COMPILE_TIMEOUT_S)  # fmt: skip
         except subprocess.TimeoutExpired as err:
             raise RuntimeError(f"{cc} took over {COMPILE_TIMEOUT_S} s") from err
@@ -175,40 +252,56 @@ def build(cc: str | None = None, directory: Path | None = None) -> Path:
     return lib
 
 
+def open_library(path: Path):
+    """The compiled library at ``path`` (:func:`build`) with its functions' signatures set;
+    ``lib.kernel_isa()`` is 512 or 256, the decode attention kernels there at 512 only."""
+    fn = ctypes.CDLL(str(path))
+    ptrs, ints = [ctypes.c_void_p] * 4, [ctypes.c_int64]
+    fn.kernel_isa.argtypes, fn.kernel_isa.restype = [], ctypes.c_int
+    fn.int8_matvec.argtypes, fn.int8_matvec.restype = ptrs + ints * 3, None
+    if fn.kernel_isa() == 512:
+        fn.decode_scores.argtypes = fn.decode_pv.argtypes = ptrs + [ctypes.c_void_p] + ints * 5
+        fn.decode_scores.restype = fn.decode_pv.restype = None
+    return fn
+
+
 def load(cc: str | None = None, directory: Path | None = None):
-    """The kernels' library (compiled on first use on this machine, then cached), or None where
-    the CPU lacks AVX-512 or it cannot be built (then one warning). Once per process."""
+    """The kernels' library for this CPU (compiled on first use on this machine, then cached),
+    or None where the CPU has neither AVX-512 nor AVX2 or it cannot be built (then one warning).
+    Once per process."""
     if "lib" in _state:
         return _state["lib"]
-    fn = None
-    if not supported():
-        log.info("CPU kernels (int8 matvec, decode attention): not built (no AVX-512: %s); torch's kernels run",
+    fn, isa = None, cpu_isa()
+    if isa is None:
+        log.info("CPU kernels (int8 matvec, decode attention): not built (no AVX2: %s); torch's kernels run",
                  torch.backends.cpu.get_cpu_capability())  # fmt: skip
     else:
         start = time.perf_counter()
         try:
-            lib = build(cc, directory)
-            fn = ctypes.CDLL(str(lib))
-            ptrs, ints = [ctypes.c_void_p] * 4, [ctypes.c_int64]
-            fn.int8_matvec.argtypes = ptrs + ints * 3
-            fn.decode_scores.argtypes = fn.decode_pv.argtypes = ptrs + [ctypes.c_void_p] + ints * 5
-            for f in (fn.int8_matvec, fn.decode_scores, fn.decode_pv):
-                f.restype = None
+            lib = build(cc, directory, isa)
+            fn = open_library(lib)
         except (RuntimeError, OSError, AttributeError) as err:
             warnings.warn(f"CPU kernels unavailable, torch's kernels run instead "
                           f"(slower decode steps): {err}", RuntimeWarning, stacklevel=2)  # fmt: skip
         else:
+            what = "int8 matvec, decode attention" if isa == "avx512" else "int8 matvec (AVX2)"
             log.info(
-                "CPU kernels (int8 matvec, decode attention) ready in %.2f s (%s)",
-                time.perf_counter() - start,
-                lib,
+                "CPU kernels (%s) ready in %.2f s (%s)", what, time.perf_counter() - start, lib
             )
     _state["lib"] = fn
     return fn
 
 
 def loaded():
-    """The library :func:`load` returned in this process (None: not loaded, or unavailable)."""
+    """The library :func:`load` returned in this process where it has the decode attention
+    kernels (AVX-512); None: not loaded, unavailable, or AVX2 (:func:`int8_library`)."""
+    fn = _state.get("lib")
+    return fn if fn is not None and fn.kernel_isa() == 512 else None
+
+
+def int8_library():
+    """The library :func:`load` returned in this process, for :func:`matvec` (AVX-512 or AVX2);
+    None: not loaded, or unavailable."""
     return _state.get("lib")
 
 
@@ -218,13 +311,14 @@ def reset() -> None:
 
 
 def matvec(fn, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``(x @ qweight.T) * scales`` with the loaded kernel ``fn``: x float32 ``[T, K]``
-    (T <= :data:`MAX_ROWS`), contiguous int8 ``qweight [N, K]``, float32 ``scales [N]``."""
+    """``(x @ qweight.T) * scales`` with the loaded kernel ``fn`` (:func:`int8_library`): x
+    float32 ``[T, K]`` (any T; the engine takes it up to :data:`MAX_ROWS`), contiguous int8
+    ``qweight [N, K]``, float32 ``scales [N]``."""
     t, k = x.shape
     n = qweight.shape[0]
-    if t > MAX_ROWS or x.dtype != torch.float32 or qweight.shape[1] != k:
+    if x.dtype != torch.float32 or qweight.dtype != torch.int8 or qweight.shape[1] != k:
         raise ValueError(f"int8 matvec: x {tuple(x.shape)} {x.dtype} against weight "
-                         f"{tuple(qweight.shape)} (float32, at most {MAX_ROWS} rows)")  # fmt: skip
+                         f"{tuple(qweight.shape)} {qweight.dtype} (float32 x, int8 weight)")  # fmt: skip
     x = x.contiguous()
     out = torch.empty(t, n, dtype=torch.float32)
     fn.int8_matvec(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), t, n, k)
