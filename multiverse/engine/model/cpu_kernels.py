@@ -65,8 +65,8 @@ SOURCE = r"""
 #include <immintrin.h>
 /* int8 matvec: out[t, n] = scale[n] * sum_k x[t, k] * w[n, k], float32 sums in VL lanes. One
    weight row at a time against a tile of TT <= 8 rows of x (one accumulator each: TT FMAs per
-   widened weight vector), the tiles one after another; the weights 2 KiB ahead prefetched
-   (once a cache line). AVX-512 (16 lanes) where the compiler targets it, else AVX2 + FMA (8). */
+   widened weight vector), the tiles one after another; from 3 rows the weights 2 KiB ahead
+   prefetched (once a cache line; at 1-2 rows that was slower). AVX-512 (16 lanes) where the compiler targets it, else AVX2 + FMA (8). */
 #define PREFETCH 2048
 #if defined(__AVX512F__)
 #define ISA 512
@@ -75,6 +75,7 @@ typedef __m512 vf;
 #define VZERO() _mm512_setzero_ps()
 #define VLOADX(p) _mm512_loadu_ps(p)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
 #define VSUM(v) _mm512_reduce_add_ps(v)
 #define WIDEN(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -84,6 +85,7 @@ typedef __m256 vf;
 #define VZERO() _mm256_setzero_ps()
 #define VLOADX(p) _mm256_loadu_ps(p)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
 #define WIDEN(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 static inline float VSUM(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -96,30 +98,42 @@ static inline float VSUM(__m256 v) {
 
 int kernel_isa(void) { return ISA; }
 
-#define INT8_TILE(TT)                                                                           \
+/* U accumulator chains a row of x: one chain waits on the FMA latency at 1-2 rows (AVX-512), 1-4
+   (AVX2); U = 4 at one row was slower with AVX-512 (13.8 vs 7.9 ms a SmolLM2 step) */
+#define INT8_TILE(TT, U)                                                                        \
 static void int8_tile_##TT(const float *x, const int8_t *w, const float *scale, float *out,     \
                            int64_t N, int64_t K, const int8_t *end) {                           \
     for (int64_t n = 0; n < N; n++) {                                                           \
         const int8_t *wr = w + n * K;                                                           \
-        vf acc[TT];                                                                             \
-        for (int t = 0; t < TT; t++) acc[t] = VZERO();                                          \
+        vf acc[U][TT];                                                                          \
+        for (int u = 0; u < U; u++)                                                             \
+            for (int t = 0; t < TT; t++) acc[u][t] = VZERO();                                   \
         int64_t k = 0;                                                                          \
-        for (; k + VL <= K; k += VL) {                                                          \
+        for (; k + (U) * VL <= K; k += (U) * VL) {                                              \
             const int8_t *ahead = wr + k + PREFETCH;                                            \
-            if (((uintptr_t)ahead & 63) < VL && ahead < end)                                    \
+            if (TT >= 3 && ((uintptr_t)ahead & 63) < (U) * VL && ahead < end)                   \
                 _mm_prefetch((const char *)ahead, _MM_HINT_T0);                                 \
+            for (int u = 0; u < U; u++) {                                                       \
+                vf wf = WIDEN(wr + k + u * VL);                                                 \
+                for (int t = 0; t < TT; t++)                                                    \
+                    acc[u][t] = VFMA(wf, VLOADX(x + t * K + k + u * VL), acc[u][t]);            \
+            }                                                                                   \
+        }                                                                                       \
+        for (; k + VL <= K; k += VL) {                                                          \
             vf wf = WIDEN(wr + k);                                                              \
-            for (int t = 0; t < TT; t++) acc[t] = VFMA(wf, VLOADX(x + t * K + k), acc[t]);      \
+            for (int t = 0; t < TT; t++) acc[0][t] = VFMA(wf, VLOADX(x + t * K + k), acc[0][t]);\
         }                                                                                       \
         for (int t = 0; t < TT; t++) {                                                          \
-            float s = VSUM(acc[t]);                                                             \
+            for (int u = 1; u < U; u++) acc[0][t] = VADD(acc[0][t], acc[u][t]);                 \
+            float s = VSUM(acc[0][t]);                                                          \
             for (int64_t j = k; j < K; j++) s += x[t * K + j] * (float)wr[j];                   \
             out[t * N + n] = s * scale[n];                                                      \
         }                                                                                       \
     }                                                                                           \
 }
-INT8_TILE(1) INT8_TILE(2) INT8_TILE(3) INT8_TILE(4)
-INT8_TILE(5) INT8_TILE(6) INT8_TILE(7) INT8_TILE(8)
+INT8_TILE(1, (VL == 8 ? 4 : 2)) INT8_TILE(2, 2) INT8_TILE(3, (VL == 8 ? 2 : 1))
+INT8_TILE(4, (VL == 8 ? 2 : 1))
+INT8_TILE(5, 1) INT8_TILE(6, 1) INT8_TILE(7, 1) INT8_TILE(8, 1)
 typedef void (*int8_tile)(const float *, const int8_t *, const float *, float *, int64_t,
                           int64_t, const int8_t *);
 static const int8_tile INT8_TILES[8] = {int8_tile_1, int8_tile_2, int8_tile_3, int8_tile_4,
