@@ -3,19 +3,20 @@ at decode shapes.
 
 - ``int8_matvec`` (:func:`matvec`): weight-only int8, ``(x @ qweight.T) * scales`` for float32
   ``x [T, K]``, int8 ``qweight [N, K]``, float32 ``scales [N]``: each weight row widened to
-  float32 in registers and multiplied into a tile of up to 8 rows of ``x`` (one float32
-  accumulator each; ``ceil(T / 8)`` passes over the weights), weights prefetched 2 KiB ahead.
-  No bfloat16 rounding: it equals :meth:`.quant.QuantLinear.reference` up to the order of the
-  sums. At one row it streams int8 at the core's memory bandwidth (~14 GB/s, what float32
-  streams at: several weight rows per iteration, 64-byte loads, or more prefetch did not stream
-  faster); from 2 rows it is bound by the FMAs. A whole SmolLM2-135M step's matrices, ms (1
-  thread, thread time, AMD EPYC with AVX-512, two runs), this / float32 (:mod:`.packed`) /
-  torch's bfloat16 kernels (nibble planes to 4 rows, then ``_weight_int8pack_mm``): 1 row
-  10.0-10.4 / 34.6-35.6 / 16.6-16.9, 2 rows 11.7-12.3 / 48.6-51.3 / 20.2-20.3, 4 rows
-  15.6-15.7 / 35.3-37.7 / 28.1-28.4, 5 rows 18.5 / 35.8 / 40.5, 8 rows 28.8-31.0 / 43.5-45.7 /
-  46.7-48.4, 12 rows 41.6-42.6 / 48.9-52.1 / 63.2-67.4, 16 rows 54.7-60.0 / 58.1-62.3 /
-  80.6-84.1. The engine
-  takes it to :data:`MAX_ROWS` rows.
+  float32 in registers and multiplied into a tile of up to 8 rows of ``x`` (float32
+  accumulators, 2-4 chains a row at 1-2 rows; ``ceil(T / 8)`` passes over the weights), from 3
+  rows the weights prefetched 2 KiB ahead. No bfloat16 rounding: it equals
+  :meth:`.quant.QuantLinear.reference` up to the order of the sums. At one row it streams int8
+  at about the core's memory bandwidth (14-16 GB/s; float32 streams at ~14: four weight rows per
+  iteration, 64-byte loads widened in parts, or prefetch at 1 row did not stream faster); from
+  2 rows the FMAs bound it. A whole SmolLM2-135M step's matrices (1 thread, thread time, AMD
+  EPYC with AVX-512; one process, ABBA): 8.3 / 10.9 / 13.2 / 15.5 / 31.5 / 60.3 ms at 1 / 2 / 3
+  / 4 / 8 / 16 rows (AVX2 build 9.4 / 12.1 / 13.5 / 16.2 / 30.6 / 58.9; the 1-4 row loop before
+  9.2 / 12.8 / 14.9 / 18.5). Against float32 (:mod:`.packed`) and torch's bfloat16 int8
+  kernels (nibble planes to 4 rows, then ``_weight_int8pack_mm``), a run before the chains: 1
+  row 10.4 / 35.6 / 16.9 ms, 4 rows 15.6 / 37.7 / 28.4, 5 rows 18.5 / 35.8 / 40.5, 8 rows 31.0
+  / 45.7 / 48.4, 12 rows 42.6 / 52.1 / 67.4, 16 rows 60.0 / 62.3 / 84.1. The engine takes it to
+  :data:`MAX_ROWS` rows.
 - ``decode_scores`` / ``decode_pv`` (:func:`decode_attention`): a decode step's attention read
   straight from the K/V pool by slot (no gathered, padded copy of every sequence's K/V, which
   was most of the cost: 5 of 7.7 ms a layer at 16 sequences x 1000 tokens), softmax by torch in

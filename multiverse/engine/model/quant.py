@@ -18,8 +18,8 @@ matmul (measured on AVX-512, torch 2.13), while the bfloat16 one reads 4x (int8)
 fewer weight bytes than float32.
 
 int8 at up to 16 rows (``cpu_kernels.MAX_ROWS``) on one thread runs :mod:`.cpu_kernels` (a
-compiled AVX-512 or AVX2 loop, float32 activations: 1.6-2.2x torch's kernels below, 1.04-3.4x
-float32, on a whole SmolLM2 step) where it is built. Otherwise int8 at
+compiled AVX-512 or AVX2 loop, float32 activations: 1.4-2.2x torch's kernels below, 1.04-3.4x
+float32, on a whole SmolLM2 step's matrices) where it is built. Otherwise int8 at
 up to :data:`NIBBLE_MAX_ROWS` rows (decode at small batches) runs on the int4 kernel instead: ``q + 128 = 16 hi + lo`` splits each int8 weight into two 4-bit planes, stored side by
 side as one ``[N, 2K]`` int4 matrix (``hi`` with scale ``16 s`` and zero 0, ``lo`` with scale
 ``s`` and zero ``8 s``: exactly ``s q``), multiplied by ``[x, x]``; the kernel sums both planes
