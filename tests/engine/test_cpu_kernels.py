@@ -1,9 +1,14 @@
-"""The compiled int8 matrix-vector kernel (multiverse.engine.model.cpu_kernels) against
-``QuantLinear.reference``, the 1-4 row dispatch to it, and its fallback when it cannot be built."""
+"""The compiled int8 matrix-vector kernel (multiverse.engine.model.cpu_kernels), its AVX-512 and
+AVX2 builds, against ``QuantLinear.reference``, the 1-16 row dispatch to it, and its fallback
+when it cannot be built; the decode attention kernel (AVX-512)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +16,10 @@ import torch
 from multiverse.engine.model import cpu_kernels
 from multiverse.engine.model.quant import QuantLinear
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="the kernel needs AVX-512")
+avx512 = pytest.mark.skipif(not cpu_kernels.supported(), reason="the kernel needs AVX-512")
+ISAS = [pytest.param("avx512", marks=avx512),
+        pytest.param("avx2", marks=pytest.mark.skipif(cpu_kernels.cpu_isa() is None,
+                                                      reason="the kernel needs AVX2"))]  # fmt: skip
 
 
 @pytest.fixture
@@ -21,15 +29,24 @@ def kernel():
     return fn
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.fixture(scope="module", params=ISAS)
+def isa_kernel(request):
+    """Each instruction set's build, loaded beside the process's own (the AVX2 one on an AVX-512
+    CPU too: ``-mno-avx512f``)."""
+    fn = cpu_kernels.open_library(cpu_kernels.build(isa=request.param))
+    assert fn.kernel_isa() == {"avx512": 512, "avx2": 256}[request.param]
+    return fn
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 12, 16])
 @pytest.mark.parametrize(("n", "k"), [(1, 16), (33, 200), (96, 576)])  # 200: a K % 16 tail
 def test_kernel_matches_reference_within_float32_rounding(
-    kernel, rows: int, n: int, k: int
+    isa_kernel, rows: int, n: int, k: int
 ) -> None:
     gen = torch.Generator().manual_seed(rows * 1000 + n)
     q = QuantLinear("int8", torch.randn(n, k, generator=gen) * 0.05)
     x = torch.randn(rows, k, generator=gen)
-    out = cpu_kernels.matvec(kernel, x, q.qweight, q.scales)
+    out = cpu_kernels.matvec(isa_kernel, x, q.qweight, q.scales)
     exact = (x.double() @ q.dequantize().double().t()).float()
     assert out.shape == (rows, n) and out.dtype == torch.float32
     # float32 sums of k products: a few ulps of the sum of |terms|, far below bfloat16's 2^-8
@@ -40,16 +57,64 @@ def test_kernel_matches_reference_within_float32_rounding(
     )
 
 
+def test_avx2_and_avx512_builds_agree_within_float32_rounding() -> None:
+    """The same product from both builds (8 and 16 float32 lanes: only the order of the sums
+    differs), at one row and at a batch."""
+    if not cpu_kernels.supported():
+        pytest.skip("both builds need an AVX-512 CPU")
+    builds = [cpu_kernels.open_library(cpu_kernels.build(isa=i)) for i in ("avx512", "avx2")]
+    gen = torch.Generator().manual_seed(7)
+    q = QuantLinear("int8", torch.randn(160, 1536, generator=gen) * 0.05)
+    for rows in (1, 7):
+        x = torch.randn(rows, 1536, generator=gen)
+        wide, narrow = (cpu_kernels.matvec(fn, x, q.qweight, q.scales) for fn in builds)
+        assert not torch.equal(wide, torch.zeros_like(wide))
+        torch.testing.assert_close(narrow, wide, rtol=1e-5, atol=1e-5 * wide.abs().max().item())
+
+
+def test_on_an_avx2_cpu_int8_takes_the_avx2_build_and_attention_none() -> None:
+    """torch told to run AVX2 (``ATEN_CPU_CAPABILITY=avx2``, a subprocess): the library loaded
+    is the AVX2 build, the int8 fast path runs it (equal to a direct call), and the decode
+    attention (AVX-512 only) sees no library, so torch's path runs."""
+    if cpu_kernels.cpu_isa() is None:
+        pytest.skip("needs an AVX2 CPU")
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from multiverse.engine.model import cpu_kernels\n"
+        "from multiverse.engine.model.quant import QuantLinear\n"
+        "q = QuantLinear('int8', torch.randn(48, 96) * 0.05)\n"
+        "fn = cpu_kernels.int8_library()\n"
+        "x = torch.randn(3, 96)\n"
+        "assert torch.equal(q(x), cpu_kernels.matvec(fn, x, q.qweight, q.scales))\n"
+        "print(cpu_kernels.cpu_isa(), fn.kernel_isa(), cpu_kernels.loaded())\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["avx2", "256", "None"]
+
+
+def test_build_refuses_an_unknown_isa(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="no CPU kernels for isa='neon'"):
+        cpu_kernels.build(directory=tmp_path, isa="neon")
+
+
+@avx512
 def test_kernel_refuses_bad_input(kernel) -> None:
     q = QuantLinear("int8", torch.randn(16, 32))
-    with pytest.raises(ValueError, match="at most 4 rows"):
-        cpu_kernels.matvec(kernel, torch.randn(5, 32), q.qweight, q.scales)
+    with pytest.raises(ValueError, match="float32 x, int8 weight"):
+        cpu_kernels.matvec(kernel, torch.randn(5, 31), q.qweight, q.scales)
     with pytest.raises(ValueError, match="float32"):
         cpu_kernels.matvec(kernel, torch.randn(1, 32, dtype=torch.bfloat16), q.qweight, q.scales)
+    with pytest.raises(ValueError, match="int8 weight"):
+        cpu_kernels.matvec(kernel, torch.randn(1, 32), q.qweight.float(), q.scales)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5])
-def test_quant_linear_takes_the_kernel_up_to_four_rows_on_one_thread(kernel, rows: int) -> None:
+@avx512
+@pytest.mark.parametrize("rows", [1, 4, 5, 16, 17])
+def test_quant_linear_takes_the_kernel_up_to_16_rows_on_one_thread(kernel, rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
     q = QuantLinear("int8", torch.randn(96, 192, generator=gen) * 0.05)
     x = torch.randn(rows, 192, generator=gen)
@@ -61,14 +126,17 @@ def test_quant_linear_takes_the_kernel_up_to_four_rows_on_one_thread(kernel, row
         two_threads = q(x)
     finally:
         torch.set_num_threads(threads)
-    compiled = cpu_kernels.matvec(kernel, x, q.qweight, q.scales) if rows <= 4 else None
-    torch_kernel = q.nibble_forward(x.bfloat16()).float() if rows <= 4 else None
-    if rows <= 4:
-        assert torch.equal(one_thread, compiled) and torch.equal(two_threads, torch_kernel)
+    xk = x.bfloat16()
+    torch_kernel = (q.nibble_forward(xk) if rows <= 4
+                    else torch._weight_int8pack_mm(xk, q.qweight, q.kernel_scales)).float()  # fmt: skip
+    assert torch.equal(two_threads, torch_kernel)
+    if rows <= cpu_kernels.MAX_ROWS:
+        assert torch.equal(one_thread, cpu_kernels.matvec(kernel, x, q.qweight, q.scales))
     else:
         assert torch.equal(one_thread, two_threads)  # the int8 kernel at either thread count
 
 
+@avx512
 def test_decode_attention_refuses_slots_rows_and_segments_outside_their_lists(kernel) -> None:
     from multiverse.engine.model.attention.native import DecodeIndex, decode_attention
 
@@ -94,6 +162,7 @@ def test_decode_attention_refuses_slots_rows_and_segments_outside_their_lists(ke
         decode_attention(kernel, q.bfloat16(), pool, ok)
 
 
+@avx512
 @pytest.mark.parametrize(("hk", "g", "d"), [(3, 3, 64), (2, 2, 24), (1, 4, 128), (2, 1, 8)])
 def test_one_pass_attention_over_many_blocks_equals_float64_softmax(kernel, hk, g, d) -> None:
     """Sequences of 1 to 700 keys (many L1 blocks each), scores spread over +-40 (the running
@@ -129,11 +198,12 @@ def finite_2x32(out: torch.Tensor) -> bool:
 
 def test_build_reports_the_compiler_error(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="failed"):
-        cpu_kernels.build(cc="false", directory=tmp_path)
+        cpu_kernels.build(cc="false", directory=tmp_path, isa="avx2")
     with pytest.raises(RuntimeError, match="no C compiler"):
-        cpu_kernels.build(cc="no-such-compiler-xyz", directory=tmp_path)
+        cpu_kernels.build(cc="no-such-compiler-xyz", directory=tmp_path, isa="avx2")
 
 
+@avx512
 def test_failed_build_warns_once_and_the_torch_kernels_run(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CC", "no-such-compiler-xyz")
     monkeypatch.setenv("MULTIVERSE_KERNEL_CACHE", str(tmp_path))
@@ -150,6 +220,7 @@ def test_failed_build_warns_once_and_the_torch_kernels_run(tmp_path, monkeypatch
         cpu_kernels.reset()  # later tests load the real kernel again
 
 
+@avx512
 def test_model_decode_with_the_attention_kernel_matches_the_reference_backend() -> None:
     """The tiny model (GQA, head_dim 24: a masked tail in the kernel), 4 ragged sequences, 6
     greedy decode steps: the default CPU path (the pool-reading kernel) and the reference
