@@ -22,6 +22,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("smollm2"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """A command run in-process (``main(["generate", ...])``, ``serve.run``) sets torch's
+    threads for the whole process (``--threads``; default 1 on a machine of 4 cores or fewer):
+    after each test they are the session's again (OMP_NUM_THREADS), not 1 for every later test."""
+    import torch
+
+    yield
+    if torch.get_num_threads() != _SESSION_THREADS:
+        torch.set_num_threads(_SESSION_THREADS)
+
+
+def pytest_sessionstart(session):
+    global _SESSION_THREADS
+    import torch
+
+    _SESSION_THREADS = torch.get_num_threads()
+
+
+_SESSION_THREADS = 1  # torch's threads when the session started (pytest_sessionstart)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = SHARED / "data"
