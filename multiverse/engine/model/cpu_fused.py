@@ -31,11 +31,13 @@ from typing import Any
 import torch
 
 from multiverse.engine.model import cpu_kernels
+from multiverse.engine.model.cpu_source import EXP512
 from multiverse.engine.model.quant import linear
 
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
+SOURCE = (
+    r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -89,23 +91,9 @@ void rope_store(float *qkv, const float *rope, const int64_t *slots, float *pool
     }
 }
 
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);   /* |r| <= ln2 / 2 */
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
+"""
+    + EXP512
+    + r"""
 /* out [T, I] = silu(gu[t, :I]) * gu[t, I:] for gu [T, 2I]. */
 void silu_mul(const float *gu, float *out, int64_t T, int64_t I) {
     const __m512 one = _mm512_set1_ps(1.0f);
@@ -147,6 +135,7 @@ void argmax_rows(const float *x, int64_t *out, int64_t R, int64_t V) {
     }
 }
 """
+)
 
 _state: dict[str, Any] = {}  # "lib": the loaded library or None, once per process
 

@@ -2,7 +2,29 @@
 decode attention for AVX-512): what each kernel does, its figures and how it is built and loaded
 are in that module's docstring."""
 
-SOURCE = r"""
+# e^x for 16 floats (clamped to [-87, 88]): 2^n p(r), |r| <= ln2 / 2, degree 7; the AVX-512 kernels'
+# one (the decode attention's softmax here, SiLU in .cpu_fused)
+EXP512 = r"""
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);   /* |r| <= ln2 / 2 */
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+"""
+
+SOURCE = (
+    r"""
 #include <stdint.h>
 #include <immintrin.h>
 #include <stdlib.h>
@@ -106,23 +128,9 @@ static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mm
    segs [S, 4]: (slot_lo, slot_hi, row_lo, row_hi): the query rows rows[row_lo:row_hi] attend the
    keys at slots[slot_lo:slot_hi]; a row may take part in several segments (a shared prefix read
    once for all its rows, then its own keys). C = ceil(D / 16) <= 8, the last chunk masked. */
-static inline __m512 exp_ps(__m512 x) {  /* e^x, x <= 0: 2^n p(r), |r| <= ln2 / 2, degree 7 */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
+"""
+    + EXP512
+    + r"""
 /* One block of n <= BL keys (slots ks) for the R rows rr of a segment; sc: [R, H, BL] scratch. */
 static inline __attribute__((always_inline)) void attend_block(
         const int C, const float *q, int64_t qstride, const float *pool, const int64_t *ks, int64_t n,
@@ -163,12 +171,12 @@ static inline __attribute__((always_inline)) void attend_block(
             __m512 mv = _mm512_set1_ps(mnew), sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < n; j += 16) {
                 __mmask16 lm = j + 16 <= n ? 0xFFFF : left;
-                __m512 p = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lm, s + j), mv));
+                __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lm, s + j), mv));
                 sum = _mm512_mask_add_ps(sum, lm, sum, p);
                 _mm512_mask_storeu_ps(s + j, lm, p);
             }
             float alpha = m[at] == -__builtin_inff() ? 0.f
-                          : _mm512_cvtss_f32(exp_ps(_mm512_set1_ps(m[at] - mnew)));
+                          : _mm512_cvtss_f32(exp512(_mm512_set1_ps(m[at] - mnew)));
             l[at] = l[at] * alpha + _mm512_reduce_add_ps(sum);
             m[at] = mnew;
             if (alpha != 1.f) {
@@ -237,3 +245,4 @@ int decode_attend(const float *q, const float *pool, const int64_t *slots, const
 }
 #endif
 """
+)
