@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -50,3 +51,16 @@ def sse_chunks(url: str, path: str, body: dict, headers: dict, timeout: float = 
         lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(x) for x in lines[:-1]]
+
+
+def agenerate_and_close(driver, prompts, params, **kwargs) -> list:
+    """``driver.agenerate(prompts, params, **kwargs)`` (``stream=True``, ``on_progress=...``) run
+    to the end in a fresh event loop, the driver's HTTP client closed after it."""
+
+    async def run():
+        try:
+            return await driver.agenerate(prompts, params, **kwargs)
+        finally:
+            await driver.aclose()
+
+    return asyncio.run(run())

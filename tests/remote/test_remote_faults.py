@@ -13,6 +13,7 @@ import threading
 
 import httpx
 import pytest
+from _serving import agenerate_and_close
 from conftest import API_KEY, tiny_problems, wait_idle
 
 from multiverse.engine.sampling import SamplingParams
@@ -204,13 +205,7 @@ class _Cut(httpx.AsyncByteStream):
 
 
 def _streamed(driver, prompts, params):
-    async def run():
-        try:
-            return await driver.agenerate(prompts, params, stream=True)
-        finally:
-            await driver.aclose()
-
-    return asyncio.run(run())
+    return agenerate_and_close(driver, prompts, params, stream=True)
 
 
 def test_a_stream_cut_in_the_middle_of_a_path_goes_on_from_the_tokens_received(

@@ -5,12 +5,11 @@ and a last chunk with the finish reason, the ``multiverse`` fields and the usage
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import pytest
-from _serving import sse_chunks
+from _serving import agenerate_and_close, sse_chunks
 from conftest import API_KEY, FRONT_KEY, serve_app, slow_backend, tiny_problems, wait_idle
 from scripted import Script, scripted_app
 
@@ -140,13 +139,7 @@ def test_streamed_sub_requests_give_the_reference_output(tiny_local, tiny_server
     def progress(index, req):
         seen[index] += 1
 
-    async def streamed():
-        try:
-            return await driver.agenerate(prompts, params, on_progress=progress)
-        finally:
-            await driver.aclose()
-
-    outs = asyncio.run(streamed())
+    outs = agenerate_and_close(driver, prompts, params, on_progress=progress)
     for out, ref, w, n in zip(outs, local, whole, seen, strict=True):
         assert out.token_ids == ref.token_ids == w.token_ids and out.text == ref.text
         assert out.finish_reason == ref.finish_reason and out.tree == ref.tree
@@ -190,13 +183,7 @@ def test_streamed_sub_requests_keep_stops_and_seeds(tiny_local, tiny_server, set
     driver = RemoteLLM(url, api_key=API_KEY)
     whole = driver.generate(prompt, params)[0]
 
-    async def streamed():
-        try:
-            return await driver.agenerate(prompt, params, stream=True)
-        finally:
-            await driver.aclose()
-
-    out = asyncio.run(streamed())[0]
+    out = agenerate_and_close(driver, prompt, params, stream=True)[0]
     assert whole.usage.blocks >= 1 and out.token_ids == whole.token_ids and out.text == whole.text
     assert out.tree == whole.tree and out.finish_reason == whole.finish_reason
     if "stop" in settings:
@@ -265,10 +252,4 @@ def _tokenizer(model):
 
 
 def _agenerate(driver, prompt, params):
-    async def run():
-        try:
-            return await driver.agenerate(prompt, params, stream=True)
-        finally:
-            await driver.aclose()
-
-    return asyncio.run(run())[0]
+    return agenerate_and_close(driver, prompt, params, stream=True)[0]

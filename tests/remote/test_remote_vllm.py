@@ -70,7 +70,9 @@ def test_the_map_and_every_path_are_token_identical(runs):
             at = next((i for i, (a, b) in enumerate(zip(lo.token_ids, ro.token_ids)) if a != b),
                       min(len(lo.token_ids), len(ro.token_ids)))  # fmt: skip
             here, there = (driver.tokenizer.decode(o.token_ids[at : at + 12]) for o in (lo, ro))
-            print(f"flat merge diverges {at - end} tokens after the last path: local {here!r}, vLLM {there!r}")
+            print(
+                f"flat merge diverges {at - end} tokens after the last path: local {here!r}, vLLM {there!r}"
+            )
     print(
         f"vLLM flat merge: {identical}/{len(forked)} forked outputs token-identical to LLM.generate"
     )
@@ -110,7 +112,7 @@ def test_the_prefix_cache_hits_more_than_half(runs):
 def test_streamed_sub_requests_give_the_non_streamed_output(runs):
     """The driver streaming its sub-requests from stock vLLM (SSE, token ids per chunk: what
     `serve --base-url` does for a streaming client) gives what it gives fed whole completions."""
-    import asyncio
+    from _serving import agenerate_and_close
 
     from multiverse import SamplingParams
     from multiverse.format.prompts import stop_token_ids
@@ -125,13 +127,7 @@ def test_streamed_sub_requests_give_the_non_streamed_output(runs):
     def progress(index, req):
         seen[index] += 1
 
-    async def streamed():
-        try:
-            return await driver.agenerate(prompts, sp, on_progress=progress)
-        finally:
-            await driver.aclose()
-
-    outs = asyncio.run(streamed())
+    outs = agenerate_and_close(driver, prompts, sp, on_progress=progress)
     for w, s, n in zip(whole, outs, seen, strict=True):
         assert s.finish_reason == w.finish_reason != "error", s.error
         assert s.token_ids == w.token_ids and s.merge == "flat"
