@@ -472,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             if "float32" in contenders:
                 row["ratios_of_best"]["llamacpp_q4_1_base"] = round(
                     max(lw) / max(wall["float32"][n]), 3)
+                row["cpu_time_ratios_of_best"]["llamacpp_q4_1_base"] = round(
+                    max(lc) / max(cpu_rate["float32"][n]), 3)
             # each of ours against llama.cpp (best of the rounds; wall and CPU time)
             row["ratios_to_llamacpp"] = {c: round(max(wall[c][n]) / max(lw), 3)
                                          for c in args.precisions}  # fmt: skip
