@@ -34,7 +34,9 @@ reason printed and recorded (``llamacpp_skipped``).
 precision: accuracy, trigger rate (the share of parallel problems it forks on), false trigger rate
 (sequential ones it forks on), for "within 2 points of float32"; each problem's verdict, and per
 precision the agreement with float32 (on how many problems the verdicts are the same, how many
-outputs are token-identical, where the others first differ). Takes minutes.
+outputs are token-identical, where the others first differ). ``--quality-batch``: how many
+problems are decoded together (default 40; int8 runs torch's bfloat16 kernel above 16 rows and
+our compiled loop at 1-16, so 1 measures the loop). Takes minutes.
 
 Prints a table on stderr, one JSON object on the last line of stdout.
 """
@@ -315,9 +317,10 @@ def fork_speedup(
             "tokens": int(tokens), "parallel": round(parallel, 3), "problems": len(texts)}  # fmt: skip
 
 
-def quality(model: Any, tok: Any, slots: int = 32768) -> tuple[dict[str, Any], list[list[int]]]:
-    """The adapter on the 40 held-out problems: the summary (with each problem's verdict) and
-    each problem's generated token ids (for :func:`agreement`)."""
+def quality(model: Any, tok: Any, slots: int = 32768,
+            batch: int = 40) -> tuple[dict[str, Any], list[list[int]]]:  # fmt: skip
+    """The adapter on the 40 held-out problems, ``batch`` at a time: the summary (with each
+    problem's verdict) and each problem's generated token ids (for :func:`agreement`)."""
     from multiverse.eval import tasks
     from multiverse.eval.grading import grade
     from multiverse.format.prompts import chat_prompt, stop_token_ids
@@ -328,7 +331,8 @@ def quality(model: Any, tok: Any, slots: int = 32768) -> tuple[dict[str, Any], l
     sp = SamplingParams(
         temperature=0.0, max_tokens=1500, parallel=True, stop_token_ids=stop_token_ids(tok)
     )
-    outs = llm.generate([chat_prompt(tok, r.question, parallel=True) for r in recs], sp)
+    prompts = [chat_prompt(tok, r.question, parallel=True) for r in recs]
+    outs = [o for i in range(0, len(prompts), batch) for o in llm.generate(prompts[i : i + batch], sp)]
     correct = [bool(grade(o.text, str(r.answer))) for r, o in zip(recs, outs, strict=True)]
     forks = [(r.structure == "parallel", o.usage.blocks > 0) for r, o in zip(recs, outs)]
     par = [f for p, f in forks if p]
@@ -337,6 +341,7 @@ def quality(model: Any, tok: Any, slots: int = 32768) -> tuple[dict[str, Any], l
                "trigger_rate": round(sum(par) / len(par), 4),  # forks on a parallel problem
                "false_trigger_rate": round(sum(seq) / len(seq), 4),  # forks on a sequential one
                "right_structure": round(sum(p == f for p, f in forks) / len(forks), 4),
+               "batch": batch,
                # per problem (the 20 parallel, then the 20 sequential): correct, forked, tokens
                "per_problem": [[int(c), int(f), len(o.token_ids)]
                                for c, (_, f), o in zip(correct, forks, outs, strict=True)]}  # fmt: skip
@@ -382,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality", action="store_true", help="accuracy / trigger rate on 40 problems")
     ap.add_argument("--quality-slots", type=int, default=32768,
                     help="KV slots of --quality's engine (46 KB each for SmolLM2 float32)")  # fmt: skip
+    ap.add_argument("--quality-batch", type=int, default=40, help="--quality's problems decoded "
+                    "together (default all 40: int8 runs torch's kernel above 16 rows, our loop "
+                    "at 1-16; 1: one problem and its paths at a time)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.quality_batch < 1:
+        ap.error(f"--quality-batch {args.quality_batch}: at least 1")
     torch.set_num_threads(1)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.core})
@@ -500,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality:
         result["quality"], ids = {}, {}
         for p in args.precisions:
-            result["quality"][p], ids[p] = quality(models[p], tok, args.quality_slots)
+            got = quality(models[p], tok, args.quality_slots, args.quality_batch)
+            result["quality"][p], ids[p] = got
             summary = {k: v for k, v in result["quality"][p].items() if k != "per_problem"}
             print(f"quality {p}: {summary}", file=sys.stderr, flush=True)
         if "float32" in ids:  # the same verdict as float32 on how many of the 40 problems
