@@ -21,7 +21,9 @@ keeps those ``run`` *reserved* for the holder: its next allocations continue rig
 slot. A reserved slot is still free: it counts in :attr:`KVManager.num_free`, and when the free
 list runs dry an allocation takes the far half of the largest reservation, so capacity is exactly
 that of single-slot allocation (a request that fits the pool alone is never refused). A holder's
-reservation goes back to the free list with its last slot. Slot numbers never change an output
+reservation goes back to the free list with its last slot. Slots given back break the free list's
+order; a carve that finds a short run sorts it first (lowest slot first: a few sorted stretches,
+near linear), so a new run starts from the lowest free slots. Slot numbers never change an output
 (attention reads a sequence's slots in its own order); ``run=0`` is the reference: one slot at a
 time from one free list, as before.
 
@@ -66,6 +68,7 @@ class KVManager:
         # holder -> its reserved run, descending: pop() gives the slot after its last one
         self._resv: dict[Hashable, list[int]] = {}
         self._num_resv = 0
+        self._sorted = True  # the free list descends (it does until slots are given back)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -128,11 +131,18 @@ class KVManager:
         return slots
 
     def _carve(self, want: int) -> list[int]:
-        """Up to ``want`` consecutive slots from the top of the free list (at least one)."""
+        """Up to ``want`` consecutive slots from the top of the free list (at least one). Slots
+        given back since the last sort may have broken the list's runs: if the run found is
+        short, the list is sorted (the lowest slot on top) and the run taken again."""
         free = self._free
         got = [free.pop()]
         while len(got) < want and free and free[-1] == got[-1] + 1:
             got.append(free.pop())
+        if len(got) < want and free and not self._sorted and self.run:
+            free.extend(reversed(got))
+            free.sort(reverse=True)  # a few sorted stretches: near linear
+            self._sorted = True
+            return self._carve(want)
         return got
 
     def _steal(self, m: int) -> list[int]:
@@ -169,6 +179,7 @@ class KVManager:
         self._unreserve(holder)
         ref, free = self._ref, self._free
         freed = 0
+        self._sorted = False
         for s in reversed(slots):
             ref[s] -= 1
             if ref[s] == 0:
@@ -182,6 +193,7 @@ class KVManager:
         own = self._resv.pop(holder, None)
         if own:
             self._free.extend(own)  # descending: the free list hands them out ascending
+            self._sorted = False
             self._num_resv -= len(own)
 
     def release_if_held(self, holder: Hashable) -> int:

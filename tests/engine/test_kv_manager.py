@@ -144,6 +144,18 @@ def test_a_full_free_list_takes_the_far_half_of_the_largest_reservation():
     assert kv.held("a") == [0]
 
 
+def test_a_new_run_after_interleaved_releases_starts_at_the_lowest_free_slots():
+    kv = KVManager(64, run=0)
+    for _ in range(16):  # two holders one slot at a time: a holds the even slots, b the odd
+        kv.allocate("a", 1)
+        kv.allocate("b", 1)
+    kv.release("a")
+    kv.release("b")  # the free list's top: b's odd slots, then a's even ones
+    kv.run = 8
+    assert kv.allocate("c", 4) == [0, 1, 2, 3] and kv.reserved("c") == list(range(4, 12))
+    kv.check_invariants()
+
+
 def test_transferring_all_of_a_holders_slots_gives_its_reservation_back():
     kv = KVManager(20, run=4)
     s = kv.allocate("node", 3)
