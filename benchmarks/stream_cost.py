@@ -4,7 +4,8 @@ tokens, on the shipped ``multiverse-tiny``.
 The engine thread of ``multiverse serve`` steps the engine and then asks each streaming
 request's :class:`~multiverse.server.streaming.BranchStreamer` what is new; this does the same
 in one loop, without HTTP. Each request writes a fixed text (the engine's ``forced_output``;
-multi-byte characters included) until ``max_tokens``, so every cell runs the same steps. Modes:
+multi-byte characters included) until ``max_tokens``, so every cell runs the same steps; each
+cell starts from an empty prefix cache (it does not inherit the last cell's slot layout). Modes:
 
 * ``none``: no streaming (the engine alone);
 * ``full``: the reference streamer, every branch's text re-decoded after every step (the old
@@ -57,6 +58,8 @@ def run_cell(
     from multiverse.engine.sampling import SamplingParams
     from multiverse.server.streaming import BranchStreamer
 
+    if llm.radix is not None:  # a cell starts from an empty prefix cache, not the last cell's slots
+        llm.radix.clear()
     text = WORDS * (tokens // 4 + 8)  # more tokens than max_tokens: every request runs to the end
     sp = SamplingParams(
         temperature=0.0, max_tokens=tokens, forced_output=text, parallel=False, stop=stop
