@@ -21,9 +21,10 @@ keeps those ``run`` *reserved* for the holder: its next allocations continue rig
 slot. A reserved slot is still free: it counts in :attr:`KVManager.num_free`, and when the free
 list runs dry an allocation takes the far half of the largest reservation, so capacity is exactly
 that of single-slot allocation (a request that fits the pool alone is never refused). A holder's
-reservation goes back to the free list with its last slot. Slots given back break the free list's
-order; a carve that finds a short run sorts it first (lowest slot first: a few sorted stretches,
-near linear), so a new run starts from the lowest free slots. Slot numbers never change an output
+reservation goes back to the free list with its last slot, in runs (the free list is a stack:
+what a holder gives back comes out again as the runs it was). Slots given back scattered break the
+list's order: a carve that finds a short run sorts it first (lowest slot first; see
+:data:`LOOSE_SORT`), so a new run starts from the lowest free slots. Slot numbers never change an output
 (attention reads a sequence's slots in its own order); ``run=0`` is the reference: one slot at a
 time from one free list, as before.
 
@@ -47,6 +48,10 @@ class OutOfSlots(RuntimeError):
 
 
 RUN = 64
+LOOSE_SORT = 8
+"""A carve that finds a short run sorts the free list once the slots given back since the last
+sort are at least ``1 / LOOSE_SORT`` of it (amortised: a sort costs O(free list); a large pool's
+list is sorted rarely, while most slots given back come in runs, handed out again as they are)."""
 """Slots a holder keeps reserved after its last one (:class:`KVManager`'s ``run``): 64 keys are
 one block of the decode-attention kernel on the shipped tiny model (24 KiB a layer)."""
 
@@ -68,7 +73,7 @@ class KVManager:
         # holder -> its reserved run, descending: pop() gives the slot after its last one
         self._resv: dict[Hashable, list[int]] = {}
         self._num_resv = 0
-        self._sorted = True  # the free list descends (it does until slots are given back)
+        self._loose = 0  # slots given back to the free list since it was last sorted
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -138,10 +143,10 @@ class KVManager:
         got = [free.pop()]
         while len(got) < want and free and free[-1] == got[-1] + 1:
             got.append(free.pop())
-        if len(got) < want and free and not self._sorted and self.run:
+        if len(got) < want and free and self.run and self._loose * LOOSE_SORT >= len(free):
             free.extend(reversed(got))
             free.sort(reverse=True)  # a few sorted stretches: near linear
-            self._sorted = True
+            self._loose = 0
             return self._carve(want)
         return got
 
@@ -179,7 +184,6 @@ class KVManager:
         self._unreserve(holder)
         ref, free = self._ref, self._free
         freed = 0
-        self._sorted = False
         for s in reversed(slots):
             ref[s] -= 1
             if ref[s] == 0:
@@ -187,13 +191,14 @@ class KVManager:
                 freed += 1
             elif ref[s] < 0:  # pragma: no cover - guarded by the bookkeeping above
                 raise RuntimeError(f"slot {s} reference count went negative")
+        self._loose += freed
         return freed
 
     def _unreserve(self, holder: Hashable) -> None:
         own = self._resv.pop(holder, None)
         if own:
             self._free.extend(own)  # descending: the free list hands them out ascending
-            self._sorted = False
+            self._loose += len(own)
             self._num_resv -= len(own)
 
     def release_if_held(self, holder: Hashable) -> int:
