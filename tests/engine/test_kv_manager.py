@@ -3,6 +3,7 @@
 import random
 
 import pytest
+from _engine_util import slot_breaks
 
 from multiverse.engine.kv_manager import KVManager, OutOfSlots
 
@@ -85,11 +86,6 @@ def test_random_fork_join_workload_keeps_invariants():
 
 
 # -- runs: a holder's slots continue its last ones (locality), capacity unchanged -----------
-def _breaks(slots: list[int]) -> int:
-    """How many times a holder's slot list jumps (a new run starts)."""
-    return sum(1 for a, b in zip(slots, slots[1:]) if b != a + 1)
-
-
 @pytest.mark.parametrize("run", [0, 16, 64])
 def test_sequences_decoding_in_lockstep_get_consecutive_slots(run):
     # 16 sequences: a 3-token prompt each, then one slot each a step, interleaved. Without runs
@@ -103,9 +99,10 @@ def test_sequences_decoding_in_lockstep_get_consecutive_slots(run):
     for i, slots in seqs.items():
         assert kv.held(i) == slots
         if run:
-            assert _breaks(slots) <= (len(slots) - 1) // run, (i, slots[:80])  # runs of >= run + 1
+            # runs of at least run + 1 slots
+            assert slot_breaks(slots) <= (len(slots) - 1) // run, (i, slots[:80])
         else:
-            assert _breaks(slots) == len(slots) - 3  # a jump after every token of the decode
+            assert slot_breaks(slots) == len(slots) - 3  # a jump after every token of the decode
     assert kv.num_free == 16 * (run + 1)  # reserved slots are free
 
 

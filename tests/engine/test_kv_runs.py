@@ -10,13 +10,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from _engine_util import assert_no_leak, block, engine  # noqa: E402
+from _engine_util import assert_no_leak, block, engine, slot_breaks  # noqa: E402
 
 from multiverse import SamplingParams  # noqa: E402
-
-
-def _breaks(slots: list[int]) -> int:
-    return sum(1 for a, b in zip(slots, slots[1:]) if b != a + 1)
 
 
 @pytest.mark.parametrize("run", [0, 64])
@@ -31,9 +27,9 @@ def test_requests_decoding_in_lockstep_hold_consecutive_slots(pair, tok, run):
         kv = r.root.kv
         assert len(kv) == 3 + 139
         if run:  # a run for the prompt and 64 more, then runs of 65
-            assert _breaks(kv) <= 2, kv
+            assert slot_breaks(kv) <= 2, kv
         else:  # one slot each a step from one free list: 8 apart
-            assert _breaks(kv) == len(kv) - 3
+            assert slot_breaks(kv) == len(kv) - 3
     while llm.has_unfinished():
         llm.step()
     assert_no_leak(llm)
@@ -76,7 +72,7 @@ def test_slot_runs_change_no_output(pair, tok, slots):
             llm.step()
             seen += [list(r.root.kv) for r in added if not r.finished and r.root.kv]
         outs[run] = [llm.output(r) for r in added]
-        layouts[run] = sum(_breaks(kv) for kv in seen)
+        layouts[run] = sum(slot_breaks(kv) for kv in seen)
         assert_no_leak(llm)
         if slots < 4096:
             assert llm.scheduler.num_preemptions > 0
