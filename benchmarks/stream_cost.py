@@ -4,7 +4,8 @@ tokens, on the shipped ``multiverse-tiny``.
 The engine thread of ``multiverse serve`` steps the engine and then asks each streaming
 request's :class:`~multiverse.server.streaming.BranchStreamer` what is new; this does the same
 in one loop, without HTTP. Each request writes a fixed text (the engine's ``forced_output``;
-multi-byte characters included) until ``max_tokens``, so every cell runs the same steps. Modes:
+multi-byte characters included) until ``max_tokens``, so every cell runs the same steps; each
+cell starts from an empty prefix cache (it does not inherit the last cell's slot layout). Modes:
 
 * ``none``: no streaming (the engine alone);
 * ``full``: the reference streamer, every branch's text re-decoded after every step (the old
@@ -17,8 +18,15 @@ streamers; ``stream_steps_per_s``: the steps per second if the engine step itsel
 the best of ``--repeat`` runs (the modes interleaved: a shared machine is noisy);
 ``steps_per_cpu_s``: the same per second of process CPU time (less sensitive to other jobs). Prints a
 table, then one JSON object on the last line with the 2,048 / 256 ratios per mode (goal:
-within 10% for ``incremental``). On a CPU the engine's own step grows with the context (the
-attention reads every earlier token), so ``none`` shows what is the engine's part.
+within 10% for ``incremental``) and ``streaming_vs_none``: per length, each streaming mode's
+steps/s over ``none``'s (the streamer's own cost, apart from the engine's). On a CPU the engine's
+own step grows with the context (the attention reads every earlier token), so ``none`` shows
+what is the engine's part.
+
+``--kv-runs 0,64``: the same cells with each K/V run length
+(:class:`~multiverse.engine.kv_manager.KVManager`'s ``run``; 0: one slot at a time, as before
+runs), in alternating order per repeat (A B, B A, ...); the JSON then has the ratios per run
+length under ``kv_runs``.
 
 ``--profile``: instead, one run per length of mode ``none`` under ``cProfile``, the engine step
 split into milliseconds per step: the K/V gather (``index_select``), attention (SDPA or the
@@ -50,6 +58,8 @@ def run_cell(
     from multiverse.engine.sampling import SamplingParams
     from multiverse.server.streaming import BranchStreamer
 
+    if llm.radix is not None:  # a cell starts from an empty prefix cache, not the last cell's slots
+        llm.radix.clear()
     text = WORDS * (tokens // 4 + 8)  # more tokens than max_tokens: every request runs to the end
     sp = SamplingParams(
         temperature=0.0, max_tokens=tokens, forced_output=text, parallel=False, stop=stop
@@ -138,6 +148,12 @@ def main() -> int:
         help="a stop string every request carries (never hit)",
     )
     p.add_argument("--repeat", type=int, default=3, help="runs per cell; the best counts")
+    p.add_argument(
+        "--kv-runs",
+        default=None,
+        help="comma-separated K/V run lengths to compare (KVManager.run; 0: one slot at a time); "
+        "default: the engine's",
+    )
     p.add_argument("--profile", action="store_true", help="where a mode-none step's time goes")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -166,14 +182,19 @@ def main() -> int:
         print(json.dumps({"benchmark": "stream_cost", "profile": prof, "model": "multiverse-tiny",
                           "device": args.device, "threads": threads, "requests": args.requests}))  # fmt: skip
         return 0
-    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    kv_runs = [int(x) for x in args.kv_runs.split(",") if x] if args.kv_runs else [llm.kv.run]
+    if any(r < 0 for r in kv_runs):
+        p.error("--kv-runs: lengths must be >= 0")
+    runs: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
     for tokens in lengths:
         for rep in range(args.repeat):
-            for mode in modes:
-                cell = run_cell(llm, args.requests, tokens, mode, args.stop)
-                runs.setdefault((tokens, mode), []).append(cell)
-                print(f"{tokens:>6} tokens  {mode:<12} run {rep + 1}  {cell['steps_per_s']:9.2f} steps/s  "
-                      f"stream {cell['stream_ms_per_step']:8.3f} ms/step", flush=True)  # fmt: skip
+            for kv_run in kv_runs if rep % 2 == 0 else kv_runs[::-1]:  # A B, B A, ...
+                llm.kv.run = kv_run
+                for mode in modes:
+                    cell = {**run_cell(llm, args.requests, tokens, mode, args.stop), "kv_run": kv_run}
+                    runs.setdefault((tokens, mode, kv_run), []).append(cell)
+                    print(f"{tokens:>6} tokens  run {kv_run:<4} {mode:<12} rep {rep + 1}  {cell['steps_per_s']:9.2f} steps/s  "
+                          f"stream {cell['stream_ms_per_step']:8.3f} ms/step", flush=True)  # fmt: skip
     by = {}
     for key, cs in runs.items():
         best = max(cs, key=lambda c: c["steps_per_s"])
@@ -181,23 +202,38 @@ def main() -> int:
         by[key] = {**best, "stream_ms_per_step": fast["stream_ms_per_step"], "stream_steps_per_s": fast["stream_steps_per_s"],
                    "steps_per_s_runs": [c["steps_per_s"] for c in cs]}  # fmt: skip
     cells = list(by.values())
-    lo, hi = min(lengths), max(lengths)
-    ratio = {m: round(by[(hi, m)]["steps_per_s"] / by[(lo, m)]["steps_per_s"], 3) for m in modes}
-    cpu_ratio = {
-        m: round(by[(hi, m)]["steps_per_cpu_s"] / by[(lo, m)]["steps_per_cpu_s"], 3) for m in modes
-    }
-    stream_ratio = {m: round(by[(hi, m)]["stream_steps_per_s"] / by[(lo, m)]["stream_steps_per_s"], 3)
-                    for m in modes if m != "none"}  # fmt: skip
     for c in cells:
-        print(f"best: {c['tokens']:>6} tokens  {c['mode']:<12} {c['steps_per_s']:9.2f} steps/s  "
-              f"{c['steps_per_cpu_s']:9.2f} steps/cpu-s  "
-              f"stream {c['stream_ms_per_step']:8.3f} ms/step")  # fmt: skip
+        print(f"best: {c['tokens']:>6} tokens  run {c['kv_run']:<4} {c['mode']:<12} {c['steps_per_s']:9.2f} steps/s  "
+              f"{c['steps_per_cpu_s']:9.2f} steps/cpu-s  stream {c['stream_ms_per_step']:8.3f} ms/step")  # fmt: skip
+    per_run = {r: _ratios(by, lengths, modes, r) for r in kv_runs}
+    main_run = llm.kv.run if args.kv_runs is None else kv_runs[-1]
     print(json.dumps({"benchmark": "stream_cost", "model": "multiverse-tiny", "device": args.device, "threads": threads,
-                      "requests": args.requests, "stop": args.stop, "cells": cells,
-                      "repeat": args.repeat, f"steps_per_s_ratio_{hi}_vs_{lo}": ratio,
-                      f"steps_per_cpu_s_ratio_{hi}_vs_{lo}": cpu_ratio,
-                      f"stream_steps_per_s_ratio_{hi}_vs_{lo}": stream_ratio}))  # fmt: skip
+                      "requests": args.requests, "stop": args.stop, "cells": cells, "repeat": args.repeat,
+                      **per_run[main_run], "kv_run": main_run,
+                      "kv_runs": {str(r): v for r, v in per_run.items()} if len(kv_runs) > 1 else None}))  # fmt: skip
     return 0
+
+
+def _ratios(by: dict[tuple[int, str, int], dict[str, Any]], lengths: list[int], modes: list[str],
+            kv_run: int) -> dict[str, Any]:  # fmt: skip
+    """The 2,048 / 256 ratios per mode and each streaming mode's steps/s over ``none``'s per
+    length, for one K/V run length."""
+    lo, hi = min(lengths), max(lengths)
+
+    def ratio(field: str, only: list[str]) -> dict[str, float]:
+        return {m: round(by[(hi, m, kv_run)][field] / by[(lo, m, kv_run)][field], 3) for m in only}
+
+    streamed = [m for m in modes if m != "none"]
+    out = {f"steps_per_s_ratio_{hi}_vs_{lo}": ratio("steps_per_s", modes),
+           f"steps_per_cpu_s_ratio_{hi}_vs_{lo}": ratio("steps_per_cpu_s", modes),
+           f"stream_steps_per_s_ratio_{hi}_vs_{lo}": ratio("stream_steps_per_s", streamed)}  # fmt: skip
+    if "none" in modes:
+        out["streaming_vs_none"] = {
+            str(t): {m: round(by[(t, m, kv_run)]["steps_per_s"] / by[(t, "none", kv_run)]["steps_per_s"], 3)
+                     for m in streamed}
+            for t in lengths
+        }  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ from multiverse.format import tokenizer as tokenizer_tags
 from multiverse.format.layout import layout
 
 
+def slot_breaks(slots: list[int]) -> int:
+    """How many times a K/V slot list jumps (a new run of consecutive slots starts)."""
+    return sum(1 for a, b in zip(slots, slots[1:]) if b != a + 1)
+
+
 def engine(model, tokenizer, **engine_config) -> LLM:
     """``LLM.from_model`` with :meth:`LLM.check_invariants` after every step."""
     return LLM.from_model(model, tokenizer, check_invariants=True, **engine_config)

@@ -13,9 +13,26 @@ Contract:
     back to the free list. Releasing an unknown holder raises (no double free).
   * ``transfer(src, dst, slots)`` moves references between holders without touching counts.
 
-Invariants (checked by :meth:`KVManager.check_invariants`): every slot is either free (count 0,
-on the free list exactly once) or in use (count >= 1); each slot's count equals the number of
-holders holding it; a holder holds a slot at most once; free + in use == pool size.
+Runs (locality, not semantics): a holder's slots are handed out in runs of consecutive slots, so a
+sequence that decodes beside others (16 requests in lockstep each take one slot a step) reads its
+K/V from consecutive pool rows, not from rows 16 slots apart (one new page per key on a small
+model). ``allocate`` carves a run of the asked slots plus ``run`` more from the free list and
+keeps those ``run`` *reserved* for the holder: its next allocations continue right after its last
+slot. A reserved slot is still free: it counts in :attr:`KVManager.num_free`, and when the free
+list runs dry an allocation takes the far half of the largest reservation, so capacity is exactly
+that of single-slot allocation (a request that fits the pool alone is never refused). A holder's
+reservation goes back to the free list with its last slot, in runs (the free list is a stack:
+what a holder gives back comes out again as the runs it was). Slots given back scattered break the
+list's order: a carve that finds a short run sorts it first (lowest slot first; see
+:data:`LOOSE_SORT`), so a new run starts from the lowest free slots. Slot numbers never change an output
+(attention reads a sequence's slots in its own order); ``run=0`` is the reference: one slot at a
+time from one free list, as before.
+
+Invariants (checked by :meth:`KVManager.check_invariants`): every slot is exactly one of free
+(count 0, on the free list once), reserved (count 0, in one holder's reservation) or in use
+(count >= 1); each slot's count equals the number of holders holding it; a holder holds a slot at
+most once; a reservation is one run of consecutive slots and belongs to a holder that holds
+slots; free + reserved + in use == pool size.
 :meth:`KVManager.check_holder` and :meth:`KVManager.check_counts` check a holder's own record
 (a branch's K/V list) against the pool.
 """
@@ -30,25 +47,47 @@ class OutOfSlots(RuntimeError):
     """Raised by :meth:`KVManager.allocate` when the pool has fewer free slots than asked for."""
 
 
-class KVManager:
-    """Slot bookkeeping for a pool of ``num_slots`` token slots."""
+RUN = 64
+LOOSE_SORT = 8
+"""A carve that finds a short run sorts the free list once the slots given back since the last
+sort are at least ``1 / LOOSE_SORT`` of it (amortised: a sort costs O(free list); a large pool's
+list is sorted rarely, while most slots given back come in runs, handed out again as they are)."""
+"""Slots a holder keeps reserved after its last one (:class:`KVManager`'s ``run``): 64 keys are
+one block of the decode-attention kernel on the shipped tiny model (24 KiB a layer)."""
 
-    def __init__(self, num_slots: int) -> None:
+
+class KVManager:
+    """Slot bookkeeping for a pool of ``num_slots`` token slots; ``run``: slots reserved after a
+    holder's last one (0: none, one slot at a time)."""
+
+    def __init__(self, num_slots: int, run: int = RUN) -> None:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
+        if run < 0:
+            raise ValueError(f"run must be >= 0, got {run}")
         self.num_slots = num_slots
+        self.run = run
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self._ref: list[int] = [0] * num_slots
         self._held: dict[Hashable, list[int]] = {}
+        # holder -> its reserved run, descending: pop() gives the slot after its last one
+        self._resv: dict[Hashable, list[int]] = {}
+        self._num_resv = 0
+        self._loose = 0  # slots given back to the free list since it was last sorted
 
     # -- queries ---------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Slots an allocation can take: the free list and every reservation."""
+        return len(self._free) + self._num_resv
 
     @property
     def num_used(self) -> int:
-        return self.num_slots - len(self._free)
+        return self.num_slots - self.num_free
+
+    @property
+    def num_reserved(self) -> int:
+        return self._num_resv
 
     def refcount(self, slot: int) -> int:
         return self._ref[slot]
@@ -57,6 +96,10 @@ class KVManager:
         """The slots ``holder`` holds (empty if none); do not mutate."""
         return self._held.get(holder, [])
 
+    def reserved(self, holder: Hashable) -> list[int]:
+        """The slots reserved for ``holder``'s next allocations, in the order they will come."""
+        return self._resv.get(holder, [])[::-1]
+
     def holders(self) -> list[Hashable]:
         return list(self._held)
 
@@ -64,15 +107,61 @@ class KVManager:
     def allocate(self, holder: Hashable, n: int) -> list[int]:
         if n < 0:
             raise ValueError(f"cannot allocate {n} slots")
-        if n > len(self._free):
-            raise OutOfSlots(f"asked for {n} KV slots, {len(self._free)} free of {self.num_slots}")
-        free, ref = self._free, self._ref
-        slots = [free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfSlots(f"asked for {n} KV slots, {self.num_free} free of {self.num_slots}")
+        if n == 0:
+            return []
+        own = self._resv.pop(holder, None)
+        if own:  # continue the holder's run
+            k = min(n, len(own))
+            slots = own[len(own) - k :][::-1]
+            del own[len(own) - k :]
+            self._num_resv -= k
+            if own:
+                self._resv[holder] = own
+        else:
+            slots = []
+        while len(slots) < n:  # a new run: carved from the free list, else from a reservation
+            m = n - len(slots)
+            got = self._carve(m + self.run) if self._free else self._steal(m)
+            slots += got[:m]
+            rest = got[m:]  # only once the holder has all its slots: it becomes the reservation
+            if rest:
+                self._resv[holder] = rest[::-1]
+                self._num_resv += len(rest)
+        ref = self._ref
         for s in slots:
             ref[s] = 1
-        if slots:
-            self._held.setdefault(holder, []).extend(slots)
+        self._held.setdefault(holder, []).extend(slots)
         return slots
+
+    def _carve(self, want: int) -> list[int]:
+        """Up to ``want`` consecutive slots from the top of the free list (at least one). Slots
+        given back since the last sort may have broken the list's runs: if the run found is
+        short, the list is sorted (the lowest slot on top) and the run taken again."""
+        free = self._free
+        got = [free.pop()]
+        while len(got) < want and free and free[-1] == got[-1] + 1:
+            got.append(free.pop())
+        if len(got) < want and free and self.run and self._loose * LOOSE_SORT >= len(free):
+            free.extend(reversed(got))
+            free.sort(reverse=True)  # a few sorted stretches: near linear
+            self._loose = 0
+            return self._carve(want)
+        return got
+
+    def _steal(self, m: int) -> list[int]:
+        """The free list is empty: the far end of the largest reservation, at least half of it
+        (its holder keeps the slots next to its own), ascending."""
+        victim = max(self._resv, key=lambda h: len(self._resv[h]))
+        r = self._resv[victim]
+        k = min(len(r), max(m, len(r) // 2))
+        got = r[k - 1 :: -1]
+        del r[:k]
+        if not r:
+            del self._resv[victim]
+        self._num_resv -= k
+        return got
 
     def share(self, holder: Hashable, slots: Iterable[int]) -> None:
         slots = list(slots)
@@ -86,26 +175,38 @@ class KVManager:
             self._held.setdefault(holder, []).extend(slots)
 
     def release(self, holder: Hashable) -> int:
-        """Drop all of ``holder``'s references; returns how many slots became free."""
+        """Drop all of ``holder``'s references and its reservation; returns how many slots became
+        free (the reservation's were free already). The free list takes them back so that it
+        hands them out again in ascending runs."""
         if holder not in self._held:
             raise KeyError(f"release of {holder!r}, which holds no KV slots (double free?)")
         slots = self._held.pop(holder)
+        self._unreserve(holder)
         ref, free = self._ref, self._free
         freed = 0
-        for s in slots:
+        for s in reversed(slots):
             ref[s] -= 1
             if ref[s] == 0:
                 free.append(s)
                 freed += 1
             elif ref[s] < 0:  # pragma: no cover - guarded by the bookkeeping above
                 raise RuntimeError(f"slot {s} reference count went negative")
+        self._loose += freed
         return freed
+
+    def _unreserve(self, holder: Hashable) -> None:
+        own = self._resv.pop(holder, None)
+        if own:
+            self._free.extend(own)  # descending: the free list hands them out ascending
+            self._loose += len(own)
+            self._num_resv -= len(own)
 
     def release_if_held(self, holder: Hashable) -> int:
         return self.release(holder) if holder in self._held else 0
 
     def transfer(self, src: Hashable, dst: Hashable, slots: Iterable[int]) -> None:
-        """Move ``src``'s references on ``slots`` to ``dst`` (counts unchanged)."""
+        """Move ``src``'s references on ``slots`` to ``dst`` (counts unchanged); a ``src`` left
+        with no slots gives its reservation back."""
         moving = list(slots)
         have = self._held.get(src, [])
         gone = set(moving)
@@ -116,6 +217,7 @@ class KVManager:
             self._held[src] = rest
         else:
             self._held.pop(src, None)
+            self._unreserve(src)
         if moving:
             self._held.setdefault(dst, []).extend(moving)
 
@@ -142,9 +244,24 @@ class KVManager:
         if any([ref[s] for s in free]):
             s = next(s for s in free if ref[s])
             raise AssertionError(f"free slot {s} has count {ref[s]}, {counts[s]} holders")
+        reserved: list[int] = []
+        for holder, run in self._resv.items():
+            if holder not in self._held:
+                raise AssertionError(f"{holder!r} has a reservation and holds no slots")
+            if not run or run != list(range(run[0], run[0] - len(run), -1)):
+                raise AssertionError(f"{holder!r}'s reservation is not one run: {run[::-1][:8]}")
+            reserved += run
+        if any([ref[s] for s in reserved]):
+            raise AssertionError(f"reserved slot {next(s for s in reserved if ref[s])} is in use")
+        if len(set(reserved)) != len(reserved) or set(reserved) & set(free):
+            raise AssertionError("a slot is reserved twice, or reserved and on the free list")
+        if len(reserved) != self._num_resv:
+            raise AssertionError(f"{len(reserved)} slots reserved, counted {self._num_resv}")
         used = self.num_slots - ref.count(0)
-        if used + len(free) != self.num_slots:
-            raise AssertionError(f"free {len(free)} + used {used} != pool {self.num_slots}")
+        if used + len(free) + len(reserved) != self.num_slots:
+            raise AssertionError(
+                f"free {len(free)} + reserved {len(reserved)} + used {used} != pool {self.num_slots}"
+            )
 
     def check_holder(self, holder: Hashable, slots: Sequence[int]) -> None:
         """Raise ``AssertionError`` unless ``holder`` holds exactly ``slots`` (in any order)."""

@@ -14,11 +14,14 @@ children's texts. Both decoders give, after :meth:`advance`:
 technique of detokenizers (the new tokens are decoded with a few committed tokens before them
 as context; text ending in a partial character (U+FFFD) waits for the next token), committing at
 every engine-inserted token or tag (where a run starts: a clean boundary). Per step it decodes a
-handful of tokens, whatever the length. :class:`FullText` re-decodes the whole branch each time.
+handful of tokens, whatever the length, and keeps its text as a :class:`Chars` (appending to a
+``str`` attribute copies the whole string: O(length) a step). :class:`FullText` re-decodes the
+whole branch each time.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +29,66 @@ from multiverse.engine import stops
 
 Decode = Callable[[list[int]], str]
 BlockText = Callable[[Any, Any], str]  # (branch, BlockRecord) -> the block's text
+
+
+class Chars:
+    """A growing string as frozen chunks of at least ``chunk`` characters plus a short tail:
+    appending copies only the tail, reading a piece copies only that piece (``str +=`` on an
+    attribute copies the whole string every time)."""
+
+    __slots__ = ("chunk", "chunks", "starts", "frozen", "tail")
+
+    def __init__(self, chunk: int = 1024) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.chunk = chunk
+        self.chunks: list[str] = []
+        self.starts: list[int] = []  # where each chunk starts
+        self.frozen = 0  # characters in the chunks
+        self.tail = ""
+
+    def __len__(self) -> int:
+        return self.frozen + len(self.tail)
+
+    def append(self, s: str) -> None:
+        self.tail += s
+        if len(self.tail) >= self.chunk:
+            self.starts.append(self.frozen)
+            self.chunks.append(self.tail)
+            self.frozen += len(self.tail)
+            self.tail = ""
+
+    def piece(self, a: int, b: int | None = None) -> str:
+        """``str(self)[a:b]`` for ``0 <= a``, ``b`` None or ``>= 0``."""
+        n = len(self)
+        b = n if b is None else min(b, n)
+        if a >= b:
+            return ""
+        f = self.frozen
+        if a >= f:
+            return self.tail[a - f : b - f]
+        i = bisect_right(self.starts, a) - 1
+        out = []
+        while i < len(self.chunks) and self.starts[i] < b:
+            at = self.starts[i]
+            out.append(self.chunks[i][a - at if a > at else 0 : b - at])
+            i += 1
+        if b > f:
+            out.append(self.tail[: b - f])
+        return "".join(out)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` characters."""
+        if n >= self.frozen:
+            self.tail = self.tail[: n - self.frozen]
+            return
+        i = bisect_right(self.starts, n) - 1
+        self.tail = self.chunks[i][: n - self.starts[i]]
+        self.frozen = self.starts[i]
+        del self.chunks[i:], self.starts[i:]
+
+    def __str__(self) -> str:
+        return "".join(self.chunks) + self.tail
 
 
 class FullText:
@@ -84,11 +147,11 @@ class IncrementalText:
         "nc",
     )
 
-    def __init__(self, first: int) -> None:
+    def __init__(self, first: int, chunk: int = 1024) -> None:
         self.first = first
         self.prefix = self.read = self.scan = self.run_tok = first  # token offsets into own_ids
         self.prefix_len = 0  # len(decode(own_ids[prefix:read]))
-        self.text = ""  # committed text (up to ``read``)
+        self.text = Chars(chunk)  # committed text (up to ``read``)
         self.tent = ""  # tentative text after it (up to a trailing partial character)
         self.run_char = 0  # where the live run starts in ``text``
         self.nb = self.nc = 0  # blocks / cuts of the branch already read
@@ -107,7 +170,7 @@ class IncrementalText:
                 self._scan(ids, forced, tags, decode, blk.start)
                 self._decode(decode, ids, blk.start, flush=True)
                 text = block_text(b, blk)
-                self.text += text
+                self.text.append(text)
                 new.append((blk.start, len(text)))
                 self._restart(blk.end)
                 self.nb += 1
@@ -121,7 +184,8 @@ class IncrementalText:
                 raise AssertionError(
                     f"stop cut at {start} does not start the run read from {self.run_tok}"
                 )
-            self.text = self.text[: self.run_char] + text
+            self.text.truncate(self.run_char)
+            self.text.append(text)
             self._restart(end)
             self.nc += 1
         if final:
@@ -148,7 +212,7 @@ class IncrementalText:
             return
         new = decode(ids[self.prefix : upto])
         if flush or not new.endswith("\ufffd"):
-            self.text += new[self.prefix_len :]
+            self.text.append(new[self.prefix_len :])
             self.prefix, self.read = self.read, upto
             self.prefix_len, self.tent = len(new) - self.prefix_len, ""
         else:  # a partial character at the end: wait, show what comes before it
@@ -164,8 +228,8 @@ class IncrementalText:
         n = len(self.text)
         b = self.length() if b is None else b
         if b <= n:
-            return self.text[a:b]
-        return self.text[a:] + self.tent[max(a - n, 0) : b - n]
+            return self.text.piece(a, b)
+        return self.text.piece(a) + self.tent[max(a - n, 0) : b - n]
 
     def tail(self, n: int) -> str:
         return self.piece(max(self.length() - n, 0)) if n > 0 else ""

@@ -163,11 +163,14 @@ def test_decode_attention_refuses_slots_rows_and_segments_outside_their_lists(ke
 
 
 @avx512
-@pytest.mark.parametrize(("hk", "g", "d"), [(3, 3, 64), (2, 2, 24), (1, 4, 128), (2, 1, 8)])
+@pytest.mark.parametrize(
+    ("hk", "g", "d"), [(3, 3, 64), (2, 2, 24), (1, 4, 128), (2, 1, 8), (1, 3, 32), (4, 1, 16)]
+)
 def test_one_pass_attention_over_many_blocks_equals_float64_softmax(kernel, hk, g, d) -> None:
     """Sequences of 1 to 700 keys (many L1 blocks each), scores spread over +-40 (the running
     max moves: the online softmax rescales), ungrouped and with a 300-key prefix shared by three
-    rows: within float32 rounding of a float64 softmax over each row's keys."""
+    rows: within float32 rounding of a float64 softmax over each row's keys. Heads of <= 32
+    (8, 16, 24, 32) take the kernel's 16-keys-at-a-time scores, the others key by key."""
     from multiverse.engine.model.attention.native import DecodeIndex, decode_attention
 
     gen = torch.Generator().manual_seed(hk * 100 + d)

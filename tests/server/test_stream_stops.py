@@ -21,7 +21,7 @@ from multiverse.engine import stops
 from multiverse.engine.llm import LLM
 from multiverse.engine.sampling import SamplingParams
 from multiverse.format.document import TAGS
-from multiverse.server.detokenize import FullText, IncrementalText
+from multiverse.server.detokenize import Chars, FullText, IncrementalText
 from multiverse.server.streaming import BranchStreamer, branch_name
 from multiverse.train.bpe import default_tokenizer
 
@@ -199,12 +199,13 @@ def test_incremental_text_equals_the_full_decode(token_pool, data):
     tok, ids, tags, inserted = token_pool
     decode = lambda x: tok.decode(x, skip_special_tokens=False)  # noqa: E731
     first = data.draw(st.integers(0, 3))
+    chunk = data.draw(st.sampled_from([1, 3, 1024]))  # Chars' chunks: cuts across them too
     b = SimpleNamespace(own_ids=[], own_forced=[], blocks=[], cuts=[])
     token = st.one_of(st.sampled_from(ids), st.sampled_from(sorted(tags)))
     for _ in range(first):
         b.own_ids.append(data.draw(st.sampled_from(ids)))
         b.own_forced.append(False)
-    inc, full = IncrementalText(first), FullText(first)
+    inc, full = IncrementalText(first, chunk), FullText(first)
 
     def same(final: bool) -> None:
         inc.advance(b, decode, tags, final, None)
@@ -228,3 +229,26 @@ def test_incremental_text_equals_the_full_decode(token_pool, data):
             b.own_forced += [True] * (len(b.own_ids) - len(b.own_forced))
     same(True)
     assert full.piece(0) == stops.render(decode, b.own_ids, b.cuts, first)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.lists(
+        st.tuples(
+            st.integers(0, 3), st.text("ab€😀", max_size=9), st.integers(0, 40), st.integers(0, 40)
+        )
+    ),
+)
+def test_chars_reads_as_the_string_it_grew_into(chunk, ops):
+    # appends, cuts and pieces of the incremental text's store against a plain str
+    chars, ref = Chars(chunk), ""
+    for op, text, a, b in ops:
+        if op == 0:
+            chars.truncate(min(a, len(ref)))
+            ref = ref[: min(a, len(ref))]
+        else:
+            chars.append(text)
+            ref += text
+        assert len(chars) == len(ref) and str(chars) == ref
+        assert chars.piece(a, b) == ref[a:b] and chars.piece(a) == ref[a:]

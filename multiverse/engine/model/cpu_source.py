@@ -131,13 +131,64 @@ static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mm
 """
     + EXP512
     + r"""
+/* Lane i of the result: the sum of v[i]'s 16 lanes (16 horizontal sums in 45 instructions:
+   pairs interleaved within 128-bit lanes, then the four 128-bit lanes added). */
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *v) {
+    __m512 a[8], w[4], z[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: the lane's sums of v[4i .. 4i+3] */
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)  /* [w0 L0+L1, w0 L2+L3, w1 L0+L1, w1 L2+L3] */
+        z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
 /* One block of n <= BL keys (slots ks) for the R rows rr of a segment; sc: [R, H, BL] scratch. */
 static inline __attribute__((always_inline)) void attend_block(
         const int C, const float *q, int64_t qstride, const float *pool, const int64_t *ks, int64_t n,
         const int64_t *rr, int64_t R, float *sc, float *m, float *l, float *out, int64_t BL,
         int64_t Hk, int64_t G, int64_t D, float scale, __mmask16 tail, int64_t ahead) {
     const int64_t row = 2 * Hk * D, H = Hk * G;
-    for (int64_t j = 0; j < n; j++) {  /* scores: q . k of every (row, head) */
+    if (C <= 2) {  /* heads of <= 32: the sums across lanes cost more than the products */
+        /* 16 keys at a time: 16 product vectors summed across their lanes together (hsum16),
+           one store. The next block's rows are prefetched spread over the P passes (row j in
+           pass j % P, at key j), as the other path spreads them over its one pass */
+        const int64_t P = Hk * R * G;
+        for (int64_t h = 0; h < Hk; h++)
+            for (int64_t r = 0; r < R; r++)
+                for (int64_t g = 0; g < G; g++) {
+                    const float *qv = q + rr[r] * qstride + (h * G + g) * D;
+                    __m512 qc[2];
+                    for (int c = 0; c < C; c++)
+                        qc[c] = c == C - 1 ? _mm512_maskz_loadu_ps(tail, qv + 16 * c) : _mm512_loadu_ps(qv + 16 * c);
+                    int64_t pf = (h * R + r) * G + g;  /* the next row this pass prefetches */
+                    float *s = sc + (r * H + h * G + g) * BL;
+                    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+                        const int64_t mm = n - j0 < 16 ? n - j0 : 16;
+                        __m512 t[16];
+                        for (int jj = 0; jj < 16; jj++) {
+                            if (jj >= mm) { t[jj] = _mm512_setzero_ps(); continue; }
+                            const float *kr = pool + ks[j0 + jj] * row + h * D;
+                            if (j0 + jj == pf) {
+                                if (pf < ahead)
+                                    for (int64_t b = 0; b < row * 4; b += 64)
+                                        _mm_prefetch((const char *)(pool + ks[n + pf] * row) + b, _MM_HINT_T1);
+                                pf += P;
+                            }
+                            __m512 a = _mm512_mul_ps(C == 1 ? _mm512_maskz_loadu_ps(tail, kr) : _mm512_loadu_ps(kr), qc[0]);
+                            if (C == 2) a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, kr + 16), qc[1], a);
+                            t[jj] = a;
+                        }
+                        _mm512_mask_storeu_ps(s + j0, mm == 16 ? 0xFFFF : (__mmask16)((1u << mm) - 1),
+                                              _mm512_mul_ps(hsum16(t), _mm512_set1_ps(scale)));
+                    }
+                }
+    } else {  /* key by key: scores, q . k of every (row, head) */
+    for (int64_t j = 0; j < n; j++) {
         const float *kr = pool + ks[j] * row;
         if (j < ahead)  /* the next block's rows into L2, while this one computes */
             for (int64_t b = 0; b < row * 4; b += 64) _mm_prefetch((const char *)(pool + ks[n + j] * row) + b, _MM_HINT_T1);
@@ -157,6 +208,7 @@ static inline __attribute__((always_inline)) void attend_block(
                     sc[(r * H + h * G + g) * BL + j] = _mm512_reduce_add_ps(a) * scale;
                 }
         }
+    }
     }
     __mmask16 left = n % 16 ? (__mmask16)((1u << (n % 16)) - 1) : 0xFFFF;
     for (int64_t r = 0; r < R; r++)  /* online softmax: new max, rescale, p = e^(s - m) */

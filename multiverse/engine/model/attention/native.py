@@ -6,7 +6,10 @@ nothing is gathered into a padded copy. The kernel walks each segment of keys in
 L1: per block it computes every query head's scores from the keys, updates the online softmax
 (running max, sum, unnormalised output; flash-decoding style) and adds the values, so each
 key row is read from memory once. All G query heads of a KV head use the same key load, and a
-shared prefix (:meth:`DecodeIndex.grouped`, forked paths) is read once for all its rows.
+shared prefix (:meth:`DecodeIndex.grouped`, forked paths) is read once for all its rows. Heads of
+at most 32 take 16 keys' scores at a time (their 16 sums across lanes in one shuffle tree: key by
+key, those sums cost more than the products). A sequence's slots come in runs of consecutive
+pool rows (:mod:`multiverse.engine.kv_manager`, Runs), which the reads follow page by page.
 The reference: the attention backends' torch paths (``build_attention_plan(native=False)``,
 ``"reference"``): ``tests/engine/test_attention_backends.py``.
 """
