@@ -147,3 +147,20 @@ def test_gguf_py_is_itself_again_after_the_scope(tiny_gguf, parses):
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
     assert len(parses) == 1
     assert gguf.GGUFReader(tiny_gguf) is not first and len(parses) == 2
+
+
+def test_the_parse_reads_the_mapping_as_a_plain_array(tiny_gguf):
+    """The reader made in the scope slices the file through a plain ndarray view of its mapping
+    (numpy's ``memmap`` indexing runs Python code: 2 s of SmolLM2's load), not a copy: the
+    bytes are the file's, still mapped; its fields and tensors are the reader's own outside."""
+    import numpy as np
+
+    with gguf_parsed_once():
+        plain = gguf.GGUFReader(tiny_gguf)
+    own = gguf.GGUFReader(tiny_gguf)
+    assert type(own.data) is np.memmap and type(plain.data) is np.ndarray
+    assert isinstance(plain.data.base, np.memmap) and plain.data.tobytes() == tiny_gguf.read_bytes()
+    assert list(plain.fields) == list(own.fields)
+    for a, b in zip(plain.tensors, own.tensors, strict=True):
+        assert a.name == b.name and np.array_equal(a.data, b.data)
+        assert type(a.data) is np.ndarray and type(b.data) is np.memmap

