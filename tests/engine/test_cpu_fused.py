@@ -56,8 +56,9 @@ def test_silu_mul_matches_torch(fn, rows: int, inter: int) -> None:
     torch.testing.assert_close(cpu_fused.silu_mul(fn, gate_up), want, rtol=2e-6, atol=1e-6)
 
 
-def test_rope_store_rotates_q_k_in_place_and_writes_k_v_at_the_slots(fn) -> None:
-    hq, hk, d, t, slots_n = 4, 2, 24, 3, 10
+@pytest.mark.parametrize("d", [24, 64, 8])  # 16 floats a vector: a masked tail, whole, short
+def test_rope_store_rotates_q_k_in_place_and_writes_k_v_at_the_slots(fn, d: int) -> None:
+    hq, hk, t, slots_n = 4, 2, 3, 10
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))

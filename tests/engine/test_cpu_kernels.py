@@ -195,6 +195,36 @@ def test_one_pass_attention_over_many_blocks_equals_float64_softmax(kernel, hk, 
         assert (out.double() - expect_t).abs().max() < 2e-5
 
 
+@avx512
+def test_layer_attention_bound_once_equals_decode_attention_on_every_layer(kernel) -> None:
+    """The step-bound call (checks once, one output buffer) gives decode_attention's values
+    bit for bit on each layer's pool, reading the queries from a q/k/v row, and refuses a layer
+    whose rows or pool differ from the step's."""
+    from multiverse.engine.model.attention.native import (
+        DecodeIndex,
+        LayerAttention,
+        decode_attention,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    hk, g, d, layers = 3, 3, 64, 4
+    pools = torch.randn(layers, 300, 2, hk, d, generator=gen)
+    kv = [torch.randperm(300, generator=gen)[:n] for n in (5, 40, 130)]
+    index = DecodeIndex.per_sequence(kv)
+    width = (hk * g + 2 * hk) * d
+    bound = LayerAttention(kernel, index, pools[0], hk * g * d, width)
+    for layer in range(layers):
+        qkv = torch.randn(3, width, generator=gen)
+        want = decode_attention(kernel, qkv[:, : hk * g * d], pools[layer], index)
+        assert torch.equal(bound(qkv, pools[layer]), want)
+    with pytest.raises(ValueError, match="differs from the step's"):
+        bound(torch.randn(2, width), pools[0])
+    with pytest.raises(ValueError, match="differs from the step's"):
+        bound(torch.randn(3, width), pools[0, :200])
+    with pytest.raises(ValueError, match="slots outside"):
+        LayerAttention(kernel, DecodeIndex.per_sequence([torch.tensor([400])]), pools[0], 576, 960)
+
+
 def finite_2x32(out: torch.Tensor) -> bool:
     return out.shape == (2, 32) and bool(torch.isfinite(out).all())
 

@@ -72,19 +72,24 @@ void add_rms_norm(float *x, const float *delta, const float *w, float *out,
 }
 
 /* qkv [T, W]: its first Hqk heads of D (q then k, pairs 2i, 2i+1) rotated in place by rope
-   [T, D/2] (cos, sin pairs); then the row's `row` floats from column Hq * D (k heads, v heads)
-   copied to pool row slots[t]. */
+   [T, D/2] (cos, sin pairs), 16 floats at a time: x * (c, c) + swap(x) * (-s, s); then the row's
+   `row` floats from column Hq * D (k heads, v heads) copied to pool row slots[t]. */
 void rope_store(float *qkv, const float *rope, const int64_t *slots, float *pool, int64_t T,
                 int64_t W, int64_t Hqk, int64_t Hq, int64_t row, int64_t D) {
     for (int64_t t = 0; t < T; t++) {
         float *r = qkv + t * W;
         const float *cs = rope + t * D;
-        for (int64_t h = 0; h < Hqk; h++) {
-            float *p = r + h * D;
-            for (int64_t i = 0; i < D; i += 2) {
-                float x0 = p[i], x1 = p[i + 1], c = cs[i], s = cs[i + 1];
-                p[i] = x0 * c - x1 * s;
-                p[i + 1] = x0 * s + x1 * c;
+        for (int64_t i = 0; i < D; i += 16) {
+            __mmask16 m = lanes(D - i);
+            __m512 v = _mm512_maskz_loadu_ps(m, cs + i);  /* c0 s0 c1 s1 ... */
+            __m512 c = _mm512_moveldup_ps(v);
+            __m512 s = _mm512_movehdup_ps(v);
+            s = _mm512_mask_sub_ps(s, 0x5555, _mm512_setzero_ps(), s);  /* -s, s */
+            for (int64_t h = 0; h < Hqk; h++) {
+                float *p = r + h * D + i;
+                __m512 x = _mm512_maskz_loadu_ps(m, p);
+                __m512 y = _mm512_fmadd_ps(_mm512_permute_ps(x, 0xB1), s, _mm512_mul_ps(x, c));
+                _mm512_mask_storeu_ps(p, m, y);
             }
         }
         memcpy(pool + slots[t] * row, r + Hq * D, (size_t)row * sizeof(float));
@@ -246,12 +251,18 @@ def run_layers(fn, x: torch.Tensor, layers: list, spec: Any, rope: torch.Tensor,
     xp, hp, cp, sp, ap = x.data_ptr(), h.data_ptr(), cs.data_ptr(), slots.data_ptr(), act.data_ptr()
     down = None  # the last layer's MLP output, not yet added to x
     pools = kv_buffer.unbind(0)  # [S, 2, Hk, D] per layer
+    # a decode step on the one-pass kernel: bound once, not dispatched and checked per layer
+    bound = getattr(plan, "layer_attention", None)
+    attend = None if bound is None or not pools else bound(pools[0], hq * d, width)
     for w, pool in zip(layers, pools, strict=True):
         norm(xp, None if down is None else down.data_ptr(), w.input_norm.data_ptr(), hp, t,
              hidden, eps)  # fmt: skip
         qkv = linear(h, w.qkv_weight, w.qkv_bias).contiguous()  # [T, (Hq + 2 Hk) * D]
         rope_store(qkv.data_ptr(), cp, sp, pool.data_ptr(), t, width, hq + hk, hq, row, d)
-        attn = plan.attend(qkv[:, : hq * d], qkv[:, hq * d :].view(t, 2, hk, d), pool)
+        if attend is not None:
+            attn = attend(qkv, pool)
+        else:
+            attn = plan.attend(qkv[:, : hq * d], qkv[:, hq * d :].view(t, 2, hk, d), pool)
         out = linear(attn, w.o_weight, w.o_bias).contiguous()
         norm(xp, out.data_ptr(), w.post_norm.data_ptr(), hp, t, hidden, eps)
         gate_up = linear(h, w.gate_up_weight, w.gate_up_bias).contiguous()  # [T, 2 I]

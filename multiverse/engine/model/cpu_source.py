@@ -151,7 +151,7 @@ static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *v) {
 static inline __attribute__((always_inline)) void attend_block(
         const int C, const float *q, int64_t qstride, const float *pool, const int64_t *ks, int64_t n,
         const int64_t *rr, int64_t R, float *sc, float *m, float *l, float *out, int64_t BL,
-        int64_t Hk, int64_t G, int64_t D, float scale, __mmask16 tail, int64_t ahead) {
+        int64_t Hk, int64_t G, int64_t D, float scale, __mmask16 tail, const int64_t *next, int64_t ahead) {
     const int64_t row = 2 * Hk * D, H = Hk * G;
     if (C <= 2) {  /* heads of <= 32: the sums across lanes cost more than the products */
         /* 16 keys at a time: 16 product vectors summed across their lanes together (hsum16),
@@ -176,7 +176,7 @@ static inline __attribute__((always_inline)) void attend_block(
                             if (j0 + jj == pf) {
                                 if (pf < ahead)
                                     for (int64_t b = 0; b < row * 4; b += 64)
-                                        _mm_prefetch((const char *)(pool + ks[n + pf] * row) + b, _MM_HINT_T1);
+                                        _mm_prefetch((const char *)(pool + next[pf] * row) + b, _MM_HINT_T1);
                                 pf += P;
                             }
                             __m512 a = _mm512_mul_ps(C == 1 ? _mm512_maskz_loadu_ps(tail, kr) : _mm512_loadu_ps(kr), qc[0]);
@@ -190,8 +190,8 @@ static inline __attribute__((always_inline)) void attend_block(
     } else {  /* key by key: scores, q . k of every (row, head) */
     for (int64_t j = 0; j < n; j++) {
         const float *kr = pool + ks[j] * row;
-        if (j < ahead)  /* the next block's rows into L2, while this one computes */
-            for (int64_t b = 0; b < row * 4; b += 64) _mm_prefetch((const char *)(pool + ks[n + j] * row) + b, _MM_HINT_T1);
+        if (j < ahead)  /* the next block's rows (next[:ahead]) into L2, while this one computes */
+            for (int64_t b = 0; b < row * 4; b += 64) _mm_prefetch((const char *)(pool + next[j] * row) + b, _MM_HINT_T1);
         for (int64_t h = 0; h < Hk; h++) {
             __m512 k[8];
             for (int c = 0; c < C; c++)
@@ -276,13 +276,17 @@ int decode_attend(const float *q, const float *pool, const int64_t *slots, const
     for (int64_t i = 0; i < N * H; i++) { m[i] = -__builtin_inff(); l[i] = 0.f; }
     memset(out, 0, sizeof(float) * N * H * D);
     __mmask16 tail = lanes(D - 16 * (C - 1));
+    int64_t kend = 0;  /* the end of the slots the segments read */
+    for (int64_t s = 0; s < S; s++) kend = segs[4 * s + 1] > kend ? segs[4 * s + 1] : kend;
     for (int64_t s = 0; s < S; s++) {
         const int64_t *sg = segs + 4 * s, *rr = rows + sg[2], R = sg[3] - sg[2];
         for (int64_t k0 = sg[0]; k0 < sg[1]; k0 += BL) {
             int64_t n = sg[1] - k0 < BL ? sg[1] - k0 : BL;
-            int64_t ahead = sg[1] - k0 - n < BL ? sg[1] - k0 - n : BL;
+            /* prefetched: the next BL keys in the slot list, across the end of the segment (its
+               next segment's first block was read cold: -17% a SmolLM2 step's attention) */
+            int64_t at = k0 + n, ahead = kend - at < BL ? kend - at : BL;
             switch (C) {
-#define CASE(c) case c: attend_block(c, q, qstride, pool, slots + k0, n, rr, R, sc, m, l, out, BL, Hk, G, D, scale, tail, ahead); break;
+#define CASE(c) case c: attend_block(c, q, qstride, pool, slots + k0, n, rr, R, sc, m, l, out, BL, Hk, G, D, scale, tail, slots + at, ahead); break;
                 CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
             }

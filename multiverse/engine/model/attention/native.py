@@ -121,6 +121,40 @@ def usable(pool: torch.Tensor):
     return fn
 
 
+class LayerAttention:
+    """:func:`decode_attention` for every layer of one step, checked once: queries the first
+    ``q_width`` floats of contiguous rows ``[N, q_stride]`` (a layer's q/k/v output) and layer
+    pools of ``pool``'s shape, contiguous. ``layer(qkv, pool)`` returns the same values as
+    ``decode_attention(fn, qkv[:, :q_width], pool, index)`` in one buffer that the next call
+    overwrites (a step's layers use it one after the other)."""
+
+    __slots__ = ("call", "rest", "out", "q_shape", "q_stride", "pool_shape", "index")
+
+    def __init__(self, fn, index: DecodeIndex, pool: torch.Tensor, q_width: int, q_stride: int):
+        s, _, hk, d = pool.shape
+        n, g = index.num_rows, q_width // (hk * d)
+        if (pool.dtype != torch.float32 or not pool.is_contiguous() or d > MAX_HEAD_DIM or g < 1
+                or q_width != hk * g * d or q_stride < q_width):  # fmt: skip
+            raise ValueError(f"decode attention: q width {q_width} (stride {q_stride}) against "
+                             f"pool {tuple(pool.shape)} {pool.dtype}")  # fmt: skip
+        index.check(s)
+        self.out = torch.empty(n, q_width)
+        self.call, self.q_shape, self.q_stride = fn.decode_attend, (n, q_stride), (q_stride, 1)
+        self.pool_shape = pool.shape
+        self.rest = (index.slots.data_ptr(), index.segments.data_ptr(), index.rows.data_ptr(),
+                     self.out.data_ptr(), n, index.segments.shape[0], hk, g, d, q_stride, d**-0.5)  # fmt: skip
+        self.index = index  # its tensors stay alive while the kernel reads them
+
+    def __call__(self, q: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        if (q.shape != self.q_shape or q.stride() != self.q_stride or q.dtype != torch.float32
+                or pool.shape != self.pool_shape or not pool.is_contiguous()
+                or pool.dtype != torch.float32):  # fmt: skip
+            raise ValueError("decode attention: a layer's q or pool differs from the step's")
+        if self.call(q.data_ptr(), pool.data_ptr(), *self.rest) != 0:
+            raise MemoryError("decode attention: the kernel could not allocate its scratch")
+        return self.out
+
+
 def decode_attention(fn, q: torch.Tensor, pool: torch.Tensor, index: DecodeIndex) -> torch.Tensor:
     """One decode step's attention read straight from the pool in one pass with the loaded
     kernels ``fn``: q ``[N, Hq * D]`` float32 (rows may be strided), ``pool [S, 2, Hk, D]``

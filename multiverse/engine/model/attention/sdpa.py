@@ -56,6 +56,16 @@ class AttentionPlan:
     batch: ForwardBatch | None = None  # with ``native``: for the torch path where it cannot run
     torch_plan: AttentionPlan | None = None  # that path's tensors, built on first need
 
+    def layer_attention(self, pool: torch.Tensor, q_width: int, q_stride: int):
+        """For a step whose layers' queries are rows ``q_stride`` floats apart and whose pools
+        have ``pool``'s shape: the one-pass kernel bound once for all of them
+        (:class:`.native.LayerAttention`, what :meth:`attend` runs, without its per-layer
+        checks), or None where :meth:`attend` would not run that kernel."""
+        fn = native_kernel.usable(pool) if self.native is not None else None
+        if fn is None:
+            return None
+        return native_kernel.LayerAttention(fn, self.native, pool, q_width, q_stride)
+
     def attend(self, q: torch.Tensor, new_kv: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         """q ``[T, Hq * D]``, new_kv ``[T, 2, Hk, D]``, pool ``[S, 2, Hk, D]`` -> ``[T, Hq * D]``."""
         if self.native is not None:
