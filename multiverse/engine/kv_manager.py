@@ -48,12 +48,12 @@ class OutOfSlots(RuntimeError):
 
 
 RUN = 64
+"""Slots a holder keeps reserved after its last one (:class:`KVManager`'s ``run``): 64 keys are
+one block of the decode-attention kernel on the shipped tiny model (24 KiB a layer)."""
 LOOSE_SORT = 8
 """A carve that finds a short run sorts the free list once the slots given back since the last
 sort are at least ``1 / LOOSE_SORT`` of it (amortised: a sort costs O(free list); a large pool's
 list is sorted rarely, while most slots given back come in runs, handed out again as they are)."""
-"""Slots a holder keeps reserved after its last one (:class:`KVManager`'s ``run``): 64 keys are
-one block of the decode-attention kernel on the shipped tiny model (24 KiB a layer)."""
 
 
 class KVManager:
