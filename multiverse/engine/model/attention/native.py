@@ -135,8 +135,9 @@ class LayerAttention:
         n, g = index.num_rows, q_width // (hk * d)
         if (pool.dtype != torch.float32 or not pool.is_contiguous() or d > MAX_HEAD_DIM or g < 1
                 or q_width != hk * g * d or q_stride < q_width):  # fmt: skip
-            raise ValueError(f"decode attention: q width {q_width} (stride {q_stride}) against "
-                             f"pool {tuple(pool.shape)} {pool.dtype}")  # fmt: skip
+            raise ValueError(f"decode attention: q width {q_width} (stride {q_stride}) for {n} rows, "
+                             f"pool {tuple(pool.shape)} {pool.dtype} (float32, head_dim <= "
+                             f"{MAX_HEAD_DIM})")  # fmt: skip
         index.check(s)
         self.out = torch.empty(n, q_width)
         self.call, self.q_shape, self.q_stride = fn.decode_attend, (n, q_stride), (q_stride, 1)
@@ -150,8 +151,13 @@ class LayerAttention:
                 or pool.shape != self.pool_shape or not pool.is_contiguous()
                 or pool.dtype != torch.float32):  # fmt: skip
             raise ValueError("decode attention: a layer's q or pool differs from the step's")
-        if self.call(q.data_ptr(), pool.data_ptr(), *self.rest) != 0:
-            raise MemoryError("decode attention: the kernel could not allocate its scratch")
+        return self.run(q.data_ptr(), pool.data_ptr())
+
+    def run(self, q_ptr: int, pool_ptr: int) -> torch.Tensor:
+        """The kernel on the queries at ``q_ptr`` and the pool at ``pool_ptr``, unchecked."""
+        rc = self.call(q_ptr, pool_ptr, *self.rest)
+        if rc != 0:
+            raise MemoryError(f"decode attention: the kernel could not allocate its scratch ({rc})")
         return self.out
 
 
@@ -160,18 +166,9 @@ def decode_attention(fn, q: torch.Tensor, pool: torch.Tensor, index: DecodeIndex
     kernels ``fn``: q ``[N, Hq * D]`` float32 (rows may be strided), ``pool [S, 2, Hk, D]``
     contiguous float32, ``index`` which slots each row attends -> ``[N, Hq * D]``; query head
     ``h`` reads KV head ``h // (Hq // Hk)``; float32 online softmax."""
-    s, _, hk, d = pool.shape
     n = index.num_rows
-    g = q.shape[1] // (hk * d) if q.dim() == 2 else 0
-    if (pool.dtype != torch.float32 or q.dtype != torch.float32 or not pool.is_contiguous()
-            or d > MAX_HEAD_DIM or g < 1 or q.shape != (n, hk * g * d) or q.stride(1) != 1):  # fmt: skip
-        raise ValueError(f"decode attention: q {tuple(q.shape)} {q.dtype} for {n} rows, pool "
-                         f"{tuple(pool.shape)} {pool.dtype} (float32, head_dim <= {MAX_HEAD_DIM})")  # fmt: skip
-    index.check(s)
-    out = torch.empty(n, hk * g * d)
-    rc = fn.decode_attend(q.data_ptr(), pool.data_ptr(), index.slots.data_ptr(),
-                          index.segments.data_ptr(), index.rows.data_ptr(), out.data_ptr(), n,
-                          index.segments.shape[0], hk, g, d, q.stride(0), d**-0.5)  # fmt: skip
-    if rc != 0:
-        raise MemoryError(f"decode attention: the kernel could not allocate its scratch ({rc})")
-    return out
+    if q.dtype != torch.float32 or q.dim() != 2 or q.shape[0] != n or q.stride(1) != 1:
+        raise ValueError(f"decode attention: q {tuple(q.shape)} {q.dtype} for {n} rows "
+                         f"(float32, rows of unit stride)")  # fmt: skip
+    stride = q.stride(0) if n > 1 else q.shape[1]  # one row: its stride is never read
+    return LayerAttention(fn, index, pool, q.shape[1], stride).run(q.data_ptr(), pool.data_ptr())
